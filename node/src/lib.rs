@@ -1,2 +1,9 @@
 //! Rampart broker library: everything the `rampart` binary runs, organised by concern.
+pub mod broker;
+pub mod config;
+pub mod listener;
 pub mod mqtt;
+pub mod pki;
+pub mod server;
+pub mod telemetry;
+pub mod tls;

@@ -1,1 +1,128 @@
-fn main() {}
+//! The `rampart` command: `serve` runs a broker node.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use rampart_node::config::{Config, ListenerKind};
+use rampart_node::server::Server;
+
+#[derive(Parser)]
+#[command(name = "rampart", version, about = "Rampart: a clustered MQTT broker for device fleets")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a broker node.
+    Serve {
+        /// TOML configuration file (see docs/configuration.md).
+        #[arg(long, short, env = "RAMPART_CONFIG", conflicts_with = "dev")]
+        config: Option<PathBuf>,
+        /// Development mode: one node on 127.0.0.1 with MQTT on 1883 and TLS on 8883, using a
+        /// generated CA and server certificate kept in --dev-dir.
+        #[arg(long)]
+        dev: bool,
+        /// Where development mode keeps its certificates.
+        #[arg(long, default_value = "rampart-dev", requires = "dev")]
+        dev_dir: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config, dev, dev_dir } => {
+            let config = match load(config, dev, &dev_dir) {
+                Ok(config) => config,
+                Err(e) => {
+                    eprintln!("rampart: {e:#}");
+                    return ExitCode::from(2);
+                }
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+            match runtime.block_on(serve(config, dev.then_some(dev_dir))) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("rampart: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn load(path: Option<PathBuf>, dev: bool, dev_dir: &std::path::Path) -> anyhow::Result<Config> {
+    rampart_node::tls::install_crypto_provider();
+    if dev {
+        let pki = rampart_node::pki::ensure_dev_pki(dev_dir)?;
+        return Ok(Config::parse(&dev_config(&pki), "(built-in --dev configuration)", std::path::Path::new("."))?);
+    }
+    match path {
+        Some(path) => Ok(Config::load(&path)?),
+        None => anyhow::bail!("no configuration: pass --config FILE, or --dev for a local development node"),
+    }
+}
+
+fn dev_config(pki: &rampart_node::pki::DevPki) -> String {
+    format!(
+        r#"
+[http]
+bind = "127.0.0.1:9090"
+[listeners.tcp]
+bind = "127.0.0.1:1883"
+[listeners.tls]
+bind = "127.0.0.1:8883"
+cert_file = {:?}
+key_file = {:?}
+"#,
+        pki.server_cert.display().to_string(),
+        pki.server_key.display().to_string()
+    )
+}
+
+async fn serve(config: Config, dev_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    rampart_node::telemetry::init_logging(&config.log)?;
+    let server = Server::start(&config).await?;
+    for (kind, addr) in &server.listeners {
+        tracing::info!(listener = kind.name(), %addr, "listening");
+    }
+    if let Some(addr) = server.http {
+        tracing::info!(%addr, "metrics and health on http://{addr}/metrics, /healthz, /readyz");
+    }
+    if let Some(dir) = dev_dir {
+        print_dev_help(&server, &dir);
+    }
+    wait_for_signal().await?;
+    tracing::info!("shutting down");
+    server.shutdown(Duration::from_secs(5)).await;
+    Ok(())
+}
+
+fn print_dev_help(server: &Server, dir: &std::path::Path) {
+    let port = |kind| server.listeners.iter().find(|(k, _)| *k == kind).map(|(_, a)| a.port());
+    let ca = dir.join("ca.pem");
+    println!("\nRampart development node is running. Try, in two terminals:");
+    if let Some(p) = port(ListenerKind::Tcp) {
+        println!("  mosquitto_sub -h 127.0.0.1 -p {p} -t 'demo/#' -v");
+        println!("  mosquitto_pub -h 127.0.0.1 -p {p} -t demo/hello -m 'hello rampart'");
+    }
+    if let Some(p) = port(ListenerKind::Tls) {
+        println!("Over TLS (server certificate from the development CA):");
+        println!("  mosquitto_sub -h localhost -p {p} --cafile {} -t 'demo/#' -v", ca.display());
+        println!("  mosquitto_pub -h localhost -p {p} --cafile {} -t demo/hello -m 'hello over tls'", ca.display());
+    }
+    println!("Stop with Ctrl-C.\n");
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => result?,
+        _ = terminate.recv() => {}
+    }
+    Ok(())
+}

@@ -1,2 +1,5 @@
-//! MQTT protocol logic: the codec over `mqttbytes` and the per-connection session state machine.
+//! MQTT protocol logic: the codec over `mqttbytes`, CONNECT validation and the per-connection
+//! session state machine. No IO here.
 pub mod codec;
+pub mod connect;
+pub mod session;

@@ -1,0 +1,331 @@
+//! The subscription index: a topic trie that publishers read without taking any lock.
+//!
+//! Readers load the current root from an [`ArcSwap`] and walk an immutable snapshot. Writers
+//! (SUBSCRIBE, UNSUBSCRIBE, session end) serialise on a mutex that no publisher touches, copy
+//! only the nodes on the changed path (`Arc::make_mut`), and publish the new root. A client
+//! gets its SUBACK after the new root is visible, so every later PUBLISH sees its subscription.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use mqttbytes::QoS;
+
+use super::mailbox::Mailbox;
+use super::message::{max_qos, SessionId};
+
+/// Options of one subscription (MQTT 5 subscription options; v3.1.1 uses the defaults).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscriptionOptions {
+    pub qos: QoS,
+    pub no_local: bool,
+    pub retain_as_published: bool,
+    pub subscription_id: Option<usize>,
+}
+
+/// A subscription as stored in the index.
+#[derive(Debug, Clone)]
+pub struct Subscriber {
+    pub session: SessionId,
+    pub mailbox: Arc<Mailbox>,
+    pub options: SubscriptionOptions,
+}
+
+/// The members of one `$share/<group>/<filter>`; each message goes to one of them.
+#[derive(Debug, Clone, Default)]
+struct ShareGroup {
+    members: Vec<Subscriber>,
+    next: Arc<AtomicUsize>,
+}
+
+impl ShareGroup {
+    /// Round robin over the members, preferring ones with a connected client.
+    fn pick(&self) -> Option<&Subscriber> {
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let n = self.members.len();
+        (0..n).map(|i| &self.members[(start + i) % n]).find(|m| m.mailbox.is_online()).or_else(|| self.members.get(start % n.max(1)))
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct Node {
+    children: HashMap<Box<str>, Arc<Node>>,
+    subscribers: Vec<Subscriber>,
+    groups: HashMap<Box<str>, ShareGroup>,
+}
+
+impl Node {
+    fn is_empty(&self) -> bool {
+        self.children.is_empty() && self.subscribers.is_empty() && self.groups.is_empty()
+    }
+}
+
+/// A session's matching subscriptions merged into one delivery decision.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub session: SessionId,
+    pub mailbox: Arc<Mailbox>,
+    pub qos: QoS,
+    pub retain_as_published: bool,
+    pub subscription_ids: Vec<usize>,
+}
+
+#[derive(Debug, Default)]
+pub struct SubscriptionIndex {
+    published: ArcSwap<Node>,
+    writer: Mutex<Arc<Node>>,
+    count: AtomicUsize,
+}
+
+impl SubscriptionIndex {
+    pub fn new() -> SubscriptionIndex {
+        SubscriptionIndex::default()
+    }
+
+    /// Number of subscriptions (shared-group memberships included).
+    pub fn len(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Adds or replaces the subscription of `subscriber.session` on `filter` (in `group` when
+    /// shared). Returns true if it replaced an existing one.
+    pub fn subscribe(&self, filter: &str, group: Option<&str>, subscriber: Subscriber) -> bool {
+        let replaced = self.modify(filter, |node| {
+            let list = match group {
+                Some(g) => &mut node.groups.entry(g.into()).or_default().members,
+                None => &mut node.subscribers,
+            };
+            match list.iter_mut().find(|s| s.session == subscriber.session) {
+                Some(existing) => {
+                    *existing = subscriber;
+                    true
+                }
+                None => {
+                    list.push(subscriber);
+                    false
+                }
+            }
+        });
+        if !replaced {
+            self.count.fetch_add(1, Ordering::Relaxed);
+        }
+        replaced
+    }
+
+    /// Removes the subscription of `session` on `filter`; true if there was one.
+    pub fn unsubscribe(&self, filter: &str, group: Option<&str>, session: SessionId) -> bool {
+        let removed = self.modify(filter, |node| {
+            let list = match group {
+                Some(g) => match node.groups.get_mut(g) {
+                    Some(shared) => &mut shared.members,
+                    None => return false,
+                },
+                None => &mut node.subscribers,
+            };
+            let before = list.len();
+            list.retain(|s| s.session != session);
+            let removed = list.len() != before;
+            if let Some(g) = group {
+                if node.groups.get(g).is_some_and(|s| s.members.is_empty()) {
+                    node.groups.remove(g);
+                }
+            }
+            removed
+        });
+        if removed {
+            self.count.fetch_sub(1, Ordering::Relaxed);
+        }
+        removed
+    }
+
+    /// Applies `change` to the node of `filter` (created if missing), prunes empty nodes and
+    /// publishes the new root.
+    fn modify<R>(&self, filter: &str, change: impl FnOnce(&mut Node) -> R) -> R {
+        let mut root = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let levels: Vec<&str> = filter.split('/').collect();
+        let result = modify_path(&mut root, &levels, change);
+        self.published.store(root.clone());
+        result
+    }
+
+    /// Calls `visit` once per session with a subscription matching `topic`, with the
+    /// subscriptions of that session merged (highest QoS, all subscription identifiers), and
+    /// once per shared group for the member chosen to receive the message.
+    /// `publisher` is used to honour No Local.
+    pub fn route(&self, topic: &str, publisher: Option<SessionId>, mut visit: impl FnMut(Route)) {
+        let root = self.published.load();
+        let mut matched: Vec<&Subscriber> = Vec::new();
+        let mut shared: Vec<&Subscriber> = Vec::new();
+        let levels: Vec<&str> = topic.split('/').collect();
+        collect(&root, &levels, topic.starts_with('$'), &mut |node| {
+            matched.extend(node.subscribers.iter().filter(|s| !(s.options.no_local && Some(s.session) == publisher)));
+            shared.extend(node.groups.values().filter_map(ShareGroup::pick));
+        });
+        matched.sort_unstable_by_key(|s| s.session);
+        let mut iter = matched.into_iter().peekable();
+        while let Some(first) = iter.next() {
+            let mut route = to_route(first);
+            while let Some(next) = iter.next_if(|s| s.session == first.session) {
+                route.qos = max_qos(route.qos, next.options.qos);
+                route.retain_as_published |= next.options.retain_as_published;
+                route.subscription_ids.extend(next.options.subscription_id);
+            }
+            visit(route);
+        }
+        shared.into_iter().map(to_route).for_each(visit);
+    }
+}
+
+fn to_route(s: &Subscriber) -> Route {
+    Route {
+        session: s.session,
+        mailbox: s.mailbox.clone(),
+        qos: s.options.qos,
+        retain_as_published: s.options.retain_as_published,
+        subscription_ids: s.options.subscription_id.into_iter().collect(),
+    }
+}
+
+fn modify_path<R>(node: &mut Arc<Node>, levels: &[&str], change: impl FnOnce(&mut Node) -> R) -> R {
+    let node = Arc::make_mut(node);
+    match levels.split_first() {
+        None => change(node),
+        Some((level, rest)) => {
+            let child = node.children.entry((*level).into()).or_default();
+            let result = modify_path(child, rest, change);
+            if child.is_empty() {
+                node.children.remove(*level);
+            }
+            result
+        }
+    }
+}
+
+/// Visits every node whose filter matches the remaining `levels`. At the root, wildcards do not
+/// match a topic beginning with `$`.
+fn collect<'a>(node: &'a Node, levels: &[&str], dollar_at_root: bool, visit: &mut impl FnMut(&'a Node)) {
+    if !dollar_at_root {
+        if let Some(hash) = node.children.get("#") {
+            visit(hash);
+        }
+    }
+    match levels.split_first() {
+        None => visit(node),
+        Some((level, rest)) => {
+            if let Some(child) = node.children.get(*level) {
+                collect(child, rest, false, visit);
+            }
+            if !dollar_at_root {
+                if let Some(plus) = node.children.get("+") {
+                    collect(plus, rest, false, visit);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sub(session: SessionId, qos: QoS) -> Subscriber {
+        Subscriber {
+            session,
+            mailbox: Arc::new(Mailbox::new(10)),
+            options: SubscriptionOptions { qos, no_local: false, retain_as_published: false, subscription_id: None },
+        }
+    }
+
+    fn sessions(index: &SubscriptionIndex, topic: &str) -> Vec<(SessionId, QoS)> {
+        let mut out = Vec::new();
+        index.route(topic, None, |r| out.push((r.session, r.qos)));
+        out.sort_by_key(|r| r.0);
+        out
+    }
+
+    #[test]
+    fn wildcards_and_dollar_topics() {
+        let index = SubscriptionIndex::new();
+        index.subscribe("a/+/c", None, sub(1, QoS::AtMostOnce));
+        index.subscribe("a/#", None, sub(2, QoS::AtMostOnce));
+        index.subscribe("#", None, sub(3, QoS::AtMostOnce));
+        index.subscribe("$SYS/#", None, sub(4, QoS::AtMostOnce));
+        index.subscribe("+/b/c", None, sub(5, QoS::AtMostOnce));
+        let all: Vec<SessionId> = sessions(&index, "a/b/c").iter().map(|r| r.0).collect();
+        assert_eq!(all, vec![1, 2, 3, 5]);
+        assert_eq!(sessions(&index, "a").iter().map(|r| r.0).collect::<Vec<_>>(), vec![2, 3]);
+        assert_eq!(sessions(&index, "$SYS/load").iter().map(|r| r.0).collect::<Vec<_>>(), vec![4]);
+        assert_eq!(index.len(), 5);
+    }
+
+    #[test]
+    fn overlapping_subscriptions_deliver_once_at_highest_qos() {
+        let index = SubscriptionIndex::new();
+        let mut s = sub(7, QoS::AtMostOnce);
+        index.subscribe("x/#", None, s.clone());
+        s.options.qos = QoS::ExactlyOnce;
+        s.options.subscription_id = Some(9);
+        index.subscribe("x/+", None, s);
+        let mut routes = Vec::new();
+        index.route("x/y", None, |r| routes.push(r));
+        assert_eq!(routes.len(), 1);
+        assert_eq!(routes[0].qos, QoS::ExactlyOnce);
+        assert_eq!(routes[0].subscription_ids, vec![9]);
+    }
+
+    #[test]
+    fn resubscribe_replaces_and_unsubscribe_prunes() {
+        let index = SubscriptionIndex::new();
+        assert!(!index.subscribe("a/b", None, sub(1, QoS::AtMostOnce)));
+        assert!(index.subscribe("a/b", None, sub(1, QoS::AtLeastOnce)));
+        assert_eq!(sessions(&index, "a/b"), vec![(1, QoS::AtLeastOnce)]);
+        assert!(index.unsubscribe("a/b", None, 1));
+        assert!(!index.unsubscribe("a/b", None, 1));
+        assert!(index.published.load().is_empty());
+        assert!(index.is_empty());
+    }
+
+    #[test]
+    fn no_local_skips_the_publisher() {
+        let index = SubscriptionIndex::new();
+        let mut s = sub(1, QoS::AtMostOnce);
+        s.options.no_local = true;
+        index.subscribe("t", None, s);
+        let mut n = 0;
+        index.route("t", Some(1), |_| n += 1);
+        assert_eq!(n, 0);
+        index.route("t", Some(2), |_| n += 1);
+        assert_eq!(n, 1);
+    }
+
+    #[test]
+    fn shared_group_round_robin() {
+        let index = SubscriptionIndex::new();
+        for id in 1..=3 {
+            let s = sub(id, QoS::AtMostOnce);
+            s.mailbox.set_online(true);
+            index.subscribe("job/+", Some("g"), s);
+        }
+        let mut got = Vec::new();
+        for _ in 0..6 {
+            index.route("job/1", None, |r| got.push(r.session));
+        }
+        got.sort();
+        assert_eq!(got, vec![1, 1, 2, 2, 3, 3]);
+    }
+
+    #[test]
+    fn readers_keep_their_snapshot() {
+        let index = SubscriptionIndex::new();
+        index.subscribe("a", None, sub(1, QoS::AtMostOnce));
+        let snapshot = index.published.load_full();
+        index.unsubscribe("a", None, 1);
+        assert!(!snapshot.is_empty());
+        assert!(index.published.load().is_empty());
+    }
+}

@@ -1,0 +1,66 @@
+//! The application message as it travels through the broker, and its per-subscriber delivery.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use mqttbytes::v5::PublishProperties;
+use mqttbytes::QoS;
+
+/// Identifies one session (not one connection) inside this node.
+pub type SessionId = u64;
+
+/// A published message, allocated once and shared by every subscriber that receives it.
+#[derive(Debug)]
+pub struct Message {
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: QoS,
+    /// The RETAIN flag as the publisher set it.
+    pub retain: bool,
+    /// MQTT 5 properties passed through to subscribers (payload format, content type, response
+    /// topic, correlation data, user properties). Topic alias, subscription identifiers and the
+    /// expiry interval are per delivery and never stored here.
+    pub properties: Option<PublishProperties>,
+    /// When the message expires (MQTT 5 Message Expiry Interval).
+    pub expires_at: Option<Instant>,
+    /// The publishing session, for the MQTT 5 No Local option; `None` for messages the broker
+    /// itself originates.
+    pub publisher: Option<SessionId>,
+}
+
+impl Message {
+    pub fn is_expired(&self, now: Instant) -> bool {
+        self.expires_at.is_some_and(|at| at <= now)
+    }
+}
+
+/// One message on its way to one session.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub message: Arc<Message>,
+    /// Delivery QoS: the lower of the message QoS and the granted subscription QoS.
+    pub qos: QoS,
+    /// RETAIN flag as sent to this subscriber.
+    pub retain: bool,
+    /// Subscription identifiers of every matching subscription (MQTT 5).
+    pub subscription_ids: Vec<usize>,
+}
+
+/// The lower of two QoS levels.
+pub fn min_qos(a: QoS, b: QoS) -> QoS {
+    if (a as u8) <= (b as u8) {
+        a
+    } else {
+        b
+    }
+}
+
+/// The higher of two QoS levels.
+pub fn max_qos(a: QoS, b: QoS) -> QoS {
+    if (a as u8) >= (b as u8) {
+        a
+    } else {
+        b
+    }
+}

@@ -1,0 +1,153 @@
+//! The broker core: subscription index, retained store, client registry and the routing of
+//! messages between sessions. Knows nothing of bytes or sockets.
+
+pub mod index;
+pub mod mailbox;
+pub mod message;
+pub mod registry;
+pub mod retained;
+pub mod topic;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use index::{Subscriber, SubscriptionIndex, SubscriptionOptions};
+use mailbox::Pushed;
+use message::{min_qos, Delivery, Message, SessionId};
+use registry::{Registry, SessionRecord};
+use retained::RetainedStore;
+
+use crate::telemetry::metrics::{DropReason, Gauges};
+
+/// Broker-wide behaviour settings (from the `[limits]` config section).
+#[derive(Debug, Clone)]
+pub struct BrokerSettings {
+    /// Messages a session queues before the overflow policy applies.
+    pub max_queued_messages: usize,
+    /// How long a QoS 1/2 publisher waits for room in a full online subscriber queue.
+    pub slow_subscriber_timeout: Duration,
+    /// How long a new connection waits for the previous connection of its client id to hand over.
+    pub takeover_timeout: Duration,
+}
+
+impl Default for BrokerSettings {
+    fn default() -> Self {
+        BrokerSettings {
+            max_queued_messages: 1000,
+            slow_subscriber_timeout: Duration::from_secs(5),
+            takeover_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+pub struct Broker {
+    pub index: SubscriptionIndex,
+    pub retained: RetainedStore,
+    pub registry: Registry,
+    pub settings: BrokerSettings,
+}
+
+impl Broker {
+    pub fn new(settings: BrokerSettings) -> Arc<Broker> {
+        Arc::new(Broker {
+            index: SubscriptionIndex::new(),
+            retained: RetainedStore::default(),
+            registry: Registry::new(settings.max_queued_messages),
+            settings,
+        })
+    }
+
+    /// Stores a retained message and hands the message to every matching session. Waits while
+    /// an online subscriber's queue is full (flow control towards the publisher). Returns the
+    /// number of sessions it was queued for.
+    pub async fn publish(&self, message: Arc<Message>) -> usize {
+        if message.retain {
+            self.retained.set(message.clone());
+        }
+        let mut waiting: Vec<(Arc<mailbox::Mailbox>, Delivery)> = Vec::new();
+        let mut queued = 0;
+        let publisher = message.publisher;
+        self.index.route(&message.topic, publisher, |route| {
+            let delivery = Delivery {
+                message: message.clone(),
+                qos: min_qos(message.qos, route.qos),
+                retain: message.retain && route.retain_as_published,
+                subscription_ids: route.subscription_ids,
+            };
+            match route.mailbox.try_push(delivery) {
+                Ok(pushed) => queued += usize::from(is_queued(pushed)),
+                // The publisher's own queue: it cannot drain while it waits, so never wait on it.
+                Err(delivery) if Some(route.session) == publisher => {
+                    queued += usize::from(is_queued(route.mailbox.push_dropping_oldest(delivery, DropReason::SlowSubscriberTimeout)));
+                }
+                Err(delivery) => waiting.push((route.mailbox, delivery)),
+            }
+        });
+        for (mailbox, delivery) in waiting {
+            queued += usize::from(is_queued(mailbox.push_wait(delivery, self.settings.slow_subscriber_timeout).await));
+        }
+        queued
+    }
+
+    /// Adds or replaces a subscription of `record`'s session. Returns whether it is new.
+    pub fn subscribe(&self, record: &mut SessionRecord, filter: &str, options: SubscriptionOptions) -> bool {
+        let Ok(parsed) = topic::parse_filter(filter, topic::TopicLimits::UNLIMITED) else {
+            return false;
+        };
+        let subscriber = Subscriber { session: record.id, mailbox: record.mailbox.clone(), options: options.clone() };
+        self.index.subscribe(parsed.filter, parsed.share_group, subscriber);
+        record.subscriptions.insert(filter.to_string(), options).is_none()
+    }
+
+    /// Retained messages for a new subscription, as deliveries at the granted QoS.
+    pub fn retained_for(&self, filter: &str, options: &SubscriptionOptions) -> Vec<Delivery> {
+        self.retained
+            .matching(filter)
+            .into_iter()
+            .map(|message| Delivery {
+                qos: min_qos(message.qos, options.qos),
+                retain: true,
+                subscription_ids: options.subscription_id.into_iter().collect(),
+                message,
+            })
+            .collect()
+    }
+
+    /// Removes a subscription of `record`'s session. Returns whether it existed.
+    pub fn unsubscribe(&self, record: &mut SessionRecord, filter: &str) -> bool {
+        if record.subscriptions.remove(filter).is_none() {
+            return false;
+        }
+        remove_from_index(&self.index, record.id, filter);
+        true
+    }
+
+    /// Drops every subscription of a session that has ended.
+    pub fn end_session(&self, record: SessionRecord) {
+        for filter in record.subscriptions.keys() {
+            remove_from_index(&self.index, record.id, filter);
+        }
+    }
+
+    /// Ends offline sessions whose expiry has passed.
+    pub fn expire_sessions(&self, now: Instant) {
+        for record in self.registry.expire(now) {
+            self.end_session(record);
+        }
+    }
+
+    pub fn gauges(&self) -> Gauges {
+        Gauges { sessions: self.registry.len(), subscriptions: self.index.len(), retained: self.retained.len() }
+    }
+}
+
+fn remove_from_index(index: &SubscriptionIndex, session: SessionId, filter: &str) {
+    let parsed = topic::parse_filter(filter, topic::TopicLimits::UNLIMITED);
+    if let Ok(parsed) = parsed {
+        index.unsubscribe(parsed.filter, parsed.share_group, session);
+    }
+}
+
+fn is_queued(pushed: Pushed) -> bool {
+    matches!(pushed, Pushed::Queued | Pushed::QueuedDroppedOldest)
+}

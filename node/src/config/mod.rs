@@ -1,0 +1,297 @@
+//! The node's configuration: a TOML file (every key documented in `docs/configuration.md`),
+//! checked once at start into one validated [`Config`]. Unknown keys and bad values are errors
+//! that name the file, the key and the reason.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::broker::topic::TopicLimits;
+use crate::broker::BrokerSettings;
+use crate::mqtt::connect::SessionLimits;
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub log: LogConfig,
+    pub http: HttpConfig,
+    pub limits: LimitsConfig,
+    pub listeners: ListenersConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter: a level (`info`) or directives (`info,rampart_node::listener=debug`).
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { level: "info".into(), format: LogFormat::Text }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    pub enabled: bool,
+    /// Address of `/metrics`, `/healthz` and `/readyz`.
+    pub bind: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig { enabled: true, bind: "0.0.0.0:9090".parse().expect("valid address") }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    pub max_connections: usize,
+    pub connect_timeout_secs: u64,
+    pub write_timeout_secs: u64,
+    pub max_packet_size: usize,
+    pub receive_maximum: u16,
+    pub max_inflight: u16,
+    pub max_queued_messages: usize,
+    pub slow_subscriber_timeout_ms: u64,
+    pub max_topic_length: usize,
+    pub max_topic_levels: usize,
+    pub topic_alias_maximum: u16,
+    pub max_keep_alive_secs: u16,
+    pub max_session_expiry_secs: u64,
+    pub takeover_timeout_secs: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections: 100_000,
+            connect_timeout_secs: 10,
+            write_timeout_secs: 30,
+            max_packet_size: 1024 * 1024,
+            receive_maximum: 100,
+            max_inflight: 100,
+            max_queued_messages: 1000,
+            slow_subscriber_timeout_ms: 5000,
+            max_topic_length: 1024,
+            max_topic_levels: 32,
+            topic_alias_maximum: 64,
+            max_keep_alive_secs: u16::MAX,
+            max_session_expiry_secs: 7 * 24 * 3600,
+            takeover_timeout_secs: 10,
+        }
+    }
+}
+
+/// The MQTT listeners. A missing `tcp` section means plain TCP on 0.0.0.0:1883 (disable it with
+/// `enabled = false`); missing `tls`, `ws` and `wss` sections mean those listeners are off.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenersConfig {
+    pub tcp: Option<PlainListener>,
+    pub tls: Option<TlsListener>,
+    pub ws: Option<PlainListener>,
+    pub wss: Option<TlsListener>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlainListener {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    pub bind: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsListener {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    pub bind: Option<SocketAddr>,
+    /// PEM file with the server certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// PEM file with the server's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A listener ready to bind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerSpec {
+    pub kind: ListenerKind,
+    pub bind: SocketAddr,
+    pub tls: Option<TlsFiles>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerKind {
+    Tcp,
+    Tls,
+    Ws,
+    Wss,
+}
+
+impl ListenerKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ListenerKind::Tcp => "tcp",
+            ListenerKind::Tls => "tls",
+            ListenerKind::Ws => "ws",
+            ListenerKind::Wss => "wss",
+        }
+    }
+
+    fn default_port(self) -> u16 {
+        match self {
+            ListenerKind::Tcp => 1883,
+            ListenerKind::Tls => 8883,
+            ListenerKind::Ws => 8083,
+            ListenerKind::Wss => 8084,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+/// A configuration problem: the file, the key and what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {key}: {reason}")]
+pub struct ConfigError {
+    pub file: String,
+    pub key: String,
+    pub reason: String,
+}
+
+impl Config {
+    /// Reads and validates a config file. Relative paths inside it are resolved against the
+    /// file's directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text =
+            std::fs::read_to_string(path).map_err(|e| ConfigError { file: file.clone(), key: "(file)".into(), reason: e.to_string() })?;
+        Config::parse(&text, &file, path.parent().unwrap_or(Path::new(".")))
+    }
+
+    /// Parses and validates config text; `file` names it in errors, `base` resolves relative paths.
+    pub fn parse(text: &str, file: &str, base: &Path) -> Result<Config, ConfigError> {
+        let deserializer = toml::Deserializer::new(text);
+        let mut config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+            let key = e.path().to_string();
+            let reason = e.into_inner().message().to_string();
+            ConfigError { file: file.into(), key: if key == "." { "(top level)".into() } else { key }, reason }
+        })?;
+        for listener in [&mut config.listeners.tls, &mut config.listeners.wss].into_iter().flatten() {
+            for path in [&mut listener.cert_file, &mut listener.key_file] {
+                if path.is_relative() {
+                    *path = base.join(&*path);
+                }
+            }
+        }
+        config.validate(file)?;
+        Ok(config)
+    }
+
+    fn validate(&self, file: &str) -> Result<(), ConfigError> {
+        let err = |key: &str, reason: String| Err(ConfigError { file: file.into(), key: key.into(), reason });
+        let l = &self.limits;
+        if l.max_connections == 0 {
+            return err("limits.max_connections", "must be at least 1".into());
+        }
+        if l.connect_timeout_secs == 0 || l.write_timeout_secs == 0 {
+            return err("limits.connect_timeout_secs / limits.write_timeout_secs", "must be at least 1 second".into());
+        }
+        if !(64..=268_435_455).contains(&l.max_packet_size) {
+            return err("limits.max_packet_size", format!("{} is outside 64..=268435455 bytes", l.max_packet_size));
+        }
+        if l.receive_maximum == 0 {
+            return err("limits.receive_maximum", "must be at least 1".into());
+        }
+        if l.max_inflight == 0 {
+            return err("limits.max_inflight", "must be at least 1".into());
+        }
+        if l.max_queued_messages == 0 {
+            return err("limits.max_queued_messages", "must be at least 1".into());
+        }
+        if !(1..=65_535).contains(&l.max_topic_length) {
+            return err("limits.max_topic_length", format!("{} is outside 1..=65535", l.max_topic_length));
+        }
+        if l.max_topic_levels == 0 {
+            return err("limits.max_topic_levels", "must be at least 1".into());
+        }
+        if self.listener_specs().is_empty() {
+            return err("listeners", "no listener is enabled; enable at least one of tcp, tls, ws, wss".into());
+        }
+        for (name, listener) in [("tls", &self.listeners.tls), ("wss", &self.listeners.wss)] {
+            let Some(listener) = listener.as_ref().filter(|l| l.enabled) else { continue };
+            for (key, path) in [("cert_file", &listener.cert_file), ("key_file", &listener.key_file)] {
+                if !path.is_file() {
+                    return err(&format!("listeners.{name}.{key}"), format!("{} is not a readable file", path.display()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The enabled listeners with their addresses.
+    pub fn listener_specs(&self) -> Vec<ListenerSpec> {
+        let l = &self.listeners;
+        let default_tcp = PlainListener { enabled: true, bind: None };
+        let tcp = Some(l.tcp.as_ref().unwrap_or(&default_tcp));
+        let plain = [(ListenerKind::Tcp, tcp), (ListenerKind::Ws, l.ws.as_ref())]
+            .into_iter()
+            .filter_map(|(kind, p)| p.filter(|p| p.enabled).map(|p| (kind, p.bind, None)));
+        let secure = [(ListenerKind::Tls, l.tls.as_ref()), (ListenerKind::Wss, l.wss.as_ref())].into_iter().filter_map(|(kind, t)| {
+            t.filter(|t| t.enabled).map(|t| (kind, t.bind, Some(TlsFiles { cert_file: t.cert_file.clone(), key_file: t.key_file.clone() })))
+        });
+        plain
+            .chain(secure)
+            .map(|(kind, bind, tls)| ListenerSpec {
+                kind,
+                bind: bind.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], kind.default_port()))),
+                tls,
+            })
+            .collect()
+    }
+
+    pub fn session_limits(&self) -> SessionLimits {
+        let l = &self.limits;
+        SessionLimits {
+            max_packet_size: l.max_packet_size,
+            receive_maximum: l.receive_maximum,
+            max_inflight: l.max_inflight,
+            topic_alias_maximum: l.topic_alias_maximum,
+            max_keep_alive: l.max_keep_alive_secs,
+            max_session_expiry: Duration::from_secs(l.max_session_expiry_secs),
+            topics: TopicLimits { max_length: l.max_topic_length, max_levels: l.max_topic_levels },
+        }
+    }
+
+    pub fn broker_settings(&self) -> BrokerSettings {
+        let l = &self.limits;
+        BrokerSettings {
+            max_queued_messages: l.max_queued_messages,
+            slow_subscriber_timeout: Duration::from_millis(l.slow_subscriber_timeout_ms),
+            takeover_timeout: Duration::from_secs(l.takeover_timeout_secs),
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! Accept loops for the TCP, TLS, WebSocket and secure WebSocket listeners: connection limit,
+//! TCP_NODELAY, TLS and WebSocket handshakes with a deadline, then hand-off to the connection driver.
+
+pub mod connection;
+pub mod websocket;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::{ListenerKind, ListenerSpec};
+use crate::telemetry::metrics;
+use connection::ConnectionContext;
+
+/// A listener bound to its address, not yet accepting.
+pub struct BoundListener {
+    pub kind: ListenerKind,
+    pub local_addr: SocketAddr,
+    socket: TcpListener,
+    tls: Option<TlsAcceptor>,
+}
+
+/// Binds every listener; fails naming the listener and address, or the TLS file at fault.
+pub async fn bind(specs: &[ListenerSpec]) -> anyhow::Result<Vec<BoundListener>> {
+    let mut bound = Vec::with_capacity(specs.len());
+    for spec in specs {
+        let tls = match &spec.tls {
+            Some(files) => Some(TlsAcceptor::from(crate::tls::server_config(&files.cert_file, &files.key_file)?)),
+            None => None,
+        };
+        let socket = TcpListener::bind(spec.bind)
+            .await
+            .map_err(|e| anyhow::anyhow!("listener {} cannot bind {}: {e}", spec.kind.name(), spec.bind))?;
+        bound.push(BoundListener { kind: spec.kind, local_addr: socket.local_addr()?, socket, tls });
+    }
+    Ok(bound)
+}
+
+/// Accepts connections until the node shuts down. `slots` bounds open connections across all listeners.
+pub async fn run(listener: BoundListener, ctx: Arc<ConnectionContext>, slots: Arc<Semaphore>) {
+    let mut shutdown = ctx.shutdown.clone();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.socket.accept() => accepted,
+            _ = shutdown.changed() => return,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(listener = listener.kind.name(), error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let ctx = ctx.clone();
+        let kind = listener.kind;
+        let tls = listener.tls.clone();
+        match slots.clone().try_acquire_owned() {
+            Ok(permit) => {
+                tokio::spawn(async move {
+                    handle(kind, tcp, peer, tls, ctx).await;
+                    drop(permit);
+                });
+            }
+            Err(_) => {
+                tracing::warn!(%peer, listener = kind.name(), "connection limit reached");
+                metrics::connection_refused();
+                drop(tcp);
+            }
+        }
+    }
+}
+
+async fn handle(kind: ListenerKind, tcp: TcpStream, peer: SocketAddr, tls: Option<TlsAcceptor>, ctx: Arc<ConnectionContext>) {
+    let deadline = ctx.connect_timeout;
+    let max_message = ctx.limits.max_packet_size;
+    match (kind, tls) {
+        (ListenerKind::Tcp, _) => connection::serve(tcp, peer, ctx).await,
+        (ListenerKind::Ws, _) => match tokio::time::timeout(deadline, websocket::accept(tcp, max_message)).await {
+            Ok(Ok(ws)) => connection::serve(ws, peer, ctx).await,
+            Ok(Err(e)) => handshake_failed(peer, kind, &e.to_string()),
+            Err(_) => handshake_failed(peer, kind, "WebSocket handshake timed out"),
+        },
+        (ListenerKind::Tls | ListenerKind::Wss, Some(acceptor)) => {
+            let tls_stream = match tokio::time::timeout(deadline, acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => return handshake_failed(peer, kind, &e.to_string()),
+                Err(_) => return handshake_failed(peer, kind, "TLS handshake timed out"),
+            };
+            if kind == ListenerKind::Tls {
+                return connection::serve(tls_stream, peer, ctx).await;
+            }
+            match tokio::time::timeout(deadline, websocket::accept(tls_stream, max_message)).await {
+                Ok(Ok(ws)) => connection::serve(ws, peer, ctx).await,
+                Ok(Err(e)) => handshake_failed(peer, kind, &e.to_string()),
+                Err(_) => handshake_failed(peer, kind, "WebSocket handshake timed out"),
+            }
+        }
+        (ListenerKind::Tls | ListenerKind::Wss, None) => handshake_failed(peer, kind, "listener has no TLS configuration"),
+    }
+}
+
+fn handshake_failed(peer: SocketAddr, kind: ListenerKind, reason: &str) {
+    metrics::connection_refused();
+    tracing::info!(%peer, listener = kind.name(), reason, "handshake failed");
+}

@@ -1,0 +1,217 @@
+//! CONNECT validation: turns a decoded CONNECT into the parameters of a new session, or into
+//! the CONNACK refusal the client gets. Pure: no IO, no broker state.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use mqttbytes::v5::{self, ConnectReturnCode};
+use mqttbytes::QoS;
+
+use super::codec::ProtocolVersion;
+use crate::broker::message::Message;
+use crate::broker::topic::{self, TopicLimits};
+
+/// The broker-side limits a session works within (from the `[limits]` config section).
+#[derive(Debug, Clone)]
+pub struct SessionLimits {
+    /// Largest packet accepted from a client, in bytes (advertised as Maximum Packet Size).
+    pub max_packet_size: usize,
+    /// Incoming QoS 1/2 publishes a client may have unacknowledged (advertised Receive Maximum).
+    pub receive_maximum: u16,
+    /// Outgoing QoS 1/2 publishes in flight per client (also capped by the client's own Receive Maximum).
+    pub max_inflight: u16,
+    /// Topic aliases a client may use towards the broker.
+    pub topic_alias_maximum: u16,
+    /// Highest keep alive the broker accepts; larger requests get this as Server Keep Alive (MQTT 5).
+    pub max_keep_alive: u16,
+    /// Longest session expiry the broker grants, also applied to MQTT 3.1.1 persistent sessions.
+    pub max_session_expiry: Duration,
+    pub topics: TopicLimits,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        SessionLimits {
+            max_packet_size: 1024 * 1024,
+            receive_maximum: 100,
+            max_inflight: 100,
+            topic_alias_maximum: 64,
+            max_keep_alive: 3600,
+            max_session_expiry: Duration::from_secs(7 * 24 * 3600),
+            topics: TopicLimits::default(),
+        }
+    }
+}
+
+/// A last-will message and when to send it after an abnormal disconnect.
+#[derive(Debug, Clone)]
+pub struct Will {
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: QoS,
+    pub retain: bool,
+    pub properties: Option<v5::PublishProperties>,
+    pub message_expiry: Option<Duration>,
+    pub delay: Duration,
+}
+
+impl Will {
+    /// The will as a message published now.
+    pub fn into_message(self, now: Instant) -> Message {
+        Message {
+            topic: self.topic,
+            payload: self.payload,
+            qos: self.qos,
+            retain: self.retain,
+            properties: self.properties,
+            expires_at: self.message_expiry.map(|e| now + e),
+            publisher: None,
+        }
+    }
+}
+
+/// A CONNECT that passed validation.
+#[derive(Debug, Clone)]
+pub struct ConnectRequest {
+    pub version: ProtocolVersion,
+    pub client_id: String,
+    /// The client sent an empty id and the broker generated this one.
+    pub assigned_client_id: bool,
+    pub clean_start: bool,
+    /// Keep alive in force (the client's, or the broker's cap).
+    pub keep_alive: u16,
+    /// The client asked for more than `max_keep_alive` (MQTT 5 gets Server Keep Alive).
+    pub keep_alive_capped: bool,
+    /// How long the session outlives the connection (already capped by `max_session_expiry`).
+    pub session_expiry: Duration,
+    pub session_expiry_capped: bool,
+    pub will: Option<Will>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Outgoing QoS 1/2 window the client allows (MQTT 5 Receive Maximum).
+    pub client_receive_maximum: u16,
+    /// Largest packet the client accepts.
+    pub client_max_packet_size: Option<usize>,
+    /// Topic aliases the client accepts from the broker.
+    pub client_topic_alias_maximum: u16,
+    /// Whether reason strings may be sent (MQTT 5 Request Problem Information).
+    pub problem_information: bool,
+}
+
+/// Why a CONNECT is refused; `code` goes into the CONNACK (mapped to a 3.1.1 return code by the codec).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    pub code: ConnectReturnCode,
+    pub reason: String,
+}
+
+fn refuse(code: ConnectReturnCode, reason: impl Into<String>) -> Refusal {
+    Refusal { code, reason: reason.into() }
+}
+
+/// Validates a CONNECT. `generate_id` supplies a client id when the client sent none.
+pub fn validate(
+    version: ProtocolVersion,
+    connect: v5::Connect,
+    limits: &SessionLimits,
+    generate_id: impl FnOnce() -> String,
+) -> Result<ConnectRequest, Refusal> {
+    let props = connect.properties;
+    let prop = |get: fn(&v5::ConnectProperties) -> Option<u32>| props.as_ref().and_then(get);
+    if props.as_ref().is_some_and(|p| p.authentication_method.is_some()) {
+        return Err(refuse(ConnectReturnCode::BadAuthenticationMethod, "enhanced authentication (AUTH) is not supported by this listener"));
+    }
+    let v5 = version == ProtocolVersion::V5;
+    let assigned_client_id = connect.client_id.is_empty();
+    let client_id = if assigned_client_id {
+        if !v5 && !connect.clean_session {
+            return Err(refuse(
+                ConnectReturnCode::ClientIdentifierNotValid,
+                "a zero-length client id needs clean session = 1 in MQTT 3.1.1",
+            ));
+        }
+        generate_id()
+    } else {
+        connect.client_id
+    };
+    if client_id.contains('\0') || client_id.len() > 65_535 {
+        return Err(refuse(ConnectReturnCode::ClientIdentifierNotValid, "client id contains NUL"));
+    }
+
+    let requested_expiry = if v5 {
+        match prop(|p| p.session_expiry_interval).unwrap_or(0) {
+            u32::MAX => None,
+            secs => Some(Duration::from_secs(secs.into())),
+        }
+    } else if connect.clean_session {
+        Some(Duration::ZERO)
+    } else {
+        None
+    };
+    let session_expiry = requested_expiry.map_or(limits.max_session_expiry, |e| e.min(limits.max_session_expiry));
+    let session_expiry_capped = Some(session_expiry) != requested_expiry;
+
+    let keep_alive_capped = connect.keep_alive > limits.max_keep_alive;
+    let keep_alive = connect.keep_alive.min(limits.max_keep_alive);
+
+    let will = connect.last_will.map(|w| lift_will(w, limits)).transpose()?;
+    let (username, password) = match connect.login {
+        Some(login) => (Some(login.username), Some(login.password)),
+        None => (None, None),
+    };
+    Ok(ConnectRequest {
+        version,
+        client_id,
+        assigned_client_id,
+        clean_start: connect.clean_session,
+        keep_alive,
+        keep_alive_capped,
+        session_expiry,
+        session_expiry_capped,
+        will,
+        username,
+        password,
+        client_receive_maximum: props.as_ref().and_then(|p| p.receive_maximum).unwrap_or(u16::MAX),
+        client_max_packet_size: prop(|p| p.max_packet_size).map(|s| s as usize),
+        client_topic_alias_maximum: props.as_ref().and_then(|p| p.topic_alias_max).unwrap_or(0),
+        problem_information: props.as_ref().and_then(|p| p.request_problem_info) != Some(0),
+    })
+}
+
+fn lift_will(will: v5::LastWill, limits: &SessionLimits) -> Result<Will, Refusal> {
+    topic::validate_name(&will.topic, limits.topics)
+        .map_err(|e| refuse(ConnectReturnCode::TopicNameInvalid, format!("will topic: {e}")))?;
+    let Some(props) = will.properties else {
+        return Ok(Will {
+            topic: will.topic,
+            payload: will.message,
+            qos: will.qos,
+            retain: will.retain,
+            properties: None,
+            message_expiry: None,
+            delay: Duration::ZERO,
+        });
+    };
+    if props.payload_format_indicator == Some(1) && std::str::from_utf8(&will.message).is_err() {
+        return Err(refuse(ConnectReturnCode::PayloadFormatInvalid, "will payload is not UTF-8 as its format indicator says"));
+    }
+    let passthrough = v5::PublishProperties {
+        payload_format_indicator: props.payload_format_indicator,
+        message_expiry_interval: None,
+        topic_alias: None,
+        response_topic: props.response_topic,
+        correlation_data: props.correlation_data,
+        user_properties: props.user_properties,
+        subscription_identifiers: Vec::new(),
+        content_type: props.content_type,
+    };
+    Ok(Will {
+        topic: will.topic,
+        payload: will.message,
+        qos: will.qos,
+        retain: will.retain,
+        properties: Some(passthrough),
+        message_expiry: props.message_expiry_interval.map(|s| Duration::from_secs(s.into())),
+        delay: Duration::from_secs(props.delay_interval.unwrap_or(0).into()),
+    })
+}

@@ -1,0 +1,594 @@
+//! The per-connection MQTT session state machine, free of IO.
+//!
+//! Bytes from the client go in through [`Session::handle_input`]; messages for the client go in
+//! through [`Session::deliver`]. Out come encoded bytes for the socket ([`Session::output`]),
+//! broker work ([`Action`]s: route a publish, add or remove a subscription) and, at the end, a
+//! [`Close`] decision. The IO driver executes the actions in order *before* it writes the bytes,
+//! so a PUBACK never reaches the client before its message was routed and a SUBACK never before
+//! the subscription is live.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use mqttbytes::v5::{self, DisconnectReasonCode as Reason};
+use mqttbytes::QoS;
+
+use super::codec::{self, Packet, ProtocolVersion};
+use super::connect::{ConnectRequest, SessionLimits, Will};
+use crate::broker::index::SubscriptionOptions;
+use crate::broker::message::{Delivery, Message};
+use crate::broker::registry::{Inflight, Record};
+use crate::broker::topic;
+use crate::telemetry::metrics::{self, DropReason};
+
+/// When retained messages are sent for a new subscription (MQTT 5 Retain Handling).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetainHandling {
+    Always,
+    IfNew,
+    Never,
+}
+
+/// Broker work the driver must carry out, in order, before writing [`Session::output`].
+#[derive(Debug)]
+pub enum Action {
+    /// Route a message to subscribers (and the retained store).
+    Publish(Arc<Message>),
+    /// Add or replace a subscription; then queue matching retained messages with
+    /// [`Session::queue_retained`] as `retain_handling` says.
+    Subscribe { filter: String, options: SubscriptionOptions, retain_handling: RetainHandling },
+    /// Remove a subscription.
+    Unsubscribe { filter: String },
+}
+
+/// Why the connection ends.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Close {
+    /// MQTT 5 reason (sent in a DISCONNECT by the broker unless the client disconnected).
+    pub reason: Reason,
+    /// Human-readable cause, for logs.
+    pub detail: String,
+    /// Whether the will message is published.
+    pub publish_will: bool,
+}
+
+pub struct Session {
+    version: ProtocolVersion,
+    client_id: String,
+    limits: SessionLimits,
+    record: Record,
+    keep_alive: Duration,
+    last_received: Instant,
+    /// Outgoing QoS 1/2 window (the client's Receive Maximum capped by `max_inflight`).
+    send_window: usize,
+    client_max_packet_size: Option<usize>,
+    client_topic_alias_maximum: u16,
+    outgoing_aliases: HashMap<String, u16>,
+    incoming_aliases: HashMap<u16, String>,
+    next_packet_id: u16,
+    send_sequence: u64,
+    /// Messages queued by the session itself (retained messages after SUBSCRIBE), sent before the mailbox.
+    pending: VecDeque<Delivery>,
+    will: Option<Will>,
+    problem_information: bool,
+    out: BytesMut,
+    actions: VecDeque<Action>,
+    close: Option<Close>,
+}
+
+impl Session {
+    /// Starts a session for an accepted CONNECT: writes the CONNACK and re-sends, with DUP set,
+    /// every message the session still has in flight.
+    pub fn start(request: ConnectRequest, mut record: Record, session_present: bool, limits: SessionLimits, now: Instant) -> Session {
+        record.expiry = request.session_expiry;
+        let send_window = usize::from(request.client_receive_maximum.min(limits.max_inflight).max(1));
+        let mut session = Session {
+            version: request.version,
+            client_id: request.client_id.clone(),
+            keep_alive: Duration::from_secs(request.keep_alive.into()),
+            last_received: now,
+            send_window,
+            client_max_packet_size: request.client_max_packet_size,
+            client_topic_alias_maximum: request.client_topic_alias_maximum,
+            outgoing_aliases: HashMap::new(),
+            incoming_aliases: HashMap::new(),
+            next_packet_id: 0,
+            send_sequence: 0,
+            pending: VecDeque::new(),
+            will: request.will.clone(),
+            problem_information: request.problem_information,
+            out: BytesMut::with_capacity(4096),
+            actions: VecDeque::new(),
+            close: None,
+            limits,
+            record,
+        };
+        session.send(Packet::ConnAck(session.connack(&request, session_present)));
+        session.resend_inflight();
+        session
+    }
+
+    fn connack(&self, request: &ConnectRequest, session_present: bool) -> v5::ConnAck {
+        let props = v5::ConnAckProperties {
+            session_expiry_interval: request
+                .session_expiry_capped
+                .then(|| request.session_expiry.as_secs().min(u64::from(u32::MAX - 1)) as u32),
+            receive_max: Some(self.limits.receive_maximum),
+            max_packet_size: Some(self.limits.max_packet_size.min(u32::MAX as usize) as u32),
+            assigned_client_identifier: request.assigned_client_id.then(|| request.client_id.clone()),
+            topic_alias_max: Some(self.limits.topic_alias_maximum),
+            retain_available: Some(1),
+            wildcard_subscription_available: Some(1),
+            subscription_identifiers_available: Some(1),
+            shared_subscription_available: Some(1),
+            server_keep_alive: request.keep_alive_capped.then_some(request.keep_alive),
+            ..v5::ConnAckProperties::new()
+        };
+        v5::ConnAck { session_present, code: v5::ConnectReturnCode::Success, properties: Some(props) }
+    }
+
+    pub fn client_id(&self) -> &str {
+        &self.client_id
+    }
+
+    pub fn version(&self) -> ProtocolVersion {
+        self.version
+    }
+
+    /// The session state, for the broker work in [`Action`]s.
+    pub fn record(&mut self) -> &mut Record {
+        &mut self.record
+    }
+
+    /// Encoded bytes waiting to be written to the client.
+    pub fn output(&mut self) -> &mut BytesMut {
+        &mut self.out
+    }
+
+    /// The next piece of broker work.
+    pub fn next_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// Set once the connection must end; the driver writes the output, then closes.
+    pub fn close_reason(&self) -> Option<&Close> {
+        self.close.as_ref()
+    }
+
+    /// Whether another QoS 1/2 message may be sent now.
+    pub fn can_send(&self) -> bool {
+        self.close.is_none() && self.record.inflight.len() < self.send_window
+    }
+
+    /// When [`Session::tick`] must run next (keep alive).
+    pub fn deadline(&self) -> Option<Instant> {
+        (!self.keep_alive.is_zero()).then(|| self.last_received + self.keep_alive.mul_f32(1.5))
+    }
+
+    /// Enforces the keep alive: 1.5 times the interval without a packet closes the connection.
+    pub fn tick(&mut self, now: Instant) {
+        if self.deadline().is_some_and(|d| now >= d) {
+            self.fail(Reason::KeepAliveTimeout, format!("no packet within 1.5 x keep alive ({:?})", self.keep_alive));
+        }
+    }
+
+    /// The broker ends the connection (takeover, shutdown, administrative action).
+    pub fn kick(&mut self, reason: Reason, detail: impl Into<String>) {
+        if self.close.is_none() {
+            self.fail(reason, detail.into());
+        }
+    }
+
+    /// The transport failed or the client vanished without DISCONNECT.
+    pub fn lost(&mut self, detail: impl Into<String>) {
+        if self.close.is_none() {
+            self.close = Some(Close { reason: Reason::UnspecifiedError, detail: detail.into(), publish_will: true });
+        }
+    }
+
+    /// Ends the session state machine: returns the session record and the will to publish, if any.
+    pub fn finish(mut self) -> (Record, Option<Will>) {
+        let publish_will = self.close.as_ref().is_none_or(|c| c.publish_will);
+        let will = self.will.take().filter(|_| publish_will);
+        (self.record, will)
+    }
+
+    /// Decodes and handles every complete packet in `input`.
+    pub fn handle_input(&mut self, input: &mut BytesMut, now: Instant) {
+        while self.close.is_none() {
+            match codec::decode(self.version, input, self.limits.max_packet_size) {
+                Ok(Some(packet)) => {
+                    self.last_received = now;
+                    self.handle_packet(packet, now);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    metrics::malformed_packet();
+                    self.fail(e.reason_code(), e.to_string());
+                }
+            }
+        }
+    }
+
+    fn handle_packet(&mut self, packet: Packet, now: Instant) {
+        match packet {
+            Packet::Publish(publish) => self.on_publish(publish, now),
+            Packet::PubAck(ack) => self.on_puback(ack.pkid),
+            Packet::PubRec(rec) => self.on_pubrec(rec),
+            Packet::PubRel(rel) => self.on_pubrel(rel.pkid),
+            Packet::PubComp(comp) => self.on_pubcomp(comp.pkid),
+            Packet::Subscribe(subscribe) => self.on_subscribe(subscribe),
+            Packet::Unsubscribe(unsubscribe) => self.on_unsubscribe(unsubscribe),
+            Packet::PingReq => self.send(Packet::PingResp),
+            Packet::Disconnect(disconnect) => self.on_disconnect(disconnect),
+            Packet::Connect(_) => self.fail(Reason::ProtocolError, "second CONNECT on one connection".into()),
+            Packet::Auth(_) => self.fail(Reason::ProtocolError, "AUTH without an authentication method in CONNECT".into()),
+            other => self.fail(Reason::ProtocolError, format!("a client must not send {}", packet_name(&other))),
+        }
+    }
+
+    fn on_publish(&mut self, mut publish: v5::Publish, now: Instant) {
+        let mut props = publish.properties.take().unwrap_or_else(no_properties);
+        if let Some(alias) = props.topic_alias.take() {
+            if alias == 0 || alias > self.limits.topic_alias_maximum {
+                return self
+                    .fail(Reason::TopicAliasInvalid, format!("topic alias {alias} is outside 1..={}", self.limits.topic_alias_maximum));
+            }
+            if publish.topic.is_empty() {
+                match self.incoming_aliases.get(&alias) {
+                    Some(topic) => publish.topic = topic.clone(),
+                    None => return self.fail(Reason::ProtocolError, format!("topic alias {alias} used before it was set")),
+                }
+            } else {
+                self.incoming_aliases.insert(alias, publish.topic.clone());
+            }
+        }
+        if let Err(e) = topic::validate_name(&publish.topic, self.limits.topics) {
+            return self.fail(Reason::TopicNameInvalid, format!("PUBLISH topic {:?}: {e}", publish.topic));
+        }
+        if !props.subscription_identifiers.is_empty() {
+            return self.fail(Reason::ProtocolError, "a client must not send subscription identifiers in PUBLISH".into());
+        }
+        metrics::message_in(publish.qos);
+        if publish.qos == QoS::ExactlyOnce {
+            if self.record.awaiting_pubrel.contains(&publish.pkid) {
+                // A re-sent QoS 2 message we already routed: acknowledge it again only.
+                return self.send(Packet::PubRec(v5::PubRec::new(publish.pkid)));
+            }
+            if self.version == ProtocolVersion::V5 && self.record.awaiting_pubrel.len() >= usize::from(self.limits.receive_maximum) {
+                return self
+                    .fail(Reason::ReceiveMaximumExceeded, format!("more than {} QoS 2 messages unreleased", self.limits.receive_maximum));
+            }
+        }
+        if props.payload_format_indicator == Some(1) && std::str::from_utf8(&publish.payload).is_err() {
+            return self.refuse_publish(&publish, Reason::PayloadFormatInvalid, "payload is not UTF-8 as its format indicator says");
+        }
+        let expires_at = props.message_expiry_interval.take().map(|s| now + Duration::from_secs(s.into()));
+        let message = Message {
+            topic: publish.topic,
+            payload: publish.payload,
+            qos: publish.qos,
+            retain: publish.retain,
+            properties: Some(props).filter(has_passthrough),
+            expires_at,
+            publisher: Some(self.record.id),
+        };
+        self.actions.push_back(Action::Publish(Arc::new(message)));
+        match publish.qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => self.send(Packet::PubAck(v5::PubAck::new(publish.pkid))),
+            QoS::ExactlyOnce => {
+                self.record.awaiting_pubrel.insert(publish.pkid);
+                self.send(Packet::PubRec(v5::PubRec::new(publish.pkid)));
+            }
+        }
+    }
+
+    /// Answers a QoS 1/2 PUBLISH that is not accepted with a failure reason (MQTT 5) or closes (3.1.1).
+    fn refuse_publish(&mut self, publish: &v5::Publish, reason: Reason, detail: &str) {
+        metrics::dropped(DropReason::Refused);
+        let code = reason as u8;
+        match (self.version, publish.qos) {
+            (ProtocolVersion::V311, _) => self.fail(reason, format!("PUBLISH to {:?}: {detail}", publish.topic)),
+            (ProtocolVersion::V5, QoS::AtMostOnce) => {}
+            (ProtocolVersion::V5, QoS::AtLeastOnce) => {
+                let mut ack = v5::PubAck::new(publish.pkid);
+                ack.reason = puback_reason(code);
+                ack.properties =
+                    self.reason_string(detail).map(|r| v5::PubAckProperties { reason_string: Some(r), user_properties: Vec::new() });
+                self.send(Packet::PubAck(ack));
+            }
+            (ProtocolVersion::V5, QoS::ExactlyOnce) => {
+                let mut rec = v5::PubRec::new(publish.pkid);
+                rec.reason = pubrec_reason(code);
+                rec.properties =
+                    self.reason_string(detail).map(|r| v5::PubRecProperties { reason_string: Some(r), user_properties: Vec::new() });
+                self.send(Packet::PubRec(rec));
+            }
+        }
+    }
+
+    fn reason_string(&self, detail: &str) -> Option<String> {
+        self.problem_information.then(|| detail.to_string())
+    }
+
+    fn on_puback(&mut self, pkid: u16) {
+        if let Some((_, Inflight::Publish(d))) = self.record.inflight.get(&pkid) {
+            if d.qos == QoS::AtLeastOnce {
+                self.record.inflight.remove(&pkid);
+            }
+        }
+    }
+
+    fn on_pubrec(&mut self, rec: v5::PubRec) {
+        let known = matches!(self.record.inflight.get(&rec.pkid), Some((_, Inflight::Publish(d))) if d.qos == QoS::ExactlyOnce);
+        let failed = (rec.reason as u8) >= 0x80;
+        if known && failed {
+            self.record.inflight.remove(&rec.pkid);
+            return;
+        }
+        let mut rel = v5::PubRel::new(rec.pkid);
+        match self.record.inflight.get_mut(&rec.pkid) {
+            Some(entry) if known || matches!(entry.1, Inflight::Released) => entry.1 = Inflight::Released,
+            _ => rel.reason = v5::PubRelReason::PacketIdentifierNotFound,
+        }
+        self.send(Packet::PubRel(rel));
+    }
+
+    fn on_pubrel(&mut self, pkid: u16) {
+        let mut comp = v5::PubComp::new(pkid);
+        if !self.record.awaiting_pubrel.remove(&pkid) {
+            comp.reason = v5::PubCompReason::PacketIdentifierNotFound;
+        }
+        self.send(Packet::PubComp(comp));
+    }
+
+    fn on_pubcomp(&mut self, pkid: u16) {
+        if matches!(self.record.inflight.get(&pkid), Some((_, Inflight::Released))) {
+            self.record.inflight.remove(&pkid);
+        }
+    }
+
+    fn on_subscribe(&mut self, subscribe: v5::Subscribe) {
+        let subscription_id = subscribe.properties.as_ref().and_then(|p| p.id);
+        let mut codes = Vec::with_capacity(subscribe.filters.len());
+        for f in subscribe.filters {
+            let parsed = match topic::parse_filter(&f.path, self.limits.topics) {
+                Ok(parsed) => parsed,
+                Err(e) => {
+                    tracing::debug!(client_id = %self.client_id, filter = %f.path, error = %e, "subscription refused");
+                    codes.push(v5::SubscribeReasonCode::TopicFilterInvalid);
+                    continue;
+                }
+            };
+            if parsed.share_group.is_some() && f.nolocal {
+                return self.fail(Reason::ProtocolError, format!("No Local on shared subscription {:?}", f.path));
+            }
+            let retain_handling = match (parsed.share_group, f.retain_forward_rule) {
+                (Some(_), _) | (_, v5::RetainForwardRule::Never) => RetainHandling::Never,
+                (None, v5::RetainForwardRule::OnNewSubscribe) => RetainHandling::IfNew,
+                (None, v5::RetainForwardRule::OnEverySubscribe) => RetainHandling::Always,
+            };
+            let options = SubscriptionOptions { qos: f.qos, no_local: f.nolocal, retain_as_published: f.preserve_retain, subscription_id };
+            codes.push(granted(f.qos));
+            self.actions.push_back(Action::Subscribe { filter: f.path, options, retain_handling });
+        }
+        self.send(Packet::SubAck(v5::SubAck { pkid: subscribe.pkid, return_codes: codes, properties: None }));
+    }
+
+    fn on_unsubscribe(&mut self, unsubscribe: v5::Unsubscribe) {
+        let mut reasons = Vec::with_capacity(unsubscribe.filters.len());
+        for filter in unsubscribe.filters {
+            let reason = if topic::parse_filter(&filter, self.limits.topics).is_err() {
+                v5::UnsubAckReason::TopicFilterInvalid
+            } else if self.record.subscriptions.contains_key(&filter) {
+                self.actions.push_back(Action::Unsubscribe { filter });
+                v5::UnsubAckReason::Success
+            } else {
+                v5::UnsubAckReason::NoSubscriptionExisted
+            };
+            reasons.push(reason);
+        }
+        self.send(Packet::UnsubAck(v5::UnsubAck { pkid: unsubscribe.pkid, reasons, properties: None }));
+    }
+
+    fn on_disconnect(&mut self, disconnect: v5::Disconnect) {
+        if let Some(expiry) = disconnect.properties.as_ref().and_then(|p| p.session_expiry_interval) {
+            if self.record.expiry.is_zero() && expiry != 0 {
+                return self.fail(Reason::ProtocolError, "DISCONNECT sets a session expiry after CONNECT set none".into());
+            }
+            let requested = if expiry == u32::MAX { self.limits.max_session_expiry } else { Duration::from_secs(expiry.into()) };
+            self.record.expiry = requested.min(self.limits.max_session_expiry);
+        }
+        let publish_will = disconnect.reason_code == Reason::DisconnectWithWillMessage;
+        self.close = Some(Close { reason: disconnect.reason_code, detail: "client disconnected".into(), publish_will });
+    }
+
+    /// Queues retained messages found for a new subscription; they are sent after its SUBACK.
+    pub fn queue_retained(&mut self, deliveries: impl IntoIterator<Item = Delivery>) {
+        self.pending.extend(deliveries);
+    }
+
+    /// Takes the next message the session itself queued (retained messages).
+    pub fn take_pending(&mut self) -> Option<Delivery> {
+        self.pending.pop_front()
+    }
+
+    /// Sends one message to the client. Call only while [`Session::can_send`] is true.
+    pub fn deliver(&mut self, delivery: Delivery, now: Instant) {
+        if delivery.message.is_expired(now) {
+            metrics::dropped(DropReason::Expired);
+            return;
+        }
+        let pkid = match delivery.qos {
+            QoS::AtMostOnce => 0,
+            _ => self.allocate_packet_id(),
+        };
+        let publish = self.outgoing_publish(&delivery, pkid, false, now);
+        if self.send_publish(publish) && pkid != 0 {
+            self.send_sequence += 1;
+            self.record.inflight.insert(pkid, (self.send_sequence, Inflight::Publish(delivery)));
+        }
+    }
+
+    fn outgoing_publish(&mut self, delivery: &Delivery, pkid: u16, dup: bool, now: Instant) -> v5::Publish {
+        let message = &delivery.message;
+        let mut props = message.properties.clone().unwrap_or_else(no_properties);
+        props.subscription_identifiers = delivery.subscription_ids.clone();
+        props.message_expiry_interval = message.expires_at.map(|at| at.saturating_duration_since(now).as_secs().max(1) as u32);
+        let mut topic = message.topic.clone();
+        if self.version == ProtocolVersion::V5 && !dup {
+            if let Some(&alias) = self.outgoing_aliases.get(&topic) {
+                props.topic_alias = Some(alias);
+                topic.clear();
+            } else if self.outgoing_aliases.len() < usize::from(self.client_topic_alias_maximum) {
+                let alias = self.outgoing_aliases.len() as u16 + 1;
+                self.outgoing_aliases.insert(topic.clone(), alias);
+                props.topic_alias = Some(alias);
+            }
+        }
+        v5::Publish {
+            dup,
+            qos: delivery.qos,
+            retain: delivery.retain,
+            topic,
+            pkid,
+            properties: Some(props).filter(has_passthrough),
+            payload: message.payload.clone(),
+        }
+    }
+
+    /// Encodes a PUBLISH; a message larger than the client accepts is dropped (MQTT 5 3.1.2.25).
+    fn send_publish(&mut self, publish: v5::Publish) -> bool {
+        let qos = publish.qos;
+        match codec::encode(self.version, &Packet::Publish(publish), &mut self.out, self.client_max_packet_size) {
+            Ok(_) => {
+                metrics::message_out(qos);
+                true
+            }
+            Err(e) => {
+                tracing::debug!(client_id = %self.client_id, error = %e, "message not sent");
+                metrics::dropped(DropReason::TooLargeForClient);
+                false
+            }
+        }
+    }
+
+    fn allocate_packet_id(&mut self) -> u16 {
+        loop {
+            self.next_packet_id = self.next_packet_id.wrapping_add(1).max(1);
+            if !self.record.inflight.contains_key(&self.next_packet_id) {
+                return self.next_packet_id;
+            }
+        }
+    }
+
+    /// Re-sends everything in flight, oldest first: PUBLISH with DUP, or PUBREL.
+    fn resend_inflight(&mut self) {
+        let mut inflight: Vec<(u16, u64, Inflight)> = self.record.inflight.iter().map(|(&id, (seq, f))| (id, *seq, f.clone())).collect();
+        inflight.sort_by_key(|e| e.1);
+        let now = Instant::now();
+        for (pkid, seq, entry) in inflight {
+            self.send_sequence = self.send_sequence.max(seq);
+            match entry {
+                Inflight::Publish(delivery) => {
+                    let publish = self.outgoing_publish(&delivery, pkid, true, now);
+                    if !self.send_publish(publish) {
+                        self.record.inflight.remove(&pkid);
+                    }
+                }
+                Inflight::Released => self.send(Packet::PubRel(v5::PubRel::new(pkid))),
+            }
+        }
+    }
+
+    fn send(&mut self, packet: Packet) {
+        if let Err(e) = codec::encode(self.version, &packet, &mut self.out, self.client_max_packet_size) {
+            tracing::warn!(client_id = %self.client_id, error = %e, packet = packet_name(&packet), "could not encode packet");
+        }
+    }
+
+    /// Ends the connection because of an error: MQTT 5 clients get a DISCONNECT with the reason.
+    fn fail(&mut self, reason: Reason, detail: String) {
+        tracing::info!(client_id = %self.client_id, reason = ?reason, %detail, "closing connection");
+        let mut disconnect = v5::Disconnect::new();
+        disconnect.reason_code = reason;
+        disconnect.properties = self.reason_string(&detail).map(|r| v5::DisconnectProperties {
+            session_expiry_interval: None,
+            reason_string: Some(r),
+            user_properties: Vec::new(),
+            server_reference: None,
+        });
+        self.send(Packet::Disconnect(disconnect));
+        self.close = Some(Close { reason, detail, publish_will: true });
+    }
+}
+
+/// PUBLISH properties with nothing set.
+fn no_properties() -> v5::PublishProperties {
+    v5::PublishProperties {
+        payload_format_indicator: None,
+        message_expiry_interval: None,
+        topic_alias: None,
+        response_topic: None,
+        correlation_data: None,
+        user_properties: Vec::new(),
+        subscription_identifiers: Vec::new(),
+        content_type: None,
+    }
+}
+
+fn has_passthrough(props: &v5::PublishProperties) -> bool {
+    *props != no_properties()
+}
+
+fn granted(qos: QoS) -> v5::SubscribeReasonCode {
+    match qos {
+        QoS::AtMostOnce => v5::SubscribeReasonCode::QoS0,
+        QoS::AtLeastOnce => v5::SubscribeReasonCode::QoS1,
+        QoS::ExactlyOnce => v5::SubscribeReasonCode::QoS2,
+    }
+}
+
+fn puback_reason(code: u8) -> v5::PubAckReason {
+    match code {
+        0x87 => v5::PubAckReason::NotAuthorized,
+        0x90 => v5::PubAckReason::TopicNameInvalid,
+        0x97 => v5::PubAckReason::QuotaExceeded,
+        0x99 => v5::PubAckReason::PayloadFormatInvalid,
+        _ => v5::PubAckReason::UnspecifiedError,
+    }
+}
+
+fn pubrec_reason(code: u8) -> v5::PubRecReason {
+    match code {
+        0x87 => v5::PubRecReason::NotAuthorized,
+        0x90 => v5::PubRecReason::TopicNameInvalid,
+        0x97 => v5::PubRecReason::QuotaExceeded,
+        0x99 => v5::PubRecReason::PayloadFormatInvalid,
+        _ => v5::PubRecReason::UnspecifiedError,
+    }
+}
+
+/// The packet's name, for logs and errors.
+pub fn packet_name(packet: &Packet) -> &'static str {
+    match packet {
+        Packet::Connect(_) => "CONNECT",
+        Packet::ConnAck(_) => "CONNACK",
+        Packet::Publish(_) => "PUBLISH",
+        Packet::PubAck(_) => "PUBACK",
+        Packet::PubRec(_) => "PUBREC",
+        Packet::PubRel(_) => "PUBREL",
+        Packet::PubComp(_) => "PUBCOMP",
+        Packet::Subscribe(_) => "SUBSCRIBE",
+        Packet::SubAck(_) => "SUBACK",
+        Packet::Unsubscribe(_) => "UNSUBSCRIBE",
+        Packet::UnsubAck(_) => "UNSUBACK",
+        Packet::PingReq => "PINGREQ",
+        Packet::PingResp => "PINGRESP",
+        Packet::Disconnect(_) => "DISCONNECT",
+        Packet::Auth(_) => "AUTH",
+    }
+}

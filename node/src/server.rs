@@ -1,0 +1,81 @@
+//! Starts a node from a validated [`Config`]: binds every listener and the HTTP endpoint, runs
+//! the session reaper, and stops everything on shutdown.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::broker::Broker;
+use crate::config::{Config, ListenerKind};
+use crate::listener::{self, connection::ConnectionContext};
+use crate::telemetry;
+
+/// A running node.
+pub struct Server {
+    pub broker: Arc<Broker>,
+    /// Bound MQTT listeners (useful when a port was 0).
+    pub listeners: Vec<(ListenerKind, SocketAddr)>,
+    pub http: Option<SocketAddr>,
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+impl Server {
+    /// Binds everything and starts serving.
+    pub async fn start(config: &Config) -> anyhow::Result<Server> {
+        let broker = Broker::new(config.broker_settings());
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let ctx = Arc::new(ConnectionContext {
+            broker: broker.clone(),
+            limits: config.session_limits(),
+            connect_timeout: Duration::from_secs(config.limits.connect_timeout_secs),
+            write_timeout: Duration::from_secs(config.limits.write_timeout_secs),
+            shutdown: shutdown_rx.clone(),
+        });
+        let bound = listener::bind(&config.listener_specs()).await?;
+        let ready = Arc::new(AtomicBool::new(false));
+        let mut tasks = JoinSet::new();
+        let http = if config.http.enabled {
+            let socket = telemetry::http::bind(config.http.bind).await?;
+            let addr = socket.local_addr()?;
+            tasks.spawn(telemetry::http::serve(socket, broker.clone(), ready.clone(), shutdown_rx.clone()));
+            Some(addr)
+        } else {
+            None
+        };
+        let slots = Arc::new(Semaphore::new(config.limits.max_connections));
+        let listeners = bound.iter().map(|l| (l.kind, l.local_addr)).collect();
+        for listener in bound {
+            tasks.spawn(listener::run(listener, ctx.clone(), slots.clone()));
+        }
+        tasks.spawn(reap_sessions(broker.clone(), shutdown_rx));
+        ready.store(true, Ordering::Relaxed);
+        Ok(Server { broker, listeners, http, shutdown, tasks })
+    }
+
+    /// Stops accepting, tells every connection to close (MQTT 5 clients get DISCONNECT 0x8B) and
+    /// waits up to `grace` for them.
+    pub async fn shutdown(mut self, grace: Duration) {
+        let _ = self.shutdown.send(true);
+        let deadline = tokio::time::Instant::now() + grace;
+        while tokio::time::timeout_at(deadline, self.tasks.join_next()).await.is_ok_and(|t| t.is_some()) {}
+        while telemetry::metrics::open_connections() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Ends offline sessions whose expiry passed, once a second.
+async fn reap_sessions(broker: Arc<Broker>, mut shutdown: watch::Receiver<bool>) {
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = every.tick() => broker.expire_sessions(Instant::now()),
+            _ = shutdown.changed() => return,
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! Process-wide counters and gauges, rendered in the Prometheus text format.
+//!
+//! Plain atomics: the hot path pays one relaxed increment per event and takes no lock.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use mqttbytes::QoS;
+
+/// Why a message was not delivered to a subscriber.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// QoS 0 message for an online subscriber whose queue was full.
+    SlowSubscriberQos0,
+    /// QoS 1/2 message for an online subscriber whose queue stayed full past the timeout; the oldest queued message was dropped.
+    SlowSubscriberTimeout,
+    /// QoS 0 message for an offline session (not queued).
+    OfflineQos0,
+    /// Offline session queue full; the oldest queued message was dropped.
+    QueueFull,
+    /// Message expired before it could be sent.
+    Expired,
+    /// Larger than the subscriber's Maximum Packet Size.
+    TooLargeForClient,
+    /// PUBLISH refused by the broker (e.g. invalid payload format).
+    Refused,
+}
+
+impl DropReason {
+    const ALL: [DropReason; 7] = [
+        DropReason::SlowSubscriberQos0,
+        DropReason::SlowSubscriberTimeout,
+        DropReason::OfflineQos0,
+        DropReason::QueueFull,
+        DropReason::Expired,
+        DropReason::TooLargeForClient,
+        DropReason::Refused,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            DropReason::SlowSubscriberQos0 => "slow_subscriber_qos0",
+            DropReason::SlowSubscriberTimeout => "slow_subscriber_timeout",
+            DropReason::OfflineQos0 => "offline_qos0",
+            DropReason::QueueFull => "queue_full",
+            DropReason::Expired => "expired",
+            DropReason::TooLargeForClient => "too_large_for_client",
+            DropReason::Refused => "refused",
+        }
+    }
+}
+
+struct Metrics {
+    connections: AtomicI64,
+    connections_total: AtomicU64,
+    connections_refused: AtomicU64,
+    messages_in: [AtomicU64; 3],
+    messages_out: [AtomicU64; 3],
+    dropped: [AtomicU64; DropReason::ALL.len()],
+    malformed: AtomicU64,
+    queued: AtomicI64,
+}
+
+static METRICS: Metrics = Metrics {
+    connections: AtomicI64::new(0),
+    connections_total: AtomicU64::new(0),
+    connections_refused: AtomicU64::new(0),
+    messages_in: [const { AtomicU64::new(0) }; 3],
+    messages_out: [const { AtomicU64::new(0) }; 3],
+    dropped: [const { AtomicU64::new(0) }; DropReason::ALL.len()],
+    malformed: AtomicU64::new(0),
+    queued: AtomicI64::new(0),
+};
+
+pub fn connection_opened() {
+    METRICS.connections.fetch_add(1, Ordering::Relaxed);
+    METRICS.connections_total.fetch_add(1, Ordering::Relaxed);
+}
+
+pub fn connection_closed() {
+    METRICS.connections.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// A connection refused before MQTT started (limit reached, TLS failure, CONNECT refused or timed out).
+pub fn connection_refused() {
+    METRICS.connections_refused.fetch_add(1, Ordering::Relaxed);
+}
+
+pub fn message_in(qos: QoS) {
+    METRICS.messages_in[qos as usize].fetch_add(1, Ordering::Relaxed);
+}
+
+pub fn message_out(qos: QoS) {
+    METRICS.messages_out[qos as usize].fetch_add(1, Ordering::Relaxed);
+}
+
+pub fn dropped(reason: DropReason) {
+    let i = DropReason::ALL.iter().position(|r| *r == reason).unwrap_or(0);
+    METRICS.dropped[i].fetch_add(1, Ordering::Relaxed);
+}
+
+pub fn malformed_packet() {
+    METRICS.malformed.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Messages added to (positive) or removed from (negative) session queues.
+pub fn queued(delta: i64) {
+    METRICS.queued.fetch_add(delta, Ordering::Relaxed);
+}
+
+/// Current number of open connections.
+pub fn open_connections() -> i64 {
+    METRICS.connections.load(Ordering::Relaxed)
+}
+
+/// Broker-wide gauges sampled at scrape time.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Gauges {
+    pub sessions: usize,
+    pub subscriptions: usize,
+    pub retained: usize,
+}
+
+/// Renders every metric in the Prometheus text exposition format.
+pub fn render(gauges: Gauges) -> String {
+    let mut out = String::with_capacity(2048);
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, i64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "{name}{labels} {value}");
+        }
+    };
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed) as i64;
+    metric("rampart_connections", "gauge", "Open client connections.", &[("", open_connections())]);
+    metric("rampart_connections_total", "counter", "Client connections accepted.", &[("", load(&METRICS.connections_total))]);
+    metric(
+        "rampart_connections_refused_total",
+        "counter",
+        "Connections refused before or at CONNECT.",
+        &[("", load(&METRICS.connections_refused))],
+    );
+    let qos_labels = ["{qos=\"0\"}", "{qos=\"1\"}", "{qos=\"2\"}"];
+    let by_qos = |counters: &[AtomicU64; 3]| -> Vec<(&str, i64)> { qos_labels.iter().zip(counters).map(|(l, c)| (*l, load(c))).collect() };
+    metric("rampart_messages_received_total", "counter", "PUBLISH packets received from clients.", &by_qos(&METRICS.messages_in));
+    metric("rampart_messages_sent_total", "counter", "PUBLISH packets sent to clients.", &by_qos(&METRICS.messages_out));
+    let drop_labels: Vec<String> = DropReason::ALL.iter().map(|r| format!("{{reason=\"{}\"}}", r.label())).collect();
+    let drops: Vec<(&str, i64)> = drop_labels.iter().zip(&METRICS.dropped).map(|(l, c)| (l.as_str(), load(c))).collect();
+    metric("rampart_messages_dropped_total", "counter", "Messages not delivered, by reason.", &drops);
+    metric("rampart_malformed_packets_total", "counter", "Connections closed for a malformed packet.", &[("", load(&METRICS.malformed))]);
+    metric("rampart_sessions", "gauge", "Sessions, online and offline.", &[("", gauges.sessions as i64)]);
+    metric("rampart_subscriptions", "gauge", "Subscriptions in the index.", &[("", gauges.subscriptions as i64)]);
+    metric("rampart_retained_messages", "gauge", "Retained messages stored.", &[("", gauges.retained as i64)]);
+    metric("rampart_queued_messages", "gauge", "Messages waiting in session queues.", &[("", METRICS.queued.load(Ordering::Relaxed))]);
+    out
+}

@@ -1,0 +1,156 @@
+//! Test harness: runs the real `rampart` binary on free loopback ports and stops it on drop.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// A broker process started for one test.
+pub struct Broker {
+    child: Child,
+    pub dir: tempfile::TempDir,
+    pub tcp: Option<SocketAddr>,
+    pub tls: Option<SocketAddr>,
+    pub ws: Option<SocketAddr>,
+    pub wss: Option<SocketAddr>,
+    pub http: Option<SocketAddr>,
+    /// Log lines the broker printed (collected in the background).
+    pub logs: mpsc::Receiver<String>,
+}
+
+/// Options for [`Broker::start`].
+#[derive(Default)]
+pub struct Options {
+    /// Extra TOML appended to the `[limits]` section.
+    pub limits: &'static str,
+    /// Also start TLS, WS and WSS listeners (with a generated development PKI).
+    pub all_listeners: bool,
+}
+
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_rampart"))
+}
+
+impl Broker {
+    pub fn start(options: Options) -> Broker {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = String::from("[log]\nlevel = \"info,rampart_node=debug\"\n[http]\nbind = \"127.0.0.1:0\"\n[listeners.tcp]\nbind = \"127.0.0.1:0\"\n");
+        if options.all_listeners {
+            rampart_node::tls::install_crypto_provider();
+            rampart_node::pki::ensure_dev_pki(dir.path()).expect("dev pki");
+            for section in ["tls", "wss"] {
+                config.push_str(&format!(
+                    "[listeners.{section}]\nbind = \"127.0.0.1:0\"\ncert_file = \"server.pem\"\nkey_file = \"server.key\"\n"
+                ));
+            }
+            config.push_str("[listeners.ws]\nbind = \"127.0.0.1:0\"\n");
+        }
+        config.push_str(&format!("[limits]\n{}\n", options.limits));
+        let path = dir.path().join("rampart.toml");
+        std::fs::write(&path, config).expect("write config");
+        let mut child = Command::new(binary())
+            .args(["serve", "--config"])
+            .arg(&path)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start rampart");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut broker = Broker { child, dir, tcp: None, tls: None, ws: None, wss: None, http: None, logs: rx };
+        let wanted = if options.all_listeners { 5 } else { 2 };
+        let mut found = 0;
+        while found < wanted {
+            let line = broker.logs.recv_timeout(Duration::from_secs(20)).unwrap_or_else(|_| panic!("broker did not start; found {found} of {wanted} listeners"));
+            let Some(addr) = field(&line, "addr=") else { continue };
+            let addr: SocketAddr = addr.parse().expect("address");
+            if line.contains("metrics and health") {
+                broker.http = Some(addr);
+            } else if let Some(kind) = field(&line, "listener=") {
+                match kind.trim_matches('"') {
+                    "tcp" => broker.tcp = Some(addr),
+                    "tls" => broker.tls = Some(addr),
+                    "ws" => broker.ws = Some(addr),
+                    "wss" => broker.wss = Some(addr),
+                    _ => continue,
+                }
+            } else {
+                continue;
+            }
+            found += 1;
+        }
+        broker
+    }
+
+    pub fn tcp_port(&self) -> u16 {
+        self.tcp.expect("tcp listener").port()
+    }
+
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Waits until a log line containing `needle` appears.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> Option<String> {
+        let deadline = std::time::Instant::now() + timeout;
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            match self.logs.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return Some(line),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+
+    /// Fetches an HTTP path from the metrics endpoint.
+    pub fn http_get(&self, path: &str) -> String {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(self.http.expect("http endpoint")).expect("connect http");
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut body = String::new();
+        stream.read_to_string(&mut body).unwrap();
+        body
+    }
+
+    /// The value of an unlabelled or labelled metric line, e.g. `rampart_connections` or
+    /// `rampart_messages_dropped_total{reason="queue_full"}`.
+    pub fn metric(&self, series: &str) -> i64 {
+        let text = self.http_get("/metrics");
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("metric {series} not found in:\n{text}"))
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The value after `key` up to the next space, ANSI escapes removed.
+fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let start = line.find(key)? + key.len();
+    let rest = &line[start..];
+    let end = rest.find([' ', '\x1b']).unwrap_or(rest.len());
+    Some(&rest[..end])
+}
