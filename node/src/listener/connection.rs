@@ -45,8 +45,7 @@ where
         Ok(Ok(Some(found))) => found,
         Ok(Ok(None)) => return refused(peer, "closed before CONNECT"),
         Ok(Err(ConnectError::Decode(DecodeError::UnsupportedVersion(level)))) => {
-            let connack = v5::ConnAck { session_present: false, code: v5::ConnectReturnCode::UnsupportedProtocolVersion, properties: None };
-            write_once(&mut writer, ProtocolVersion::V311, Packet::ConnAck(connack)).await;
+            write_refusal(&mut writer, ProtocolVersion::V311, v5::ConnectReturnCode::UnsupportedProtocolVersion).await;
             return refused(peer, &format!("unsupported protocol level {level}"));
         }
         Ok(Err(e)) => return refused(peer, &e.to_string()),
@@ -56,16 +55,14 @@ where
     let request = match connect::validate(version, connect, &ctx.limits, || format!("rampart-{}", broker.registry.new_session_id())) {
         Ok(request) => request,
         Err(refusal) => {
-            let connack = v5::ConnAck { session_present: false, code: refusal.code, properties: None };
-            write_once(&mut writer, version, Packet::ConnAck(connack)).await;
+            write_refusal(&mut writer, version, refusal.code).await;
             return refused(peer, &refusal.reason);
         }
     };
     let (mut claim, mut record) = match broker.registry.claim(&request.client_id, broker.settings.takeover_timeout).await {
         Ok(claimed) => claimed,
         Err(e) => {
-            let connack = v5::ConnAck { session_present: false, code: v5::ConnectReturnCode::ServerBusy, properties: None };
-            write_once(&mut writer, version, Packet::ConnAck(connack)).await;
+            write_refusal(&mut writer, version, v5::ConnectReturnCode::ServerBusy).await;
             return refused(peer, &e.to_string());
         }
     };
@@ -133,6 +130,21 @@ where
     if let Some(ended) = broker.registry.release(claim, record, Instant::now()) {
         broker.end_session(ended);
     }
+}
+
+/// Answers a connection past the connection limit: CONNACK "server busy" (MQTT 5) / "server
+/// unavailable" (3.1.1) once its CONNECT arrives, then close.
+pub async fn refuse_busy<S>(stream: S, peer: SocketAddr, ctx: &ConnectionContext)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    let mut input = BytesMut::new();
+    let connect = tokio::time::timeout(ctx.connect_timeout, read_connect(&mut reader, &mut input, ctx.limits.max_packet_size)).await;
+    if let Ok(Ok(Some((version, _)))) = connect {
+        write_refusal(&mut writer, version, v5::ConnectReturnCode::ServerBusy).await;
+    }
+    refused(peer, "connection limit reached");
 }
 
 /// Carries out the session's broker work in order.
@@ -205,9 +217,11 @@ async fn read_connect<R: AsyncRead + Unpin>(
     }
 }
 
-async fn write_once<W: AsyncWrite + Unpin>(writer: &mut W, version: ProtocolVersion, packet: Packet) {
+/// Sends a refusing CONNACK and closes the stream.
+async fn write_refusal<W: AsyncWrite + Unpin>(writer: &mut W, version: ProtocolVersion, code: v5::ConnectReturnCode) {
+    let connack = v5::ConnAck { session_present: false, code, properties: None };
     let mut out = BytesMut::new();
-    if codec::encode(version, &packet, &mut out, None).is_ok() {
+    if codec::encode(version, &Packet::ConnAck(connack), &mut out, None).is_ok() {
         let _ = tokio::time::timeout(Duration::from_secs(5), write_flush(writer, &out)).await;
         let _ = writer.shutdown().await;
     }

@@ -39,8 +39,14 @@ pub async fn bind(specs: &[ListenerSpec]) -> anyhow::Result<Vec<BoundListener>> 
     Ok(bound)
 }
 
-/// Accepts connections until the node shuts down. `slots` bounds open connections across all listeners.
+/// Connections past the limit that may wait at once for their CONNECT, to be told "busy".
+const MAX_BUSY_REPLIES: usize = 64;
+
+/// Accepts connections until the node shuts down. `slots` bounds open connections across all
+/// listeners; a client past the limit gets CONNACK "server unavailable" (3.1.1) / "server busy"
+/// (5), or, when too many such replies are pending already, an immediate close.
 pub async fn run(listener: BoundListener, ctx: Arc<ConnectionContext>, slots: Arc<Semaphore>) {
+    let busy_replies = Arc::new(Semaphore::new(MAX_BUSY_REPLIES));
     let mut shutdown = ctx.shutdown.clone();
     loop {
         let accepted = tokio::select! {
@@ -59,29 +65,31 @@ pub async fn run(listener: BoundListener, ctx: Arc<ConnectionContext>, slots: Ar
         let ctx = ctx.clone();
         let kind = listener.kind;
         let tls = listener.tls.clone();
-        match slots.clone().try_acquire_owned() {
-            Ok(permit) => {
-                tokio::spawn(async move {
-                    handle(kind, tcp, peer, tls, ctx).await;
-                    drop(permit);
-                });
-            }
-            Err(_) => {
-                tracing::warn!(%peer, listener = kind.name(), "connection limit reached");
-                metrics::connection_refused();
-                drop(tcp);
-            }
-        }
+        let (permit, busy) = match slots.clone().try_acquire_owned() {
+            Ok(permit) => (permit, false),
+            Err(_) => match busy_replies.clone().try_acquire_owned() {
+                Ok(permit) => (permit, true),
+                Err(_) => {
+                    tracing::warn!(%peer, listener = kind.name(), "connection limit reached; closing");
+                    metrics::connection_refused();
+                    continue;
+                }
+            },
+        };
+        tokio::spawn(async move {
+            handle(kind, tcp, peer, tls, ctx, busy).await;
+            drop(permit);
+        });
     }
 }
 
-async fn handle(kind: ListenerKind, tcp: TcpStream, peer: SocketAddr, tls: Option<TlsAcceptor>, ctx: Arc<ConnectionContext>) {
+async fn handle(kind: ListenerKind, tcp: TcpStream, peer: SocketAddr, tls: Option<TlsAcceptor>, ctx: Arc<ConnectionContext>, busy: bool) {
     let deadline = ctx.connect_timeout;
     let max_message = ctx.limits.max_packet_size;
     match (kind, tls) {
-        (ListenerKind::Tcp, _) => connection::serve(tcp, peer, ctx).await,
+        (ListenerKind::Tcp, _) => mqtt(tcp, peer, ctx, busy).await,
         (ListenerKind::Ws, _) => match tokio::time::timeout(deadline, websocket::accept(tcp, max_message)).await {
-            Ok(Ok(ws)) => connection::serve(ws, peer, ctx).await,
+            Ok(Ok(ws)) => mqtt(ws, peer, ctx, busy).await,
             Ok(Err(e)) => handshake_failed(peer, kind, &e.to_string()),
             Err(_) => handshake_failed(peer, kind, "WebSocket handshake timed out"),
         },
@@ -92,15 +100,27 @@ async fn handle(kind: ListenerKind, tcp: TcpStream, peer: SocketAddr, tls: Optio
                 Err(_) => return handshake_failed(peer, kind, "TLS handshake timed out"),
             };
             if kind == ListenerKind::Tls {
-                return connection::serve(tls_stream, peer, ctx).await;
+                return mqtt(tls_stream, peer, ctx, busy).await;
             }
             match tokio::time::timeout(deadline, websocket::accept(tls_stream, max_message)).await {
-                Ok(Ok(ws)) => connection::serve(ws, peer, ctx).await,
+                Ok(Ok(ws)) => mqtt(ws, peer, ctx, busy).await,
                 Ok(Err(e)) => handshake_failed(peer, kind, &e.to_string()),
                 Err(_) => handshake_failed(peer, kind, "WebSocket handshake timed out"),
             }
         }
         (ListenerKind::Tls | ListenerKind::Wss, None) => handshake_failed(peer, kind, "listener has no TLS configuration"),
+    }
+}
+
+/// Runs MQTT on an established stream: a session, or only the "busy" answer past the limit.
+async fn mqtt<S>(stream: S, peer: SocketAddr, ctx: Arc<ConnectionContext>, busy: bool)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+{
+    if busy {
+        connection::refuse_busy(stream, peer, &ctx).await
+    } else {
+        connection::serve(stream, peer, ctx).await
     }
 }
 

@@ -592,3 +592,269 @@ pub fn packet_name(packet: &Packet) -> &'static str {
         Packet::Auth(_) => "AUTH",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::registry::Registry;
+    use crate::mqtt::connect;
+    use bytes::Bytes;
+
+    const WAIT: Duration = Duration::from_secs(1);
+
+    /// A session started for a CONNECT with the given properties, with the CONNACK already read.
+    async fn start(version: ProtocolVersion, props: Option<v5::ConnectProperties>) -> (Session, Registry) {
+        let registry = Registry::new(10);
+        let (_claim, mut record) = registry.claim("c1", WAIT).await.unwrap();
+        registry.start(&mut record, false, Instant::now());
+        let mut connect = v5::Connect::new("c1");
+        connect.keep_alive = 10;
+        connect.properties = props;
+        let request = connect::validate(version, connect, &SessionLimits::default(), || unreachable!()).unwrap();
+        let mut session = Session::start(request, record, false, SessionLimits::default(), Instant::now());
+        match read(&mut session, version).as_slice() {
+            [Packet::ConnAck(ack)] => assert_eq!(ack.code, v5::ConnectReturnCode::Success),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+        (session, registry)
+    }
+
+    fn props(receive_maximum: Option<u16>, topic_alias_max: Option<u16>) -> v5::ConnectProperties {
+        v5::ConnectProperties {
+            session_expiry_interval: None,
+            receive_maximum,
+            max_packet_size: None,
+            topic_alias_max,
+            request_response_info: None,
+            request_problem_info: None,
+            user_properties: Vec::new(),
+            authentication_method: None,
+            authentication_data: None,
+        }
+    }
+
+    /// Feeds client packets to the session.
+    fn feed(session: &mut Session, version: ProtocolVersion, packets: &[Packet]) {
+        let mut input = BytesMut::new();
+        for p in packets {
+            codec::encode(version, p, &mut input, None).unwrap();
+        }
+        session.handle_input(&mut input, Instant::now());
+    }
+
+    /// Decodes and drains what the session wrote.
+    fn read(session: &mut Session, version: ProtocolVersion) -> Vec<Packet> {
+        let mut out = session.output().split();
+        let mut packets = Vec::new();
+        while let Some(p) = codec::decode(version, &mut out, usize::MAX).unwrap() {
+            packets.push(p);
+        }
+        packets
+    }
+
+    fn actions(session: &mut Session) -> Vec<Action> {
+        std::iter::from_fn(|| session.next_action()).collect()
+    }
+
+    fn publish(topic: &str, qos: QoS, pkid: u16) -> v5::Publish {
+        let mut p = v5::Publish::new(topic, qos, "x");
+        p.pkid = pkid;
+        p
+    }
+
+    fn delivery(topic: &str, qos: QoS) -> Delivery {
+        Delivery {
+            message: Arc::new(Message {
+                topic: topic.into(),
+                payload: Bytes::from_static(b"m"),
+                qos,
+                retain: false,
+                properties: None,
+                expires_at: None,
+                publisher: None,
+            }),
+            qos,
+            retain: false,
+            subscription_ids: Vec::new(),
+        }
+    }
+
+    fn disconnect_reason(packets: &[Packet]) -> Option<Reason> {
+        packets.iter().find_map(|p| match p {
+            Packet::Disconnect(d) => Some(d.reason_code),
+            _ => None,
+        })
+    }
+
+    #[tokio::test]
+    async fn qos1_publish_is_routed_before_its_puback() {
+        let (mut s, _r) = start(ProtocolVersion::V5, None).await;
+        feed(&mut s, ProtocolVersion::V5, &[Packet::Publish(publish("a/b", QoS::AtLeastOnce, 7))]);
+        assert!(matches!(actions(&mut s).as_slice(), [Action::Publish(m)] if m.topic == "a/b"));
+        assert!(matches!(read(&mut s, ProtocolVersion::V5).as_slice(), [Packet::PubAck(a)] if a.pkid == 7));
+    }
+
+    #[tokio::test]
+    async fn qos2_duplicates_are_routed_once_and_unknown_pubrel_is_reported() {
+        let (mut s, _r) = start(ProtocolVersion::V5, None).await;
+        let p = Packet::Publish(publish("a", QoS::ExactlyOnce, 3));
+        feed(&mut s, ProtocolVersion::V5, &[p.clone(), p]);
+        assert_eq!(actions(&mut s).len(), 1);
+        assert!(matches!(read(&mut s, ProtocolVersion::V5).as_slice(), [Packet::PubRec(_), Packet::PubRec(_)]));
+        feed(&mut s, ProtocolVersion::V5, &[Packet::PubRel(v5::PubRel::new(3)), Packet::PubRel(v5::PubRel::new(9))]);
+        match read(&mut s, ProtocolVersion::V5).as_slice() {
+            [Packet::PubComp(a), Packet::PubComp(b)] => {
+                assert_eq!((a.pkid, a.reason), (3, v5::PubCompReason::Success));
+                assert_eq!((b.pkid, b.reason), (9, v5::PubCompReason::PacketIdentifierNotFound));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(s.close_reason().is_none());
+    }
+
+    #[tokio::test]
+    async fn send_window_follows_the_client_receive_maximum() {
+        let (mut s, _r) = start(ProtocolVersion::V5, Some(props(Some(2), None))).await;
+        s.deliver(delivery("t", QoS::AtLeastOnce), Instant::now());
+        s.deliver(delivery("t", QoS::AtLeastOnce), Instant::now());
+        assert!(!s.can_send());
+        let sent = read(&mut s, ProtocolVersion::V5);
+        let Packet::Publish(first) = &sent[0] else { panic!("{sent:?}") };
+        feed(&mut s, ProtocolVersion::V5, &[Packet::PubAck(v5::PubAck::new(first.pkid))]);
+        assert!(s.can_send());
+    }
+
+    #[tokio::test]
+    async fn unacknowledged_messages_are_resent_with_dup_on_resume() {
+        let (mut s, registry) = start(ProtocolVersion::V311, None).await;
+        s.deliver(delivery("t", QoS::AtLeastOnce), Instant::now());
+        s.deliver(delivery("t", QoS::ExactlyOnce), Instant::now());
+        let sent = read(&mut s, ProtocolVersion::V311);
+        let Packet::Publish(qos2) = &sent[1] else { panic!("{sent:?}") };
+        feed(&mut s, ProtocolVersion::V311, &[Packet::PubRec(v5::PubRec::new(qos2.pkid))]);
+        s.lost("test");
+        let (record, _) = s.finish();
+        drop(record);
+        let (_claim, record) = registry.claim("c1", WAIT).await.unwrap();
+        let request =
+            connect::validate(ProtocolVersion::V311, v5::Connect::new("c1"), &SessionLimits::default(), || unreachable!()).unwrap();
+        let mut resumed = Session::start(request, record, true, SessionLimits::default(), Instant::now());
+        let packets = read(&mut resumed, ProtocolVersion::V311);
+        assert!(matches!(&packets[0], Packet::ConnAck(a) if a.session_present));
+        assert!(matches!(&packets[1], Packet::Publish(p) if p.dup && p.qos == QoS::AtLeastOnce));
+        assert!(matches!(&packets[2], Packet::PubRel(r) if r.pkid == qos2.pkid));
+    }
+
+    #[tokio::test]
+    async fn topic_aliases_from_the_client() {
+        let (mut s, _r) = start(ProtocolVersion::V5, None).await;
+        let mut set = publish("long/topic", QoS::AtMostOnce, 0);
+        let mut alias_props = no_properties();
+        alias_props.topic_alias = Some(1);
+        set.properties = Some(alias_props.clone());
+        let mut reuse = publish("", QoS::AtMostOnce, 0);
+        reuse.properties = Some(alias_props.clone());
+        feed(&mut s, ProtocolVersion::V5, &[Packet::Publish(set), Packet::Publish(reuse)]);
+        let topics: Vec<String> = actions(&mut s)
+            .into_iter()
+            .map(|a| match a {
+                Action::Publish(m) => m.topic.clone(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(topics, ["long/topic", "long/topic"]);
+
+        let mut unknown = publish("", QoS::AtMostOnce, 0);
+        alias_props.topic_alias = Some(2);
+        unknown.properties = Some(alias_props);
+        feed(&mut s, ProtocolVersion::V5, &[Packet::Publish(unknown)]);
+        assert_eq!(disconnect_reason(&read(&mut s, ProtocolVersion::V5)), Some(Reason::ProtocolError));
+        assert!(s.close_reason().is_some());
+    }
+
+    #[tokio::test]
+    async fn outgoing_topic_aliases_within_the_client_maximum() {
+        let (mut s, _r) = start(ProtocolVersion::V5, Some(props(None, Some(1)))).await;
+        for topic in ["a", "a", "b"] {
+            s.deliver(delivery(topic, QoS::AtMostOnce), Instant::now());
+        }
+        let sent: Vec<(String, Option<u16>)> = read(&mut s, ProtocolVersion::V5)
+            .into_iter()
+            .map(|p| match p {
+                Packet::Publish(p) => (p.topic, p.properties.and_then(|pr| pr.topic_alias)),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(sent, [("a".to_string(), Some(1)), (String::new(), Some(1)), ("b".to_string(), None)]);
+    }
+
+    #[tokio::test]
+    async fn wildcard_publish_topic_closes_with_topic_name_invalid() {
+        let (mut s, _r) = start(ProtocolVersion::V5, None).await;
+        feed(&mut s, ProtocolVersion::V5, &[Packet::Publish(publish("a/+", QoS::AtMostOnce, 0))]);
+        assert_eq!(disconnect_reason(&read(&mut s, ProtocolVersion::V5)), Some(Reason::TopicNameInvalid));
+        assert!(actions(&mut s).is_empty());
+        assert!(s.close_reason().unwrap().publish_will);
+    }
+
+    #[tokio::test]
+    async fn invalid_filters_are_refused_one_by_one() {
+        let (mut s, _r) = start(ProtocolVersion::V311, None).await;
+        let mut subscribe = v5::Subscribe::new("ok/+", QoS::AtLeastOnce);
+        subscribe.pkid = 4;
+        subscribe.filters.push(v5::SubscribeFilter::new("bad+/x".into(), QoS::AtMostOnce));
+        feed(&mut s, ProtocolVersion::V311, &[Packet::Subscribe(subscribe)]);
+        assert!(matches!(actions(&mut s).as_slice(), [Action::Subscribe { filter, .. }] if filter == "ok/+"));
+        match read(&mut s, ProtocolVersion::V311).as_slice() {
+            [Packet::SubAck(ack)] => {
+                assert_eq!(ack.return_codes, [v5::SubscribeReasonCode::QoS1, v5::SubscribeReasonCode::Unspecified])
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn keep_alive_is_enforced_at_one_and_a_half_times() {
+        let (mut s, _r) = start(ProtocolVersion::V5, None).await;
+        let deadline = s.deadline().unwrap();
+        s.tick(deadline - Duration::from_millis(1));
+        assert!(s.close_reason().is_none());
+        s.tick(deadline);
+        assert_eq!(s.close_reason().unwrap().reason, Reason::KeepAliveTimeout);
+    }
+
+    #[tokio::test]
+    async fn normal_disconnect_suppresses_the_will_and_0x04_keeps_it() {
+        for (reason, will) in [(Reason::NormalDisconnection, false), (Reason::DisconnectWithWillMessage, true)] {
+            let (mut s, _r) = start(ProtocolVersion::V5, None).await;
+            s.will = Some(Will {
+                topic: "w".into(),
+                payload: Bytes::new(),
+                qos: QoS::AtMostOnce,
+                retain: false,
+                properties: None,
+                message_expiry: None,
+                delay: Duration::ZERO,
+            });
+            let mut d = v5::Disconnect::new();
+            d.reason_code = reason;
+            feed(&mut s, ProtocolVersion::V5, &[Packet::Disconnect(d)]);
+            assert_eq!(s.finish().1.is_some(), will);
+        }
+    }
+
+    #[tokio::test]
+    async fn second_connect_is_a_protocol_error() {
+        let (mut s, _r) = start(ProtocolVersion::V5, None).await;
+        feed(&mut s, ProtocolVersion::V5, &[Packet::Connect(v5::Connect::new("again"))]);
+        assert_eq!(disconnect_reason(&read(&mut s, ProtocolVersion::V5)), Some(Reason::ProtocolError));
+    }
+
+    #[tokio::test]
+    async fn malformed_input_closes_v5_with_0x81() {
+        let (mut s, _r) = start(ProtocolVersion::V5, None).await;
+        let mut input = BytesMut::from(&[0x60u8, 0x02, 0x00, 0x01][..]);
+        s.handle_input(&mut input, Instant::now());
+        assert_eq!(disconnect_reason(&read(&mut s, ProtocolVersion::V5)), Some(Reason::MalformedPacket));
+    }
+}
