@@ -1,6 +1,7 @@
-//! The node's configuration: a TOML file (every key documented in `docs/configuration.md`),
+//! The node's configuration: a TOML file (every key documented in `docs/configuration.md`) with
+//! environment overrides (`RAMPART_<SECTION>__<KEY>`, e.g. `RAMPART_LIMITS__MAX_CONNECTIONS=500`),
 //! checked once at start into one validated [`Config`]. Unknown keys and bad values are errors
-//! that name the file, the key and the reason.
+//! that name the file (or variable), the key and the reason.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -173,6 +174,27 @@ pub struct TlsFiles {
     pub key_file: PathBuf,
 }
 
+/// Environment variables starting with this override config keys; `__` separates path segments.
+const ENV_PREFIX: &str = "RAMPART_";
+
+/// Sets `SECTION__KEY` (case-insensitive) in `table`; the value is read as a TOML value
+/// (number, boolean, ...) when it parses as one, else as a string.
+fn apply_override(table: &mut toml::Table, path: &str, value: &str) -> Result<(), String> {
+    let segments: Vec<String> = path.split("__").map(str::to_lowercase).collect();
+    let (last, parents) = segments.split_last().ok_or("empty key")?;
+    let mut current = table;
+    for segment in parents {
+        current = current
+            .entry(segment.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| format!("{segment} is not a section"))?;
+    }
+    let parsed = format!("v = {value}").parse::<toml::Table>().ok().and_then(|mut t| t.remove("v"));
+    current.insert(last.clone(), parsed.unwrap_or_else(|| toml::Value::String(value.to_string())));
+    Ok(())
+}
+
 /// A configuration problem: the file, the key and what is wrong.
 #[derive(Debug, thiserror::Error)]
 #[error("{file}: {key}: {reason}")]
@@ -192,10 +214,34 @@ impl Config {
         Config::parse(&text, &file, path.parent().unwrap_or(Path::new(".")))
     }
 
-    /// Parses and validates config text; `file` names it in errors, `base` resolves relative paths.
+    /// Parses and validates config text with the process environment's overrides applied;
+    /// `file` names it in errors, `base` resolves relative paths.
     pub fn parse(text: &str, file: &str, base: &Path) -> Result<Config, ConfigError> {
-        let deserializer = toml::Deserializer::new(text);
-        let mut config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        Config::parse_with_env(text, file, base, std::env::vars())
+    }
+
+    /// [`Config::parse`] with the environment given explicitly.
+    pub fn parse_with_env(
+        text: &str,
+        file: &str,
+        base: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError {
+            file: file.into(),
+            key: "(syntax)".into(),
+            reason: e.message().to_string() + &e.span().map(|s| format!(" (at byte {})", s.start)).unwrap_or_default(),
+        })?;
+        for (name, value) in env {
+            if let Some(path) = name.strip_prefix(ENV_PREFIX).filter(|p| !p.is_empty() && *p != "CONFIG") {
+                apply_override(&mut table, path, &value).map_err(|reason| ConfigError {
+                    file: format!("environment {name}"),
+                    key: path.to_lowercase().replace("__", "."),
+                    reason,
+                })?;
+            }
+        }
+        let mut config: Config = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
             let key = e.path().to_string();
             let reason = e.into_inner().message().to_string();
             ConfigError { file: file.into(), key: if key == "." { "(top level)".into() } else { key }, reason }
@@ -293,5 +339,64 @@ impl Config {
             slow_subscriber_timeout: Duration::from_millis(l.slow_subscriber_timeout_ms),
             takeover_timeout: Duration::from_secs(l.takeover_timeout_secs),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::parse_with_env(text, "test.toml", Path::new("."), env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    #[test]
+    fn defaults() {
+        let config = parse("", &[]).unwrap();
+        let specs = config.listener_specs();
+        assert_eq!(specs.len(), 1);
+        assert_eq!(specs[0].kind, ListenerKind::Tcp);
+        assert_eq!(specs[0].bind, "0.0.0.0:1883".parse().unwrap());
+        assert_eq!(config.limits.max_queued_messages, 1000);
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_key() {
+        let err = parse("[limits]\nmax_conections = 5\n", &[]).unwrap_err();
+        assert_eq!(err.file, "test.toml");
+        assert_eq!(err.key, "limits.max_conections");
+        assert!(err.reason.contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_names_the_key() {
+        let err = parse("[limits]\nmax_connections = \"many\"\n", &[]).unwrap_err();
+        assert_eq!(err.key, "limits.max_connections");
+        let err = parse("[limits]\nmax_packet_size = 10\n", &[]).unwrap_err();
+        assert_eq!(err.key, "limits.max_packet_size");
+        let err = parse("[listeners.tls]\ncert_file = \"missing.pem\"\nkey_file = \"missing.key\"\n", &[]).unwrap_err();
+        assert_eq!(err.key, "listeners.tls.cert_file");
+        let err = parse("[listeners.tls]\nbind = \"127.0.0.1:8883\"\n", &[]).unwrap_err();
+        assert_eq!(err.key, "listeners.tls");
+        assert!(err.reason.contains("cert_file"), "{err}");
+    }
+
+    #[test]
+    fn no_listener_is_an_error() {
+        let err = parse("[listeners.tcp]\nenabled = false\n", &[]).unwrap_err();
+        assert_eq!(err.key, "listeners");
+    }
+
+    #[test]
+    fn environment_overrides() {
+        let config = parse(
+            "[limits]\nmax_connections = 5\n",
+            &[("RAMPART_LIMITS__MAX_CONNECTIONS", "7"), ("RAMPART_LISTENERS__TCP__BIND", "127.0.0.1:1999"), ("RAMPART_CONFIG", "x")],
+        )
+        .unwrap();
+        assert_eq!(config.limits.max_connections, 7);
+        assert_eq!(config.listener_specs()[0].bind, "127.0.0.1:1999".parse().unwrap());
+        let err = parse("", &[("RAMPART_LIMITS__NOPE", "1")]).unwrap_err();
+        assert_eq!(err.key, "limits.nope");
     }
 }
