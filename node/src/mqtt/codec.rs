@@ -507,6 +507,80 @@ fn check_strings(packet: &Packet) -> Result<(), EncodeError> {
     Ok(())
 }
 
+/// The fixed-header fields of a PUBLISH.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishHeader {
+    pub dup: bool,
+    pub qos: QoS,
+    pub retain: bool,
+    /// Packet identifier; ignored at QoS 0.
+    pub pkid: u16,
+}
+
+/// Encodes a PUBLISH from borrowed parts, without building an owned packet: the fan-out path
+/// that runs once per subscriber. Same contract as [`encode`].
+pub fn encode_publish(
+    version: ProtocolVersion,
+    header: PublishHeader,
+    topic: &str,
+    properties: Option<&v5::PublishProperties>,
+    payload: &Bytes,
+    out: &mut BytesMut,
+    max_packet_size: Option<usize>,
+) -> Result<usize, EncodeError> {
+    if let (ProtocolVersion::V5, Some(props)) = (version, properties) {
+        let publish = v5::Publish {
+            dup: header.dup,
+            qos: header.qos,
+            retain: header.retain,
+            topic: topic.to_string(),
+            pkid: header.pkid,
+            properties: Some(props.clone()),
+            payload: payload.clone(),
+        };
+        return encode(version, &Packet::Publish(publish), out, max_packet_size);
+    }
+    let topic_len = u16::try_from(topic.len()).map_err(|_| EncodeError::Invalid("topic longer than 65535 bytes".into()))?;
+    if header.qos != QoS::AtMostOnce && header.pkid == 0 {
+        return Err(EncodeError::Invalid("QoS 1/2 PUBLISH needs a packet identifier".into()));
+    }
+    let pkid_len = if header.qos == QoS::AtMostOnce { 0 } else { 2 };
+    let properties_len = usize::from(version == ProtocolVersion::V5);
+    let remaining = 2 + topic.len() + pkid_len + properties_len + payload.len();
+    let total = 1 + varint_len(remaining) + remaining;
+    if let Some(max) = max_packet_size.filter(|&max| total > max) {
+        return Err(EncodeError::TooLarge { size: total, max });
+    }
+    if remaining > MAX_REMAINING_LENGTH {
+        return Err(EncodeError::Invalid(format!("packet of {total} bytes is over the MQTT limit")));
+    }
+    out.reserve(total);
+    out.put_u8(0x30 | u8::from(header.retain) | (header.qos as u8) << 1 | u8::from(header.dup) << 3);
+    put_varint(out, remaining);
+    out.put_u16(topic_len);
+    out.put_slice(topic.as_bytes());
+    if pkid_len > 0 {
+        out.put_u16(header.pkid);
+    }
+    if properties_len > 0 {
+        out.put_u8(0);
+    }
+    out.put_slice(payload);
+    Ok(total)
+}
+
+/// Largest remaining length a fixed header can express.
+const MAX_REMAINING_LENGTH: usize = 268_435_455;
+
+fn varint_len(value: usize) -> usize {
+    match value {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    }
+}
+
 fn encoded(result: Result<usize, mqttbytes::Error>) -> Result<(), EncodeError> {
     result.map(|_| ()).map_err(|e| EncodeError::Invalid(format!("{e:?}")))
 }
@@ -656,4 +730,201 @@ fn encode_auth(auth: &Auth, out: &mut BytesMut) -> Result<(), EncodeError> {
     out.put_slice(&props_len);
     out.put_slice(&props);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ProtocolVersion::{V311, V5};
+
+    fn decode_bytes(version: ProtocolVersion, bytes: &[u8]) -> Result<Option<Packet>, DecodeError> {
+        decode(version, &mut BytesMut::from(bytes), 1024)
+    }
+
+    fn encode_bytes(version: ProtocolVersion, packet: &Packet) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        encode(version, packet, &mut out, None).unwrap();
+        out.to_vec()
+    }
+
+    #[test]
+    fn short_v5_disconnects_decode() {
+        let normal = decode_bytes(V5, &[0xE0, 0x00]).unwrap().unwrap();
+        assert_eq!(normal, Packet::Disconnect(v5::Disconnect::new()));
+        match decode_bytes(V5, &[0xE0, 0x01, 0x8E]).unwrap().unwrap() {
+            Packet::Disconnect(d) => assert_eq!(d.reason_code, v5::DisconnectReasonCode::SessionTakenOver),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(decode_bytes(V311, &[0xE0, 0x00]).unwrap().unwrap(), Packet::Disconnect(v5::Disconnect::new()));
+    }
+
+    #[test]
+    fn reserved_flags_are_malformed() {
+        for version in [V311, V5] {
+            assert!(matches!(decode_bytes(version, &[0x60, 0x02, 0x00, 0x01]), Err(DecodeError::Malformed(_))));
+            assert!(matches!(decode_bytes(version, &[0xC1, 0x00]), Err(DecodeError::Malformed(_))));
+            assert!(matches!(decode_bytes(version, &[0x36, 0x03, 0x00, 0x01, b'a']), Err(DecodeError::Malformed(_))));
+            assert!(matches!(decode_bytes(version, &[0x38, 0x03, 0x00, 0x01, b'a']), Err(DecodeError::Malformed(_))));
+        }
+    }
+
+    #[test]
+    fn auth_exists_only_in_v5() {
+        let auth = decode_bytes(V5, &[0xF0, 0x00]).unwrap().unwrap();
+        assert!(matches!(auth, Packet::Auth(Auth { reason: AuthReason::Success, method: None, .. })));
+        assert!(matches!(decode_bytes(V311, &[0xF0, 0x00]), Err(DecodeError::Malformed(_))));
+        let full = Auth {
+            reason: AuthReason::ContinueAuthentication,
+            method: Some("SCRAM-SHA-256".into()),
+            data: Some(Bytes::from_static(b"n,,n=user")),
+            reason_string: Some("go on".into()),
+            user_properties: vec![("k".into(), "v".into())],
+        };
+        let bytes = encode_bytes(V5, &Packet::Auth(full.clone()));
+        assert_eq!(decode_bytes(V5, &bytes).unwrap().unwrap(), Packet::Auth(full));
+        assert!(encode_bytes(
+            V311,
+            &Packet::Auth(Auth { reason: AuthReason::Success, method: None, data: None, reason_string: None, user_properties: vec![] })
+        )
+        .is_empty());
+    }
+
+    #[test]
+    fn size_limit_is_decided_from_the_header() {
+        let mut buf = BytesMut::from(&[0x30u8, 0xFF, 0xFF, 0x03][..]);
+        assert_eq!(decode(V5, &mut buf, 1000), Err(DecodeError::TooLarge { size: 65_539, max: 1000 }));
+        assert!(matches!(decode_bytes(V5, &[0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x01]), Err(DecodeError::Malformed(_))));
+        assert_eq!(decode_bytes(V5, &[0x30, 0xFF]), Ok(None));
+        assert_eq!(decode_bytes(V5, &[0x30]), Ok(None));
+    }
+
+    #[test]
+    fn truncated_body_is_malformed_not_incomplete() {
+        // Remaining length 3, but the topic length claims 10 bytes.
+        assert!(matches!(decode_bytes(V311, &[0x30, 0x03, 0x00, 0x0A, b'a']), Err(DecodeError::Malformed(_))));
+        // A v5 DISCONNECT with a reason and a property length pointing past the end.
+        assert!(matches!(decode_bytes(V5, &[0xE0, 0x02, 0x00, 0x05]), Err(DecodeError::Malformed(_))));
+    }
+
+    #[test]
+    fn nul_and_invalid_utf8_in_topics_are_malformed() {
+        let topic = b"a/+/\0x";
+        let mut bytes = vec![0x30, 2 + topic.len() as u8, 0x00, topic.len() as u8];
+        bytes.extend_from_slice(topic);
+        assert!(matches!(decode_bytes(V311, &bytes), Err(DecodeError::Malformed(_))));
+        assert!(matches!(decode_bytes(V311, &[0x30, 0x04, 0x00, 0x02, 0xC3, 0x28]), Err(DecodeError::Malformed(_))));
+    }
+
+    #[test]
+    fn packet_id_zero_is_a_protocol_error() {
+        assert!(matches!(decode_bytes(V311, &[0x32, 0x05, 0x00, 0x01, b'a', 0x00, 0x00]), Err(DecodeError::Protocol(_))));
+        assert!(matches!(decode_bytes(V311, &[0x82, 0x06, 0x00, 0x00, 0x00, 0x01, b'a', 0x00]), Err(DecodeError::Protocol(_))));
+    }
+
+    #[test]
+    fn connect_versions() {
+        let mut mqisdp = BytesMut::from(&[0x10, 0x0C, 0x00, 0x06, b'M', b'Q', b'I', b's', b'd', b'p', 0x03, 0x02, 0x00, 0x3C][..]);
+        assert_eq!(decode_connect(&mut mqisdp, 1024), Err(DecodeError::UnsupportedVersion(3)));
+        for version in [V311, V5] {
+            let mut connect = v5::Connect::new("dev-1");
+            connect.keep_alive = 30;
+            let mut buf = BytesMut::from(&encode_bytes(version, &Packet::Connect(connect))[..]);
+            let (found, decoded) = decode_connect(&mut buf, 1024).unwrap().unwrap();
+            assert_eq!(found, version);
+            assert_eq!((decoded.client_id.as_str(), decoded.keep_alive), ("dev-1", 30));
+            assert!(buf.is_empty());
+        }
+        let mut not_connect = BytesMut::from(&[0xC0u8, 0x00][..]);
+        assert!(matches!(decode_connect(&mut not_connect, 1024), Err(DecodeError::Protocol(_))));
+        let mut reserved = BytesMut::from(&[0x10, 0x0C, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x03, 0x00, 0x3C, 0x00, 0x00][..]);
+        assert!(matches!(decode_connect(&mut reserved, 1024), Err(DecodeError::Malformed(_))));
+    }
+
+    #[test]
+    fn v5_connack_always_has_properties_and_v3_codes_are_mapped() {
+        let ack = v5::ConnAck { session_present: false, code: v5::ConnectReturnCode::Success, properties: None };
+        assert_eq!(encode_bytes(V5, &Packet::ConnAck(ack)), [0x20, 0x03, 0x00, 0x00, 0x00]);
+        let refused = v5::ConnAck { session_present: false, code: v5::ConnectReturnCode::NotAuthorized, properties: None };
+        assert_eq!(encode_bytes(V311, &Packet::ConnAck(refused)), [0x20, 0x02, 0x00, 0x05]);
+        let busy = v5::ConnAck { session_present: false, code: v5::ConnectReturnCode::ServerBusy, properties: None };
+        assert_eq!(encode_bytes(V311, &Packet::ConnAck(busy)), [0x20, 0x02, 0x00, 0x03]);
+    }
+
+    #[test]
+    fn over_long_strings_and_sizes_are_refused_without_output() {
+        let publish = Packet::Publish(v5::Publish::new("x".repeat(70_000), QoS::AtMostOnce, "p"));
+        let mut out = BytesMut::from(&b"keep"[..]);
+        assert!(matches!(encode(V5, &publish, &mut out, None), Err(EncodeError::Invalid(_))));
+        assert_eq!(&out[..], b"keep");
+        let small = Packet::Publish(v5::Publish::new("t", QoS::AtMostOnce, vec![0u8; 100]));
+        assert!(matches!(encode(V311, &small, &mut out, Some(50)), Err(EncodeError::TooLarge { .. })));
+        assert_eq!(&out[..], b"keep");
+    }
+
+    #[test]
+    fn borrowed_publish_matches_mqttbytes() {
+        let payload = Bytes::from_static(b"payload");
+        for qos in [QoS::AtMostOnce, QoS::AtLeastOnce] {
+            let mut ours = BytesMut::new();
+            let header = PublishHeader { dup: false, qos, retain: true, pkid: 9 };
+            encode_publish(V5, header, "a/b", None, &payload, &mut ours, None).unwrap();
+            let mut theirs = BytesMut::new();
+            let mut p = v5::Publish::from_bytes("a/b", qos, payload.clone());
+            p.retain = true;
+            p.pkid = 9;
+            p.write(&mut theirs).unwrap();
+            assert_eq!(ours, theirs);
+        }
+    }
+
+    #[test]
+    fn packets_round_trip_in_both_versions() {
+        let mut subscribe = v5::Subscribe::new("a/+", QoS::ExactlyOnce);
+        subscribe.pkid = 3;
+        let mut publish = v5::Publish::new("t/1", QoS::AtLeastOnce, "data");
+        publish.pkid = 11;
+        let packets = [
+            Packet::Publish(publish),
+            Packet::PubAck(v5::PubAck::new(11)),
+            Packet::PubRec(v5::PubRec::new(12)),
+            Packet::PubRel(v5::PubRel::new(12)),
+            Packet::PubComp(v5::PubComp::new(12)),
+            Packet::Subscribe(subscribe),
+            Packet::Unsubscribe(v5::Unsubscribe { pkid: 4, filters: vec!["a/+".into()], properties: None }),
+            Packet::PingReq,
+            Packet::PingResp,
+        ];
+        for version in [V311, V5] {
+            for packet in &packets {
+                let bytes = encode_bytes(version, packet);
+                assert_eq!(decode_bytes(version, &bytes).unwrap().as_ref(), Some(packet), "{version:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..20_000 {
+            let len = (next() % 40) as usize;
+            let mut bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            if let Some(first) = bytes.first_mut() {
+                *first = (*first & 0x0F) | (((next() % 16) as u8) << 4);
+            }
+            let _ = decode_connect(&mut BytesMut::from(&bytes[..]), 64);
+            for version in [V311, V5] {
+                let mut buf = BytesMut::from(&bytes[..]);
+                while let Ok(Some(packet)) = decode(version, &mut buf, 64) {
+                    let mut out = BytesMut::new();
+                    let _ = encode(version, &packet, &mut out, None);
+                }
+            }
+        }
+    }
 }

@@ -426,46 +426,57 @@ impl Session {
             QoS::AtMostOnce => 0,
             _ => self.allocate_packet_id(),
         };
-        let publish = self.outgoing_publish(&delivery, pkid, false, now);
-        if self.send_publish(publish) && pkid != 0 {
+        if self.send_publish(&delivery, pkid, false, now) && pkid != 0 {
             self.send_sequence += 1;
             self.record.inflight.insert(pkid, (self.send_sequence, Inflight::Publish(delivery)));
         }
     }
 
-    fn outgoing_publish(&mut self, delivery: &Delivery, pkid: u16, dup: bool, now: Instant) -> v5::Publish {
-        let message = &delivery.message;
-        let mut props = message.properties.clone().unwrap_or_else(no_properties);
-        props.subscription_identifiers = delivery.subscription_ids.clone();
-        props.message_expiry_interval = message.expires_at.map(|at| at.saturating_duration_since(now).as_secs().max(1) as u32);
-        let mut topic = message.topic.clone();
-        if self.version == ProtocolVersion::V5 && !dup {
-            if let Some(&alias) = self.outgoing_aliases.get(&topic) {
-                props.topic_alias = Some(alias);
-                topic.clear();
-            } else if self.outgoing_aliases.len() < usize::from(self.client_topic_alias_maximum) {
-                let alias = self.outgoing_aliases.len() as u16 + 1;
-                self.outgoing_aliases.insert(topic.clone(), alias);
-                props.topic_alias = Some(alias);
-            }
+    /// The topic alias to use for `topic` (MQTT 5), and whether the topic itself must be sent.
+    fn topic_alias(&mut self, topic: &str, dup: bool) -> (Option<u16>, bool) {
+        if self.version != ProtocolVersion::V5 || dup || self.client_topic_alias_maximum == 0 {
+            return (None, true);
         }
-        v5::Publish {
-            dup,
-            qos: delivery.qos,
-            retain: delivery.retain,
-            topic,
-            pkid,
-            properties: Some(props).filter(has_passthrough),
-            payload: message.payload.clone(),
+        if let Some(&alias) = self.outgoing_aliases.get(topic) {
+            return (Some(alias), false);
         }
+        if self.outgoing_aliases.len() < usize::from(self.client_topic_alias_maximum) {
+            let alias = self.outgoing_aliases.len() as u16 + 1;
+            self.outgoing_aliases.insert(topic.to_string(), alias);
+            return (Some(alias), true);
+        }
+        (None, true)
     }
 
-    /// Encodes a PUBLISH; a message larger than the client accepts is dropped (MQTT 5 3.1.2.25).
-    fn send_publish(&mut self, publish: v5::Publish) -> bool {
-        let qos = publish.qos;
-        match codec::encode(self.version, &Packet::Publish(publish), &mut self.out, self.client_max_packet_size) {
+    /// Encodes a PUBLISH for `delivery`; a message larger than the client accepts is dropped
+    /// (MQTT 5 3.1.2.25). Returns whether it was written.
+    fn send_publish(&mut self, delivery: &Delivery, pkid: u16, dup: bool, now: Instant) -> bool {
+        let message = &delivery.message;
+        let (alias, send_topic) = self.topic_alias(&message.topic, dup);
+        let expiry = message.expires_at.map(|at| at.saturating_duration_since(now).as_secs().max(1) as u32);
+        let properties = if message.properties.is_none() && alias.is_none() && expiry.is_none() && delivery.subscription_ids.is_empty() {
+            None
+        } else {
+            let mut props = message.properties.clone().unwrap_or_else(no_properties);
+            props.subscription_identifiers.clone_from(&delivery.subscription_ids);
+            props.message_expiry_interval = expiry;
+            props.topic_alias = alias;
+            Some(props)
+        };
+        let header = codec::PublishHeader { dup, qos: delivery.qos, retain: delivery.retain, pkid };
+        let topic = if send_topic { message.topic.as_str() } else { "" };
+        let written = codec::encode_publish(
+            self.version,
+            header,
+            topic,
+            properties.as_ref(),
+            &message.payload,
+            &mut self.out,
+            self.client_max_packet_size,
+        );
+        match written {
             Ok(_) => {
-                metrics::message_out(qos);
+                metrics::message_out(delivery.qos);
                 true
             }
             Err(e) => {
@@ -494,8 +505,7 @@ impl Session {
             self.send_sequence = self.send_sequence.max(seq);
             match entry {
                 Inflight::Publish(delivery) => {
-                    let publish = self.outgoing_publish(&delivery, pkid, true, now);
-                    if !self.send_publish(publish) {
+                    if !self.send_publish(&delivery, pkid, true, now) {
                         self.record.inflight.remove(&pkid);
                     }
                 }
