@@ -4,10 +4,12 @@
 //! persistent session keeps collecting QoS 1/2 messages here. Publishers push into it directly,
 //! taking only this session's short lock. Capacity is bounded; what happens at the bound is
 //! explicit and counted:
-//! - online subscriber, QoS 0: the message is dropped (`slow_subscriber_qos0`),
-//! - online subscriber, QoS 1/2: the publisher waits for room (flow control) up to a timeout,
-//!   then the oldest queued message is dropped (`slow_subscriber_timeout`),
-//! - offline session: QoS 0 is not queued (`offline_qos0`); QoS 1/2 drops the oldest (`queue_full`).
+//! - online subscriber: the publisher waits for room (flow control, at every QoS) up to a
+//!   timeout. A subscriber that stays full that long is marked *congested*: until it drains to
+//!   half its capacity, pushes do not wait — QoS 0 is dropped (`slow_subscriber_qos0`) and QoS 1/2
+//!   replaces the oldest queued message (`slow_subscriber_timeout`);
+//! - offline session: QoS 0 is not queued (`offline_qos0`); QoS 1/2 replaces the oldest
+//!   (`queue_full`).
 
 use std::collections::VecDeque;
 use std::sync::{Mutex, MutexGuard};
@@ -36,6 +38,39 @@ struct State {
     capacity: usize,
     online: bool,
     closed: bool,
+    /// Set when a publisher timed out waiting for room; cleared at half capacity.
+    congested: bool,
+}
+
+impl State {
+    /// Queues without waiting, applying the overflow policy; `Err` hands back a delivery the
+    /// caller may wait to queue (online, full, not congested).
+    fn push(&mut self, delivery: Delivery) -> Result<Pushed, Delivery> {
+        if self.closed {
+            return Ok(Pushed::Closed);
+        }
+        let qos0 = delivery.qos == QoS::AtMostOnce;
+        if !self.online && qos0 {
+            metrics::dropped(DropReason::OfflineQos0);
+            return Ok(Pushed::Dropped);
+        }
+        if self.queue.len() < self.capacity {
+            self.queue.push_back(delivery);
+            metrics::queued(1);
+            return Ok(Pushed::Queued);
+        }
+        if self.online && !self.congested {
+            return Err(delivery);
+        }
+        if qos0 {
+            metrics::dropped(DropReason::SlowSubscriberQos0);
+            return Ok(Pushed::Dropped);
+        }
+        self.queue.pop_front();
+        self.queue.push_back(delivery);
+        metrics::dropped(if self.online { DropReason::SlowSubscriberTimeout } else { DropReason::QueueFull });
+        Ok(Pushed::QueuedDroppedOldest)
+    }
 }
 
 #[derive(Debug)]
@@ -48,7 +83,7 @@ pub struct Mailbox {
 impl Mailbox {
     pub fn new(capacity: usize) -> Mailbox {
         Mailbox {
-            state: Mutex::new(State { queue: VecDeque::new(), capacity: capacity.max(1), online: false, closed: false }),
+            state: Mutex::new(State { queue: VecDeque::new(), capacity: capacity.max(1), online: false, closed: false, congested: false }),
             readable: Notify::new(),
             writable: Notify::new(),
         }
@@ -58,37 +93,22 @@ impl Mailbox {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Pushes without waiting; for an online session with a full queue a QoS 1/2 delivery is
-    /// handed back so the caller can wait with [`Mailbox::push_wait`].
-    pub fn try_push(&self, delivery: Delivery) -> Result<Pushed, Delivery> {
-        let mut state = self.lock();
-        if state.closed {
-            return Ok(Pushed::Closed);
-        }
-        let full = state.queue.len() >= state.capacity;
-        let qos0 = delivery.qos == QoS::AtMostOnce;
-        let outcome = if !full && (state.online || !qos0) {
-            state.queue.push_back(delivery);
-            metrics::queued(1);
-            Pushed::Queued
-        } else if state.online && !qos0 {
-            return Err(delivery);
-        } else if qos0 {
-            metrics::dropped(if state.online { DropReason::SlowSubscriberQos0 } else { DropReason::OfflineQos0 });
-            Pushed::Dropped
-        } else {
-            drop(state);
-            return Ok(self.push_dropping_oldest(delivery, DropReason::QueueFull));
-        };
-        drop(state);
-        if outcome == Pushed::Queued {
+    fn wake_reader(&self, pushed: Pushed) -> Pushed {
+        if matches!(pushed, Pushed::Queued | Pushed::QueuedDroppedOldest) {
             self.readable.notify_one();
         }
-        Ok(outcome)
+        pushed
     }
 
-    /// Pushes a QoS 1/2 delivery, waiting up to `timeout` for room; past it the oldest queued
-    /// message makes room.
+    /// Pushes without waiting; `Err` hands back a delivery for an online session whose queue is
+    /// full, so the caller can wait with [`Mailbox::push_wait`].
+    pub fn try_push(&self, delivery: Delivery) -> Result<Pushed, Delivery> {
+        let pushed = self.lock().push(delivery)?;
+        Ok(self.wake_reader(pushed))
+    }
+
+    /// Pushes, waiting up to `timeout` for room; past it the session is marked congested and the
+    /// overflow policy applies.
     pub async fn push_wait(&self, mut delivery: Delivery, timeout: Duration) -> Pushed {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
@@ -96,33 +116,23 @@ impl Mailbox {
             tokio::pin!(writable);
             writable.as_mut().enable();
             match self.try_push(delivery) {
-                Ok(outcome) => return outcome,
+                Ok(pushed) => return pushed,
                 Err(back) => delivery = back,
             }
             if tokio::time::timeout_at(deadline, writable).await.is_err() {
-                return self.push_dropping_oldest(delivery, DropReason::SlowSubscriberTimeout);
+                return self.push_congested(delivery);
             }
         }
     }
 
-    /// Pushes, dropping the oldest queued message (counted as `reason`) when the queue is full.
-    pub fn push_dropping_oldest(&self, delivery: Delivery, reason: DropReason) -> Pushed {
+    /// Pushes without ever waiting: a full queue is treated as congested. For a publisher's own
+    /// session, which cannot drain its queue while it waits.
+    pub fn push_congested(&self, delivery: Delivery) -> Pushed {
         let mut state = self.lock();
-        if state.closed {
-            return Pushed::Closed;
-        }
-        let outcome = if state.queue.len() >= state.capacity {
-            state.queue.pop_front();
-            metrics::dropped(reason);
-            Pushed::QueuedDroppedOldest
-        } else {
-            metrics::queued(1);
-            Pushed::Queued
-        };
-        state.queue.push_back(delivery);
+        state.congested = true;
+        let pushed = state.push(delivery).unwrap_or(Pushed::Dropped);
         drop(state);
-        self.readable.notify_one();
-        outcome
+        self.wake_reader(pushed)
     }
 
     /// Takes the oldest queued delivery.
@@ -130,6 +140,9 @@ impl Mailbox {
         let mut state = self.lock();
         let was_full = state.queue.len() >= state.capacity;
         let delivery = state.queue.pop_front();
+        if state.congested && state.queue.len() <= state.capacity / 2 {
+            state.congested = false;
+        }
         drop(state);
         if delivery.is_some() {
             metrics::queued(-1);
@@ -173,5 +186,91 @@ impl Mailbox {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::message::Message;
+    use bytes::Bytes;
+    use std::sync::Arc;
+
+    fn delivery(qos: QoS, n: u8) -> Delivery {
+        let message = Message {
+            topic: "t".into(),
+            payload: Bytes::from(vec![n]),
+            qos,
+            retain: false,
+            properties: None,
+            expires_at: None,
+            publisher: None,
+        };
+        Delivery { message: Arc::new(message), qos, retain: false, subscription_ids: Vec::new() }
+    }
+
+    fn payloads(mailbox: &Mailbox) -> Vec<u8> {
+        std::iter::from_fn(|| mailbox.pop()).map(|d| d.message.payload[0]).collect()
+    }
+
+    #[test]
+    fn offline_sessions_keep_the_newest_qos1_and_no_qos0() {
+        let mailbox = Mailbox::new(2);
+        assert_eq!(mailbox.try_push(delivery(QoS::AtMostOnce, 0)).ok(), Some(Pushed::Dropped));
+        for n in 1..=3 {
+            mailbox.try_push(delivery(QoS::AtLeastOnce, n)).unwrap();
+        }
+        assert_eq!(payloads(&mailbox), [2, 3]);
+    }
+
+    #[test]
+    fn online_full_queue_asks_the_publisher_to_wait() {
+        let mailbox = Mailbox::new(1);
+        mailbox.set_online(true);
+        mailbox.try_push(delivery(QoS::AtMostOnce, 1)).unwrap();
+        assert!(mailbox.try_push(delivery(QoS::AtMostOnce, 2)).is_err());
+        assert!(mailbox.try_push(delivery(QoS::AtLeastOnce, 3)).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_waiting_publisher_gets_in_when_the_reader_drains() {
+        let mailbox = Arc::new(Mailbox::new(1));
+        mailbox.set_online(true);
+        mailbox.try_push(delivery(QoS::AtLeastOnce, 1)).unwrap();
+        let waiter = tokio::spawn({
+            let mailbox = mailbox.clone();
+            async move { mailbox.push_wait(delivery(QoS::AtLeastOnce, 2), Duration::from_secs(5)).await }
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(mailbox.pop().unwrap().message.payload[0], 1);
+        assert_eq!(waiter.await.unwrap(), Pushed::Queued);
+        assert_eq!(payloads(&mailbox), [2]);
+    }
+
+    #[tokio::test]
+    async fn a_stuck_subscriber_becomes_congested_until_half_drained() {
+        let mailbox = Mailbox::new(4);
+        mailbox.set_online(true);
+        for n in 0..4 {
+            mailbox.try_push(delivery(QoS::AtLeastOnce, n)).unwrap();
+        }
+        let pushed = mailbox.push_wait(delivery(QoS::AtLeastOnce, 4), Duration::from_millis(20)).await;
+        assert_eq!(pushed, Pushed::QueuedDroppedOldest);
+        assert_eq!(mailbox.try_push(delivery(QoS::AtMostOnce, 9)).ok(), Some(Pushed::Dropped));
+        assert_eq!(mailbox.try_push(delivery(QoS::AtLeastOnce, 5)).ok(), Some(Pushed::QueuedDroppedOldest));
+        mailbox.pop();
+        mailbox.pop();
+        assert!(mailbox.try_push(delivery(QoS::AtLeastOnce, 6)).is_ok());
+        assert!(mailbox.try_push(delivery(QoS::AtLeastOnce, 7)).is_ok());
+        assert!(mailbox.try_push(delivery(QoS::AtLeastOnce, 8)).is_err(), "no longer congested: waits again");
+    }
+
+    #[test]
+    fn closed_mailboxes_refuse() {
+        let mailbox = Mailbox::new(4);
+        mailbox.try_push(delivery(QoS::AtLeastOnce, 1)).unwrap();
+        mailbox.close();
+        assert!(mailbox.is_empty());
+        assert_eq!(mailbox.try_push(delivery(QoS::AtLeastOnce, 2)).ok(), Some(Pushed::Closed));
     }
 }

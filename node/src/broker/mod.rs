@@ -17,14 +17,14 @@ use message::{min_qos, Delivery, Message, SessionId};
 use registry::{Registry, SessionRecord};
 use retained::RetainedStore;
 
-use crate::telemetry::metrics::{DropReason, Gauges};
+use crate::telemetry::metrics::Gauges;
 
 /// Broker-wide behaviour settings (from the `[limits]` config section).
 #[derive(Debug, Clone)]
 pub struct BrokerSettings {
     /// Messages a session queues before the overflow policy applies.
     pub max_queued_messages: usize,
-    /// How long a QoS 1/2 publisher waits for room in a full online subscriber queue.
+    /// How long a publisher waits for room in a full online subscriber queue.
     pub slow_subscriber_timeout: Duration,
     /// How long a new connection waits for the previous connection of its client id to hand over.
     pub takeover_timeout: Duration,
@@ -78,7 +78,7 @@ impl Broker {
                 Ok(pushed) => queued += usize::from(is_queued(pushed)),
                 // The publisher's own queue: it cannot drain while it waits, so never wait on it.
                 Err(delivery) if Some(route.session) == publisher => {
-                    queued += usize::from(is_queued(route.mailbox.push_dropping_oldest(delivery, DropReason::SlowSubscriberTimeout)));
+                    queued += usize::from(is_queued(route.mailbox.push_congested(delivery)));
                 }
                 Err(delivery) => waiting.push((route.mailbox, delivery)),
             }

@@ -30,6 +30,10 @@ pub struct ConnectionContext {
     pub shutdown: watch::Receiver<bool>,
 }
 
+/// Initial size of a connection's read buffer; it grows for larger packets. Kept small because
+/// most connections are idle devices.
+const INITIAL_READ_BUFFER: usize = 1024;
+
 /// Largest batch of queued messages written per wake-up, so one busy client cannot starve its own reads.
 const MAX_DELIVERIES_PER_BATCH: usize = 1024;
 
@@ -39,7 +43,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let (mut reader, mut writer) = tokio::io::split(stream);
-    let mut input = BytesMut::with_capacity(4096);
+    let mut input = BytesMut::with_capacity(INITIAL_READ_BUFFER);
     let connect = tokio::time::timeout(ctx.connect_timeout, read_connect(&mut reader, &mut input, ctx.limits.max_packet_size)).await;
     let (version, connect) = match connect {
         Ok(Ok(Some(found))) => found,
@@ -96,6 +100,7 @@ where
             break;
         }
         let deadline = session.deadline().map(tokio::time::Instant::from_std);
+        input.reserve(INITIAL_READ_BUFFER);
         tokio::select! {
             read = reader.read_buf(&mut input) => match read {
                 Ok(0) => session.lost("connection closed by client without DISCONNECT"),

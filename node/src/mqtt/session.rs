@@ -99,7 +99,7 @@ impl Session {
             pending: VecDeque::new(),
             will: request.will.clone(),
             problem_information: request.problem_information,
-            out: BytesMut::with_capacity(4096),
+            out: BytesMut::new(),
             actions: VecDeque::new(),
             close: None,
             limits,
