@@ -38,7 +38,9 @@ pub fn binary() -> PathBuf {
 impl Broker {
     pub fn start(options: Options) -> Broker {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut config = String::from("[log]\nlevel = \"info,rampart_node=debug\"\n[http]\nbind = \"127.0.0.1:0\"\n[listeners.tcp]\nbind = \"127.0.0.1:0\"\n");
+        let mut config = String::from(
+            "[log]\nlevel = \"info,rampart_node=debug\"\n[http]\nbind = \"127.0.0.1:0\"\n[listeners.tcp]\nbind = \"127.0.0.1:0\"\n",
+        );
         if options.all_listeners {
             rampart_node::tls::install_crypto_provider();
             rampart_node::pki::ensure_dev_pki(dir.path()).expect("dev pki");
@@ -73,7 +75,10 @@ impl Broker {
         let wanted = if options.all_listeners { 5 } else { 2 };
         let mut found = 0;
         while found < wanted {
-            let line = broker.logs.recv_timeout(Duration::from_secs(20)).unwrap_or_else(|_| panic!("broker did not start; found {found} of {wanted} listeners"));
+            let line = broker
+                .logs
+                .recv_timeout(Duration::from_secs(20))
+                .unwrap_or_else(|_| panic!("broker did not start; found {found} of {wanted} listeners"));
             let Some(addr) = field(&line, "addr=") else { continue };
             let addr: SocketAddr = addr.parse().expect("address");
             if line.contains("metrics and health") {
@@ -153,4 +158,21 @@ fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     let rest = &line[start..];
     let end = rest.find([' ', '\x1b']).unwrap_or(rest.len());
     Some(&rest[..end])
+}
+
+/// Runs a command to completion, killing it after `timeout`.
+pub fn run_with_timeout(mut command: Command, timeout: Duration) -> std::process::Output {
+    let child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("start command");
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(output) => output.expect("command output"),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            panic!("command did not finish within {timeout:?}: {command:?}");
+        }
+    }
 }
