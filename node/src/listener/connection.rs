@@ -114,7 +114,6 @@ where
         }
     }
 
-    let _ = writer.shutdown().await;
     let close = session.close_reason().cloned();
     let reconnected = claim.reconnect_watch();
     let (record, will) = session.finish();
@@ -135,6 +134,8 @@ where
     if let Some(ended) = broker.registry.release(claim, record, Instant::now()) {
         broker.end_session(ended);
     }
+    // Only now, with the session offline (or ended), does the client see the close.
+    let _ = writer.shutdown().await;
 }
 
 /// Answers a connection past the connection limit: CONNACK "server busy" (MQTT 5) / "server

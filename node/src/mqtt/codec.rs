@@ -462,8 +462,8 @@ fn read_string(body: &mut Bytes) -> Result<String, DecodeError> {
 }
 
 /// Appends the encoding of `packet` for `version` to `out`; returns the bytes written. On any
-/// error `out` is left as it was. For 3.1.1, v5-only fields are dropped and reason codes mapped;
-/// packets with no 3.1.1 form (a server DISCONNECT, AUTH) write nothing.
+/// error `out` is left as it was. For 3.1.1, v5-only fields are dropped and reason codes mapped
+/// (a DISCONNECT loses its reason); AUTH has no 3.1.1 form and is an error.
 pub fn encode(version: ProtocolVersion, packet: &Packet, out: &mut BytesMut, max_packet_size: Option<usize>) -> Result<usize, EncodeError> {
     let start = out.len();
     let result = check_strings(packet).and_then(|()| match version {
@@ -661,7 +661,8 @@ fn encode_v4(packet: &Packet, out: &mut BytesMut) -> Result<(), EncodeError> {
         Packet::UnsubAck(u) => encoded(v4::UnsubAck::new(u.pkid).write(out)),
         Packet::PingReq => encoded(v4::PingReq.write(out)),
         Packet::PingResp => encoded(v4::PingResp.write(out)),
-        Packet::Disconnect(_) | Packet::Auth(_) => Ok(()),
+        Packet::Disconnect(_) => encoded(v4::Disconnect.write(out)),
+        Packet::Auth(_) => Err(EncodeError::Invalid("AUTH does not exist in MQTT 3.1.1".into())),
     }
 }
 
@@ -782,11 +783,8 @@ mod tests {
         };
         let bytes = encode_bytes(V5, &Packet::Auth(full.clone()));
         assert_eq!(decode_bytes(V5, &bytes).unwrap().unwrap(), Packet::Auth(full));
-        assert!(encode_bytes(
-            V311,
-            &Packet::Auth(Auth { reason: AuthReason::Success, method: None, data: None, reason_string: None, user_properties: vec![] })
-        )
-        .is_empty());
+        let success = Auth { reason: AuthReason::Success, method: None, data: None, reason_string: None, user_properties: vec![] };
+        assert!(encode(V311, &Packet::Auth(success), &mut BytesMut::new(), None).is_err());
     }
 
     #[test]

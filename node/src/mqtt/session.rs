@@ -520,9 +520,14 @@ impl Session {
         }
     }
 
-    /// Ends the connection because of an error: MQTT 5 clients get a DISCONNECT with the reason.
+    /// Ends the connection because of an error: MQTT 5 clients get a DISCONNECT with the reason
+    /// (MQTT 3.1.1 has no server DISCONNECT: the connection is just closed).
     fn fail(&mut self, reason: Reason, detail: String) {
         tracing::info!(client_id = %self.client_id, reason = ?reason, %detail, "closing connection");
+        self.close = Some(Close { reason, detail: detail.clone(), publish_will: true });
+        if self.version != ProtocolVersion::V5 {
+            return;
+        }
         let mut disconnect = v5::Disconnect::new();
         disconnect.reason_code = reason;
         disconnect.properties = self.reason_string(&detail).map(|r| v5::DisconnectProperties {
@@ -532,7 +537,6 @@ impl Session {
             server_reference: None,
         });
         self.send(Packet::Disconnect(disconnect));
-        self.close = Some(Close { reason, detail, publish_will: true });
     }
 }
 

@@ -176,3 +176,73 @@ pub fn run_with_timeout(mut command: Command, timeout: Duration) -> std::process
         }
     }
 }
+
+/// A blocking MQTT client on a raw socket, for sending exact bytes and reading exact answers.
+pub struct Raw {
+    pub stream: std::net::TcpStream,
+    pub version: rampart_node::mqtt::codec::ProtocolVersion,
+    input: bytes::BytesMut,
+}
+
+impl Raw {
+    /// Connects the socket without sending anything.
+    pub fn socket(addr: SocketAddr, version: rampart_node::mqtt::codec::ProtocolVersion) -> Raw {
+        let stream = std::net::TcpStream::connect(addr).expect("connect");
+        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        Raw { stream, version, input: bytes::BytesMut::new() }
+    }
+
+    /// Connects and completes CONNECT/CONNACK with a clean session.
+    pub fn connect(addr: SocketAddr, version: rampart_node::mqtt::codec::ProtocolVersion, client_id: &str) -> Raw {
+        let mut raw = Raw::socket(addr, version);
+        raw.send_packet(&rampart_node::mqtt::codec::Packet::Connect(mqttbytes::v5::Connect::new(client_id)));
+        match raw.recv() {
+            Some(rampart_node::mqtt::codec::Packet::ConnAck(ack)) => {
+                assert_eq!(ack.code, mqttbytes::v5::ConnectReturnCode::Success, "CONNACK for {client_id}")
+            }
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+        raw
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        use std::io::Write;
+        self.stream.write_all(bytes).expect("write");
+    }
+
+    pub fn send_packet(&mut self, packet: &rampart_node::mqtt::codec::Packet) {
+        let mut out = bytes::BytesMut::new();
+        rampart_node::mqtt::codec::encode(self.version, packet, &mut out, None).expect("encode");
+        self.send(&out);
+    }
+
+    /// The next packet, or `None` when the broker closed the connection.
+    pub fn recv(&mut self) -> Option<rampart_node::mqtt::codec::Packet> {
+        use std::io::Read;
+        loop {
+            let decoded = rampart_node::mqtt::codec::decode(self.version, &mut self.input, usize::MAX);
+            if let Some(packet) = decoded.expect("broker sent a valid packet") {
+                return Some(packet);
+            }
+            let mut chunk = [0u8; 4096];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return None,
+                Ok(n) => self.input.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return None,
+                Err(e) => panic!("read failed: {e}"),
+            }
+        }
+    }
+
+    /// Asserts the broker closes the connection, after at most an MQTT 5 DISCONNECT with `reason`.
+    pub fn expect_close(&mut self, reason: Option<mqttbytes::v5::DisconnectReasonCode>) {
+        match (self.recv(), reason) {
+            (None, None) => {}
+            (Some(rampart_node::mqtt::codec::Packet::Disconnect(d)), Some(reason)) => {
+                assert_eq!(d.reason_code, reason);
+                assert!(self.recv().is_none(), "connection still open after DISCONNECT");
+            }
+            (other, _) => panic!("expected close with {reason:?}, got {other:?}"),
+        }
+    }
+}
