@@ -1,0 +1,101 @@
+//! The `rampart` command itself: configuration errors, development mode, health endpoints and a
+//! clean shutdown on SIGTERM.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Broker, Raw};
+use mqttbytes::v5::DisconnectReasonCode;
+use rampart_node::mqtt::codec::{Packet, ProtocolVersion};
+
+#[test]
+fn bad_configuration_names_the_file_and_key_and_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("[limits]\nmax_conections = 5\n", "limits.max_conections"),
+        ("[limits]\nmax_packet_size = \"big\"\n", "limits.max_packet_size"),
+        ("[listeners.tls]\ncert_file = \"nope.pem\"\nkey_file = \"nope.key\"\n", "listeners.tls.cert_file"),
+        ("[listeners\n", "(syntax)"),
+    ];
+    for (text, key) in cases {
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new(common::binary()).args(["serve", "--config"]).arg(&path).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains(&path.display().to_string()) && stderr.contains(key), "{key}: {stderr}");
+    }
+    let out = Command::new(common::binary()).arg("serve").env_remove("RAMPART_CONFIG").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--dev"));
+}
+
+#[test]
+fn dev_mode_creates_its_pki_and_prints_how_to_connect() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(common::binary())
+        .args(["serve", "--dev"])
+        .current_dir(dir.path())
+        .env("RAMPART_LISTENERS__TCP__BIND", "127.0.0.1:0")
+        .env("RAMPART_LISTENERS__TLS__BIND", "127.0.0.1:0")
+        .env("RAMPART_HTTP__BIND", "127.0.0.1:0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::Read;
+        let mut text = String::new();
+        let mut buf = [0u8; 1024];
+        while !text.contains("Stop with Ctrl-C") {
+            match stdout.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => text.push_str(&String::from_utf8_lossy(&buf[..n])),
+            }
+        }
+        text
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !reader.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = reader.join().unwrap();
+    assert!(text.contains("mosquitto_pub") && text.contains("--cafile"), "{text}");
+    for file in ["ca.pem", "ca.key", "server.pem", "server.key"] {
+        assert!(dir.path().join("rampart-dev").join(file).is_file(), "{file} missing");
+    }
+}
+
+#[test]
+fn health_and_metrics_endpoints() {
+    let broker = Broker::start(common::Options::default());
+    assert!(broker.http_get("/healthz").starts_with("HTTP/1.1 200"));
+    assert!(broker.http_get("/readyz").starts_with("HTTP/1.1 200"));
+    assert!(broker.http_get("/nope").starts_with("HTTP/1.1 404"));
+    let _client = Raw::connect(broker.tcp.unwrap(), ProtocolVersion::V5, "counted");
+    assert_eq!(broker.metric("rampart_connections"), 1);
+    let text = broker.http_get("/metrics");
+    for series in
+        ["rampart_messages_received_total{qos=\"1\"}", "rampart_messages_dropped_total{reason=\"queue_full\"}", "rampart_queued_messages"]
+    {
+        assert!(text.contains(series), "{series} missing");
+    }
+}
+
+#[test]
+fn sigterm_disconnects_mqtt5_clients_with_server_shutting_down() {
+    let mut broker = Broker::start(common::Options::default());
+    let mut client = Raw::connect(broker.tcp.unwrap(), ProtocolVersion::V5, "until-shutdown");
+    let status = Command::new("kill").args(["-TERM", &broker.pid().to_string()]).status().unwrap();
+    assert!(status.success());
+    match client.recv() {
+        Some(Packet::Disconnect(d)) => assert_eq!(d.reason_code, DisconnectReasonCode::ServerShuttingDown),
+        other => panic!("expected DISCONNECT 0x8B, got {other:?}"),
+    }
+    assert!(broker.wait_for_exit(Duration::from_secs(10)).is_some_and(|s| s.success()));
+}
