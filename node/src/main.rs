@@ -1,4 +1,4 @@
-//! The `rampart` command: `serve` runs a broker node.
+//! The `rampart` command: `serve` runs a broker node; `pki` manages the fleet's certificates.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -30,11 +30,20 @@ enum Command {
         #[arg(long, default_value = "rampart-dev", requires = "dev")]
         dev_dir: PathBuf,
     },
+    /// Manage a certificate authority for the fleet: CA, server, node, admin and device certificates, CRLs.
+    Pki(rampart_node::pki::cli::PkiArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Pki(args) => match rampart_node::pki::cli::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("rampart pki: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Serve { config, dev, dev_dir } => {
             let config = match load(config, dev, &dev_dir) {
                 Ok(config) => config,

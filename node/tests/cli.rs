@@ -66,7 +66,7 @@ fn dev_mode_creates_its_pki_and_prints_how_to_connect() {
     let _ = child.wait();
     let text = reader.join().unwrap();
     assert!(text.contains("mosquitto_pub") && text.contains("--cafile"), "{text}");
-    for file in ["ca.pem", "ca.key", "server.pem", "server.key"] {
+    for file in ["ca.pem", "ca.key", "servers/localhost.pem", "servers/localhost.key"] {
         assert!(dir.path().join("rampart-dev").join(file).is_file(), "{file} missing");
     }
 }

@@ -240,6 +240,8 @@ pub fn decode(version: ProtocolVersion, buf: &mut BytesMut, max_packet_size: usi
             disconnect.reason_code = frame[header.header_len].try_into().map_err(lib_error)?;
             Packet::Disconnect(disconnect)
         }
+        // mqttbytes' v5 UNSUBSCRIBE decoder prints every packet id to stderr (a stray `dbg!`).
+        (ProtocolVersion::V5, 10, _) => Packet::Unsubscribe(decode_unsubscribe_v5(frame.split_off(header.header_len).freeze())?),
         (ProtocolVersion::V5, _, _) => v5::read(&mut frame, usize::MAX).map(lift_v5).map_err(lib_error)?,
         (ProtocolVersion::V311, _, _) => v4::read(&mut frame, usize::MAX).map(lift_v4).map_err(lib_error)?,
     };
@@ -401,7 +403,7 @@ fn validate(packet: &Packet) -> Result<(), DecodeError> {
     }
 }
 
-// AUTH property identifiers.
+// Property identifiers of the packets decoded here (AUTH, v5 UNSUBSCRIBE).
 const PROP_METHOD: u8 = 0x15;
 const PROP_DATA: u8 = 0x16;
 const PROP_REASON_STRING: u8 = 0x1F;
@@ -439,6 +441,35 @@ fn decode_auth(mut body: Bytes) -> Result<Auth, DecodeError> {
         }
     }
     Ok(auth)
+}
+
+fn decode_unsubscribe_v5(mut body: Bytes) -> Result<v5::Unsubscribe, DecodeError> {
+    if body.len() < 2 {
+        return Err(malformed("UNSUBSCRIBE too short"));
+    }
+    let pkid = body.get_u16();
+    let (len, len_len) = read_varint(&body)?.ok_or_else(|| malformed("UNSUBSCRIBE property length truncated"))?;
+    body.advance(len_len);
+    if body.len() < len {
+        return Err(malformed("UNSUBSCRIBE properties truncated"));
+    }
+    let mut props = body.split_to(len);
+    let mut user_properties = Vec::new();
+    while props.has_remaining() {
+        match props.get_u8() {
+            PROP_USER => {
+                let key = read_string(&mut props)?;
+                user_properties.push((key, read_string(&mut props)?));
+            }
+            other => return Err(malformed(format!("UNSUBSCRIBE property {other:#04x}"))),
+        }
+    }
+    let mut filters = Vec::new();
+    while body.has_remaining() {
+        filters.push(read_string(&mut body)?);
+    }
+    let properties = (!user_properties.is_empty()).then_some(v5::UnsubscribeProperties { user_properties });
+    Ok(v5::Unsubscribe { pkid, filters, properties })
 }
 
 fn read_binary(body: &mut Bytes) -> Result<Bytes, DecodeError> {

@@ -1,57 +1,343 @@
-//! Certificates for development mode: a local CA and a server certificate for `localhost`,
-//! created once under a folder and reused on later starts. Built on rcgen.
+//! `rampart pki`: a small certificate authority on disk for a Rampart fleet, built on rcgen.
+//!
+//! Layout of a PKI folder:
+//! ```text
+//! ca.pem ca.key                 the CA (refuses to be overwritten)
+//! servers/<name>.pem .key        MQTT server certificates (serverAuth)
+//! nodes/<id>.pem .key            cluster node certificates (serverAuth + clientAuth, OU rampart-node)
+//! admins/<name>.pem .key         admin API client certificates (clientAuth, OU rampart-admin)
+//! devices/<id>.pem .key          device client certificates (clientAuth, CN = device id)
+//! revoked.toml                   revocations recorded by `revoke`
+//! crl.pem                        the CRL written by `crl`
+//! ```
+//! Private keys are written with mode 0600. Everything verifies with `openssl verify`.
+
+pub mod cli;
 
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use anyhow::{bail, Context};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+    KeyIdMethod, KeyPair, KeyUsagePurpose, RevocationReason, RevokedCertParams, SanType, SerialNumber,
 };
+use serde::{Deserialize, Serialize};
+use time::{Duration, OffsetDateTime};
 
-/// Files of the development PKI.
-#[derive(Debug, Clone)]
-pub struct DevPki {
-    pub ca_cert: PathBuf,
-    pub server_cert: PathBuf,
-    pub server_key: PathBuf,
+/// Organizational unit marking cluster node certificates.
+pub const NODE_OU: &str = "rampart-node";
+/// Organizational unit marking admin API certificates.
+pub const ADMIN_OU: &str = "rampart-admin";
+
+/// What a certificate is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Server,
+    Node,
+    Admin,
+    Device,
 }
 
-/// Creates what is missing of the development PKI under `dir` and returns its files.
-pub fn ensure_dev_pki(dir: &Path) -> anyhow::Result<DevPki> {
-    fs::create_dir_all(dir)?;
-    let ca_cert = dir.join("ca.pem");
-    let ca_key = dir.join("ca.key");
-    let pki = DevPki { ca_cert: ca_cert.clone(), server_cert: dir.join("server.pem"), server_key: dir.join("server.key") };
-    if !ca_cert.exists() || !ca_key.exists() {
+impl Kind {
+    fn folder(self) -> &'static str {
+        match self {
+            Kind::Server => "servers",
+            Kind::Node => "nodes",
+            Kind::Admin => "admins",
+            Kind::Device => "devices",
+        }
+    }
+
+    fn usages(self) -> Vec<ExtendedKeyUsagePurpose> {
+        match self {
+            Kind::Server => vec![ExtendedKeyUsagePurpose::ServerAuth],
+            Kind::Node => vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
+            Kind::Admin | Kind::Device => vec![ExtendedKeyUsagePurpose::ClientAuth],
+        }
+    }
+
+    fn unit(self) -> Option<&'static str> {
+        match self {
+            Kind::Node => Some(NODE_OU),
+            Kind::Admin => Some(ADMIN_OU),
+            Kind::Server | Kind::Device => None,
+        }
+    }
+}
+
+/// A certificate written to disk.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub serial: String,
+    pub sha256_fingerprint: String,
+    pub not_after: OffsetDateTime,
+    /// An earlier certificate for the same name that this one replaces (moved aside, not revoked).
+    pub replaced: Option<PathBuf>,
+}
+
+/// One recorded revocation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    /// Serial as colon-separated upper-case hex, without leading zero bytes.
+    pub serial: String,
+    pub subject: String,
+    pub reason: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub revoked_at: OffsetDateTime,
+}
+
+/// The revocations recorded in `revoked.toml`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RevocationList {
+    #[serde(default)]
+    pub revoked: Vec<Revocation>,
+}
+
+/// A PKI folder.
+#[derive(Debug, Clone)]
+pub struct Store {
+    dir: PathBuf,
+}
+
+impl Store {
+    pub fn new(dir: impl Into<PathBuf>) -> Store {
+        Store { dir: dir.into() }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn ca_cert(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    fn ca_key(&self) -> PathBuf {
+        self.dir.join("ca.key")
+    }
+
+    pub fn crl_path(&self) -> PathBuf {
+        self.dir.join("crl.pem")
+    }
+
+    fn revocations_path(&self) -> PathBuf {
+        self.dir.join("revoked.toml")
+    }
+
+    /// Paths of the certificate and key for `name` of `kind`.
+    pub fn paths(&self, kind: Kind, name: &str) -> (PathBuf, PathBuf) {
+        let folder = self.dir.join(kind.folder());
+        (folder.join(format!("{name}.pem")), folder.join(format!("{name}.key")))
+    }
+
+    pub fn has_ca(&self) -> bool {
+        self.ca_cert().is_file() && self.ca_key().is_file()
+    }
+
+    /// Creates the CA (ECDSA P-256). Refuses to overwrite an existing one.
+    pub fn init_ca(&self, common_name: &str, days: u32) -> anyhow::Result<Issued> {
+        if self.ca_cert().exists() || self.ca_key().exists() {
+            bail!("{} already holds a CA; refusing to overwrite it (move it away first)", self.dir.display());
+        }
+        fs::create_dir_all(&self.dir).with_context(|| format!("creating {}", self.dir.display()))?;
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.distinguished_name = name("Rampart Development CA");
+        params.distinguished_name = name(common_name, None);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        validity(&mut params, days);
         let cert = params.self_signed(&key)?;
-        write_private(&ca_key, &key.serialize_pem())?;
-        fs::write(&ca_cert, cert.pem())?;
-        let _ = fs::remove_file(&pki.server_cert);
+        write_private(&self.ca_key(), &key.serialize_pem())?;
+        fs::write(self.ca_cert(), cert.pem())?;
+        describe(self.ca_cert(), self.ca_key(), cert.der(), None)
     }
-    if !pki.server_cert.exists() || !pki.server_key.exists() {
-        let ca_key = KeyPair::from_pem(&fs::read_to_string(&ca_key)?)?;
-        let issuer = Issuer::from_ca_cert_pem(&fs::read_to_string(&ca_cert)?, ca_key)?;
+
+    fn issuer(&self) -> anyhow::Result<Issuer<'static, KeyPair>> {
+        if !self.has_ca() {
+            bail!("{} has no CA: run `rampart pki init-ca --dir {}` first", self.dir.display(), self.dir.display());
+        }
+        let key = KeyPair::from_pem(&fs::read_to_string(self.ca_key())?).context("reading ca.key")?;
+        Issuer::from_ca_cert_pem(&fs::read_to_string(self.ca_cert())?, key).context("reading ca.pem")
+    }
+
+    /// Issues a certificate. `name` is the common name (the device id for devices); `sans` are
+    /// DNS names or IP addresses (servers and nodes). An existing certificate for the same name
+    /// is moved aside as `<name>.<serial>.old.pem` and reported in [`Issued::replaced`].
+    pub fn issue(&self, kind: Kind, name: &str, sans: &[String], days: u32) -> anyhow::Result<Issued> {
+        check_name(name)?;
+        let issuer = self.issuer()?;
+        let (cert_path, key_path) = self.paths(kind, name);
+        fs::create_dir_all(cert_path.parent().expect("folder"))?;
+        let replaced = match fs::read(&cert_path) {
+            Ok(old) => {
+                let serial = serial_of(&pem_to_der(&old)?)?.replace(':', "");
+                let aside = cert_path.with_extension(format!("{serial}.old.pem"));
+                fs::rename(&cert_path, &aside)?;
+                Some(aside)
+            }
+            Err(_) => None,
+        };
         let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()])?;
-        params.distinguished_name = name("localhost");
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.subject_alt_names = sans.iter().map(|s| san(s)).collect::<anyhow::Result<_>>()?;
+        if matches!(kind, Kind::Server | Kind::Node) && params.subject_alt_names.is_empty() {
+            params.subject_alt_names.push(SanType::DnsName(name.try_into()?));
+        }
+        params.distinguished_name = self::name(name, kind.unit());
+        params.extended_key_usages = kind.usages();
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.use_authority_key_identifier_extension = true;
+        validity(&mut params, days);
         let cert = params.signed_by(&key, &issuer)?;
-        write_private(&pki.server_key, &key.serialize_pem())?;
-        fs::write(&pki.server_cert, cert.pem())?;
+        write_private(&key_path, &key.serialize_pem())?;
+        fs::write(&cert_path, cert.pem())?;
+        describe(cert_path, key_path, cert.der(), replaced)
     }
-    Ok(pki)
+
+    /// Records the revocation of the certificate in `cert_file` (which must be issued by this CA).
+    pub fn revoke(&self, cert_file: &Path, reason: &str) -> anyhow::Result<Revocation> {
+        reason_code(reason)?;
+        let der = pem_to_der(&fs::read(cert_file).with_context(|| format!("reading {}", cert_file.display()))?)?;
+        let ca_der = pem_to_der(&fs::read(self.ca_cert())?)?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).context("not an X.509 certificate")?;
+        let (_, ca) = x509_parser::parse_x509_certificate(&ca_der).context("ca.pem is not an X.509 certificate")?;
+        if cert.issuer().as_raw() != ca.subject().as_raw() || cert.verify_signature(Some(ca.public_key())).is_err() {
+            bail!("{} (issuer {}) was not signed by this CA ({})", cert_file.display(), cert.issuer(), self.ca_cert().display());
+        }
+        let mut list = self.revocations()?;
+        let serial = serial_of(&der)?;
+        if let Some(existing) = list.revoked.iter().find(|r| r.serial == serial) {
+            return Ok(existing.clone());
+        }
+        let revocation =
+            Revocation { serial, subject: cert.subject().to_string(), reason: reason.to_string(), revoked_at: OffsetDateTime::now_utc() };
+        list.revoked.push(revocation.clone());
+        fs::write(self.revocations_path(), toml::to_string(&list)?)?;
+        Ok(revocation)
+    }
+
+    /// Revocations recorded so far.
+    pub fn revocations(&self) -> anyhow::Result<RevocationList> {
+        let path = self.revocations_path();
+        match fs::read_to_string(&path) {
+            Ok(text) => toml::from_str(&text).with_context(|| format!("reading {}", path.display())),
+            Err(_) => Ok(RevocationList::default()),
+        }
+    }
+
+    /// Writes `crl.pem`, signed by the CA, listing every recorded revocation, valid for `days`.
+    pub fn write_crl(&self, days: u32) -> anyhow::Result<PathBuf> {
+        let issuer = self.issuer()?;
+        let list = self.revocations()?;
+        let now = OffsetDateTime::now_utc();
+        let revoked_certs = list
+            .revoked
+            .iter()
+            .map(|r| {
+                Ok(RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(&hex_serial(&r.serial)?),
+                    revocation_time: r.revoked_at,
+                    reason_code: Some(reason_code(&r.reason)?),
+                    invalidity_date: None,
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let params = CertificateRevocationListParams {
+            this_update: now,
+            next_update: now + Duration::days(days.into()),
+            crl_number: SerialNumber::from(now.unix_timestamp() as u64),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        let crl = params.signed_by(&issuer)?;
+        fs::write(self.crl_path(), crl.pem()?)?;
+        Ok(self.crl_path())
+    }
 }
 
-fn name(common_name: &str) -> DistinguishedName {
+fn check_name(name: &str) -> anyhow::Result<()> {
+    if name.is_empty() || name.len() > 64 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c)) || name.starts_with('.')
+    {
+        bail!("{name:?}: names may use letters, digits, '-', '_', '.', '@' (1 to 64, not starting with '.')");
+    }
+    Ok(())
+}
+
+fn name(common_name: &str, unit: Option<&str>) -> DistinguishedName {
     let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "Rampart");
+    if let Some(unit) = unit {
+        dn.push(DnType::OrganizationalUnitName, unit);
+    }
     dn.push(DnType::CommonName, common_name);
     dn
+}
+
+fn san(value: &str) -> anyhow::Result<SanType> {
+    Ok(match value.parse::<std::net::IpAddr>() {
+        Ok(ip) => SanType::IpAddress(ip),
+        Err(_) => SanType::DnsName(value.try_into().with_context(|| format!("{value:?} is not a DNS name"))?),
+    })
+}
+
+fn validity(params: &mut CertificateParams, days: u32) {
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - Duration::hours(1);
+    params.not_after = now + Duration::days(days.into());
+}
+
+fn reason_code(reason: &str) -> anyhow::Result<RevocationReason> {
+    Ok(match reason {
+        "unspecified" => RevocationReason::Unspecified,
+        "keyCompromise" => RevocationReason::KeyCompromise,
+        "affiliationChanged" => RevocationReason::AffiliationChanged,
+        "superseded" => RevocationReason::Superseded,
+        "cessationOfOperation" => RevocationReason::CessationOfOperation,
+        "privilegeWithdrawn" => RevocationReason::PrivilegeWithdrawn,
+        other => bail!(
+            "unknown revocation reason {other:?}; use unspecified, keyCompromise, affiliationChanged, superseded, cessationOfOperation or privilegeWithdrawn"
+        ),
+    })
+}
+
+/// The DER of the first certificate in a PEM file.
+pub fn pem_to_der(pem: &[u8]) -> anyhow::Result<Vec<u8>> {
+    use rustls_pki_types::pem::PemObject;
+    Ok(rustls_pki_types::CertificateDer::from_pem_slice(pem).context("no PEM certificate")?.to_vec())
+}
+
+/// The serial of a DER certificate as colon-separated upper-case hex without leading zero bytes.
+pub fn serial_of(der: &[u8]) -> anyhow::Result<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).context("not an X.509 certificate")?;
+    Ok(format_serial(cert.raw_serial()))
+}
+
+/// Formats serial bytes as `AB:CD:...`, leading zero bytes removed.
+pub fn format_serial(raw: &[u8]) -> String {
+    let start = raw.iter().position(|b| *b != 0).unwrap_or(raw.len().saturating_sub(1));
+    raw[start..].iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":")
+}
+
+fn hex_serial(serial: &str) -> anyhow::Result<Vec<u8>> {
+    serial.split(':').map(|h| u8::from_str_radix(h, 16).with_context(|| format!("bad serial {serial:?}"))).collect()
+}
+
+fn describe(cert: PathBuf, key: PathBuf, der: &[u8], replaced: Option<PathBuf>) -> anyhow::Result<Issued> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(der).context("parsing the new certificate")?;
+    let digest = ring::digest::digest(&ring::digest::SHA256, der);
+    Ok(Issued {
+        cert,
+        key,
+        serial: format_serial(parsed.raw_serial()),
+        sha256_fingerprint: format_serial(digest.as_ref()),
+        not_after: parsed.validity().not_after.to_datetime(),
+        replaced,
+    })
 }
 
 /// Writes a private key readable by the owner only.
@@ -63,24 +349,24 @@ fn write_private(path: &Path, pem: &str) -> std::io::Result<()> {
     options.open(path)?.write_all(pem.as_bytes())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// Files of the development PKI used by `serve --dev`.
+#[derive(Debug, Clone)]
+pub struct DevPki {
+    pub ca_cert: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+}
 
-    #[test]
-    fn dev_pki_is_created_once_and_loads() {
-        crate::tls::install_crypto_provider();
-        let dir = tempfile::tempdir().unwrap();
-        let first = ensure_dev_pki(dir.path()).unwrap();
-        let ca = fs::read(&first.ca_cert).unwrap();
-        let second = ensure_dev_pki(dir.path()).unwrap();
-        assert_eq!(fs::read(&second.ca_cert).unwrap(), ca);
-        crate::tls::server_config(&second.server_cert, &second.server_key).unwrap();
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = fs::metadata(&second.server_key).unwrap().permissions().mode();
-            assert_eq!(mode & 0o777, 0o600);
-        }
+/// Creates what is missing of the development PKI under `dir` (a CA and a `localhost` server
+/// certificate) and returns its files.
+pub fn ensure_dev_pki(dir: &Path) -> anyhow::Result<DevPki> {
+    let store = Store::new(dir);
+    if !store.has_ca() {
+        store.init_ca("Rampart Development CA", 3650)?;
     }
+    let (server_cert, server_key) = store.paths(Kind::Server, "localhost");
+    if !server_cert.is_file() || !server_key.is_file() {
+        store.issue(Kind::Server, "localhost", &["localhost".into(), "127.0.0.1".into(), "::1".into()], 825)?;
+    }
+    Ok(DevPki { ca_cert: store.ca_cert(), server_cert, server_key })
 }

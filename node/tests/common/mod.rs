@@ -43,10 +43,11 @@ impl Broker {
         );
         if options.all_listeners {
             rampart_node::tls::install_crypto_provider();
-            rampart_node::pki::ensure_dev_pki(dir.path()).expect("dev pki");
+            let pki = rampart_node::pki::ensure_dev_pki(dir.path()).expect("dev pki");
             for section in ["tls", "wss"] {
                 config.push_str(&format!(
-                    "[listeners.{section}]\nbind = \"127.0.0.1:0\"\ncert_file = \"server.pem\"\nkey_file = \"server.key\"\n"
+                    "[listeners.{section}]\nbind = \"127.0.0.1:0\"\ncert_file = {:?}\nkey_file = {:?}\n",
+                    pki.server_cert, pki.server_key
                 ));
             }
             config.push_str("[listeners.ws]\nbind = \"127.0.0.1:0\"\n");

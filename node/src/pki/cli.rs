@@ -1,0 +1,140 @@
+//! The `rampart pki …` subcommands: argument parsing and human output over [`super::Store`].
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+
+use super::{Issued, Kind, Store};
+
+#[derive(Debug, Args)]
+pub struct PkiArgs {
+    /// The PKI folder.
+    #[arg(long, global = true, env = "RAMPART_PKI_DIR", default_value = "rampart-pki")]
+    pub dir: PathBuf,
+    #[command(subcommand)]
+    pub command: PkiCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PkiCommand {
+    /// Create the certificate authority (ECDSA P-256). Refuses to overwrite an existing CA.
+    InitCa {
+        #[arg(long, default_value = "Rampart Fleet CA")]
+        name: String,
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+    },
+    /// Issue an MQTT server certificate.
+    IssueServer {
+        #[arg(long)]
+        name: String,
+        /// DNS name or IP address (repeatable); defaults to the name.
+        #[arg(long)]
+        san: Vec<String>,
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+    },
+    /// Issue a cluster node certificate (server and client authentication).
+    IssueNode {
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        san: Vec<String>,
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+    },
+    /// Issue an admin API client certificate.
+    IssueAdmin {
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+    /// Issue a device certificate (CN = the device id). Re-issuing rotates it.
+    IssueDevice {
+        id: String,
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+    /// Record the revocation of a certificate issued by this CA (then run `crl`).
+    Revoke {
+        cert: PathBuf,
+        #[arg(long, default_value = "unspecified")]
+        reason: String,
+    },
+    /// Write crl.pem, signed by the CA, with every recorded revocation.
+    Crl {
+        #[arg(long, default_value_t = 7)]
+        days: u32,
+    },
+    /// Create whatever of this set is missing; never replaces what exists (for scripts and compose).
+    Ensure {
+        /// Server certificate name (with --san).
+        #[arg(long)]
+        server: Option<String>,
+        #[arg(long)]
+        san: Vec<String>,
+        #[arg(long, value_delimiter = ',')]
+        nodes: Vec<String>,
+        #[arg(long, value_delimiter = ',')]
+        admins: Vec<String>,
+        #[arg(long, value_delimiter = ',')]
+        devices: Vec<String>,
+    },
+}
+
+pub fn run(args: PkiArgs) -> anyhow::Result<()> {
+    let store = Store::new(&args.dir);
+    match args.command {
+        PkiCommand::InitCa { name, days } => print_issued("CA", &store.init_ca(&name, days)?),
+        PkiCommand::IssueServer { name, san, days } => print_issued("server", &store.issue(Kind::Server, &name, &san, days)?),
+        PkiCommand::IssueNode { id, san, days } => print_issued("node", &store.issue(Kind::Node, &id, &san, days)?),
+        PkiCommand::IssueAdmin { name, days } => print_issued("admin", &store.issue(Kind::Admin, &name, &[], days)?),
+        PkiCommand::IssueDevice { id, days } => print_issued("device", &store.issue(Kind::Device, &id, &[], days)?),
+        PkiCommand::Revoke { cert, reason } => {
+            let r = store.revoke(&cert, &reason)?;
+            println!("revoked serial {} ({}), reason {}, at {}", r.serial, r.subject, r.reason, r.revoked_at);
+            println!("run `rampart pki crl --dir {}` to publish it in crl.pem", store.dir().display());
+        }
+        PkiCommand::Crl { days } => {
+            let path = store.write_crl(days)?;
+            println!("wrote {} with {} revoked certificate(s), valid {days} days", path.display(), store.revocations()?.revoked.len());
+        }
+        PkiCommand::Ensure { server, san, nodes, admins, devices } => {
+            if !store.has_ca() {
+                print_issued("CA", &store.init_ca("Rampart Fleet CA", 3650)?);
+            }
+            let wanted = server
+                .iter()
+                .map(|s| (Kind::Server, s, san.clone()))
+                .chain(nodes.iter().map(|n| (Kind::Node, n, san.clone())))
+                .chain(admins.iter().map(|a| (Kind::Admin, a, Vec::new())))
+                .chain(devices.iter().map(|d| (Kind::Device, d, Vec::new())));
+            for (kind, name, sans) in wanted {
+                let (cert, key) = store.paths(kind, name);
+                if cert.is_file() && key.is_file() {
+                    println!("kept {}", cert.display());
+                    continue;
+                }
+                let days = if matches!(kind, Kind::Server | Kind::Node) { 825 } else { 365 };
+                print_issued(&format!("{kind:?}").to_lowercase(), &store.issue(kind, name, &sans, days)?);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_issued(what: &str, issued: &Issued) {
+    println!("issued {what} certificate {}", issued.cert.display());
+    println!("  private key  {} (mode 0600)", issued.key.display());
+    println!("  serial       {}", issued.serial);
+    println!("  SHA-256      {}", issued.sha256_fingerprint);
+    println!("  expires      {}", issued.not_after.date());
+    if let Some(old) = &issued.replaced {
+        eprintln!(
+            "warning: this replaces an earlier certificate, kept as {old}; it stays valid until it expires or is revoked \
+             (rampart pki revoke {old})",
+            old = old.display()
+        );
+    }
+}

@@ -1,0 +1,80 @@
+//! `rampart pki` end to end: the certificates it writes verify with `openssl verify`, a revoked
+//! one fails against the CRL it writes, the CA is never overwritten, keys are private.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn pki(dir: &Path, args: &[&str]) -> Output {
+    Command::new(common::binary()).arg("pki").arg("--dir").arg(dir).args(args).output().expect("run rampart pki")
+}
+
+fn ok(out: Output) -> String {
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn openssl_verify(dir: &Path, cert: &str, crl: bool) -> bool {
+    let mut command = Command::new("openssl");
+    command.arg("verify").arg("-CAfile").arg(dir.join("ca.pem"));
+    if crl {
+        command.arg("-crl_check").arg("-CRLfile").arg(dir.join("crl.pem"));
+    }
+    command.arg(dir.join(cert)).output().expect("openssl is installed (bash scripts/test installs it)").status.success()
+}
+
+#[test]
+fn issued_certificates_verify_with_openssl_and_revocation_reaches_the_crl() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("pki");
+    let out = ok(pki(&dir, &["init-ca", "--name", "Test Fleet CA"]));
+    assert!(out.contains("SHA-256") && out.contains("expires"), "{out}");
+    let again = pki(&dir, &["init-ca"]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("refusing to overwrite"));
+
+    ok(pki(&dir, &["issue-server", "--name", "broker", "--san", "localhost", "--san", "127.0.0.1"]));
+    ok(pki(&dir, &["issue-node", "--id", "node-1"]));
+    ok(pki(&dir, &["issue-admin", "--name", "alice"]));
+    ok(pki(&dir, &["issue-device", "plc-7"]));
+    for cert in ["servers/broker.pem", "nodes/node-1.pem", "admins/alice.pem", "devices/plc-7.pem"] {
+        assert!(openssl_verify(&dir, cert, false), "{cert} does not verify");
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for key in ["ca.key", "devices/plc-7.key"] {
+            assert_eq!(std::fs::metadata(dir.join(key)).unwrap().permissions().mode() & 0o777, 0o600, "{key}");
+        }
+    }
+
+    let rotated = pki(&dir, &["issue-device", "plc-7"]);
+    assert!(String::from_utf8_lossy(&rotated.stderr).contains("replaces an earlier certificate"));
+
+    let out = ok(pki(&dir, &["revoke", dir.join("devices/plc-7.pem").to_str().unwrap(), "--reason", "keyCompromise"]));
+    assert!(out.contains("revoked serial"), "{out}");
+    ok(pki(&dir, &["crl"]));
+    assert!(!openssl_verify(&dir, "devices/plc-7.pem", true), "revoked certificate still verifies against the CRL");
+    assert!(openssl_verify(&dir, "admins/alice.pem", true));
+
+    let bad = pki(&dir, &["issue-device", "plant/+/#"]);
+    assert!(!bad.status.success(), "an identity with MQTT wildcards must be refused");
+    let bad_reason = pki(&dir, &["revoke", dir.join("admins/alice.pem").to_str().unwrap(), "--reason", "bored"]);
+    assert!(!bad_reason.status.success());
+
+    let out = ok(pki(&dir, &["ensure", "--devices", "plc-7,plc-8", "--admins", "alice"]));
+    assert!(out.contains("kept") && out.contains("plc-8"), "{out}");
+}
+
+#[test]
+fn a_foreign_certificate_cannot_be_revoked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    ok(pki(&a, &["init-ca"]));
+    ok(pki(&b, &["init-ca"]));
+    ok(pki(&b, &["issue-device", "stranger"]));
+    let out = pki(&a, &["revoke", b.join("devices/stranger.pem").to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not signed by this CA"));
+}
