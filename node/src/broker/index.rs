@@ -2,14 +2,16 @@
 //!
 //! Readers load the current root from an [`ArcSwap`] and walk an immutable snapshot. Writers
 //! (SUBSCRIBE, UNSUBSCRIBE, session end) serialise on a mutex that no publisher touches, copy
-//! only the nodes on the changed path (`Arc::make_mut`), and publish the new root. A client
-//! gets its SUBACK after the new root is visible, so every later PUBLISH sees its subscription.
+//! only the nodes on the changed path (`Arc::make_mut`), and publish the new root. Child maps
+//! are persistent hash maps (`imbl`), so copying a node with 100 000 children is O(1) and a
+//! change costs O(log n) instead of a full copy. A client gets its SUBACK after the new root is
+//! visible, so every later PUBLISH sees its subscription.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
+use imbl::HashMap;
 use mqttbytes::QoS;
 
 use super::mailbox::Mailbox;
@@ -50,9 +52,9 @@ impl ShareGroup {
 
 #[derive(Debug, Clone, Default)]
 struct Node {
-    children: HashMap<Box<str>, Arc<Node>>,
+    children: HashMap<Arc<str>, Arc<Node>>,
     subscribers: Vec<Subscriber>,
-    groups: HashMap<Box<str>, ShareGroup>,
+    groups: HashMap<Arc<str>, ShareGroup>,
 }
 
 impl Node {
