@@ -1,4 +1,5 @@
 //! Rampart broker library: everything the `rampart` binary runs, organised by concern.
+pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod listener;

@@ -32,6 +32,7 @@ impl Server {
         let ctx = Arc::new(ConnectionContext {
             broker: broker.clone(),
             limits: config.session_limits(),
+            auth: config.auth_policy(),
             connect_timeout: Duration::from_secs(config.limits.connect_timeout_secs),
             write_timeout: Duration::from_secs(config.limits.write_timeout_secs),
             shutdown: shutdown_rx.clone(),

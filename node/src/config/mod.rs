@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::auth::identity::{IdentityRule, IdentitySource};
+use crate::auth::policy::{AuthPolicy, ClientIdPolicy, UsernameMismatch};
 use crate::broker::topic::TopicLimits;
 use crate::broker::BrokerSettings;
 use crate::mqtt::connect::SessionLimits;
@@ -16,10 +18,31 @@ use crate::mqtt::connect::SessionLimits;
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    pub auth: AuthConfig,
     pub log: LogConfig,
     pub http: HttpConfig,
     pub limits: LimitsConfig,
     pub listeners: ListenersConfig,
+}
+
+/// How certificate identities are used at CONNECT.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub use_identity_as_username: bool,
+    pub username_mismatch: UsernameMismatch,
+    pub client_id_policy: ClientIdPolicy,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        let policy = AuthPolicy::default();
+        AuthConfig {
+            use_identity_as_username: policy.use_identity_as_username,
+            username_mismatch: policy.username_mismatch,
+            client_id_policy: policy.client_id_policy,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -126,6 +149,32 @@ pub struct TlsListener {
     pub cert_file: PathBuf,
     /// PEM file with the server's private key (PKCS#8, PKCS#1 or SEC1).
     pub key_file: PathBuf,
+    /// Whether clients must present a certificate.
+    #[serde(default)]
+    pub client_certificate: ClientCertificate,
+    /// PEM bundle of the CAs client certificates must chain to (required unless `client_certificate = "none"`).
+    pub ca_file: Option<PathBuf>,
+    /// CRL files (PEM or DER, one per issuing CA) checked at every handshake.
+    #[serde(default)]
+    pub crl_files: Vec<PathBuf>,
+    /// Certificate field the client identity is taken from.
+    #[serde(default)]
+    pub identity_source: IdentitySource,
+    /// Regex with a named group `id` extracting the identity from that field.
+    pub identity_pattern: Option<String>,
+}
+
+/// Client certificate requirement of a TLS listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientCertificate {
+    /// Clients are not asked for a certificate.
+    #[default]
+    None,
+    /// Clients may present one; those without fall through to other authentication.
+    Optional,
+    /// The TLS handshake fails without a valid client certificate.
+    Required,
 }
 
 fn yes() -> bool {
@@ -133,7 +182,7 @@ fn yes() -> bool {
 }
 
 /// A listener ready to bind.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct ListenerSpec {
     pub kind: ListenerKind,
     pub bind: SocketAddr,
@@ -168,10 +217,32 @@ impl ListenerKind {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct TlsFiles {
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
+    /// Set when clients are asked for certificates.
+    pub client_auth: Option<ClientAuth>,
+}
+
+/// Verification of client certificates on a TLS listener.
+#[derive(Debug, Clone)]
+pub struct ClientAuth {
+    pub required: bool,
+    pub ca_file: PathBuf,
+    pub crl_files: Vec<PathBuf>,
+    pub identity: IdentityRule,
+}
+
+fn tls_files(listener: &TlsListener) -> TlsFiles {
+    let client_auth =
+        listener.ca_file.as_ref().filter(|_| listener.client_certificate != ClientCertificate::None).map(|ca_file| ClientAuth {
+            required: listener.client_certificate == ClientCertificate::Required,
+            ca_file: ca_file.clone(),
+            crl_files: listener.crl_files.clone(),
+            identity: IdentityRule::new(listener.identity_source, listener.identity_pattern.as_deref()).expect("validated"),
+        });
+    TlsFiles { cert_file: listener.cert_file.clone(), key_file: listener.key_file.clone(), client_auth }
 }
 
 /// Environment variables starting with this override config keys; `__` separates path segments.
@@ -247,7 +318,11 @@ impl Config {
             ConfigError { file: file.into(), key: if key == "." { "(top level)".into() } else { key }, reason }
         })?;
         for listener in [&mut config.listeners.tls, &mut config.listeners.wss].into_iter().flatten() {
-            for path in [&mut listener.cert_file, &mut listener.key_file] {
+            let paths = [&mut listener.cert_file, &mut listener.key_file]
+                .into_iter()
+                .chain(listener.ca_file.as_mut())
+                .chain(listener.crl_files.iter_mut());
+            for path in paths {
                 if path.is_relative() {
                     *path = base.join(&*path);
                 }
@@ -289,10 +364,23 @@ impl Config {
         }
         for (name, listener) in [("tls", &self.listeners.tls), ("wss", &self.listeners.wss)] {
             let Some(listener) = listener.as_ref().filter(|l| l.enabled) else { continue };
-            for (key, path) in [("cert_file", &listener.cert_file), ("key_file", &listener.key_file)] {
+            let files = [("cert_file", &listener.cert_file), ("key_file", &listener.key_file)]
+                .into_iter()
+                .chain(listener.ca_file.iter().map(|f| ("ca_file", f)))
+                .chain(listener.crl_files.iter().map(|f| ("crl_files", f)));
+            for (key, path) in files {
                 if !path.is_file() {
                     return err(&format!("listeners.{name}.{key}"), format!("{} is not a readable file", path.display()));
                 }
+            }
+            if listener.client_certificate != ClientCertificate::None && listener.ca_file.is_none() {
+                return err(
+                    &format!("listeners.{name}.ca_file"),
+                    "required when client_certificate is \"optional\" or \"required\"".into(),
+                );
+            }
+            if let Err(reason) = IdentityRule::new(listener.identity_source, listener.identity_pattern.as_deref()) {
+                return err(&format!("listeners.{name}.identity_pattern"), reason);
             }
         }
         Ok(())
@@ -306,9 +394,9 @@ impl Config {
         let plain = [(ListenerKind::Tcp, tcp), (ListenerKind::Ws, l.ws.as_ref())]
             .into_iter()
             .filter_map(|(kind, p)| p.filter(|p| p.enabled).map(|p| (kind, p.bind, None)));
-        let secure = [(ListenerKind::Tls, l.tls.as_ref()), (ListenerKind::Wss, l.wss.as_ref())].into_iter().filter_map(|(kind, t)| {
-            t.filter(|t| t.enabled).map(|t| (kind, t.bind, Some(TlsFiles { cert_file: t.cert_file.clone(), key_file: t.key_file.clone() })))
-        });
+        let secure = [(ListenerKind::Tls, l.tls.as_ref()), (ListenerKind::Wss, l.wss.as_ref())]
+            .into_iter()
+            .filter_map(|(kind, t)| t.filter(|t| t.enabled).map(|t| (kind, t.bind, Some(tls_files(t)))));
         plain
             .chain(secure)
             .map(|(kind, bind, tls)| ListenerSpec {
@@ -317,6 +405,15 @@ impl Config {
                 tls,
             })
             .collect()
+    }
+
+    pub fn auth_policy(&self) -> AuthPolicy {
+        let a = &self.auth;
+        AuthPolicy {
+            use_identity_as_username: a.use_identity_as_username,
+            username_mismatch: a.username_mismatch,
+            client_id_policy: a.client_id_policy,
+        }
     }
 
     pub fn session_limits(&self) -> SessionLimits {

@@ -11,6 +11,7 @@ use mqttbytes::v5::{self, DisconnectReasonCode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
+use crate::auth::policy::{self, AuthPolicy, PeerAuth};
 use crate::broker::message::Delivery;
 use crate::broker::Broker;
 use crate::mqtt::codec::{self, DecodeError, Packet, ProtocolVersion};
@@ -22,6 +23,7 @@ use crate::telemetry::metrics;
 pub struct ConnectionContext {
     pub broker: Arc<Broker>,
     pub limits: SessionLimits,
+    pub auth: AuthPolicy,
     /// Time allowed from accept to a complete CONNECT.
     pub connect_timeout: Duration,
     /// Time a write may make no progress before the client is dropped.
@@ -38,7 +40,7 @@ const INITIAL_READ_BUFFER: usize = 1024;
 const MAX_DELIVERIES_PER_BATCH: usize = 1024;
 
 /// Serves one client connection to completion.
-pub async fn serve<S>(stream: S, peer: SocketAddr, ctx: Arc<ConnectionContext>)
+pub async fn serve<S>(stream: S, peer: SocketAddr, peer_auth: PeerAuth, ctx: Arc<ConnectionContext>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
@@ -56,8 +58,10 @@ where
         Err(_) => return refused(peer, &format!("no CONNECT within {:?}", ctx.connect_timeout)),
     };
     let broker = &ctx.broker;
-    let request = match connect::validate(version, connect, &ctx.limits, || format!("rampart-{}", broker.registry.new_session_id())) {
-        Ok(request) => request,
+    let validated = connect::validate(version, connect, &ctx.limits, || format!("rampart-{}", broker.registry.new_session_id()));
+    let authenticated = validated.and_then(|mut request| policy::authenticate(&peer_auth, &mut request, &ctx.auth).map(|p| (request, p)));
+    let (request, principal) = match authenticated {
+        Ok(accepted) => accepted,
         Err(refusal) => {
             write_refusal(&mut writer, version, refusal.code).await;
             return refused(peer, &refusal.reason);
@@ -76,7 +80,8 @@ where
         broker.end_session(old);
     }
     let client_id = request.client_id.clone();
-    tracing::info!(%peer, %client_id, ?version, clean_start = request.clean_start, session_present = present, "client connected");
+    let identity = principal.identity.as_deref().unwrap_or("-");
+    tracing::info!(%peer, %client_id, %identity, ?version, clean_start = request.clean_start, session_present = present, "client connected");
     metrics::connection_opened();
     let mailbox = record.mailbox.clone();
     let mut session = Session::start(request, record, present, ctx.limits.clone(), now);

@@ -11,6 +11,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
+use crate::auth::identity::IdentityRule;
+use crate::auth::policy::PeerAuth;
 use crate::config::{ListenerKind, ListenerSpec};
 use crate::telemetry::metrics;
 use connection::ConnectionContext;
@@ -21,6 +23,8 @@ pub struct BoundListener {
     pub local_addr: SocketAddr,
     socket: TcpListener,
     tls: Option<TlsAcceptor>,
+    /// How client certificates become identities, when clients are asked for one.
+    identity: Option<Arc<IdentityRule>>,
 }
 
 /// Binds every listener; fails naming the listener and address, or the TLS file at fault.
@@ -28,13 +32,14 @@ pub async fn bind(specs: &[ListenerSpec]) -> anyhow::Result<Vec<BoundListener>> 
     let mut bound = Vec::with_capacity(specs.len());
     for spec in specs {
         let tls = match &spec.tls {
-            Some(files) => Some(TlsAcceptor::from(crate::tls::server_config(&files.cert_file, &files.key_file)?)),
+            Some(files) => Some(TlsAcceptor::from(crate::tls::server_config(files)?)),
             None => None,
         };
+        let identity = spec.tls.as_ref().and_then(|t| t.client_auth.as_ref()).map(|c| Arc::new(c.identity.clone()));
         let socket = TcpListener::bind(spec.bind)
             .await
             .map_err(|e| anyhow::anyhow!("listener {} cannot bind {}: {e}", spec.kind.name(), spec.bind))?;
-        bound.push(BoundListener { kind: spec.kind, local_addr: socket.local_addr()?, socket, tls });
+        bound.push(BoundListener { kind: spec.kind, local_addr: socket.local_addr()?, socket, tls, identity });
     }
     Ok(bound)
 }
@@ -65,6 +70,7 @@ pub async fn run(listener: BoundListener, ctx: Arc<ConnectionContext>, slots: Ar
         let ctx = ctx.clone();
         let kind = listener.kind;
         let tls = listener.tls.clone();
+        let identity = listener.identity.clone();
         let (permit, busy) = match slots.clone().try_acquire_owned() {
             Ok(permit) => (permit, false),
             Err(_) => match busy_replies.clone().try_acquire_owned() {
@@ -77,19 +83,27 @@ pub async fn run(listener: BoundListener, ctx: Arc<ConnectionContext>, slots: Ar
             },
         };
         tokio::spawn(async move {
-            handle(kind, tcp, peer, tls, ctx, busy).await;
+            handle(kind, tcp, peer, tls, identity, ctx, busy).await;
             drop(permit);
         });
     }
 }
 
-async fn handle(kind: ListenerKind, tcp: TcpStream, peer: SocketAddr, tls: Option<TlsAcceptor>, ctx: Arc<ConnectionContext>, busy: bool) {
+async fn handle(
+    kind: ListenerKind,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    identity: Option<Arc<IdentityRule>>,
+    ctx: Arc<ConnectionContext>,
+    busy: bool,
+) {
     let deadline = ctx.connect_timeout;
     let max_message = ctx.limits.max_packet_size;
     match (kind, tls) {
-        (ListenerKind::Tcp, _) => mqtt(tcp, peer, ctx, busy).await,
+        (ListenerKind::Tcp, _) => mqtt(tcp, peer, PeerAuth::Anonymous, ctx, busy).await,
         (ListenerKind::Ws, _) => match tokio::time::timeout(deadline, websocket::accept(tcp, max_message)).await {
-            Ok(Ok(ws)) => mqtt(ws, peer, ctx, busy).await,
+            Ok(Ok(ws)) => mqtt(ws, peer, PeerAuth::Anonymous, ctx, busy).await,
             Ok(Err(e)) => handshake_failed(peer, kind, &e.to_string()),
             Err(_) => handshake_failed(peer, kind, "WebSocket handshake timed out"),
         },
@@ -99,11 +113,12 @@ async fn handle(kind: ListenerKind, tcp: TcpStream, peer: SocketAddr, tls: Optio
                 Ok(Err(e)) => return handshake_failed(peer, kind, &e.to_string()),
                 Err(_) => return handshake_failed(peer, kind, "TLS handshake timed out"),
             };
+            let peer_auth = identity.map_or(PeerAuth::Anonymous, |rule| peer_auth(tls_stream.get_ref().1, &rule));
             if kind == ListenerKind::Tls {
-                return mqtt(tls_stream, peer, ctx, busy).await;
+                return mqtt(tls_stream, peer, peer_auth, ctx, busy).await;
             }
             match tokio::time::timeout(deadline, websocket::accept(tls_stream, max_message)).await {
-                Ok(Ok(ws)) => mqtt(ws, peer, ctx, busy).await,
+                Ok(Ok(ws)) => mqtt(ws, peer, peer_auth, ctx, busy).await,
                 Ok(Err(e)) => handshake_failed(peer, kind, &e.to_string()),
                 Err(_) => handshake_failed(peer, kind, "WebSocket handshake timed out"),
             }
@@ -112,15 +127,26 @@ async fn handle(kind: ListenerKind, tcp: TcpStream, peer: SocketAddr, tls: Optio
     }
 }
 
+/// The identity of the client certificate a TLS client presented, if any.
+fn peer_auth(connection: &rustls::ServerConnection, rule: &IdentityRule) -> PeerAuth {
+    match connection.peer_certificates().and_then(|chain| chain.first()) {
+        None => PeerAuth::Anonymous,
+        Some(leaf) => match rule.extract(leaf) {
+            Ok(cert) => PeerAuth::Certificate(cert),
+            Err(e) => PeerAuth::Rejected(e.to_string()),
+        },
+    }
+}
+
 /// Runs MQTT on an established stream: a session, or only the "busy" answer past the limit.
-async fn mqtt<S>(stream: S, peer: SocketAddr, ctx: Arc<ConnectionContext>, busy: bool)
+async fn mqtt<S>(stream: S, peer: SocketAddr, peer_auth: PeerAuth, ctx: Arc<ConnectionContext>, busy: bool)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
 {
     if busy {
         connection::refuse_busy(stream, peer, &ctx).await
     } else {
-        connection::serve(stream, peer, ctx).await
+        connection::serve(stream, peer, peer_auth, ctx).await
     }
 }
 

@@ -1,11 +1,16 @@
-//! rustls server configuration for the TLS and WSS listeners, built from PEM files.
+//! rustls server configuration for the TLS and WSS listeners, built from PEM files: the server
+//! certificate, and for mutual TLS a client verifier with the CA bundle and CRLs.
 
 use std::path::Path;
 use std::sync::Arc;
 
-use rustls::ServerConfig;
+use rustls::server::danger::ClientCertVerifier;
+use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
+use rustls::{RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+
+use crate::config::{ClientAuth, TlsFiles};
 
 /// A TLS setup problem, naming the file involved.
 #[derive(Debug, thiserror::Error)]
@@ -14,6 +19,8 @@ pub enum TlsError {
     File { path: String, reason: String },
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
+    #[error("client certificate verifier: {0}")]
+    Verifier(String),
 }
 
 fn file_error(path: &Path, reason: impl ToString) -> TlsError {
@@ -37,12 +44,50 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     PrivateKeyDer::from_pem_file(path).map_err(|e| file_error(path, format!("no usable private key: {e}")))
 }
 
-/// Server-authenticated TLS (1.2 and 1.3) with the given certificate chain and key.
-pub fn server_config(cert_file: &Path, key_file: &Path) -> Result<Arc<ServerConfig>, TlsError> {
-    let certs = load_certs(cert_file)?;
-    let key = load_key(key_file)?;
-    let config = ServerConfig::builder().with_no_client_auth().with_single_cert(certs, key)?;
+/// Reads a CRL, PEM or DER.
+pub fn load_crl(path: &Path) -> Result<CertificateRevocationListDer<'static>, TlsError> {
+    let bytes = std::fs::read(path).map_err(|e| file_error(path, e))?;
+    match CertificateRevocationListDer::from_pem_slice(&bytes) {
+        Ok(crl) => Ok(crl),
+        Err(_) if x509_parser::parse_x509_crl(&bytes).is_ok() => Ok(CertificateRevocationListDer::from(bytes)),
+        Err(e) => Err(file_error(path, format!("not a PEM or DER CRL: {e}"))),
+    }
+}
+
+/// TLS 1.2 and 1.3 with the listener's certificate; with `client_auth`, clients are verified
+/// against its CA bundle and CRLs.
+pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
+    let certs = load_certs(&files.cert_file)?;
+    let key = load_key(&files.key_file)?;
+    let builder = ServerConfig::builder();
+    let config = match &files.client_auth {
+        None => builder.with_no_client_auth().with_single_cert(certs, key)?,
+        Some(auth) => {
+            let mut config = builder.with_client_cert_verifier(client_verifier(auth)?).with_single_cert(certs, key)?;
+            // A resumed session is not verified again: a certificate revoked since would get back in.
+            config.session_storage = Arc::new(NoServerSessionStorage {});
+            config.send_tls13_tickets = 0;
+            config
+        }
+    };
     Ok(Arc::new(config))
+}
+
+fn client_verifier(auth: &ClientAuth) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in load_certs(&auth.ca_file)? {
+        roots.add(cert).map_err(|e| file_error(&auth.ca_file, e))?;
+    }
+    let crls = auth.crl_files.iter().map(|path| load_crl(path)).collect::<Result<Vec<_>, _>>()?;
+    let mut builder = WebPkiClientVerifier::builder(Arc::new(roots)).with_crls(crls);
+    if !auth.crl_files.is_empty() {
+        // CRLs come from the issuing CAs; a CA in the bundle without a CRL is not an error.
+        builder = builder.only_check_end_entity_revocation().allow_unknown_revocation_status();
+    }
+    if !auth.required {
+        builder = builder.allow_unauthenticated();
+    }
+    builder.build().map_err(|e| TlsError::Verifier(e.to_string()))
 }
 
 /// Installs the process-wide rustls crypto provider (ring). Safe to call more than once.

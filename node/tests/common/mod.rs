@@ -36,23 +36,34 @@ pub fn binary() -> PathBuf {
 }
 
 impl Broker {
+    /// Starts a broker with plain TCP, HTTP and the extra `listeners` (TOML sections), waiting
+    /// for `extra_listeners` more bound listeners.
+    pub fn start_with(listeners: &str, extra_listeners: usize) -> Broker {
+        Broker::launch(tempfile::tempdir().expect("temp dir"), listeners, 2 + extra_listeners)
+    }
+
     pub fn start(options: Options) -> Broker {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut config = String::from(
-            "[log]\nlevel = \"info,rampart_node=debug\"\n[http]\nbind = \"127.0.0.1:0\"\n[listeners.tcp]\nbind = \"127.0.0.1:0\"\n",
-        );
+        let mut extra = String::new();
         if options.all_listeners {
             rampart_node::tls::install_crypto_provider();
             let pki = rampart_node::pki::ensure_dev_pki(dir.path()).expect("dev pki");
             for section in ["tls", "wss"] {
-                config.push_str(&format!(
+                extra.push_str(&format!(
                     "[listeners.{section}]\nbind = \"127.0.0.1:0\"\ncert_file = {:?}\nkey_file = {:?}\n",
                     pki.server_cert, pki.server_key
                 ));
             }
-            config.push_str("[listeners.ws]\nbind = \"127.0.0.1:0\"\n");
+            extra.push_str("[listeners.ws]\nbind = \"127.0.0.1:0\"\n");
         }
-        config.push_str(&format!("[limits]\n{}\n", options.limits));
+        extra.push_str(&format!("[limits]\n{}\n", options.limits));
+        Broker::launch(dir, &extra, if options.all_listeners { 5 } else { 2 })
+    }
+
+    fn launch(dir: tempfile::TempDir, extra_config: &str, wanted: usize) -> Broker {
+        let config = format!(
+            "[log]\nlevel = \"info,rampart_node=debug\"\n[http]\nbind = \"127.0.0.1:0\"\n[listeners.tcp]\nbind = \"127.0.0.1:0\"\n{extra_config}"
+        );
         let path = dir.path().join("rampart.toml");
         std::fs::write(&path, config).expect("write config");
         let mut child = Command::new(binary())
@@ -73,7 +84,6 @@ impl Broker {
             }
         });
         let mut broker = Broker { child, dir, tcp: None, tls: None, ws: None, wss: None, http: None, logs: rx };
-        let wanted = if options.all_listeners { 5 } else { 2 };
         let mut found = 0;
         while found < wanted {
             let line = broker

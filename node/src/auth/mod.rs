@@ -1,0 +1,5 @@
+//! Authentication: who a client is (certificate identity) and the CONNECT policy built on it.
+//! Reads only in-memory state; never blocks on disk or network.
+
+pub mod identity;
+pub mod policy;

@@ -1,0 +1,174 @@
+//! The CONNECT policy for certificate identities: the identity becomes the user name, and the
+//! client id must match it so one device cannot take over another device's session. Pure.
+
+use mqttbytes::v5::ConnectReturnCode;
+use serde::Deserialize;
+
+use super::identity::PeerCertificate;
+use crate::mqtt::connect::{ConnectRequest, Refusal};
+
+/// Which client ids a certificate identity may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientIdPolicy {
+    /// Any client id.
+    Any,
+    /// The client id must equal the identity.
+    MustEqualIdentity,
+    /// The client id must start with the identity (a device may hold several connections).
+    #[default]
+    Prefix,
+}
+
+/// What to do when CONNECT carries a user name other than the certificate identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UsernameMismatch {
+    /// Replace it with the identity.
+    #[default]
+    Ignore,
+    /// Refuse the connection (not authorized).
+    Refuse,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuthPolicy {
+    pub use_identity_as_username: bool,
+    pub username_mismatch: UsernameMismatch,
+    pub client_id_policy: ClientIdPolicy,
+}
+
+impl Default for AuthPolicy {
+    fn default() -> Self {
+        AuthPolicy { use_identity_as_username: true, username_mismatch: UsernameMismatch::Ignore, client_id_policy: ClientIdPolicy::Prefix }
+    }
+}
+
+/// How the client of a connection authenticated at the transport.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerAuth {
+    /// No client certificate (plain TCP, or a TLS listener that does not ask for one).
+    Anonymous,
+    /// A verified client certificate with a usable identity.
+    Certificate(PeerCertificate),
+    /// A verified certificate whose identity cannot be used; CONNECT is refused.
+    Rejected(String),
+}
+
+/// Who a connected client is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Principal {
+    /// The certificate identity, if the client presented a certificate.
+    pub identity: Option<String>,
+    /// The user name in force (the identity when `use_identity_as_username`).
+    pub username: Option<String>,
+    pub certificate: Option<PeerCertificate>,
+}
+
+fn not_authorized(reason: String) -> Refusal {
+    Refusal { code: ConnectReturnCode::NotAuthorized, reason }
+}
+
+/// Applies the policy to a validated CONNECT; may rewrite its user name and an assigned client id.
+pub fn authenticate(peer: &PeerAuth, request: &mut ConnectRequest, policy: &AuthPolicy) -> Result<Principal, Refusal> {
+    let cert = match peer {
+        PeerAuth::Anonymous => return Ok(Principal { identity: None, username: request.username.clone(), certificate: None }),
+        PeerAuth::Rejected(reason) => return Err(not_authorized(reason.clone())),
+        PeerAuth::Certificate(cert) => cert,
+    };
+    let identity = &cert.identity;
+    let username = if policy.use_identity_as_username {
+        if let Some(sent) = request.username.as_ref().filter(|sent| *sent != identity) {
+            if policy.username_mismatch == UsernameMismatch::Refuse {
+                return Err(not_authorized(format!("user name {sent:?} differs from the certificate identity {identity:?}")));
+            }
+        }
+        Some(identity.clone())
+    } else {
+        request.username.clone()
+    };
+    if request.assigned_client_id {
+        request.client_id = match policy.client_id_policy {
+            ClientIdPolicy::MustEqualIdentity => identity.clone(),
+            ClientIdPolicy::Prefix => format!("{identity}-{}", request.client_id),
+            ClientIdPolicy::Any => std::mem::take(&mut request.client_id),
+        };
+    }
+    let allowed = match policy.client_id_policy {
+        ClientIdPolicy::Any => true,
+        ClientIdPolicy::MustEqualIdentity => request.client_id == *identity,
+        ClientIdPolicy::Prefix => request.client_id.starts_with(identity.as_str()),
+    };
+    if !allowed {
+        return Err(not_authorized(format!(
+            "client id {:?} is not allowed for identity {identity:?} (client_id_policy {:?})",
+            request.client_id, policy.client_id_policy
+        )));
+    }
+    request.username = username.clone();
+    Ok(Principal { identity: Some(identity.clone()), username, certificate: Some(cert.clone()) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mqtt::codec::ProtocolVersion;
+    use crate::mqtt::connect::{self, SessionLimits};
+    use mqttbytes::v5;
+
+    fn request(client_id: &str, username: Option<&str>) -> ConnectRequest {
+        let mut c = v5::Connect::new(client_id);
+        if let Some(u) = username {
+            c.set_login(u, "");
+        }
+        connect::validate(ProtocolVersion::V5, c, &SessionLimits::default(), || "rampart-9".into()).unwrap()
+    }
+
+    fn peer(identity: &str) -> PeerAuth {
+        PeerAuth::Certificate(PeerCertificate { identity: identity.into(), serial: "01".into(), issuer: "CN=CA".into(), not_after: 0 })
+    }
+
+    #[test]
+    fn identity_becomes_the_username() {
+        let mut r = request("plc-7", Some("someone-else"));
+        let p = authenticate(&peer("plc-7"), &mut r, &AuthPolicy::default()).unwrap();
+        assert_eq!(p.username.as_deref(), Some("plc-7"));
+        assert_eq!(r.username.as_deref(), Some("plc-7"));
+        let refuse = AuthPolicy { username_mismatch: UsernameMismatch::Refuse, ..AuthPolicy::default() };
+        let err = authenticate(&peer("plc-7"), &mut request("plc-7", Some("someone-else")), &refuse).unwrap_err();
+        assert_eq!(err.code, ConnectReturnCode::NotAuthorized);
+        assert!(authenticate(&peer("plc-7"), &mut request("plc-7", Some("plc-7")), &refuse).is_ok());
+    }
+
+    #[test]
+    fn client_id_policies_stop_session_takeover_by_another_device() {
+        let prefix = AuthPolicy::default();
+        assert!(authenticate(&peer("plc-7"), &mut request("plc-7-telemetry", None), &prefix).is_ok());
+        let spoof = authenticate(&peer("plc-7"), &mut request("plc-8", None), &prefix).unwrap_err();
+        assert_eq!(spoof.code, ConnectReturnCode::NotAuthorized);
+        let exact = AuthPolicy { client_id_policy: ClientIdPolicy::MustEqualIdentity, ..prefix };
+        assert!(authenticate(&peer("plc-7"), &mut request("plc-7-x", None), &exact).is_err());
+        assert!(authenticate(&peer("plc-7"), &mut request("plc-7", None), &exact).is_ok());
+        let any = AuthPolicy { client_id_policy: ClientIdPolicy::Any, ..prefix };
+        assert!(authenticate(&peer("plc-7"), &mut request("anything", None), &any).is_ok());
+    }
+
+    #[test]
+    fn assigned_client_ids_follow_the_identity() {
+        let mut r = request("", None);
+        authenticate(&peer("plc-7"), &mut r, &AuthPolicy::default()).unwrap();
+        assert_eq!(r.client_id, "plc-7-rampart-9");
+        let mut r = request("", None);
+        authenticate(&peer("plc-7"), &mut r, &AuthPolicy { client_id_policy: ClientIdPolicy::MustEqualIdentity, ..AuthPolicy::default() })
+            .unwrap();
+        assert_eq!(r.client_id, "plc-7");
+    }
+
+    #[test]
+    fn anonymous_and_rejected_peers() {
+        let p = authenticate(&PeerAuth::Anonymous, &mut request("x", Some("u")), &AuthPolicy::default()).unwrap();
+        assert_eq!((p.identity, p.username.as_deref()), (None, Some("u")));
+        let err = authenticate(&PeerAuth::Rejected("bad identity".into()), &mut request("x", None), &AuthPolicy::default()).unwrap_err();
+        assert_eq!(err.code, ConnectReturnCode::NotAuthorized);
+    }
+}

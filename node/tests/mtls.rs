@@ -1,0 +1,195 @@
+//! Mutual TLS end to end with real certificates (made by `rampart pki`, by `openssl`, and by
+//! rcgen for the odd cases) and a real client (`mosquitto_pub`): one test per failure mode.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use common::Broker;
+use rampart_node::pki::{Kind, Store};
+use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair};
+use time::OffsetDateTime;
+
+struct Fleet {
+    _dir: tempfile::TempDir,
+    store: Store,
+    broker: Broker,
+}
+
+/// A PKI with devices plc-1 and plc-2 (plc-2 revoked in the CRL) and a broker requiring client
+/// certificates from it.
+fn fleet(extra_listener_keys: &str) -> Fleet {
+    rampart_node::tls::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::new(dir.path().join("pki"));
+    store.init_ca("Test Fleet CA", 30).unwrap();
+    store.issue(Kind::Server, "localhost", &["localhost".into(), "127.0.0.1".into()], 30).unwrap();
+    for device in ["plc-1", "plc-2"] {
+        store.issue(Kind::Device, device, &[], 30).unwrap();
+    }
+    store.revoke(&store.paths(Kind::Device, "plc-2").0, "keyCompromise").unwrap();
+    store.write_crl(7).unwrap();
+    let (server_cert, server_key) = store.paths(Kind::Server, "localhost");
+    let listener = format!(
+        "[listeners.tls]\nbind = \"127.0.0.1:0\"\ncert_file = {server_cert:?}\nkey_file = {server_key:?}\nclient_certificate = \"required\"\nca_file = {:?}\ncrl_files = [{:?}]\n{extra_listener_keys}\n",
+        store.ca_cert(),
+        store.crl_path()
+    );
+    let broker = Broker::start_with(&listener, 1);
+    Fleet { _dir: dir, store, broker }
+}
+
+impl Fleet {
+    /// Publishes one QoS 1 message with `mosquitto_pub` presenting `identity` (cert, key).
+    fn publish(&self, identity: Option<(&Path, &Path)>, client_id: &str) -> Output {
+        let mut command = Command::new("mosquitto_pub");
+        command.args(["-h", "localhost", "-p", &self.broker.tls.unwrap().port().to_string(), "--cafile"]).arg(self.store.ca_cert()).args([
+            "-V",
+            "mqttv5",
+            "-q",
+            "1",
+            "-i",
+            client_id,
+            "-t",
+            "devices/x",
+            "-m",
+            "hello",
+        ]);
+        if let Some((cert, key)) = identity {
+            command.arg("--cert").arg(cert).arg("--key").arg(key);
+        }
+        common::run_with_timeout(command, Duration::from_secs(20))
+    }
+
+    fn device(&self, name: &str) -> (PathBuf, PathBuf) {
+        self.store.paths(Kind::Device, name)
+    }
+
+    /// A certificate signed by this CA with arbitrary CN and validity, made with rcgen.
+    fn odd_certificate(&self, cn: &str, not_before: OffsetDateTime, not_after: OffsetDateTime) -> (PathBuf, PathBuf) {
+        let ca_key = KeyPair::from_pem(&std::fs::read_to_string(self.store.dir().join("ca.key")).unwrap()).unwrap();
+        let issuer = Issuer::from_ca_cert_pem(&std::fs::read_to_string(self.store.ca_cert()).unwrap(), ca_key).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.not_before = not_before;
+        params.not_after = not_after;
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        let base = self.store.dir().join(format!("odd-{}", not_after.unix_timestamp()));
+        let (cert_path, key_path) = (base.with_extension("pem"), base.with_extension("key"));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        (cert_path, key_path)
+    }
+}
+
+fn succeeded(out: &Output) -> bool {
+    out.status.success()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_device_certificate_from_rampart_pki_connects_and_its_identity_is_used() {
+    let f = fleet("");
+    let (cert, key) = f.device("plc-1");
+    let out = f.publish(Some((&cert, &key)), "plc-1-main");
+    assert!(succeeded(&out), "{}", stderr(&out));
+    assert!(f.broker.wait_for_log("identity=plc-1", Duration::from_secs(5)).is_some());
+}
+
+#[test]
+fn a_device_certificate_made_with_openssl_connects() {
+    let f = fleet("");
+    let dir = f.store.dir();
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl is installed");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(&["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "ossl.key"]);
+    run(&["req", "-new", "-key", "ossl.key", "-subj", "/CN=sensor-9", "-out", "ossl.csr"]);
+    std::fs::write(dir.join("ossl.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "ossl.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "ossl.ext",
+        "-out",
+        "ossl.pem",
+    ]);
+    let out = f.publish(Some((&dir.join("ossl.pem"), &dir.join("ossl.key"))), "sensor-9");
+    assert!(succeeded(&out), "{}", stderr(&out));
+}
+
+#[test]
+fn no_certificate_wrong_ca_expired_and_not_yet_valid_fail_the_handshake() {
+    let f = fleet("");
+    assert!(!succeeded(&f.publish(None, "anonymous")), "a client without a certificate got in");
+
+    let other = Store::new(f.store.dir().join("other"));
+    other.init_ca("Other CA", 30).unwrap();
+    let (cert, key) = other.issue(Kind::Device, "plc-1", &[], 30).map(|i| (i.cert, i.key)).unwrap();
+    assert!(!succeeded(&f.publish(Some((&cert, &key)), "plc-1")), "a certificate of another CA got in");
+
+    let now = OffsetDateTime::now_utc();
+    let (cert, key) = f.odd_certificate("plc-1", now - time::Duration::days(10), now - time::Duration::days(1));
+    assert!(!succeeded(&f.publish(Some((&cert, &key)), "plc-1")), "an expired certificate got in");
+    let (cert, key) = f.odd_certificate("plc-1", now + time::Duration::days(1), now + time::Duration::days(10));
+    assert!(!succeeded(&f.publish(Some((&cert, &key)), "plc-1")), "a not-yet-valid certificate got in");
+    assert!(f.broker.metric("rampart_connections_refused_total") >= 4);
+}
+
+#[test]
+fn a_certificate_revoked_in_the_crl_is_refused_and_others_are_not() {
+    let f = fleet("");
+    let (revoked_cert, revoked_key) = f.device("plc-2");
+    assert!(!succeeded(&f.publish(Some((&revoked_cert, &revoked_key)), "plc-2")));
+    assert!(f.broker.wait_for_log("handshake failed", Duration::from_secs(5)).is_some_and(|l| l.contains("Revoked")));
+    let (cert, key) = f.device("plc-1");
+    assert!(succeeded(&f.publish(Some((&cert, &key)), "plc-1")));
+}
+
+#[test]
+fn an_identity_with_mqtt_wildcards_is_not_authorized() {
+    let f = fleet("");
+    let now = OffsetDateTime::now_utc();
+    for cn in ["plc/+", "plc-#"] {
+        let (cert, key) = f.odd_certificate(cn, now - time::Duration::hours(1), now + time::Duration::days(1));
+        let out = f.publish(Some((&cert, &key)), "plc");
+        assert!(!succeeded(&out));
+        assert!(stderr(&out).to_lowercase().contains("not authori"), "{}", stderr(&out));
+    }
+}
+
+#[test]
+fn a_device_cannot_use_another_devices_client_id() {
+    let f = fleet("");
+    let (cert, key) = f.device("plc-1");
+    let out = f.publish(Some((&cert, &key)), "plc-2");
+    assert!(!succeeded(&out));
+    assert!(stderr(&out).to_lowercase().contains("not authori"), "{}", stderr(&out));
+    assert!(succeeded(&f.publish(Some((&cert, &key)), "plc-1-second-connection")));
+}
+
+#[test]
+fn identity_from_a_san_uri_with_a_pattern() {
+    let f = fleet("identity_source = \"san_uri\"\nidentity_pattern = \"^spiffe://fleet\\\\.test/device/(?P<id>[a-z0-9-]+)$\"");
+    let (cert, key) = f.device("plc-1");
+    let out = f.publish(Some((&cert, &key)), "plc-1");
+    assert!(!succeeded(&out), "a certificate without the SAN URI must not get an identity");
+    assert!(stderr(&out).to_lowercase().contains("not authori"), "{}", stderr(&out));
+}
