@@ -105,7 +105,7 @@ async fn serve(config: Config, dev_dir: Option<PathBuf>) -> anyhow::Result<()> {
     if let Some(dir) = dev_dir {
         print_dev_help(&server, &dir);
     }
-    wait_for_signal().await?;
+    wait_for_stop(&server).await?;
     tracing::info!("shutting down");
     server.shutdown(Duration::from_secs(5)).await;
     Ok(())
@@ -127,11 +127,19 @@ fn print_dev_help(server: &Server, dir: &std::path::Path) {
     println!("Stop with Ctrl-C.\n");
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        result = tokio::signal::ctrl_c() => result?,
-        _ = terminate.recv() => {}
+/// Runs until Ctrl-C or SIGTERM; SIGHUP re-reads the authorization state file.
+async fn wait_for_stop(server: &Server) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut hangup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            result = tokio::signal::ctrl_c() => return Ok(result?),
+            _ = terminate.recv() => return Ok(()),
+            _ = hangup.recv() => match server.auth.reload() {
+                Ok(()) => tracing::info!("authorization state reloaded"),
+                Err(e) => tracing::error!(error = %format!("{e:#}"), "authorization state not reloaded; the previous one stays in force"),
+            },
+        }
     }
-    Ok(())
 }

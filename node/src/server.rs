@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
+use crate::auth::store::AuthStore;
 use crate::broker::Broker;
 use crate::config::{Config, ListenerKind};
 use crate::listener::{self, connection::ConnectionContext};
@@ -17,6 +18,8 @@ use crate::telemetry;
 /// A running node.
 pub struct Server {
     pub broker: Arc<Broker>,
+    /// Credentials and permissions; `reload` re-reads the state file.
+    pub auth: Arc<AuthStore>,
     /// Bound MQTT listeners (useful when a port was 0).
     pub listeners: Vec<(ListenerKind, SocketAddr)>,
     pub http: Option<SocketAddr>,
@@ -28,11 +31,13 @@ impl Server {
     /// Binds everything and starts serving.
     pub async fn start(config: &Config) -> anyhow::Result<Server> {
         let broker = Broker::new(config.broker_settings());
+        let auth = Arc::new(AuthStore::open(config.auth.state_file.clone())?);
         let (shutdown, shutdown_rx) = watch::channel(false);
         let ctx = Arc::new(ConnectionContext {
             broker: broker.clone(),
             limits: config.session_limits(),
             auth: config.auth_policy(),
+            auth_store: auth.clone(),
             connect_timeout: Duration::from_secs(config.limits.connect_timeout_secs),
             write_timeout: Duration::from_secs(config.limits.write_timeout_secs),
             shutdown: shutdown_rx.clone(),
@@ -55,7 +60,7 @@ impl Server {
         }
         tasks.spawn(reap_sessions(broker.clone(), shutdown_rx));
         ready.store(true, Ordering::Relaxed);
-        Ok(Server { broker, listeners, http, shutdown, tasks })
+        Ok(Server { broker, auth, listeners, http, shutdown, tasks })
     }
 
     /// Stops accepting, tells every connection to close (MQTT 5 clients get DISCONNECT 0x8B) and

@@ -31,6 +31,17 @@ pub enum UsernameMismatch {
     Refuse,
 }
 
+/// Reaction to an unauthorized PUBLISH from an MQTT 3.1.1 client, which has no reason codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnauthorizedPublish {
+    /// Close the connection.
+    #[default]
+    Disconnect,
+    /// Acknowledge and drop the message (counted).
+    Drop,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AuthPolicy {
     pub use_identity_as_username: bool,

@@ -158,6 +158,12 @@ impl Mailbox {
         self.readable.notified().await
     }
 
+    /// Changes the capacity (the client type decides it at CONNECT); messages beyond a smaller
+    /// capacity stay queued.
+    pub fn set_capacity(&self, capacity: usize) {
+        self.lock().capacity = capacity.max(1);
+    }
+
     /// Marks the session as having a connected client (or not).
     pub fn set_online(&self, online: bool) {
         self.lock().online = online;

@@ -22,8 +22,11 @@ use crate::telemetry::metrics::Gauges;
 /// Broker-wide behaviour settings (from the `[limits]` config section).
 #[derive(Debug, Clone)]
 pub struct BrokerSettings {
-    /// Messages a session queues before the overflow policy applies.
+    /// Messages a session queues before the overflow policy applies (DEVICE clients and
+    /// clients without a credential).
     pub max_queued_messages: usize,
+    /// The same for APPLICATION clients.
+    pub application_max_queued_messages: usize,
     /// How long a publisher waits for room in a full online subscriber queue.
     pub slow_subscriber_timeout: Duration,
     /// How long a new connection waits for the previous connection of its client id to hand over.
@@ -34,6 +37,7 @@ impl Default for BrokerSettings {
     fn default() -> Self {
         BrokerSettings {
             max_queued_messages: 1000,
+            application_max_queued_messages: 100_000,
             slow_subscriber_timeout: Duration::from_secs(5),
             takeover_timeout: Duration::from_secs(10),
         }

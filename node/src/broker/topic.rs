@@ -139,6 +139,42 @@ pub fn matches(filter: &str, name: &str) -> bool {
     names.next().is_none()
 }
 
+/// Whether every topic matched by `filter` is also matched by `pattern` (both valid filters):
+/// the test for a SUBSCRIBE against a permission pattern.
+pub fn covers(pattern: &str, filter: &str) -> bool {
+    if filter.starts_with('$') && pattern.starts_with(['+', '#']) {
+        return false;
+    }
+    let mut filter_levels = filter.split('/');
+    for level in pattern.split('/') {
+        match (level, filter_levels.next()) {
+            ("#", _) => return true,
+            (_, None) | (_, Some("#")) => return false,
+            ("+", Some(_)) => {}
+            (exact, Some(other)) if exact == other => {}
+            _ => return false,
+        }
+    }
+    filter_levels.next().is_none()
+}
+
+/// Whether some topic is matched by both filters.
+pub fn intersects(a: &str, b: &str) -> bool {
+    if (a.starts_with('$') && b.starts_with(['+', '#'])) || (b.starts_with('$') && a.starts_with(['+', '#'])) {
+        return false;
+    }
+    let (mut a_levels, mut b_levels) = (a.split('/'), b.split('/'));
+    loop {
+        match (a_levels.next(), b_levels.next()) {
+            (Some("#"), _) | (_, Some("#")) => return true,
+            (None, None) => return true,
+            (None, _) | (_, None) => return false,
+            (Some(x), Some(y)) if x == "+" || y == "+" || x == y => {}
+            _ => return false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,6 +215,24 @@ mod tests {
         assert_eq!(parse_filter("$share/g+/a", L), Err(TopicError::BadShare));
         assert_eq!(parse_filter("$share", L), Err(TopicError::BadShare));
         assert_eq!(parse_filter("$share/g/a+", L), Err(TopicError::BadSingleWildcard));
+    }
+
+    #[test]
+    fn covering_and_intersecting() {
+        assert!(covers("devices/plc-1/#", "devices/plc-1/temp"));
+        assert!(covers("devices/plc-1/#", "devices/plc-1/#"));
+        assert!(covers("devices/+/temp", "devices/plc-1/temp"));
+        assert!(covers("devices/+/temp", "devices/+/temp"));
+        assert!(!covers("devices/plc-1/#", "devices/#"));
+        assert!(!covers("devices/plc-1/temp", "devices/+/temp"));
+        assert!(!covers("devices/+/temp", "devices/#"));
+        assert!(!covers("#", "$SYS/#"));
+        assert!(covers("$SYS/#", "$SYS/broker/load"));
+        assert!(intersects("devices/#", "devices/secret/x"));
+        assert!(intersects("devices/+/x", "devices/a/+"));
+        assert!(!intersects("devices/a", "devices/b"));
+        assert!(!intersects("a/b", "a/b/c"));
+        assert!(!intersects("#", "$SYS/x"));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::auth::identity::{IdentityRule, IdentitySource};
-use crate::auth::policy::{AuthPolicy, ClientIdPolicy, UsernameMismatch};
+use crate::auth::policy::{AuthPolicy, ClientIdPolicy, UnauthorizedPublish, UsernameMismatch};
 use crate::broker::topic::TopicLimits;
 use crate::broker::BrokerSettings;
 use crate::mqtt::connect::SessionLimits;
@@ -32,6 +32,11 @@ pub struct AuthConfig {
     pub use_identity_as_username: bool,
     pub username_mismatch: UsernameMismatch,
     pub client_id_policy: ClientIdPolicy,
+    /// TOML file with credentials, roles, default rules and revocations (re-read on SIGHUP).
+    /// Without it, every authenticated client may publish and subscribe anywhere.
+    pub state_file: Option<PathBuf>,
+    /// What an MQTT 3.1.1 client gets for an unauthorized PUBLISH (MQTT 5 gets a reason code).
+    pub v3_unauthorized_publish: UnauthorizedPublish,
 }
 
 impl Default for AuthConfig {
@@ -41,6 +46,8 @@ impl Default for AuthConfig {
             use_identity_as_username: policy.use_identity_as_username,
             username_mismatch: policy.username_mismatch,
             client_id_policy: policy.client_id_policy,
+            state_file: None,
+            v3_unauthorized_publish: UnauthorizedPublish::Disconnect,
         }
     }
 }
@@ -90,6 +97,7 @@ pub struct LimitsConfig {
     pub receive_maximum: u16,
     pub max_inflight: u16,
     pub max_queued_messages: usize,
+    pub application_max_queued_messages: usize,
     pub slow_subscriber_timeout_ms: u64,
     pub max_topic_length: usize,
     pub max_topic_levels: usize,
@@ -109,6 +117,7 @@ impl Default for LimitsConfig {
             receive_maximum: 100,
             max_inflight: 100,
             max_queued_messages: 1000,
+            application_max_queued_messages: 100_000,
             slow_subscriber_timeout_ms: 5000,
             max_topic_length: 1024,
             max_topic_levels: 32,
@@ -317,6 +326,9 @@ impl Config {
             let reason = e.into_inner().message().to_string();
             ConfigError { file: file.into(), key: if key == "." { "(top level)".into() } else { key }, reason }
         })?;
+        if let Some(path) = config.auth.state_file.as_mut().filter(|p| p.is_relative()) {
+            *path = base.join(&*path);
+        }
         for listener in [&mut config.listeners.tls, &mut config.listeners.wss].into_iter().flatten() {
             let paths = [&mut listener.cert_file, &mut listener.key_file]
                 .into_iter()
@@ -350,14 +362,17 @@ impl Config {
         if l.max_inflight == 0 {
             return err("limits.max_inflight", "must be at least 1".into());
         }
-        if l.max_queued_messages == 0 {
-            return err("limits.max_queued_messages", "must be at least 1".into());
+        if l.max_queued_messages == 0 || l.application_max_queued_messages == 0 {
+            return err("limits.max_queued_messages / limits.application_max_queued_messages", "must be at least 1".into());
         }
         if !(1..=65_535).contains(&l.max_topic_length) {
             return err("limits.max_topic_length", format!("{} is outside 1..=65535", l.max_topic_length));
         }
         if l.max_topic_levels == 0 {
             return err("limits.max_topic_levels", "must be at least 1".into());
+        }
+        if let Some(path) = self.auth.state_file.as_ref().filter(|p| !p.is_file()) {
+            return err("auth.state_file", format!("{} is not a readable file", path.display()));
         }
         if self.listener_specs().is_empty() {
             return err("listeners", "no listener is enabled; enable at least one of tcp, tls, ws, wss".into());
@@ -426,6 +441,7 @@ impl Config {
             max_keep_alive: l.max_keep_alive_secs,
             max_session_expiry: Duration::from_secs(l.max_session_expiry_secs),
             topics: TopicLimits { max_length: l.max_topic_length, max_levels: l.max_topic_levels },
+            v3_unauthorized_publish: self.auth.v3_unauthorized_publish,
         }
     }
 
@@ -433,6 +449,7 @@ impl Config {
         let l = &self.limits;
         BrokerSettings {
             max_queued_messages: l.max_queued_messages,
+            application_max_queued_messages: l.application_max_queued_messages,
             slow_subscriber_timeout: Duration::from_millis(l.slow_subscriber_timeout_ms),
             takeover_timeout: Duration::from_secs(l.takeover_timeout_secs),
         }

@@ -12,6 +12,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
 use crate::auth::policy::{self, AuthPolicy, PeerAuth};
+use crate::auth::state::ClientType;
+use crate::auth::store::AuthStore;
 use crate::broker::message::Delivery;
 use crate::broker::Broker;
 use crate::mqtt::codec::{self, DecodeError, Packet, ProtocolVersion};
@@ -24,6 +26,8 @@ pub struct ConnectionContext {
     pub broker: Arc<Broker>,
     pub limits: SessionLimits,
     pub auth: AuthPolicy,
+    /// Credentials, permissions and revocations in force.
+    pub auth_store: Arc<AuthStore>,
     /// Time allowed from accept to a complete CONNECT.
     pub connect_timeout: Duration,
     /// Time a write may make no progress before the client is dropped.
@@ -59,8 +63,12 @@ where
     };
     let broker = &ctx.broker;
     let validated = connect::validate(version, connect, &ctx.limits, || format!("rampart-{}", broker.registry.new_session_id()));
-    let authenticated = validated.and_then(|mut request| policy::authenticate(&peer_auth, &mut request, &ctx.auth).map(|p| (request, p)));
-    let (request, principal) = match authenticated {
+    let authorized = validated.and_then(|mut request| {
+        let principal = policy::authenticate(&peer_auth, &mut request, &ctx.auth)?;
+        let grant = ctx.auth_store.current().authorize(&principal, &request.client_id)?;
+        Ok((request, principal, grant))
+    });
+    let (request, principal, grant) = match authorized {
         Ok(accepted) => accepted,
         Err(refusal) => {
             write_refusal(&mut writer, version, refusal.code).await;
@@ -84,8 +92,13 @@ where
     tracing::info!(%peer, %client_id, %identity, ?version, clean_start = request.clean_start, session_present = present, "client connected");
     metrics::connection_opened();
     let mailbox = record.mailbox.clone();
-    let mut session = Session::start(request, record, present, ctx.limits.clone(), now);
+    mailbox.set_capacity(match grant.client_type {
+        ClientType::Device => broker.settings.max_queued_messages,
+        ClientType::Application => broker.settings.application_max_queued_messages,
+    });
+    let mut session = Session::start(request, record, present, ctx.limits.clone(), grant.acl, now);
     let mut shutdown = ctx.shutdown.clone();
+    let mut auth_changes = ctx.auth_store.changes();
 
     loop {
         run_actions(&mut session, broker).await;
@@ -116,6 +129,10 @@ where
             _ = sleep_until(deadline) => session.tick(Instant::now()),
             _ = claim.taken_over.changed() => session.kick(DisconnectReasonCode::SessionTakenOver, "another connection took over this client id"),
             _ = shutdown.changed() => session.kick(DisconnectReasonCode::ServerShuttingDown, "broker shutting down"),
+            _ = auth_changes.changed() => match ctx.auth_store.current().authorize(&principal, session.client_id()) {
+                Ok(grant) => session.set_acl(grant.acl),
+                Err(refusal) => session.kick(DisconnectReasonCode::AdministrativeAction, refusal.reason),
+            },
         }
     }
 

@@ -8,6 +8,7 @@ use mqttbytes::v5::{self, ConnectReturnCode};
 use mqttbytes::QoS;
 
 use super::codec::ProtocolVersion;
+use crate::auth::policy::UnauthorizedPublish;
 use crate::broker::message::Message;
 use crate::broker::topic::{self, TopicLimits};
 
@@ -27,6 +28,8 @@ pub struct SessionLimits {
     /// Longest session expiry the broker grants, also applied to MQTT 3.1.1 persistent sessions.
     pub max_session_expiry: Duration,
     pub topics: TopicLimits,
+    /// What an MQTT 3.1.1 client gets for an unauthorized PUBLISH.
+    pub v3_unauthorized_publish: UnauthorizedPublish,
 }
 
 impl Default for SessionLimits {
@@ -39,6 +42,7 @@ impl Default for SessionLimits {
             max_keep_alive: 3600,
             max_session_expiry: Duration::from_secs(7 * 24 * 3600),
             topics: TopicLimits::default(),
+            v3_unauthorized_publish: UnauthorizedPublish::Disconnect,
         }
     }
 }

@@ -17,6 +17,8 @@ use mqttbytes::QoS;
 
 use super::codec::{self, Packet, ProtocolVersion};
 use super::connect::{ConnectRequest, SessionLimits, Will};
+use crate::auth::acl::Acl;
+use crate::auth::policy::UnauthorizedPublish;
 use crate::broker::index::SubscriptionOptions;
 use crate::broker::message::{Delivery, Message};
 use crate::broker::registry::{Inflight, Record};
@@ -72,6 +74,8 @@ pub struct Session {
     /// Messages queued by the session itself (retained messages after SUBSCRIBE), sent before the mailbox.
     pending: VecDeque<Delivery>,
     will: Option<Will>,
+    /// What the client may publish and subscribe to.
+    acl: Acl,
     problem_information: bool,
     out: BytesMut,
     actions: VecDeque<Action>,
@@ -81,7 +85,14 @@ pub struct Session {
 impl Session {
     /// Starts a session for an accepted CONNECT: writes the CONNACK and re-sends, with DUP set,
     /// every message the session still has in flight.
-    pub fn start(request: ConnectRequest, mut record: Record, session_present: bool, limits: SessionLimits, now: Instant) -> Session {
+    pub fn start(
+        request: ConnectRequest,
+        mut record: Record,
+        session_present: bool,
+        limits: SessionLimits,
+        acl: Acl,
+        now: Instant,
+    ) -> Session {
         record.expiry = request.session_expiry;
         let send_window = usize::from(request.client_receive_maximum.min(limits.max_inflight).max(1));
         let mut session = Session {
@@ -97,7 +108,14 @@ impl Session {
             next_packet_id: 0,
             send_sequence: 0,
             pending: VecDeque::new(),
-            will: request.will.clone(),
+            will: request.will.clone().filter(|w| {
+                let allowed = acl.may_publish(&w.topic);
+                if !allowed {
+                    tracing::info!(client_id = %request.client_id, topic = %w.topic, "will not accepted: topic not authorized");
+                }
+                allowed
+            }),
+            acl,
             problem_information: request.problem_information,
             out: BytesMut::new(),
             actions: VecDeque::new(),
@@ -127,6 +145,11 @@ impl Session {
             ..v5::ConnAckProperties::new()
         };
         v5::ConnAck { session_present, code: v5::ConnectReturnCode::Success, properties: Some(props) }
+    }
+
+    /// Puts new permissions in force (after the authorization state changed).
+    pub fn set_acl(&mut self, acl: Acl) {
+        self.acl = acl;
     }
 
     pub fn client_id(&self) -> &str {
@@ -262,9 +285,27 @@ impl Session {
                     .fail(Reason::ReceiveMaximumExceeded, format!("more than {} QoS 2 messages unreleased", self.limits.receive_maximum));
             }
         }
-        if props.payload_format_indicator == Some(1) && std::str::from_utf8(&publish.payload).is_err() {
-            return self.refuse_publish(&publish, Reason::PayloadFormatInvalid, "payload is not UTF-8 as its format indicator says");
+        if !self.acl.may_publish(&publish.topic) {
+            if self.version == ProtocolVersion::V311 && self.limits.v3_unauthorized_publish == UnauthorizedPublish::Drop {
+                metrics::dropped(DropReason::NotAuthorized);
+                return self.acknowledge(publish.qos, publish.pkid);
+            }
+            return self.refuse_publish(
+                &publish,
+                Reason::NotAuthorized,
+                DropReason::NotAuthorized,
+                "not authorized to publish to this topic",
+            );
         }
+        if props.payload_format_indicator == Some(1) && std::str::from_utf8(&publish.payload).is_err() {
+            return self.refuse_publish(
+                &publish,
+                Reason::PayloadFormatInvalid,
+                DropReason::Refused,
+                "payload is not UTF-8 as its format indicator says",
+            );
+        }
+        let (qos, pkid) = (publish.qos, publish.pkid);
         let expires_at = props.message_expiry_interval.take().map(|s| now + Duration::from_secs(s.into()));
         let message = Message {
             topic: publish.topic,
@@ -276,19 +317,24 @@ impl Session {
             publisher: Some(self.record.id),
         };
         self.actions.push_back(Action::Publish(Arc::new(message)));
-        match publish.qos {
+        self.acknowledge(qos, pkid);
+    }
+
+    /// PUBACK (QoS 1) or PUBREC (QoS 2, then waiting for PUBREL) for an accepted PUBLISH.
+    fn acknowledge(&mut self, qos: QoS, pkid: u16) {
+        match qos {
             QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => self.send(Packet::PubAck(v5::PubAck::new(publish.pkid))),
+            QoS::AtLeastOnce => self.send(Packet::PubAck(v5::PubAck::new(pkid))),
             QoS::ExactlyOnce => {
-                self.record.awaiting_pubrel.insert(publish.pkid);
-                self.send(Packet::PubRec(v5::PubRec::new(publish.pkid)));
+                self.record.awaiting_pubrel.insert(pkid);
+                self.send(Packet::PubRec(v5::PubRec::new(pkid)));
             }
         }
     }
 
     /// Answers a QoS 1/2 PUBLISH that is not accepted with a failure reason (MQTT 5) or closes (3.1.1).
-    fn refuse_publish(&mut self, publish: &v5::Publish, reason: Reason, detail: &str) {
-        metrics::dropped(DropReason::Refused);
+    fn refuse_publish(&mut self, publish: &v5::Publish, reason: Reason, counted_as: DropReason, detail: &str) {
+        metrics::dropped(counted_as);
         let code = reason as u8;
         match (self.version, publish.qos) {
             (ProtocolVersion::V311, _) => self.fail(reason, format!("PUBLISH to {:?}: {detail}", publish.topic)),
@@ -365,6 +411,11 @@ impl Session {
             };
             if parsed.share_group.is_some() && f.nolocal {
                 return self.fail(Reason::ProtocolError, format!("No Local on shared subscription {:?}", f.path));
+            }
+            if !self.acl.may_subscribe(parsed.filter) {
+                tracing::info!(client_id = %self.client_id, filter = %f.path, "subscription not authorized");
+                codes.push(v5::SubscribeReasonCode::NotAuthorized);
+                continue;
             }
             let retain_handling = match (parsed.share_group, f.retain_forward_rule) {
                 (Some(_), _) | (_, v5::RetainForwardRule::Never) => RetainHandling::Never,
@@ -625,7 +676,7 @@ mod tests {
         connect.keep_alive = 10;
         connect.properties = props;
         let request = connect::validate(version, connect, &SessionLimits::default(), || unreachable!()).unwrap();
-        let mut session = Session::start(request, record, false, SessionLimits::default(), Instant::now());
+        let mut session = Session::start(request, record, false, SessionLimits::default(), Acl::allow_all(), Instant::now());
         match read(&mut session, version).as_slice() {
             [Packet::ConnAck(ack)] => assert_eq!(ack.code, v5::ConnectReturnCode::Success),
             other => panic!("expected CONNACK, got {other:?}"),
@@ -752,7 +803,7 @@ mod tests {
         let (_claim, record) = registry.claim("c1", WAIT).await.unwrap();
         let request =
             connect::validate(ProtocolVersion::V311, v5::Connect::new("c1"), &SessionLimits::default(), || unreachable!()).unwrap();
-        let mut resumed = Session::start(request, record, true, SessionLimits::default(), Instant::now());
+        let mut resumed = Session::start(request, record, true, SessionLimits::default(), Acl::allow_all(), Instant::now());
         let packets = read(&mut resumed, ProtocolVersion::V311);
         assert!(matches!(&packets[0], Packet::ConnAck(a) if a.session_present));
         assert!(matches!(&packets[1], Packet::Publish(p) if p.dup && p.qos == QoS::AtLeastOnce));

@@ -24,10 +24,12 @@ pub enum DropReason {
     TooLargeForClient,
     /// PUBLISH refused by the broker (e.g. invalid payload format).
     Refused,
+    /// PUBLISH to a topic the client may not write.
+    NotAuthorized,
 }
 
 impl DropReason {
-    const ALL: [DropReason; 7] = [
+    const ALL: [DropReason; 8] = [
         DropReason::SlowSubscriberQos0,
         DropReason::SlowSubscriberTimeout,
         DropReason::OfflineQos0,
@@ -35,6 +37,7 @@ impl DropReason {
         DropReason::Expired,
         DropReason::TooLargeForClient,
         DropReason::Refused,
+        DropReason::NotAuthorized,
     ];
 
     fn label(self) -> &'static str {
@@ -46,6 +49,7 @@ impl DropReason {
             DropReason::Expired => "expired",
             DropReason::TooLargeForClient => "too_large_for_client",
             DropReason::Refused => "refused",
+            DropReason::NotAuthorized => "not_authorized",
         }
     }
 }

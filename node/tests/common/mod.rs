@@ -171,6 +171,12 @@ fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     Some(&rest[..end])
 }
 
+fn tcp(addr: SocketAddr) -> std::net::TcpStream {
+    let stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    stream
+}
+
 /// Runs a command to completion, killing it after `timeout`.
 pub fn run_with_timeout(mut command: Command, timeout: Duration) -> std::process::Output {
     let child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("start command");
@@ -188,9 +194,13 @@ pub fn run_with_timeout(mut command: Command, timeout: Duration) -> std::process
     }
 }
 
+/// A byte stream: TCP, or TLS over TCP.
+pub trait Stream: std::io::Read + std::io::Write + Send {}
+impl<T: std::io::Read + std::io::Write + Send> Stream for T {}
+
 /// A blocking MQTT client on a raw socket, for sending exact bytes and reading exact answers.
 pub struct Raw {
-    pub stream: std::net::TcpStream,
+    pub stream: Box<dyn Stream>,
     pub version: rampart_node::mqtt::codec::ProtocolVersion,
     input: bytes::BytesMut,
 }
@@ -198,22 +208,44 @@ pub struct Raw {
 impl Raw {
     /// Connects the socket without sending anything.
     pub fn socket(addr: SocketAddr, version: rampart_node::mqtt::codec::ProtocolVersion) -> Raw {
-        let stream = std::net::TcpStream::connect(addr).expect("connect");
-        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        Raw { stream, version, input: bytes::BytesMut::new() }
+        Raw { stream: Box::new(tcp(addr)), version, input: bytes::BytesMut::new() }
+    }
+
+    /// A TLS connection to `localhost` trusting `ca`, presenting the client certificate `identity` (cert, key).
+    pub fn tls(addr: SocketAddr, version: rampart_node::mqtt::codec::ProtocolVersion, ca: &Path, identity: (&Path, &Path)) -> Raw {
+        use rustls::pki_types::pem::PemObject;
+        rampart_node::tls::install_crypto_provider();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add_parsable_certificates(rampart_node::tls::load_certs(ca).expect("ca"));
+        let chain = rampart_node::tls::load_certs(identity.0).expect("client certificate");
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_file(identity.1).expect("client key");
+        let config =
+            rustls::ClientConfig::builder().with_root_certificates(roots).with_client_auth_cert(chain, key).expect("client config");
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let connection = rustls::ClientConnection::new(std::sync::Arc::new(config), name).expect("tls client");
+        Raw { stream: Box::new(rustls::StreamOwned::new(connection, tcp(addr))), version, input: bytes::BytesMut::new() }
     }
 
     /// Connects and completes CONNECT/CONNACK with a clean session.
     pub fn connect(addr: SocketAddr, version: rampart_node::mqtt::codec::ProtocolVersion, client_id: &str) -> Raw {
         let mut raw = Raw::socket(addr, version);
-        raw.send_packet(&rampart_node::mqtt::codec::Packet::Connect(mqttbytes::v5::Connect::new(client_id)));
-        match raw.recv() {
-            Some(rampart_node::mqtt::codec::Packet::ConnAck(ack)) => {
-                assert_eq!(ack.code, mqttbytes::v5::ConnectReturnCode::Success, "CONNACK for {client_id}")
-            }
+        raw.handshake(client_id);
+        raw
+    }
+
+    /// Sends CONNECT with a clean session and asserts a successful CONNACK.
+    pub fn handshake(&mut self, client_id: &str) {
+        let code = self.connack(client_id);
+        assert_eq!(code, mqttbytes::v5::ConnectReturnCode::Success, "CONNACK for {client_id}");
+    }
+
+    /// Sends CONNECT with a clean session and returns the CONNACK code.
+    pub fn connack(&mut self, client_id: &str) -> mqttbytes::v5::ConnectReturnCode {
+        self.send_packet(&rampart_node::mqtt::codec::Packet::Connect(mqttbytes::v5::Connect::new(client_id)));
+        match self.recv() {
+            Some(rampart_node::mqtt::codec::Packet::ConnAck(ack)) => ack.code,
             other => panic!("expected CONNACK, got {other:?}"),
         }
-        raw
     }
 
     pub fn send(&mut self, bytes: &[u8]) {
@@ -239,7 +271,7 @@ impl Raw {
             match self.stream.read(&mut chunk) {
                 Ok(0) => return None,
                 Ok(n) => self.input.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return None,
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::UnexpectedEof) => return None,
                 Err(e) => panic!("read failed: {e}"),
             }
         }

@@ -1,0 +1,243 @@
+//! `AuthIndex`: the `AuthState` compiled for the hot path — credentials by exact identity and by
+//! regex, roles by name, the revocation set — and the CONNECT-time decision built on it.
+
+use std::collections::{HashMap, HashSet};
+
+use mqttbytes::v5::ConnectReturnCode;
+use regex::Regex;
+
+use super::acl::{self, Acl};
+use super::policy::Principal;
+use super::state::{AuthState, ClientType, Credential, Rule, UnknownCertificate};
+use crate::mqtt::connect::Refusal;
+
+/// What a client was granted at CONNECT.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    /// The credential that matched, if any.
+    pub credential: Option<String>,
+    pub client_type: ClientType,
+    pub acl: Acl,
+}
+
+#[derive(Debug, Default)]
+pub struct AuthIndex {
+    /// `None` when no authorization is configured: every authenticated client may do anything.
+    state: Option<AuthState>,
+    exact: HashMap<String, usize>,
+    /// (regex, priority, credential index), highest priority first, then in file order.
+    regexes: Vec<(Regex, i32, usize)>,
+    roles: HashMap<String, usize>,
+    revoked: HashSet<(String, String)>,
+}
+
+impl AuthIndex {
+    /// No authorization configured.
+    pub fn open() -> AuthIndex {
+        AuthIndex::default()
+    }
+
+    /// Compiles and checks a state: unique names, one identity form per credential, regexes that
+    /// compile, roles that exist, rules that are valid.
+    pub fn build(state: AuthState) -> Result<AuthIndex, String> {
+        let mut index = AuthIndex::default();
+        for (i, role) in state.roles.iter().enumerate() {
+            if index.roles.insert(role.name.clone(), i).is_some() {
+                return Err(format!("roles: duplicate role {:?}", role.name));
+            }
+            check_rules(&role.rules).map_err(|e| format!("roles.{}: {e}", role.name))?;
+        }
+        let mut names = HashSet::new();
+        for (i, c) in state.credentials.iter().enumerate() {
+            let at = |e: String| format!("credentials.{}: {e}", c.name);
+            if !names.insert(c.name.as_str()) {
+                return Err(at("duplicate credential name".into()));
+            }
+            check_rules(&c.rules).map_err(at)?;
+            if let Some(role) = c.roles.iter().find(|r| !index.roles.contains_key(*r)) {
+                return Err(at(format!("unknown role {role:?}")));
+            }
+            match (&c.x509.identity, &c.x509.identity_regex) {
+                (Some(identity), None) => {
+                    if index.exact.insert(identity.clone(), i).is_some() {
+                        return Err(at(format!("identity {identity:?} is already used by another credential")));
+                    }
+                }
+                (None, Some(pattern)) => {
+                    let regex = Regex::new(&format!("^(?:{pattern})$")).map_err(|e| at(format!("identity_regex: {e}")))?;
+                    index.regexes.push((regex, c.x509.priority, i));
+                }
+                _ => return Err(at("x509 needs exactly one of identity and identity_regex".into())),
+            }
+        }
+        index.regexes.sort_by_key(|(_, priority, i)| (-priority, *i));
+        check_rules(&state.defaults.rules).map_err(|e| format!("defaults: {e}"))?;
+        index.revoked = state.revocations.iter().map(|r| (r.issuer.clone(), r.serial.to_uppercase())).collect();
+        index.state = Some(state);
+        Ok(index)
+    }
+
+    /// Whether the certificate (issuer, serial) is revoked in the state.
+    pub fn is_revoked(&self, issuer: &str, serial: &str) -> bool {
+        self.revoked.contains(&(issuer.to_string(), serial.to_string()))
+    }
+
+    fn credential(&self, identity: &str, issuer: &str) -> Option<&Credential> {
+        let state = self.state.as_ref()?;
+        let issuer_ok = |c: &&Credential| c.x509.issuer.as_deref().is_none_or(|i| i == issuer);
+        self.exact.get(identity).map(|&i| &state.credentials[i]).filter(issuer_ok).or_else(|| {
+            self.regexes.iter().filter(|(r, _, _)| r.is_match(identity)).map(|(_, _, i)| &state.credentials[*i]).find(issuer_ok)
+        })
+    }
+
+    /// The CONNECT decision for an authenticated principal.
+    pub fn authorize(&self, principal: &Principal, client_id: &str) -> Result<Grant, Refusal> {
+        let refuse = |reason: String| Refusal { code: ConnectReturnCode::NotAuthorized, reason };
+        let Some(cert) = &principal.certificate else {
+            return Ok(Grant { credential: None, client_type: ClientType::Device, acl: Acl::allow_all() });
+        };
+        if self.is_revoked(&cert.issuer, &cert.serial) {
+            return Err(refuse(format!("certificate {} of {} is revoked", cert.serial, cert.issuer)));
+        }
+        let Some(state) = &self.state else {
+            return Ok(Grant { credential: None, client_type: ClientType::Device, acl: Acl::allow_all() });
+        };
+        let username = principal.username.as_deref().unwrap_or(&cert.identity);
+        let compile = |rules: Vec<&Rule>| Acl::compile(rules, username, client_id).map_err(|e| refuse(format!("permissions: {e}")));
+        match self.credential(&cert.identity, &cert.issuer) {
+            Some(c) if !c.enabled => Err(refuse(format!("credential {:?} is disabled", c.name))),
+            Some(c) => {
+                let role_rules = c.roles.iter().flat_map(|r| state.roles[self.roles[r]].rules.iter());
+                let acl = compile(c.rules.iter().chain(role_rules).collect())?;
+                Ok(Grant { credential: Some(c.name.clone()), client_type: c.client_type, acl })
+            }
+            None if state.defaults.unknown_certificate == UnknownCertificate::DefaultRules => Ok(Grant {
+                credential: None,
+                client_type: state.defaults.client_type,
+                acl: compile(state.defaults.rules.iter().collect())?,
+            }),
+            None => Err(refuse(format!("no credential for identity {:?}", cert.identity))),
+        }
+    }
+}
+
+fn check_rules(rules: &[Rule]) -> Result<(), String> {
+    rules.iter().try_for_each(acl::validate_rule)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::identity::PeerCertificate;
+
+    const STATE: &str = r#"
+        [[roles]]
+        name = "telemetry"
+        rules = [{ access = "write", pattern = "cpi/%u/telemetry" }]
+
+        [[credentials]]
+        name = "plc-1"
+        roles = ["telemetry"]
+        x509 = { identity = "plc-1" }
+        rules = [{ access = "read", pattern = "cpi/%u/commands" }]
+
+        [[credentials]]
+        name = "all-sensors"
+        client_type = "APPLICATION"
+        x509 = { identity_regex = "sensor-[0-9]+", priority = 1 }
+        rules = [{ access = "readWrite", topic_regex = "sensors/%u/.*" }]
+
+        [[credentials]]
+        name = "retired"
+        enabled = false
+        x509 = { identity = "plc-9" }
+
+        [[credentials]]
+        name = "other-ca-only"
+        x509 = { identity = "gw-1", issuer = "CN=Other CA" }
+
+        [defaults]
+        unknown_certificate = "reject"
+
+        [[revocations]]
+        issuer = "CN=Fleet CA"
+        serial = "0A:0B"
+    "#;
+
+    fn index(text: &str) -> AuthIndex {
+        AuthIndex::build(toml::from_str(text).unwrap()).unwrap()
+    }
+
+    fn principal(identity: &str, serial: &str) -> Principal {
+        let cert = PeerCertificate { identity: identity.into(), serial: serial.into(), issuer: "CN=Fleet CA".into(), not_after: 0 };
+        Principal { identity: Some(identity.into()), username: Some(identity.into()), certificate: Some(cert) }
+    }
+
+    #[test]
+    fn credentials_roles_and_rules() {
+        let index = index(STATE);
+        let grant = index.authorize(&principal("plc-1", "01"), "plc-1").unwrap();
+        assert_eq!(grant.credential.as_deref(), Some("plc-1"));
+        assert!(grant.acl.may_publish("cpi/plc-1/telemetry"), "from the role");
+        assert!(grant.acl.may_subscribe("cpi/plc-1/commands"), "from the credential");
+        assert!(!grant.acl.may_publish("cpi/plc-2/telemetry"));
+        let sensor = index.authorize(&principal("sensor-42", "02"), "sensor-42").unwrap();
+        assert_eq!(sensor.client_type, ClientType::Application);
+        assert!(sensor.acl.may_publish("sensors/sensor-42/temp"));
+    }
+
+    #[test]
+    fn refusals() {
+        let index = index(STATE);
+        for (identity, serial, why) in [
+            ("plc-1", "0A:0B", "revoked"),
+            ("plc-9", "03", "disabled"),
+            ("stranger", "04", "no credential"),
+            ("gw-1", "05", "no credential"),
+        ] {
+            let err = index.authorize(&principal(identity, serial), identity).unwrap_err();
+            assert_eq!(err.code, ConnectReturnCode::NotAuthorized);
+            assert!(err.reason.contains(why), "{identity}: {}", err.reason);
+        }
+    }
+
+    #[test]
+    fn default_rules_for_unknown_certificates() {
+        let index = index(
+            r#"
+            [defaults]
+            unknown_certificate = "default_rules"
+            rules = [{ access = "readWrite", pattern = "devices/%u/#" }]
+            "#,
+        );
+        let grant = index.authorize(&principal("device-7", "01"), "device-7").unwrap();
+        assert!(grant.acl.may_publish("devices/device-7/x"));
+        assert!(!grant.acl.may_publish("devices/device-8/x"));
+    }
+
+    #[test]
+    fn no_state_allows_everything_but_anonymous_is_allowed_too() {
+        let grant = AuthIndex::open().authorize(&principal("x", "01"), "x").unwrap();
+        assert!(grant.acl.may_subscribe("#"));
+    }
+
+    #[test]
+    fn invalid_states_are_refused_with_the_place() {
+        for (text, needle) in [
+            ("[[credentials]]\nname = \"a\"\nx509 = {}\n", "exactly one"),
+            ("[[credentials]]\nname = \"a\"\nroles = [\"nope\"]\nx509 = { identity = \"a\" }\n", "unknown role"),
+            ("[[credentials]]\nname = \"a\"\nx509 = { identity_regex = \"(\" }\n", "identity_regex"),
+            (
+                "[[credentials]]\nname = \"a\"\nx509 = { identity = \"a\" }\nrules = [{ access = \"read\", pattern = \"a/#/b\" }]\n",
+                "credentials.a",
+            ),
+            (
+                "[[credentials]]\nname = \"a\"\nx509 = { identity = \"a\" }\n[[credentials]]\nname = \"b\"\nx509 = { identity = \"a\" }\n",
+                "already used",
+            ),
+        ] {
+            let err = AuthIndex::build(toml::from_str(text).unwrap()).unwrap_err();
+            assert!(err.contains(needle), "{err}");
+        }
+    }
+}
