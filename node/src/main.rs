@@ -22,8 +22,8 @@ enum Command {
         /// TOML configuration file (see docs/configuration.md).
         #[arg(long, short, env = "RAMPART_CONFIG", conflicts_with = "dev")]
         config: Option<PathBuf>,
-        /// Development mode: one node on 127.0.0.1 with MQTT on 1883 and TLS on 8883, using a
-        /// generated CA and server certificate kept in --dev-dir.
+        /// Development mode: one node on 127.0.0.1 with anonymous MQTT on 1883 and mutual TLS on
+        /// 8883, using a generated CA, server, device and admin certificates kept in --dev-dir.
         #[arg(long)]
         dev: bool,
         /// Where development mode keeps its certificates.
@@ -79,6 +79,8 @@ fn load(path: Option<PathBuf>, dev: bool, dev_dir: &std::path::Path) -> anyhow::
 fn dev_config(pki: &rampart_node::pki::DevPki) -> String {
     format!(
         r#"
+[auth]
+state_file = {:?}
 [http]
 bind = "127.0.0.1:9090"
 [listeners.tcp]
@@ -87,9 +89,13 @@ bind = "127.0.0.1:1883"
 bind = "127.0.0.1:8883"
 cert_file = {:?}
 key_file = {:?}
+client_certificate = "required"
+ca_file = {:?}
 "#,
+        pki.auth_state.display().to_string(),
         pki.server_cert.display().to_string(),
-        pki.server_key.display().to_string()
+        pki.server_key.display().to_string(),
+        pki.ca_cert.display().to_string(),
     )
 }
 
@@ -103,7 +109,7 @@ async fn serve(config: Config, dev_dir: Option<PathBuf>) -> anyhow::Result<()> {
         tracing::info!(%addr, "metrics and health on http://{addr}/metrics, /healthz, /readyz");
     }
     if let Some(dir) = dev_dir {
-        print_dev_help(&server, &dir);
+        print_dev_help(&server, &rampart_node::pki::ensure_dev_pki(&dir)?);
     }
     wait_for_stop(&server).await?;
     tracing::info!("shutting down");
@@ -111,18 +117,24 @@ async fn serve(config: Config, dev_dir: Option<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_dev_help(server: &Server, dir: &std::path::Path) {
+fn print_dev_help(server: &Server, pki: &rampart_node::pki::DevPki) {
     let port = |kind| server.listeners.iter().find(|(k, _)| *k == kind).map(|(_, a)| a.port());
-    let ca = dir.join("ca.pem");
-    println!("\nRampart development node is running. Try, in two terminals:");
+    println!("\nRampart development node is running.");
     if let Some(p) = port(ListenerKind::Tcp) {
+        println!("Anonymous MQTT on 127.0.0.1:{p}, for quick experiments:");
         println!("  mosquitto_sub -h 127.0.0.1 -p {p} -t 'demo/#' -v");
         println!("  mosquitto_pub -h 127.0.0.1 -p {p} -t demo/hello -m 'hello rampart'");
     }
-    if let Some(p) = port(ListenerKind::Tls) {
-        println!("Over TLS (server certificate from the development CA):");
-        println!("  mosquitto_sub -h localhost -p {p} --cafile {} -t 'demo/#' -v", ca.display());
-        println!("  mosquitto_pub -h localhost -p {p} --cafile {} -t demo/hello -m 'hello over tls'", ca.display());
+    if let (Some(p), [(id, cert, key), (other, other_cert, other_key), ..]) = (port(ListenerKind::Tls), pki.devices.as_slice()) {
+        let tls = |cert: &std::path::Path, key: &std::path::Path| {
+            format!("-h localhost -p {p} --cafile {} --cert {} --key {}", pki.ca_cert.display(), cert.display(), key.display())
+        };
+        println!("Mutual TLS on localhost:{p}: each device certificate may use devices/<its id>/# only.");
+        println!("  mosquitto_sub {} -i {id} -t 'devices/{id}/#' -v", tls(cert, key));
+        println!("  mosquitto_pub {} -i {id}-pub -t devices/{id}/hello -m 'hello from {id}'", tls(cert, key));
+        println!("  # refused (SUBACK 0x80): {other} may not read {id}'s topics");
+        println!("  mosquitto_sub {} -i {other} -t 'devices/{id}/#' -v", tls(other_cert, other_key));
+        println!("Rules: {} (edit, then kill -HUP {})", pki.auth_state.display(), std::process::id());
     }
     println!("Stop with Ctrl-C.\n");
 }

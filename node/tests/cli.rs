@@ -65,8 +65,10 @@ fn dev_mode_creates_its_pki_and_prints_how_to_connect() {
     let _ = child.kill();
     let _ = child.wait();
     let text = reader.join().unwrap();
-    assert!(text.contains("mosquitto_pub") && text.contains("--cafile"), "{text}");
-    for file in ["ca.pem", "ca.key", "servers/localhost.pem", "servers/localhost.key"] {
+    assert!(text.contains("mosquitto_pub") && text.contains("--cert") && text.contains("devices/device-1/hello"), "{text}");
+    for file in
+        ["ca.pem", "ca.key", "servers/localhost.pem", "devices/device-1.pem", "devices/device-2.key", "admins/admin.pem", "auth.toml"]
+    {
         assert!(dir.path().join("rampart-dev").join(file).is_file(), "{file} missing");
     }
 }

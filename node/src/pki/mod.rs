@@ -349,24 +349,57 @@ fn write_private(path: &Path, pem: &str) -> std::io::Result<()> {
     options.open(path)?.write_all(pem.as_bytes())
 }
 
-/// Files of the development PKI used by `serve --dev`.
+/// Files of the development setup used by `serve --dev`.
 #[derive(Debug, Clone)]
 pub struct DevPki {
     pub ca_cert: PathBuf,
     pub server_cert: PathBuf,
     pub server_key: PathBuf,
+    /// Device certificates (cert, key) by device id.
+    pub devices: Vec<(String, PathBuf, PathBuf)>,
+    /// The authorization state: each device may read and write `devices/<its id>/#`.
+    pub auth_state: PathBuf,
 }
 
-/// Creates what is missing of the development PKI under `dir` (a CA and a `localhost` server
-/// certificate) and returns its files.
+/// Device ids of the development setup.
+pub const DEV_DEVICES: [&str; 2] = ["device-1", "device-2"];
+
+/// The development rules: every certificate of the development CA gets `devices/<identity>/#`.
+const DEV_AUTH_STATE: &str = r#"# Development authorization state (see docs/security.md).
+# Every certificate of the development CA may read and write devices/<its identity>/# only.
+[defaults]
+unknown_certificate = "default_rules"
+rules = [{ access = "readWrite", pattern = "devices/%u/#" }]
+"#;
+
+/// Creates what is missing of the development setup under `dir`: a CA, a `localhost` server
+/// certificate, certificates for `device-1`, `device-2` and `admin`, and the development
+/// authorization state. Existing files are kept.
 pub fn ensure_dev_pki(dir: &Path) -> anyhow::Result<DevPki> {
     let store = Store::new(dir);
     if !store.has_ca() {
         store.init_ca("Rampart Development CA", 3650)?;
     }
-    let (server_cert, server_key) = store.paths(Kind::Server, "localhost");
-    if !server_cert.is_file() || !server_key.is_file() {
-        store.issue(Kind::Server, "localhost", &["localhost".into(), "127.0.0.1".into(), "::1".into()], 825)?;
+    let wanted = [(Kind::Server, "localhost", vec!["localhost".into(), "127.0.0.1".into(), "::1".into()]), (Kind::Admin, "admin", vec![])]
+        .into_iter()
+        .chain(DEV_DEVICES.iter().map(|d| (Kind::Device, *d, vec![])));
+    for (kind, name, sans) in wanted {
+        let (cert, key) = store.paths(kind, name);
+        if !cert.is_file() || !key.is_file() {
+            store.issue(kind, name, &sans, 825)?;
+        }
     }
-    Ok(DevPki { ca_cert: store.ca_cert(), server_cert, server_key })
+    let auth_state = dir.join("auth.toml");
+    if !auth_state.is_file() {
+        fs::write(&auth_state, DEV_AUTH_STATE)?;
+    }
+    let (server_cert, server_key) = store.paths(Kind::Server, "localhost");
+    let devices = DEV_DEVICES
+        .iter()
+        .map(|d| {
+            let (cert, key) = store.paths(Kind::Device, d);
+            (d.to_string(), cert, key)
+        })
+        .collect();
+    Ok(DevPki { ca_cert: store.ca_cert(), server_cert, server_key, devices, auth_state })
 }
