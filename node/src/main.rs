@@ -32,11 +32,23 @@ enum Command {
     },
     /// Manage a certificate authority for the fleet: CA, server, node, admin and device certificates, CRLs.
     Pki(rampart_node::pki::cli::PkiArgs),
+    /// Print the argon2id hash of a password read from standard input, for a password credential.
+    Passwd,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Passwd => match read_password().and_then(|p| rampart_node::auth::password::hash(&p).map_err(anyhow::Error::msg)) {
+            Ok(hash) => {
+                println!("{hash}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("rampart passwd: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Pki(args) => match rampart_node::pki::cli::run(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -62,6 +74,18 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// One line from standard input, without its line ending; an empty password is refused.
+fn read_password() -> anyhow::Result<String> {
+    if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        eprint!("Password (echoed): ");
+    }
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    let password = line.trim_end_matches(['\r', '\n']).to_string();
+    anyhow::ensure!(!password.is_empty(), "empty password");
+    Ok(password)
 }
 
 fn load(path: Option<PathBuf>, dev: bool, dev_dir: &std::path::Path) -> anyhow::Result<Config> {

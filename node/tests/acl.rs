@@ -32,6 +32,14 @@ enabled = false
 x509 = { identity = "plc-3" }
 "#;
 
+/// A password credential `dashboard` / `s3cret` that may read `devices/#`.
+fn password_credential() -> String {
+    let hash = rampart_node::auth::password::hash("s3cret").unwrap();
+    format!(
+        "\n[[credentials]]\nname = \"dashboard\"\npassword = {{ username = \"dashboard\", hash = \"{hash}\" }}\nrules = [{{ access = \"read\", pattern = \"devices/#\" }}]\n"
+    )
+}
+
 struct Setup {
     _dir: tempfile::TempDir,
     store: Store,
@@ -48,7 +56,7 @@ fn setup() -> Setup {
         store.issue(Kind::Device, device, &[], 30).unwrap();
     }
     let state_file = dir.path().join("auth.toml");
-    std::fs::write(&state_file, STATE).unwrap();
+    std::fs::write(&state_file, format!("{STATE}{}", password_credential())).unwrap();
     let (cert, key) = store.paths(Kind::Server, "localhost");
     let config = format!(
         "[auth]\nstate_file = {state_file:?}\n[listeners.tls]\nbind = \"127.0.0.1:0\"\ncert_file = {cert:?}\nkey_file = {key:?}\nclient_certificate = \"required\"\nca_file = {:?}\n",
@@ -153,7 +161,7 @@ fn revoking_a_connected_certificate_disconnects_it_on_reload() {
     s.store.issue(Kind::Device, "plc-1", &[], 30).unwrap();
     let revocation =
         format!("\n[[revocations]]\nissuer = \"O=Rampart, CN=ACL Test CA\"\nserial = \"{serial}\"\nreason = \"keyCompromise\"\n");
-    std::fs::write(&s.state_file, format!("{STATE}{revocation}")).unwrap();
+    std::fs::write(&s.state_file, format!("{STATE}{}{revocation}", password_credential())).unwrap();
     let status = Command::new("kill").args(["-HUP", &s.broker.pid().to_string()]).status().unwrap();
     assert!(status.success());
     match live.recv() {
@@ -174,4 +182,30 @@ fn a_broken_state_file_on_reload_keeps_the_previous_state() {
     let line = s.broker.wait_for_log("not reloaded", Duration::from_secs(5)).expect("an error is logged");
     assert!(line.contains("credentials"), "{line}");
     s.connected(V5, "plc-1");
+}
+
+#[test]
+fn password_and_anonymous_clients_over_plain_tcp() {
+    let s = setup();
+    let tcp = s.broker.tcp.unwrap();
+    let login = |user: &str, password: &str| {
+        let mut c = v5::Connect::new(format!("{user}-client"));
+        c.set_login(user, password);
+        c
+    };
+    for version in [V311, V5] {
+        let code = |connect: v5::Connect| Raw::socket(tcp, version).connack_with(connect);
+        assert_eq!(code(login("dashboard", "s3cret")), ConnectReturnCode::Success);
+        assert_eq!(code(login("dashboard", "wrong")), ConnectReturnCode::BadUserNamePassword);
+        assert_eq!(code(login("nobody", "s3cret")), ConnectReturnCode::BadUserNamePassword);
+        assert_eq!(code(login("plc-1", "s3cret")), ConnectReturnCode::BadUserNamePassword, "a certificate-only identity has no password");
+        assert_eq!(code(v5::Connect::new("anonymous")), ConnectReturnCode::NotAuthorized, "no anonymous clients by default");
+    }
+    let mut dashboard = Raw::socket(tcp, V5);
+    assert_eq!(dashboard.connack_with(login("dashboard", "s3cret")), ConnectReturnCode::Success);
+    dashboard.send_packet(&subscribe(&["devices/#", "cpi/#"]));
+    match dashboard.recv() {
+        Some(Packet::SubAck(ack)) => assert_eq!(ack.return_codes, [v5::SubscribeReasonCode::QoS1, v5::SubscribeReasonCode::NotAuthorized]),
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
 }

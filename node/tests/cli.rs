@@ -101,3 +101,25 @@ fn sigterm_disconnects_mqtt5_clients_with_server_shutting_down() {
     }
     assert!(broker.wait_for_exit(Duration::from_secs(10)).is_some_and(|s| s.success()));
 }
+
+#[test]
+fn passwd_prints_an_argon2id_hash_and_refuses_an_empty_password() {
+    use std::io::Write;
+    let run = |input: &str| {
+        let mut child = Command::new(common::binary())
+            .arg("passwd")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let out = run("s3cret\n");
+    assert!(out.status.success());
+    let hash = String::from_utf8(out.stdout).unwrap();
+    assert!(hash.trim().starts_with("$argon2id$"), "{hash}");
+    assert!(rampart_node::auth::password::verify("s3cret", hash.trim()));
+    assert!(!run("\n").status.success());
+}

@@ -7,6 +7,7 @@ use mqttbytes::v5::ConnectReturnCode;
 use regex::Regex;
 
 use super::acl::{self, Acl};
+use super::password;
 use super::policy::Principal;
 use super::state::{AuthState, ClientType, Credential, Rule, UnknownCertificate};
 use crate::mqtt::connect::Refusal;
@@ -28,6 +29,8 @@ pub struct AuthIndex {
     /// (regex, priority, credential index), highest priority first, then in file order.
     regexes: Vec<(Regex, i32, usize)>,
     roles: HashMap<String, usize>,
+    /// Password credentials by user name.
+    passwords: HashMap<String, usize>,
     revoked: HashSet<(String, String)>,
 }
 
@@ -57,21 +60,31 @@ impl AuthIndex {
             if let Some(role) = c.roles.iter().find(|r| !index.roles.contains_key(*r)) {
                 return Err(at(format!("unknown role {role:?}")));
             }
-            match (&c.x509.identity, &c.x509.identity_regex) {
-                (Some(identity), None) => {
-                    if index.exact.insert(identity.clone(), i).is_some() {
-                        return Err(at(format!("identity {identity:?} is already used by another credential")));
+            match (&c.x509, &c.password) {
+                (Some(x509), None) => match (&x509.identity, &x509.identity_regex) {
+                    (Some(identity), None) => {
+                        if index.exact.insert(identity.clone(), i).is_some() {
+                            return Err(at(format!("identity {identity:?} is already used by another credential")));
+                        }
+                    }
+                    (None, Some(pattern)) => {
+                        let regex = Regex::new(&format!("^(?:{pattern})$")).map_err(|e| at(format!("identity_regex: {e}")))?;
+                        index.regexes.push((regex, x509.priority, i));
+                    }
+                    _ => return Err(at("x509 needs exactly one of identity and identity_regex".into())),
+                },
+                (None, Some(pw)) => {
+                    password::check_hash(&pw.hash).map_err(|e| at(format!("password.hash: {e}")))?;
+                    if index.passwords.insert(pw.username.clone(), i).is_some() {
+                        return Err(at(format!("user name {:?} is already used by another credential", pw.username)));
                     }
                 }
-                (None, Some(pattern)) => {
-                    let regex = Regex::new(&format!("^(?:{pattern})$")).map_err(|e| at(format!("identity_regex: {e}")))?;
-                    index.regexes.push((regex, c.x509.priority, i));
-                }
-                _ => return Err(at("x509 needs exactly one of identity and identity_regex".into())),
+                _ => return Err(at("a credential needs exactly one of x509 and password".into())),
             }
         }
         index.regexes.sort_by_key(|(_, priority, i)| (-priority, *i));
         check_rules(&state.defaults.rules).map_err(|e| format!("defaults: {e}"))?;
+        check_rules(&state.defaults.anonymous_rules).map_err(|e| format!("defaults.anonymous_rules: {e}"))?;
         index.revoked = state.revocations.iter().map(|r| (r.issuer.clone(), r.serial.to_uppercase())).collect();
         index.state = Some(state);
         Ok(index)
@@ -84,17 +97,53 @@ impl AuthIndex {
 
     fn credential(&self, identity: &str, issuer: &str) -> Option<&Credential> {
         let state = self.state.as_ref()?;
-        let issuer_ok = |c: &&Credential| c.x509.issuer.as_deref().is_none_or(|i| i == issuer);
+        let issuer_ok = |c: &&Credential| c.x509.as_ref().and_then(|x| x.issuer.as_deref()).is_none_or(|i| i == issuer);
         self.exact.get(identity).map(|&i| &state.credentials[i]).filter(issuer_ok).or_else(|| {
             self.regexes.iter().filter(|(r, _, _)| r.is_match(identity)).map(|(_, _, i)| &state.credentials[*i]).find(issuer_ok)
         })
+    }
+
+    /// Checks a user name and password against the password credentials. `Ok(false)`: no
+    /// authorization is configured, the client stays anonymous. Slow by design (argon2id): call
+    /// it off the async threads.
+    pub fn check_password(&self, username: &str, password: Option<&str>) -> Result<bool, Refusal> {
+        let Some(state) = &self.state else { return Ok(false) };
+        let hash = self.passwords.get(username).and_then(|&i| state.credentials[i].password.as_ref()).map(|p| p.hash.as_str());
+        // Without a credential, verify against a fixed hash anyway, so timing does not tell which user names exist.
+        let known = password::verify(password.unwrap_or_default(), hash.unwrap_or(&TIMING_HASH)) && hash.is_some();
+        if !known {
+            return Err(Refusal {
+                code: ConnectReturnCode::BadUserNamePassword,
+                reason: format!("unknown user name or wrong password for {username:?}"),
+            });
+        }
+        Ok(true)
     }
 
     /// The CONNECT decision for an authenticated principal.
     pub fn authorize(&self, principal: &Principal, client_id: &str) -> Result<Grant, Refusal> {
         let refuse = |reason: String| Refusal { code: ConnectReturnCode::NotAuthorized, reason };
         let Some(cert) = &principal.certificate else {
-            return Ok(Grant { credential: None, client_type: ClientType::Device, acl: Acl::allow_all() });
+            let Some(state) = &self.state else {
+                return Ok(Grant { credential: None, client_type: ClientType::Device, acl: Acl::allow_all() });
+            };
+            let username = principal.username.as_deref().unwrap_or_default();
+            if principal.password_verified {
+                let credential = self.passwords.get(username).map(|&i| &state.credentials[i]);
+                return match credential {
+                    None => Err(refuse(format!("the password credential of {username:?} no longer exists"))),
+                    Some(c) if !c.enabled => Err(refuse(format!("credential {:?} is disabled", c.name))),
+                    Some(c) if c.password.as_ref().and_then(|p| p.client_id.as_deref()).is_some_and(|bound| bound != client_id) => {
+                        Err(refuse(format!("credential {:?} is bound to another client id", c.name)))
+                    }
+                    Some(c) => self.grant(state, c, username, client_id),
+                };
+            }
+            if !state.defaults.anonymous {
+                return Err(refuse("anonymous clients are not allowed: present a certificate or a user name and password".into()));
+            }
+            let acl = Acl::compile(&state.defaults.anonymous_rules, "", client_id).map_err(|e| refuse(format!("permissions: {e}")))?;
+            return Ok(Grant { credential: None, client_type: state.defaults.client_type, acl });
         };
         if self.is_revoked(&cert.issuer, &cert.serial) {
             return Err(refuse(format!("certificate {} of {} is revoked", cert.serial, cert.issuer)));
@@ -106,11 +155,7 @@ impl AuthIndex {
         let compile = |rules: Vec<&Rule>| Acl::compile(rules, username, client_id).map_err(|e| refuse(format!("permissions: {e}")));
         match self.credential(&cert.identity, &cert.issuer) {
             Some(c) if !c.enabled => Err(refuse(format!("credential {:?} is disabled", c.name))),
-            Some(c) => {
-                let role_rules = c.roles.iter().flat_map(|r| state.roles[self.roles[r]].rules.iter());
-                let acl = compile(c.rules.iter().chain(role_rules).collect())?;
-                Ok(Grant { credential: Some(c.name.clone()), client_type: c.client_type, acl })
-            }
+            Some(c) => self.grant(state, c, username, client_id),
             None if state.defaults.unknown_certificate == UnknownCertificate::DefaultRules => Ok(Grant {
                 credential: None,
                 client_type: state.defaults.client_type,
@@ -120,6 +165,19 @@ impl AuthIndex {
         }
     }
 }
+
+impl AuthIndex {
+    /// The permissions of a matched credential: its own rules and those of its roles.
+    fn grant(&self, state: &AuthState, c: &Credential, username: &str, client_id: &str) -> Result<Grant, Refusal> {
+        let role_rules = c.roles.iter().flat_map(|r| state.roles[self.roles[r]].rules.iter());
+        let acl = Acl::compile(c.rules.iter().chain(role_rules), username, client_id)
+            .map_err(|e| Refusal { code: ConnectReturnCode::NotAuthorized, reason: format!("permissions: {e}") })?;
+        Ok(Grant { credential: Some(c.name.clone()), client_type: c.client_type, acl })
+    }
+}
+
+/// An argon2id hash verified against when a user name is unknown.
+static TIMING_HASH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| password::hash("no such user").unwrap_or_default());
 
 fn check_rules(rules: &[Rule]) -> Result<(), String> {
     rules.iter().try_for_each(acl::validate_rule)
@@ -170,7 +228,7 @@ mod tests {
 
     fn principal(identity: &str, serial: &str) -> Principal {
         let cert = PeerCertificate { identity: identity.into(), serial: serial.into(), issuer: "CN=Fleet CA".into(), not_after: 0 };
-        Principal { identity: Some(identity.into()), username: Some(identity.into()), certificate: Some(cert) }
+        Principal { identity: Some(identity.into()), username: Some(identity.into()), certificate: Some(cert), password_verified: false }
     }
 
     #[test]
@@ -221,10 +279,62 @@ mod tests {
         assert!(grant.acl.may_subscribe("#"));
     }
 
+    fn password_state() -> AuthIndex {
+        let hash = password::hash("s3cret").unwrap();
+        index(&format!(
+            r#"
+            [[credentials]]
+            name = "dashboard"
+            client_type = "APPLICATION"
+            password = {{ username = "dashboard", hash = "{hash}" }}
+            rules = [{{ access = "read", pattern = "devices/#" }}]
+
+            [[credentials]]
+            name = "bound"
+            password = {{ username = "bound", client_id = "bound-1", hash = "{hash}" }}
+
+            [[credentials]]
+            name = "plc-1"
+            x509 = {{ identity = "plc-1" }}
+            "#
+        ))
+    }
+
+    fn password_principal(username: &str) -> Principal {
+        Principal { identity: None, username: Some(username.into()), certificate: None, password_verified: true }
+    }
+
+    #[test]
+    fn password_credentials() {
+        let index = password_state();
+        assert_eq!(index.check_password("dashboard", Some("s3cret")), Ok(true));
+        let grant = index.authorize(&password_principal("dashboard"), "any-id").unwrap();
+        assert_eq!(grant.client_type, ClientType::Application);
+        assert!(grant.acl.may_subscribe("devices/#"));
+        for (user, pw) in [("dashboard", Some("wrong")), ("dashboard", None), ("nobody", Some("s3cret")), ("plc-1", Some("s3cret"))] {
+            let err = index.check_password(user, pw).unwrap_err();
+            assert_eq!(err.code, ConnectReturnCode::BadUserNamePassword, "{user}");
+        }
+        assert!(index.authorize(&password_principal("bound"), "bound-1").is_ok());
+        assert_eq!(index.authorize(&password_principal("bound"), "other").unwrap_err().code, ConnectReturnCode::NotAuthorized);
+    }
+
+    #[test]
+    fn anonymous_clients_follow_the_defaults() {
+        let anonymous = Principal::default();
+        assert_eq!(password_state().authorize(&anonymous, "x").unwrap_err().code, ConnectReturnCode::NotAuthorized);
+        let open = index("[defaults]\nanonymous = true\nanonymous_rules = [{ access = \"readWrite\", pattern = \"demo/#\" }]\n");
+        let grant = open.authorize(&anonymous, "x").unwrap();
+        assert!(grant.acl.may_publish("demo/a") && !grant.acl.may_publish("devices/a"));
+        assert_eq!(AuthIndex::open().check_password("u", Some("p")), Ok(false));
+    }
+
     #[test]
     fn invalid_states_are_refused_with_the_place() {
         for (text, needle) in [
             ("[[credentials]]\nname = \"a\"\nx509 = {}\n", "exactly one"),
+            ("[[credentials]]\nname = \"a\"\n", "exactly one of x509 and password"),
+            ("[[credentials]]\nname = \"a\"\npassword = { username = \"a\", hash = \"plain\" }\n", "password.hash"),
             ("[[credentials]]\nname = \"a\"\nroles = [\"nope\"]\nx509 = { identity = \"a\" }\n", "unknown role"),
             ("[[credentials]]\nname = \"a\"\nx509 = { identity_regex = \"(\" }\n", "identity_regex"),
             (

@@ -4,6 +4,7 @@
 pub mod acl;
 pub mod identity;
 pub mod index;
+pub mod password;
 pub mod policy;
 pub mod state;
 pub mod store;

@@ -74,6 +74,8 @@ pub struct Principal {
     /// The user name in force (the identity when `use_identity_as_username`).
     pub username: Option<String>,
     pub certificate: Option<PeerCertificate>,
+    /// Set once a password credential accepted the client's password.
+    pub password_verified: bool,
 }
 
 fn not_authorized(reason: String) -> Refusal {
@@ -83,7 +85,9 @@ fn not_authorized(reason: String) -> Refusal {
 /// Applies the policy to a validated CONNECT; may rewrite its user name and an assigned client id.
 pub fn authenticate(peer: &PeerAuth, request: &mut ConnectRequest, policy: &AuthPolicy) -> Result<Principal, Refusal> {
     let cert = match peer {
-        PeerAuth::Anonymous => return Ok(Principal { identity: None, username: request.username.clone(), certificate: None }),
+        PeerAuth::Anonymous => {
+            return Ok(Principal { identity: None, username: request.username.clone(), certificate: None, password_verified: false })
+        }
         PeerAuth::Rejected(reason) => return Err(not_authorized(reason.clone())),
         PeerAuth::Certificate(cert) => cert,
     };
@@ -117,7 +121,7 @@ pub fn authenticate(peer: &PeerAuth, request: &mut ConnectRequest, policy: &Auth
         )));
     }
     request.username = username.clone();
-    Ok(Principal { identity: Some(identity.clone()), username, certificate: Some(cert.clone()) })
+    Ok(Principal { identity: Some(identity.clone()), username, certificate: Some(cert.clone()), password_verified: false })
 }
 
 #[cfg(test)]

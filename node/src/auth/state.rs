@@ -21,8 +21,8 @@ pub struct AuthState {
     pub revocations: Vec<Revocation>,
 }
 
-/// How a client is recognised and what it may do. Certificate-based (`x509`); the password form
-/// comes with password authentication.
+/// How a client is recognised and what it may do: by certificate (`x509`) or by user name and
+/// password (`password`), never both.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Credential {
@@ -37,7 +37,18 @@ pub struct Credential {
     pub roles: Vec<String>,
     #[serde(default)]
     pub rules: Vec<Rule>,
-    pub x509: X509Match,
+    pub x509: Option<X509Match>,
+    pub password: Option<PasswordMatch>,
+}
+
+/// A user name and an argon2id password hash (as printed by `rampart passwd`), optionally bound
+/// to one client id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PasswordMatch {
+    pub username: String,
+    pub client_id: Option<String>,
+    pub hash: String,
 }
 
 /// Which certificate identities a credential covers: one exact identity, or a regex (exact
@@ -115,11 +126,22 @@ pub struct Defaults {
     pub rules: Vec<Rule>,
     #[serde(default)]
     pub client_type: ClientType,
+    /// Whether clients without certificate and password may connect, with `anonymous_rules`.
+    #[serde(default)]
+    pub anonymous: bool,
+    #[serde(default)]
+    pub anonymous_rules: Vec<Rule>,
 }
 
 impl Default for Defaults {
     fn default() -> Self {
-        Defaults { unknown_certificate: UnknownCertificate::Reject, rules: Vec::new(), client_type: ClientType::Device }
+        Defaults {
+            unknown_certificate: UnknownCertificate::Reject,
+            rules: Vec::new(),
+            client_type: ClientType::Device,
+            anonymous: false,
+            anonymous_rules: Vec::new(),
+        }
     }
 }
 

@@ -63,12 +63,7 @@ where
     };
     let broker = &ctx.broker;
     let validated = connect::validate(version, connect, &ctx.limits, || format!("rampart-{}", broker.registry.new_session_id()));
-    let authorized = validated.and_then(|mut request| {
-        let principal = policy::authenticate(&peer_auth, &mut request, &ctx.auth)?;
-        let grant = ctx.auth_store.current().authorize(&principal, &request.client_id)?;
-        Ok((request, principal, grant))
-    });
-    let (request, principal, grant) = match authorized {
+    let (request, principal, grant) = match authorize(validated, &peer_auth, &ctx).await {
         Ok(accepted) => accepted,
         Err(refusal) => {
             write_refusal(&mut writer, version, refusal.code).await;
@@ -158,6 +153,27 @@ where
     }
     // Only now, with the session offline (or ended), does the client see the close.
     let _ = writer.shutdown().await;
+}
+
+/// Authenticates and authorizes a validated CONNECT: certificate identity, else user name and
+/// password (checked on a blocking thread: argon2id is slow by design), else anonymous.
+async fn authorize(
+    validated: Result<connect::ConnectRequest, connect::Refusal>,
+    peer_auth: &PeerAuth,
+    ctx: &ConnectionContext,
+) -> Result<(connect::ConnectRequest, policy::Principal, crate::auth::index::Grant), connect::Refusal> {
+    let mut request = validated?;
+    let mut principal = policy::authenticate(peer_auth, &mut request, &ctx.auth)?;
+    let index = ctx.auth_store.current();
+    if let (None, Some(username)) = (&principal.certificate, request.username.clone()) {
+        let (checker, password) = (index.clone(), request.password.clone());
+        principal.password_verified =
+            tokio::task::spawn_blocking(move || checker.check_password(&username, password.as_deref())).await.map_err(|e| {
+                connect::Refusal { code: v5::ConnectReturnCode::ServerUnavailable, reason: format!("password check failed: {e}") }
+            })??;
+    }
+    let grant = index.authorize(&principal, &request.client_id)?;
+    Ok((request, principal, grant))
 }
 
 /// Answers a connection past the connection limit: CONNACK "server busy" (MQTT 5) / "server

@@ -268,6 +268,9 @@ impl Session {
                 self.incoming_aliases.insert(alias, publish.topic.clone());
             }
         }
+        if publish.topic.is_empty() && self.version == ProtocolVersion::V5 {
+            return self.fail(Reason::ProtocolError, "PUBLISH with an empty topic and no topic alias".into());
+        }
         if let Err(e) = topic::validate_name(&publish.topic, self.limits.topics) {
             return self.fail(Reason::TopicNameInvalid, format!("PUBLISH topic {:?}: {e}", publish.topic));
         }
@@ -851,6 +854,13 @@ mod tests {
             })
             .collect();
         assert_eq!(sent, [("a".to_string(), Some(1)), (String::new(), Some(1)), ("b".to_string(), None)]);
+    }
+
+    #[tokio::test]
+    async fn empty_topic_without_alias_is_a_protocol_error() {
+        let (mut s, _r) = start(ProtocolVersion::V5, None).await;
+        feed(&mut s, ProtocolVersion::V5, &[Packet::Publish(publish("", QoS::AtMostOnce, 0))]);
+        assert_eq!(disconnect_reason(&read(&mut s, ProtocolVersion::V5)), Some(Reason::ProtocolError));
     }
 
     #[tokio::test]

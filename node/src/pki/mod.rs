@@ -366,10 +366,13 @@ pub const DEV_DEVICES: [&str; 2] = ["device-1", "device-2"];
 
 /// The development rules: every certificate of the development CA gets `devices/<identity>/#`.
 const DEV_AUTH_STATE: &str = r#"# Development authorization state (see docs/security.md).
-# Every certificate of the development CA may read and write devices/<its identity>/# only.
+# Every certificate of the development CA may read and write devices/<its identity>/# only;
+# anonymous clients (plain TCP on 127.0.0.1:1883) may use demo/# for quick experiments.
 [defaults]
 unknown_certificate = "default_rules"
 rules = [{ access = "readWrite", pattern = "devices/%u/#" }]
+anonymous = true
+anonymous_rules = [{ access = "readWrite", pattern = "demo/#" }]
 "#;
 
 /// Creates what is missing of the development setup under `dir`: a CA, a `localhost` server

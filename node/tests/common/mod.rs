@@ -241,7 +241,12 @@ impl Raw {
 
     /// Sends CONNECT with a clean session and returns the CONNACK code.
     pub fn connack(&mut self, client_id: &str) -> mqttbytes::v5::ConnectReturnCode {
-        self.send_packet(&rampart_node::mqtt::codec::Packet::Connect(mqttbytes::v5::Connect::new(client_id)));
+        self.connack_with(mqttbytes::v5::Connect::new(client_id))
+    }
+
+    /// Sends `connect` and returns the CONNACK code.
+    pub fn connack_with(&mut self, connect: mqttbytes::v5::Connect) -> mqttbytes::v5::ConnectReturnCode {
+        self.send_packet(&rampart_node::mqtt::codec::Packet::Connect(connect));
         match self.recv() {
             Some(rampart_node::mqtt::codec::Packet::ConnAck(ack)) => ack.code,
             other => panic!("expected CONNACK, got {other:?}"),
@@ -306,4 +311,40 @@ impl Broker {
         }
         None
     }
+}
+
+impl Raw {
+    /// The exact bytes of the next packet, fixed header included, or `None` when the broker
+    /// closed the connection.
+    pub fn recv_frame(&mut self) -> Option<Vec<u8>> {
+        use std::io::Read;
+        loop {
+            if let Some(total) = frame_len(&self.input) {
+                return Some(self.input.split_to(total).to_vec());
+            }
+            let mut chunk = [0u8; 4096];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return None,
+                Ok(n) => self.input.extend_from_slice(&chunk[..n]),
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::UnexpectedEof) => return None,
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                    panic!("the broker neither answered nor closed within the read timeout (buffered: {:02x?})", &self.input[..])
+                }
+                Err(e) => panic!("read failed: {e}"),
+            }
+        }
+    }
+}
+
+/// The length of the first packet in `buf` (fixed header included), once all of it is there.
+fn frame_len(buf: &[u8]) -> Option<usize> {
+    let mut remaining = 0usize;
+    for (i, byte) in buf.iter().skip(1).take(4).enumerate() {
+        remaining |= usize::from(byte & 0x7F) << (7 * i);
+        if byte & 0x80 == 0 {
+            let total = 2 + i + remaining;
+            return (buf.len() >= total).then_some(total);
+        }
+    }
+    None
 }
