@@ -99,7 +99,9 @@ start_broker() {
         else
           printf '[listeners.tcp]\nenabled = false\n[listeners.tls]\nbind = "127.0.0.1:%s"\ncert_file = "%s/server.pem"\nkey_file = "%s/server.key"\n' "$port" "$work" "$work"
         fi
-        [ "$transport" = mtls ] && { echo "rampart does not offer mutual TLS yet: skipping mtls" >&2; return 1; }
+        if [ "$transport" = mtls ]; then
+          printf 'client_certificate = "required"\nca_file = "%s/ca.pem"\n[auth]\nclient_id_policy = "any"\n' "$work"
+        fi
       } > "$work/rampart.toml"
       "$rampart" serve --config "$work/rampart.toml" 2>>"$work/rampart.log" &
       ;;
