@@ -50,7 +50,7 @@ struct Setup {
 fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::new(dir.path().join("pki"));
-    store.init_ca("ACL Test CA", 30).unwrap();
+    store.init_ca("ACL Test CA", 30, rampart_node::pki::CaKey::EcdsaP256).unwrap();
     store.issue(Kind::Server, "localhost", &["localhost".into(), "127.0.0.1".into()], 30).unwrap();
     for device in ["plc-1", "plc-2", "plc-3"] {
         store.issue(Kind::Device, device, &[], 30).unwrap();

@@ -24,7 +24,7 @@ fn fleet(extra_listener_keys: &str) -> Fleet {
     rampart_node::tls::install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
     let store = Store::new(dir.path().join("pki"));
-    store.init_ca("Test Fleet CA", 30).unwrap();
+    store.init_ca("Test Fleet CA", 30, rampart_node::pki::CaKey::EcdsaP256).unwrap();
     store.issue(Kind::Server, "localhost", &["localhost".into(), "127.0.0.1".into()], 30).unwrap();
     for device in ["plc-1", "plc-2"] {
         store.issue(Kind::Device, device, &[], 30).unwrap();
@@ -141,7 +141,7 @@ fn no_certificate_wrong_ca_expired_and_not_yet_valid_fail_the_handshake() {
     assert!(!succeeded(&f.publish(None, "anonymous")), "a client without a certificate got in");
 
     let other = Store::new(f.store.dir().join("other"));
-    other.init_ca("Other CA", 30).unwrap();
+    other.init_ca("Other CA", 30, rampart_node::pki::CaKey::EcdsaP256).unwrap();
     let (cert, key) = other.issue(Kind::Device, "plc-1", &[], 30).map(|i| (i.cert, i.key)).unwrap();
     assert!(!succeeded(&f.publish(Some((&cert, &key)), "plc-1")), "a certificate of another CA got in");
 

@@ -78,3 +78,16 @@ fn a_foreign_certificate_cannot_be_revoked() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not signed by this CA"));
 }
+
+#[test]
+fn an_rsa_ca_issues_certificates_that_verify() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("rsa");
+    assert!(!pki(&dir, &["init-ca", "--rsa", "1024"]).status.success(), "weak RSA keys are refused");
+    ok(pki(&dir, &["init-ca", "--rsa", "2048"]));
+    ok(pki(&dir, &["issue-device", "plc-rsa"]));
+    assert!(openssl_verify(&dir, "devices/plc-rsa.pem", false));
+    let text = Command::new("openssl").args(["x509", "-noout", "-text", "-in"]).arg(dir.join("ca.pem")).output().unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("rsaEncryption") && text.contains("2048 bit"), "{text}");
+}

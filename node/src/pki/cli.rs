@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
-use super::{Issued, Kind, Store};
+use super::{CaKey, Issued, Kind, Store};
 
 #[derive(Debug, Args)]
 pub struct PkiArgs {
@@ -17,12 +17,15 @@ pub struct PkiArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum PkiCommand {
-    /// Create the certificate authority (ECDSA P-256). Refuses to overwrite an existing CA.
+    /// Create the certificate authority (ECDSA P-256, or RSA with --rsa). Refuses to overwrite an existing CA.
     InitCa {
         #[arg(long, default_value = "Rampart Fleet CA")]
         name: String,
         #[arg(long, default_value_t = 3650)]
         days: u32,
+        /// An RSA key of this many bits (2048, 3072 or 4096) instead of ECDSA P-256.
+        #[arg(long, value_name = "BITS")]
+        rsa: Option<usize>,
     },
     /// Issue an MQTT server certificate.
     IssueServer {
@@ -86,7 +89,13 @@ pub enum PkiCommand {
 pub fn run(args: PkiArgs) -> anyhow::Result<()> {
     let store = Store::new(&args.dir);
     match args.command {
-        PkiCommand::InitCa { name, days } => print_issued("CA", &store.init_ca(&name, days)?),
+        PkiCommand::InitCa { name, days, rsa } => {
+            let key = rsa.map_or(CaKey::EcdsaP256, CaKey::Rsa);
+            if rsa.is_some() {
+                eprintln!("generating the RSA key (this can take a while)…");
+            }
+            print_issued("CA", &store.init_ca(&name, days, key)?)
+        }
         PkiCommand::IssueServer { name, san, days } => print_issued("server", &store.issue(Kind::Server, &name, &san, days)?),
         PkiCommand::IssueNode { id, san, days } => print_issued("node", &store.issue(Kind::Node, &id, &san, days)?),
         PkiCommand::IssueAdmin { name, days } => print_issued("admin", &store.issue(Kind::Admin, &name, &[], days)?),
@@ -102,7 +111,7 @@ pub fn run(args: PkiArgs) -> anyhow::Result<()> {
         }
         PkiCommand::Ensure { server, san, nodes, admins, devices } => {
             if !store.has_ca() {
-                print_issued("CA", &store.init_ca("Rampart Fleet CA", 3650)?);
+                print_issued("CA", &store.init_ca("Rampart Fleet CA", 3650, CaKey::EcdsaP256)?);
             }
             let wanted = server
                 .iter()

@@ -31,6 +31,31 @@ pub const NODE_OU: &str = "rampart-node";
 /// Organizational unit marking admin API certificates.
 pub const ADMIN_OU: &str = "rampart-admin";
 
+/// The CA's key type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CaKey {
+    EcdsaP256,
+    /// RSA with this many bits (2048, 3072 or 4096), signing with SHA-256.
+    Rsa(usize),
+}
+
+impl CaKey {
+    fn generate(self) -> anyhow::Result<KeyPair> {
+        match self {
+            CaKey::EcdsaP256 => Ok(KeyPair::generate()?),
+            CaKey::Rsa(bits) => {
+                use rsa::pkcs8::EncodePrivateKey;
+                if ![2048, 3072, 4096].contains(&bits) {
+                    bail!("RSA key size {bits}: use 2048, 3072 or 4096");
+                }
+                let key = rsa::RsaPrivateKey::new(&mut rand_core::OsRng, bits)?;
+                let pem = key.to_pkcs8_pem(rsa::pkcs8::LineEnding::LF)?;
+                Ok(KeyPair::from_pem_and_sign_algo(&pem, &rcgen::PKCS_RSA_SHA256)?)
+            }
+        }
+    }
+}
+
 /// What a certificate is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -138,13 +163,13 @@ impl Store {
         self.ca_cert().is_file() && self.ca_key().is_file()
     }
 
-    /// Creates the CA (ECDSA P-256). Refuses to overwrite an existing one.
-    pub fn init_ca(&self, common_name: &str, days: u32) -> anyhow::Result<Issued> {
+    /// Creates the CA. Refuses to overwrite an existing one.
+    pub fn init_ca(&self, common_name: &str, days: u32, key_type: CaKey) -> anyhow::Result<Issued> {
         if self.ca_cert().exists() || self.ca_key().exists() {
             bail!("{} already holds a CA; refusing to overwrite it (move it away first)", self.dir.display());
         }
         fs::create_dir_all(&self.dir).with_context(|| format!("creating {}", self.dir.display()))?;
-        let key = KeyPair::generate()?;
+        let key = key_type.generate()?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.distinguished_name = name(common_name, None);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -381,7 +406,7 @@ anonymous_rules = [{ access = "readWrite", pattern = "demo/#" }]
 pub fn ensure_dev_pki(dir: &Path) -> anyhow::Result<DevPki> {
     let store = Store::new(dir);
     if !store.has_ca() {
-        store.init_ca("Rampart Development CA", 3650)?;
+        store.init_ca("Rampart Development CA", 3650, CaKey::EcdsaP256)?;
     }
     let wanted = [(Kind::Server, "localhost", vec!["localhost".into(), "127.0.0.1".into(), "::1".into()]), (Kind::Admin, "admin", vec![])]
         .into_iter()
