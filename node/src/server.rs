@@ -30,7 +30,8 @@ pub struct Server {
 impl Server {
     /// Binds everything and starts serving.
     pub async fn start(config: &Config) -> anyhow::Result<Server> {
-        let broker = Broker::new(config.broker_settings());
+        let sessions = crate::broker::persist::SessionStore::open(&config.node.data_dir)?;
+        let broker = Broker::new(config.broker_settings(), Some(sessions));
         let auth = Arc::new(AuthStore::open(config.auth.state_file.clone())?);
         let (shutdown, shutdown_rx) = watch::channel(false);
         let ctx = Arc::new(ConnectionContext {
@@ -72,6 +73,7 @@ impl Server {
         while telemetry::metrics::open_connections() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        self.broker.persist_sessions();
     }
 }
 

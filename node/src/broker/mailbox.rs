@@ -158,6 +158,11 @@ impl Mailbox {
         self.readable.notified().await
     }
 
+    /// A copy of the queued messages, oldest first (for the session store).
+    pub fn snapshot(&self) -> Vec<Delivery> {
+        self.lock().queue.iter().cloned().collect()
+    }
+
     /// Changes the capacity (the client type decides it at CONNECT); messages beyond a smaller
     /// capacity stay queued.
     pub fn set_capacity(&self, capacity: usize) {

@@ -4,6 +4,7 @@
 pub mod index;
 pub mod mailbox;
 pub mod message;
+pub mod persist;
 pub mod registry;
 pub mod retained;
 pub mod topic;
@@ -14,6 +15,7 @@ use std::time::{Duration, Instant};
 use index::{Subscriber, SubscriptionIndex, SubscriptionOptions};
 use mailbox::Pushed;
 use message::{min_qos, Delivery, Message, SessionId};
+use persist::{SessionStore, StoredSession};
 use registry::{Registry, SessionRecord};
 use retained::RetainedStore;
 
@@ -49,16 +51,69 @@ pub struct Broker {
     pub retained: RetainedStore,
     pub registry: Registry,
     pub settings: BrokerSettings,
+    /// Where durable (APPLICATION) sessions are kept; `None`: all sessions in memory only.
+    sessions: Option<SessionStore>,
 }
 
 impl Broker {
-    pub fn new(settings: BrokerSettings) -> Arc<Broker> {
-        Arc::new(Broker {
+    pub fn new(settings: BrokerSettings, sessions: Option<SessionStore>) -> Arc<Broker> {
+        let broker = Arc::new(Broker {
             index: SubscriptionIndex::new(),
             retained: RetainedStore::default(),
             registry: Registry::new(settings.max_queued_messages),
             settings,
-        })
+            sessions,
+        });
+        broker.restore_sessions();
+        broker
+    }
+
+    /// Puts the stored durable sessions back, with their subscriptions and messages.
+    fn restore_sessions(&self) {
+        let Some(store) = &self.sessions else { return };
+        let stored = store.load();
+        let count = stored.len();
+        for (client_id, session) in stored {
+            self.registry.restore(&client_id, |mut record| {
+                record.durable = true;
+                record.started = true;
+                record.expiry = session.expiry();
+                record.expires_at = Some(session.expires_at());
+                record.mailbox.set_capacity(self.settings.application_max_queued_messages);
+                for (filter, options) in session.subscriptions() {
+                    self.subscribe(&mut record, filter, options);
+                }
+                for delivery in session.into_deliveries() {
+                    let _ = record.mailbox.try_push(delivery);
+                }
+                record
+            });
+        }
+        if count > 0 {
+            tracing::info!(sessions = count, "restored durable sessions");
+        }
+    }
+
+    /// Stores a durable session that just went offline.
+    pub fn session_offline(&self, client_id: &str, session: &StoredSession) {
+        if let Some(store) = &self.sessions {
+            if let Err(e) = store.save(client_id, session) {
+                tracing::error!(%client_id, error = %format!("{e:#}"), "durable session not stored");
+            }
+        }
+    }
+
+    /// Stores every offline durable session and flushes the store (at shutdown).
+    pub fn persist_sessions(&self) {
+        let Some(store) = &self.sessions else { return };
+        self.registry.for_each_offline(|client_id, record| {
+            if record.durable {
+                self.session_offline(client_id, &StoredSession::capture(record));
+            }
+        });
+        if let Err(e) = store.flush() {
+            tracing::error!(error = %format!("{e:#}"), "session store not flushed");
+        }
     }
 
     /// Stores a retained message and hands the message to every matching session. Waits while
@@ -126,17 +181,22 @@ impl Broker {
         true
     }
 
-    /// Drops every subscription of a session that has ended.
-    pub fn end_session(&self, record: SessionRecord) {
+    /// Drops every subscription of a session that has ended, and its stored copy.
+    pub fn end_session(&self, client_id: &str, record: SessionRecord) {
         for filter in record.subscriptions.keys() {
             remove_from_index(&self.index, record.id, filter);
+        }
+        if let (true, Some(store)) = (record.durable, &self.sessions) {
+            if let Err(e) = store.remove(client_id) {
+                tracing::error!(%client_id, error = %format!("{e:#}"), "ended durable session not removed from the store");
+            }
         }
     }
 
     /// Ends offline sessions whose expiry has passed.
     pub fn expire_sessions(&self, now: Instant) {
-        for record in self.registry.expire(now) {
-            self.end_session(record);
+        for (client_id, record) in self.registry.expire(now) {
+            self.end_session(&client_id, record);
         }
     }
 

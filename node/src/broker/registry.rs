@@ -45,6 +45,8 @@ pub struct SessionRecord {
     pub ended: bool,
     /// True once a connection has used this session, so a later one finds it present.
     pub started: bool,
+    /// Kept in the session store across restarts (APPLICATION clients).
+    pub durable: bool,
 }
 
 impl SessionRecord {
@@ -59,6 +61,7 @@ impl SessionRecord {
             expires_at: None,
             ended: false,
             started: false,
+            durable: false,
         }
     }
 }
@@ -111,8 +114,8 @@ impl ReconnectWatch {
 #[error("the previous connection of this client id did not hand over its session within {0:?}")]
 pub struct TakeoverTimeout(Duration);
 
-/// Sessions removed from the registry, whose subscriptions the broker must drop.
-pub type Ended = Vec<SessionRecord>;
+/// Sessions removed from the registry (client id, record), whose subscriptions the broker must drop.
+pub type Ended = Vec<(String, SessionRecord)>;
 
 #[derive(Debug)]
 pub struct Registry {
@@ -213,16 +216,34 @@ impl Registry {
     pub fn expire(&self, now: Instant) -> Ended {
         let mut slots = self.slots();
         let mut ended = Vec::new();
-        slots.retain(|_, slot| {
+        slots.retain(|client_id, slot| {
             let Ok(mut record) = slot.state.try_lock() else { return true };
             if record.expires_at.is_some_and(|at| at <= now) {
-                ended.push(self.end(&mut record));
+                ended.push((client_id.clone(), self.end(&mut record)));
                 false
             } else {
                 true
             }
         });
         ended
+    }
+
+    /// Puts back a session read from the session store, offline until its client reconnects.
+    pub fn restore(&self, client_id: &str, build: impl FnOnce(SessionRecord) -> SessionRecord) {
+        let record = build(SessionRecord::new(self.new_session_id(), self.queue_capacity));
+        let slot = Arc::new(Slot { state: Arc::new(tokio::sync::Mutex::new(record)), generation: watch::channel(0).0 });
+        self.slots().insert(client_id.to_string(), slot);
+    }
+
+    /// Calls `visit` with every offline session (one whose client is not connected).
+    pub fn for_each_offline(&self, mut visit: impl FnMut(&str, &SessionRecord)) {
+        for (client_id, slot) in self.slots().iter() {
+            if let Ok(record) = slot.state.try_lock() {
+                if !record.ended {
+                    visit(client_id, &record);
+                }
+            }
+        }
     }
 
     /// Number of sessions (online and offline).
@@ -282,7 +303,7 @@ mod tests {
         assert!(registry.expire(now + Duration::from_secs(4)).is_empty());
         let ended = registry.expire(now + Duration::from_secs(6));
         assert_eq!(ended.len(), 1);
-        assert_eq!(ended[0].id, old_id);
+        assert_eq!(ended[0].1.id, old_id);
         assert!(registry.is_empty());
 
         let (claim, mut record) = registry.claim("d", WAIT).await.unwrap();

@@ -18,11 +18,26 @@ use crate::mqtt::connect::SessionLimits;
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    pub node: NodeConfig,
     pub auth: AuthConfig,
     pub log: LogConfig,
     pub http: HttpConfig,
     pub limits: LimitsConfig,
     pub listeners: ListenersConfig,
+}
+
+/// This node's own storage.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// Folder for node-local data (durable APPLICATION sessions); relative to the config file.
+    pub data_dir: PathBuf,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig { data_dir: PathBuf::from("rampart-data") }
+    }
 }
 
 /// How certificate identities are used at CONNECT.
@@ -326,6 +341,9 @@ impl Config {
             let reason = e.into_inner().message().to_string();
             ConfigError { file: file.into(), key: if key == "." { "(top level)".into() } else { key }, reason }
         })?;
+        if config.node.data_dir.is_relative() {
+            config.node.data_dir = base.join(&config.node.data_dir);
+        }
         if let Some(path) = config.auth.state_file.as_mut().filter(|p| p.is_relative()) {
             *path = base.join(&*path);
         }

@@ -15,6 +15,7 @@ use crate::auth::policy::{self, AuthPolicy, PeerAuth};
 use crate::auth::state::ClientType;
 use crate::auth::store::AuthStore;
 use crate::broker::message::Delivery;
+use crate::broker::persist::StoredSession;
 use crate::broker::Broker;
 use crate::mqtt::codec::{self, DecodeError, Packet, ProtocolVersion};
 use crate::mqtt::connect::{self, SessionLimits};
@@ -80,8 +81,9 @@ where
     let now = Instant::now();
     let (discarded, present) = broker.registry.start(&mut record, request.clean_start, now);
     if let Some(old) = discarded {
-        broker.end_session(old);
+        broker.end_session(&request.client_id, old);
     }
+    record.durable = grant.client_type == ClientType::Application;
     let client_id = request.client_id.clone();
     let identity = principal.identity.as_deref().unwrap_or("-");
     tracing::info!(%peer, %client_id, %identity, ?version, clean_start = request.clean_start, session_present = present, "client connected");
@@ -148,8 +150,11 @@ where
             }
         });
     }
+    let stored = record.durable.then(|| StoredSession::capture(&record));
     if let Some(ended) = broker.registry.release(claim, record, Instant::now()) {
-        broker.end_session(ended);
+        broker.end_session(&client_id, ended);
+    } else if let Some(stored) = stored {
+        broker.session_offline(&client_id, &stored);
     }
     // Only now, with the session offline (or ended), does the client see the close.
     let _ = writer.shutdown().await;
