@@ -163,7 +163,7 @@ fn print_dev_help(server: &Server, pki: &rampart_node::pki::DevPki) {
     println!("Stop with Ctrl-C.\n");
 }
 
-/// Runs until Ctrl-C or SIGTERM; SIGHUP re-reads the authorization state file.
+/// Runs until Ctrl-C or SIGTERM; SIGHUP re-reads the TLS files and the authorization state.
 async fn wait_for_stop(server: &Server) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut terminate = signal(SignalKind::terminate())?;
@@ -172,9 +172,9 @@ async fn wait_for_stop(server: &Server) -> anyhow::Result<()> {
         tokio::select! {
             result = tokio::signal::ctrl_c() => return Ok(result?),
             _ = terminate.recv() => return Ok(()),
-            _ = hangup.recv() => match server.auth.reload() {
-                Ok(()) => tracing::info!("authorization state reloaded"),
-                Err(e) => tracing::error!(error = %format!("{e:#}"), "authorization state not reloaded; the previous one stays in force"),
+            _ = hangup.recv() => match server.reload() {
+                Ok(()) => tracing::info!("TLS files and authorization state reloaded"),
+                Err(e) => tracing::error!(error = %format!("{e:#}"), "not reloaded; the previous TLS files and authorization state stay in force"),
             },
         }
     }

@@ -23,6 +23,8 @@ pub struct Server {
     /// Bound MQTT listeners (useful when a port was 0).
     pub listeners: Vec<(ListenerKind, SocketAddr)>,
     pub http: Option<SocketAddr>,
+    /// TLS configurations in force and what they are built from, for reloads.
+    tls: Vec<(crate::config::TlsFiles, Arc<arc_swap::ArcSwap<rustls::ServerConfig>>)>,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
 }
@@ -56,12 +58,27 @@ impl Server {
         };
         let slots = Arc::new(Semaphore::new(config.limits.max_connections));
         let listeners = bound.iter().map(|l| (l.kind, l.local_addr)).collect();
+        let tls: Vec<_> = bound.iter().filter_map(|l| Some((l.tls_files.clone()?, l.tls.clone()?))).collect();
+        auth.set_crl_revocations(crl_revocations(&tls)?);
         for listener in bound {
             tasks.spawn(listener::run(listener, ctx.clone(), slots.clone()));
         }
         tasks.spawn(reap_sessions(broker.clone(), shutdown_rx));
         ready.store(true, Ordering::Relaxed);
-        Ok(Server { broker, auth, listeners, http, shutdown, tasks })
+        Ok(Server { broker, auth, listeners, http, tls, shutdown, tasks })
+    }
+
+    /// Re-reads the TLS files (certificates, CA bundles, CRLs) and the authorization state. New
+    /// handshakes use them at once; live connections re-check themselves. On error nothing changes.
+    pub fn reload(&self) -> anyhow::Result<()> {
+        let configs = self.tls.iter().map(|(files, _)| crate::tls::server_config(files)).collect::<Result<Vec<_>, _>>()?;
+        let revoked = crl_revocations(&self.tls)?;
+        self.auth.reload()?;
+        for ((_, current), config) in self.tls.iter().zip(configs) {
+            current.store(config);
+        }
+        self.auth.set_crl_revocations(revoked);
+        Ok(())
     }
 
     /// Stops accepting, tells every connection to close (MQTT 5 clients get DISCONNECT 0x8B) and
@@ -75,6 +92,13 @@ impl Server {
         }
         self.broker.persist_sessions();
     }
+}
+
+/// The certificates revoked by the CRL files of every listener that verifies client certificates.
+fn crl_revocations(
+    tls: &[(crate::config::TlsFiles, Arc<arc_swap::ArcSwap<rustls::ServerConfig>>)],
+) -> Result<std::collections::HashSet<(String, String)>, crate::tls::TlsError> {
+    crate::tls::crl_revocations(tls.iter().filter_map(|(files, _)| files.client_auth.as_ref()).flat_map(|c| c.crl_files.iter()))
 }
 
 /// Ends offline sessions whose expiry passed, once a second.

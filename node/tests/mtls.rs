@@ -193,3 +193,64 @@ fn identity_from_a_san_uri_with_a_pattern() {
     assert!(!succeeded(&out), "a certificate without the SAN URI must not get an identity");
     assert!(stderr(&out).to_lowercase().contains("not authori"), "{}", stderr(&out));
 }
+
+#[test]
+fn reloading_a_new_crl_disconnects_the_revoked_live_client_and_refuses_its_handshakes() {
+    let f = fleet("");
+    let (cert, key) = f.device("plc-1");
+    let mut live =
+        common::Raw::tls(f.broker.tls.unwrap(), rampart_node::mqtt::codec::ProtocolVersion::V5, &f.store.ca_cert(), (&cert, &key));
+    live.handshake("plc-1");
+    f.store.revoke(&cert, "keyCompromise").unwrap();
+    f.store.write_crl(7).unwrap();
+    let status = Command::new("kill").args(["-HUP", &f.broker.pid().to_string()]).status().unwrap();
+    assert!(status.success());
+    match live.recv() {
+        Some(rampart_node::mqtt::codec::Packet::Disconnect(d)) => {
+            assert_eq!(d.reason_code, mqttbytes::v5::DisconnectReasonCode::AdministrativeAction)
+        }
+        other => panic!("expected DISCONNECT 0x98, got {other:?}"),
+    }
+    assert!(!succeeded(&f.publish(Some((&cert, &key)), "plc-1")), "the revoked certificate got in after the reload");
+    let line = f.broker.wait_for_log("handshake failed", Duration::from_secs(5)).expect("the handshake failure is logged");
+    assert!(line.contains("Revoked"), "{line}");
+}
+
+/// paho-mqtt with `tls_set(certfile=…, keyfile=…)`: prints the CONNACK reason, or `refused`
+/// when the TLS handshake fails (under TLS 1.3 the client learns it on its first read).
+const PAHO_MTLS: &str = r#"
+import sys, threading, paho.mqtt.client as mqtt
+port, ca, cert, key, client_id = sys.argv[1:6]
+c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+c.tls_set(ca_certs=ca, certfile=cert or None, keyfile=key or None)
+done, result = threading.Event(), []
+c.on_connect = lambda cl, u, f, rc, p: (result.append(str(rc)), done.set())
+c.on_disconnect = lambda cl, u, f, rc, p: (result.append("refused"), done.set())
+try:
+    c.connect("localhost", int(port), 10)
+except Exception:
+    print("refused")
+    sys.exit(0)
+c.loop_start()
+done.wait(5)
+c.loop_stop()
+print(result[0] if result else "no answer")
+"#;
+
+#[test]
+fn paho_with_a_client_certificate() {
+    let f = fleet("");
+    let (cert, key) = f.device("plc-1");
+    let (other_cert, other_key) = f.device("plc-2");
+    let paho = |cert: &Path, key: &Path, client_id: &str| {
+        let mut command = Command::new("python3");
+        command.args(["-c", PAHO_MTLS, &f.broker.tls.unwrap().port().to_string()]).arg(f.store.ca_cert()).arg(cert).arg(key).arg(client_id);
+        let out = common::run_with_timeout(command, Duration::from_secs(30));
+        assert!(out.status.success(), "{}", stderr(&out));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(paho(&cert, &key, "plc-1"), "Success");
+    assert_eq!(paho(&cert, &key, "plc-9"), "Not authorized", "client-id spoofing");
+    assert_eq!(paho(&other_cert, &other_key, "plc-2"), "refused", "revoked by the CRL");
+    assert_eq!(paho(Path::new(""), Path::new(""), "anonymous"), "refused", "no certificate");
+}

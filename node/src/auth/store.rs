@@ -1,19 +1,25 @@
-//! The node's current `AuthIndex`: read lock-free by every CONNECT, swapped whole when the state
-//! file is re-read (SIGHUP), with a change signal that live connections watch to re-check their
-//! client (revoked, disabled, deleted: disconnected; otherwise new permissions apply).
+//! The node's current `AuthIndex` and the certificates revoked by the listeners' CRL files: read
+//! lock-free by every CONNECT, swapped whole when the state file or the CRLs are re-read
+//! (SIGHUP), with a change signal that live connections watch to re-check their client
+//! (revoked, disabled, deleted: disconnected; otherwise new permissions apply).
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
-use super::index::AuthIndex;
+use super::index::{AuthIndex, Grant};
+use super::policy::Principal;
 use super::state::AuthState;
+use crate::mqtt::connect::Refusal;
 
 pub struct AuthStore {
     file: Option<PathBuf>,
     current: ArcSwap<AuthIndex>,
+    /// (issuer DN, serial) revoked by the CRL files in force.
+    crl_revoked: ArcSwap<HashSet<(String, String)>>,
     changed: watch::Sender<u64>,
 }
 
@@ -32,7 +38,25 @@ impl AuthStore {
             Some(path) => load_state(path)?,
             None => AuthIndex::open(),
         };
-        Ok(AuthStore { file, current: ArcSwap::from_pointee(index), changed: watch::channel(0).0 })
+        Ok(AuthStore { file, current: ArcSwap::from_pointee(index), crl_revoked: ArcSwap::default(), changed: watch::channel(0).0 })
+    }
+
+    /// The CONNECT decision (and the re-check of a live connection): CRL revocations first, then
+    /// the index in force.
+    pub fn authorize(&self, principal: &Principal, client_id: &str) -> Result<Grant, Refusal> {
+        if let Some(cert) = &principal.certificate {
+            if self.crl_revoked.load().contains(&(cert.issuer.clone(), cert.serial.clone())) {
+                let reason = format!("certificate {} of {} is revoked by a CRL", cert.serial, cert.issuer);
+                return Err(Refusal { code: mqttbytes::v5::ConnectReturnCode::NotAuthorized, reason });
+            }
+        }
+        self.current().authorize(principal, client_id)
+    }
+
+    /// Puts a new set of CRL revocations in force and signals live connections.
+    pub fn set_crl_revocations(&self, revoked: HashSet<(String, String)>) {
+        self.crl_revoked.store(Arc::new(revoked));
+        self.changed.send_modify(|generation| *generation += 1);
     }
 
     pub fn current(&self) -> Arc<AuthIndex> {

@@ -126,7 +126,7 @@ where
             _ = sleep_until(deadline) => session.tick(Instant::now()),
             _ = claim.taken_over.changed() => session.kick(DisconnectReasonCode::SessionTakenOver, "another connection took over this client id"),
             _ = shutdown.changed() => session.kick(DisconnectReasonCode::ServerShuttingDown, "broker shutting down"),
-            _ = auth_changes.changed() => match ctx.auth_store.current().authorize(&principal, session.client_id()) {
+            _ = auth_changes.changed() => match ctx.auth_store.authorize(&principal, session.client_id()) {
                 Ok(grant) => session.set_acl(grant.acl),
                 Err(refusal) => session.kick(DisconnectReasonCode::AdministrativeAction, refusal.reason),
             },
@@ -177,7 +177,7 @@ async fn authorize(
                 connect::Refusal { code: v5::ConnectReturnCode::ServerUnavailable, reason: format!("password check failed: {e}") }
             })??;
     }
-    let grant = index.authorize(&principal, &request.client_id)?;
+    let grant = ctx.auth_store.authorize(&principal, &request.client_id)?;
     Ok((request, principal, grant))
 }
 

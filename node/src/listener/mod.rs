@@ -7,13 +7,15 @@ pub mod websocket;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
+use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 use crate::auth::identity::IdentityRule;
 use crate::auth::policy::PeerAuth;
-use crate::config::{ListenerKind, ListenerSpec};
+use crate::config::{ListenerKind, ListenerSpec, TlsFiles};
 use crate::telemetry::metrics;
 use connection::ConnectionContext;
 
@@ -22,7 +24,10 @@ pub struct BoundListener {
     pub kind: ListenerKind,
     pub local_addr: SocketAddr,
     socket: TcpListener,
-    tls: Option<TlsAcceptor>,
+    /// The TLS configuration in force, swapped on reload (new handshakes use the new one).
+    pub tls: Option<Arc<ArcSwap<ServerConfig>>>,
+    /// What the TLS configuration is built from.
+    pub tls_files: Option<TlsFiles>,
     /// How client certificates become identities, when clients are asked for one.
     identity: Option<Arc<IdentityRule>>,
 }
@@ -32,14 +37,14 @@ pub async fn bind(specs: &[ListenerSpec]) -> anyhow::Result<Vec<BoundListener>> 
     let mut bound = Vec::with_capacity(specs.len());
     for spec in specs {
         let tls = match &spec.tls {
-            Some(files) => Some(TlsAcceptor::from(crate::tls::server_config(files)?)),
+            Some(files) => Some(Arc::new(ArcSwap::new(crate::tls::server_config(files)?))),
             None => None,
         };
         let identity = spec.tls.as_ref().and_then(|t| t.client_auth.as_ref()).map(|c| Arc::new(c.identity.clone()));
         let socket = TcpListener::bind(spec.bind)
             .await
             .map_err(|e| anyhow::anyhow!("listener {} cannot bind {}: {e}", spec.kind.name(), spec.bind))?;
-        bound.push(BoundListener { kind: spec.kind, local_addr: socket.local_addr()?, socket, tls, identity });
+        bound.push(BoundListener { kind: spec.kind, local_addr: socket.local_addr()?, socket, tls, tls_files: spec.tls.clone(), identity });
     }
     Ok(bound)
 }
@@ -69,7 +74,7 @@ pub async fn run(listener: BoundListener, ctx: Arc<ConnectionContext>, slots: Ar
         let _ = tcp.set_nodelay(true);
         let ctx = ctx.clone();
         let kind = listener.kind;
-        let tls = listener.tls.clone();
+        let tls = listener.tls.as_ref().map(|config| TlsAcceptor::from(config.load_full()));
         let identity = listener.identity.clone();
         let (permit, busy) = match slots.clone().try_acquire_owned() {
             Ok(permit) => (permit, false),

@@ -54,6 +54,20 @@ pub fn load_crl(path: &Path) -> Result<CertificateRevocationListDer<'static>, Tl
     }
 }
 
+/// Every (issuer DN, serial) revoked by the given CRL files, for re-checking live connections.
+pub fn crl_revocations<'a>(
+    paths: impl IntoIterator<Item = &'a std::path::PathBuf>,
+) -> Result<std::collections::HashSet<(String, String)>, TlsError> {
+    let mut revoked = std::collections::HashSet::new();
+    for path in paths {
+        let der = load_crl(path)?;
+        let (_, crl) = x509_parser::parse_x509_crl(der.as_ref()).map_err(|e| file_error(path, e))?;
+        let issuer = crl.issuer().to_string();
+        revoked.extend(crl.iter_revoked_certificates().map(|r| (issuer.clone(), crate::pki::format_serial(r.raw_serial()))));
+    }
+    Ok(revoked)
+}
+
 /// TLS 1.2 and 1.3 with the listener's certificate; with `client_auth`, clients are verified
 /// against its CA bundle and CRLs.
 pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
