@@ -254,3 +254,49 @@ fn paho_with_a_client_certificate() {
     assert_eq!(paho(&other_cert, &other_key, "plc-2"), "refused", "revoked by the CRL");
     assert_eq!(paho(Path::new(""), Path::new(""), "anonymous"), "refused", "no certificate");
 }
+
+#[test]
+fn rumqttc_with_client_authentication() {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet as RPacket, QoS as RQoS, TlsConfiguration, Transport};
+    let f = fleet("");
+    let connect = |device: &str| {
+        let (cert, key) = f.device(device);
+        let mut options = MqttOptions::new(device, "localhost", f.broker.tls.unwrap().port());
+        options.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
+            ca: std::fs::read(f.store.ca_cert()).unwrap(),
+            alpn: None,
+            client_auth: Some((std::fs::read(cert).unwrap(), std::fs::read(key).unwrap())),
+        }));
+        AsyncClient::new(options, 10)
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let (client, mut events) = connect("plc-1");
+        client.subscribe("devices/plc-1/echo", RQoS::AtLeastOnce).await.unwrap();
+        client.publish("devices/plc-1/echo", RQoS::AtLeastOnce, false, "over mtls").await.unwrap();
+        let echoed = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Event::Incoming(RPacket::Publish(p)) = events.poll().await.expect("plc-1 stays connected") {
+                    return p.payload;
+                }
+            }
+        })
+        .await
+        .expect("the message came back");
+        assert_eq!(&echoed[..], b"over mtls");
+
+        let (_revoked, mut revoked_events) = connect("plc-2");
+        let outcome = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match revoked_events.poll().await {
+                    Err(e) => return Err(e),
+                    Ok(Event::Incoming(RPacket::ConnAck(ack))) => return Ok(ack),
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .expect("an answer for the revoked certificate");
+        assert!(outcome.is_err(), "the certificate revoked by the CRL connected: {outcome:?}");
+    });
+}
