@@ -21,6 +21,10 @@ struct Fleet {
 /// A PKI with devices plc-1 and plc-2 (plc-2 revoked in the CRL) and a broker requiring client
 /// certificates from it.
 fn fleet(extra_listener_keys: &str) -> Fleet {
+    fleet_with("required", extra_listener_keys)
+}
+
+fn fleet_with(client_certificate: &str, extra_listener_keys: &str) -> Fleet {
     rampart_node::tls::install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
     let store = Store::new(dir.path().join("pki"));
@@ -33,7 +37,7 @@ fn fleet(extra_listener_keys: &str) -> Fleet {
     store.write_crl(7).unwrap();
     let (server_cert, server_key) = store.paths(Kind::Server, "localhost");
     let listener = format!(
-        "[listeners.tls]\nbind = \"127.0.0.1:0\"\ncert_file = {server_cert:?}\nkey_file = {server_key:?}\nclient_certificate = \"required\"\nca_file = {:?}\ncrl_files = [{:?}]\n{extra_listener_keys}\n",
+        "[listeners.tls]\nbind = \"127.0.0.1:0\"\ncert_file = {server_cert:?}\nkey_file = {server_key:?}\nclient_certificate = \"{client_certificate}\"\nca_file = {:?}\ncrl_files = [{:?}]\n{extra_listener_keys}\n",
         store.ca_cert(),
         store.crl_path()
     );
@@ -299,4 +303,15 @@ fn rumqttc_with_client_authentication() {
         .expect("an answer for the revoked certificate");
         assert!(outcome.is_err(), "the certificate revoked by the CRL connected: {outcome:?}");
     });
+}
+
+#[test]
+fn an_optional_client_certificate_lets_clients_without_one_fall_through() {
+    let f = fleet_with("optional", "");
+    assert!(succeeded(&f.publish(None, "no-certificate")), "anonymous clients are allowed without a state file");
+    let (cert, key) = f.device("plc-1");
+    assert!(succeeded(&f.publish(Some((&cert, &key)), "plc-1")));
+    assert!(f.broker.wait_for_log("identity=plc-1", Duration::from_secs(5)).is_some(), "a presented certificate still gives the identity");
+    let (revoked, revoked_key) = f.device("plc-2");
+    assert!(!succeeded(&f.publish(Some((&revoked, &revoked_key)), "plc-2")), "a presented certificate is still verified");
 }
