@@ -29,6 +29,7 @@ pub enum DropReason {
 }
 
 impl DropReason {
+    /// Every reason, in declaration order (so `reason as usize` indexes it).
     const ALL: [DropReason; 8] = [
         DropReason::SlowSubscriberQos0,
         DropReason::SlowSubscriberTimeout,
@@ -99,8 +100,7 @@ pub fn message_out(qos: QoS) {
 }
 
 pub fn dropped(reason: DropReason) {
-    let i = DropReason::ALL.iter().position(|r| *r == reason).unwrap_or(0);
-    METRICS.dropped[i].fetch_add(1, Ordering::Relaxed);
+    METRICS.dropped[reason as usize].fetch_add(1, Ordering::Relaxed);
 }
 
 pub fn malformed_packet() {
@@ -156,4 +156,16 @@ pub fn render(gauges: Gauges) -> String {
     metric("rampart_retained_messages", "gauge", "Retained messages stored.", &[("", gauges.retained as i64)]);
     metric("rampart_queued_messages", "gauge", "Messages waiting in session queues.", &[("", METRICS.queued.load(Ordering::Relaxed))]);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drop_reasons_index_their_counters() {
+        for (i, reason) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(*reason as usize, i, "{reason:?}");
+        }
+    }
 }
