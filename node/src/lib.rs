@@ -1,6 +1,8 @@
 //! Rampart broker library: everything the `rampart` binary runs, organised by concern.
+pub mod admin;
 pub mod auth;
 pub mod broker;
+pub mod cluster;
 pub mod config;
 pub mod listener;
 pub mod mqtt;

@@ -9,9 +9,11 @@ use std::time::{Duration, Instant};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::auth::store::AuthStore;
+use crate::auth::store::{read_state, AuthStore};
 use crate::broker::Broker;
+use crate::cluster::Cluster;
 use crate::config::{Config, ListenerKind};
+use crate::listener::clients::ConnectedClients;
 use crate::listener::{self, connection::ConnectionContext};
 use crate::telemetry;
 
@@ -23,6 +25,8 @@ pub struct Server {
     /// Bound MQTT listeners (useful when a port was 0).
     pub listeners: Vec<(ListenerKind, SocketAddr)>,
     pub http: Option<SocketAddr>,
+    /// The Raft member, when the node is part of a cluster.
+    pub cluster: Option<Arc<Cluster>>,
     /// TLS configurations in force and what they are built from, for reloads.
     tls: Vec<(crate::config::TlsFiles, Arc<arc_swap::ArcSwap<rustls::ServerConfig>>)>,
     shutdown: watch::Sender<bool>,
@@ -34,20 +38,31 @@ impl Server {
     pub async fn start(config: &Config) -> anyhow::Result<Server> {
         let sessions = crate::broker::persist::SessionStore::open(&config.node.data_dir)?;
         let broker = Broker::new(config.broker_settings(), Some(sessions));
-        let auth = Arc::new(AuthStore::open(config.auth.state_file.clone())?);
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let clients = Arc::new(ConnectedClients::default());
+        let mut tasks = JoinSet::new();
+        let (auth, cluster) = match &config.cluster {
+            None => (Arc::new(AuthStore::open(config.auth.state_file.clone())?), None),
+            Some(cluster_config) => {
+                let auth = Arc::new(AuthStore::replicated());
+                let seed = config.auth.state_file.as_deref().map(read_state).transpose()?;
+                let cluster = Cluster::start(cluster_config, &config.node.data_dir, auth.clone(), seed).await?;
+                start_cluster_services(config, &cluster, &auth, &clients, &shutdown_rx, &mut tasks).await?;
+                (auth, Some(cluster))
+            }
+        };
         let ctx = Arc::new(ConnectionContext {
             broker: broker.clone(),
             limits: config.session_limits(),
             auth: config.auth_policy(),
             auth_store: auth.clone(),
+            clients: clients.clone(),
             connect_timeout: Duration::from_secs(config.limits.connect_timeout_secs),
             write_timeout: Duration::from_secs(config.limits.write_timeout_secs),
             shutdown: shutdown_rx.clone(),
         });
         let bound = listener::bind(&config.listener_specs()).await?;
         let ready = Arc::new(AtomicBool::new(false));
-        let mut tasks = JoinSet::new();
         let http = if config.http.enabled {
             let socket = telemetry::http::bind(config.http.bind).await?;
             let addr = socket.local_addr()?;
@@ -65,7 +80,7 @@ impl Server {
         }
         tasks.spawn(reap_sessions(broker.clone(), shutdown_rx));
         ready.store(true, Ordering::Relaxed);
-        Ok(Server { broker, auth, listeners, http, tls, shutdown, tasks })
+        Ok(Server { broker, auth, listeners, http, cluster, tls, shutdown, tasks })
     }
 
     /// Re-reads the TLS files (certificates, CA bundles, CRLs) and the authorization state. New
@@ -91,7 +106,49 @@ impl Server {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         self.broker.persist_sessions();
+        if let Some(cluster) = &self.cluster {
+            cluster.shutdown().await;
+        }
     }
+}
+
+/// Binds and serves the cluster port and, when configured, the admin API.
+async fn start_cluster_services(
+    config: &Config,
+    cluster: &Arc<Cluster>,
+    auth: &Arc<AuthStore>,
+    clients: &Arc<ConnectedClients>,
+    shutdown: &watch::Receiver<bool>,
+    tasks: &mut JoinSet<()>,
+) -> anyhow::Result<()> {
+    let cluster_config = config.cluster.clone().expect("called for cluster members");
+    let bind = |addr: SocketAddr, key: &'static str| async move {
+        tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("{key} {addr}: {e}"))
+    };
+    let listener = bind(cluster_config.bind, "cluster.bind").await?;
+    tracing::info!(addr = %listener.local_addr()?, node_id = cluster_config.node_id, "cluster port");
+    let (c, cl, a, s) = (cluster.clone(), clients.clone(), auth.clone(), shutdown.clone());
+    tasks.spawn(async move {
+        if let Err(e) = crate::cluster::service::serve(listener, &cluster_config, c, cl, a, s).await {
+            tracing::error!(error = %format!("{e:#}"), "cluster port stopped");
+        }
+    });
+    let Some(admin_config) = config.admin.clone() else { return Ok(()) };
+    let listener = bind(admin_config.bind, "admin.bind").await?;
+    tracing::info!(addr = %listener.local_addr()?, "admin API");
+    // An imported CRL must be signed by a CA this node trusts for some client certificates.
+    let client_cas = config.listener_specs().into_iter().filter_map(|spec| spec.tls?.client_auth.map(|c| c.ca_file));
+    let ca_files: Vec<_> = client_cas.chain([admin_config.ca_file.clone()]).collect();
+    let loaded = ca_files.iter().map(|f| crate::tls::load_certs(f)).collect::<Result<Vec<_>, _>>()?;
+    let trusted_cas = loaded.into_iter().flatten().map(|c| c.to_vec()).collect();
+    let service = crate::admin::service::AdminService::new(cluster.clone(), auth.clone(), clients.clone(), trusted_cas);
+    let s = shutdown.clone();
+    tasks.spawn(async move {
+        if let Err(e) = crate::admin::serve(listener, &admin_config, service, s).await {
+            tracing::error!(error = %format!("{e:#}"), "admin API stopped");
+        }
+    });
+    Ok(())
 }
 
 /// The certificates revoked by the CRL files of every listener that verifies client certificates.

@@ -34,14 +34,54 @@ impl Matchers {
         })
     }
 
-    fn allows_topic(&self, name: &str) -> bool {
-        let denied = self.deny_regex.is_match(name) || self.deny_patterns.iter().any(|p| topic::matches(p, name));
-        !denied && (self.allow_regex.is_match(name) || self.allow_patterns.iter().any(|p| topic::matches(p, name)))
+    /// The first rule that decides for a topic name (`filter = false`) or a subscription
+    /// filter: deny rules first, then allow rules. A pattern allows a filter only when it covers
+    /// it, and denies it when they intersect.
+    fn decide<'a>(&'a self, name: &str, filter: bool) -> Verdict<'a> {
+        let hits = |p: &String, deny: bool| match (filter, deny) {
+            (false, _) => topic::matches(p, name),
+            (true, true) => topic::intersects(p, name),
+            (true, false) => topic::covers(p, name),
+        };
+        if self.deny_regex.is_match(name) {
+            return Verdict::Regex { allow: false, set: &self.deny_regex };
+        }
+        if let Some(p) = self.deny_patterns.iter().find(|p| hits(p, true)) {
+            return Verdict::Pattern { allow: false, pattern: p };
+        }
+        if self.allow_regex.is_match(name) {
+            return Verdict::Regex { allow: true, set: &self.allow_regex };
+        }
+        match self.allow_patterns.iter().find(|p| hits(p, false)) {
+            Some(p) => Verdict::Pattern { allow: true, pattern: p },
+            None => Verdict::NoRule,
+        }
+    }
+}
+
+/// Which kind of rule decided.
+enum Verdict<'a> {
+    Regex { allow: bool, set: &'a RegexSet },
+    Pattern { allow: bool, pattern: &'a str },
+    NoRule,
+}
+
+impl Verdict<'_> {
+    fn allows(&self) -> bool {
+        matches!(self, Verdict::Regex { allow: true, .. } | Verdict::Pattern { allow: true, .. })
     }
 
-    fn allows_filter(&self, filter: &str) -> bool {
-        let denied = self.deny_regex.is_match(filter) || self.deny_patterns.iter().any(|p| topic::intersects(p, filter));
-        !denied && (self.allow_regex.is_match(filter) || self.allow_patterns.iter().any(|p| topic::covers(p, filter)))
+    /// The rule in words (for the admin API's dry run).
+    fn describe(&self, name: &str) -> String {
+        let kind = |allow: bool| if allow { "allow" } else { "deny" };
+        match self {
+            Verdict::Regex { allow, set } => {
+                let regex = set.matches(name).iter().next().map(|i| set.patterns()[i].clone()).unwrap_or_default();
+                format!("{} rule topic_regex {regex:?}", kind(*allow))
+            }
+            Verdict::Pattern { allow, pattern } => format!("{} rule pattern {pattern:?}", kind(*allow)),
+            Verdict::NoRule => "no rule allows it".into(),
+        }
     }
 }
 
@@ -79,13 +119,21 @@ impl Acl {
     }
 
     pub fn may_publish(&self, name: &str) -> bool {
-        self.rules.as_ref().is_none_or(|r| r.write.allows_topic(name))
+        self.rules.as_ref().is_none_or(|r| r.write.decide(name, false).allows())
     }
 
     /// A subscription is allowed when an allow rule covers every topic of the filter and no
     /// deny rule could match one of them.
     pub fn may_subscribe(&self, filter: &str) -> bool {
-        self.rules.as_ref().is_none_or(|r| r.read.allows_filter(filter))
+        self.rules.as_ref().is_none_or(|r| r.read.decide(filter, true).allows())
+    }
+
+    /// Whether a publish (`subscribe = false`) or subscription is allowed, and the rule that
+    /// decided, in words.
+    pub fn explain(&self, topic: &str, subscribe: bool) -> (bool, String) {
+        let Some(rules) = &self.rules else { return (true, "no authorization configured".into()) };
+        let verdict = if subscribe { rules.read.decide(topic, true) } else { rules.write.decide(topic, false) };
+        (verdict.allows(), verdict.describe(topic))
     }
 }
 
@@ -151,6 +199,15 @@ mod tests {
         assert!(acl.may_subscribe("plant/line-1/#"));
         assert!(!Acl::compile(&[], "u", "c").unwrap().may_publish("anything"));
         assert!(Acl::allow_all().may_subscribe("#"));
+    }
+
+    #[test]
+    fn explain_names_the_deciding_rule() {
+        let rules = [rule(Access::ReadWrite, Some("plant/#"), None, false), rule(Access::Write, None, Some("plant/secret/.*"), true)];
+        let acl = Acl::compile(&rules, "u", "c").unwrap();
+        assert_eq!(acl.explain("plant/a", false), (true, "allow rule pattern \"plant/#\"".into()));
+        assert_eq!(acl.explain("plant/secret/k", false), (false, "deny rule topic_regex \"^(?:plant/secret/.*)$\"".into()));
+        assert_eq!(acl.explain("other", true), (false, "no rule allows it".into()));
     }
 
     #[test]

@@ -37,6 +37,8 @@ pub struct PeerCertificate {
     pub serial: String,
     /// Issuer distinguished name, e.g. `O=Rampart, CN=Plant 7 CA`.
     pub issuer: String,
+    /// Start of validity (when it was issued), seconds since the Unix epoch.
+    pub not_before: i64,
     /// Expiry, seconds since the Unix epoch.
     pub not_after: i64,
 }
@@ -100,6 +102,7 @@ impl IdentityRule {
             identity,
             serial: crate::pki::format_serial(cert.raw_serial()),
             issuer: cert.issuer().to_string(),
+            not_before: cert.validity().not_before.timestamp(),
             not_after: cert.validity().not_after.timestamp(),
         })
     }

@@ -7,9 +7,10 @@ use mqttbytes::v5::ConnectReturnCode;
 use regex::Regex;
 
 use super::acl::{self, Acl};
+use super::identity::PeerCertificate;
 use super::password;
 use super::policy::Principal;
-use super::state::{AuthState, ClientType, Credential, Rule, UnknownCertificate};
+use super::state::{AuthState, ClientType, Credential, Revocation, Rule, UnknownCertificate, X509Match};
 use crate::mqtt::connect::Refusal;
 
 /// What a client was granted at CONNECT.
@@ -19,6 +20,8 @@ pub struct Grant {
     pub credential: Option<String>,
     pub client_type: ClientType,
     pub acl: Acl,
+    /// Offline queue limit set for the client type in the state, if any.
+    pub max_queued_messages: Option<usize>,
 }
 
 #[derive(Debug, Default)]
@@ -31,7 +34,10 @@ pub struct AuthIndex {
     roles: HashMap<String, usize>,
     /// Password credentials by user name.
     passwords: HashMap<String, usize>,
-    revoked: HashSet<(String, String)>,
+    /// Serial revocations by (issuer, serial) → revocation index.
+    revoked_serials: HashMap<(String, String), usize>,
+    /// The other revocations: (identity regex, revocation index).
+    revocation_rules: Vec<(Option<Regex>, usize)>,
 }
 
 impl AuthIndex {
@@ -56,43 +62,57 @@ impl AuthIndex {
             if !names.insert(c.name.as_str()) {
                 return Err(at("duplicate credential name".into()));
             }
-            check_rules(&c.rules).map_err(at)?;
-            if let Some(role) = c.roles.iter().find(|r| !index.roles.contains_key(*r)) {
-                return Err(at(format!("unknown role {role:?}")));
-            }
-            match (&c.x509, &c.password) {
-                (Some(x509), None) => match (&x509.identity, &x509.identity_regex) {
-                    (Some(identity), None) => {
-                        if index.exact.insert(identity.clone(), i).is_some() {
-                            return Err(at(format!("identity {identity:?} is already used by another credential")));
-                        }
+            let regex = validate_credential(c, |role| index.roles.contains_key(role)).map_err(at)?;
+            match (&c.x509, &c.password, regex) {
+                (_, _, Some(regex)) => index.regexes.push((regex, c.x509.as_ref().map_or(0, |x| x.priority), i)),
+                (Some(X509Match { identity: Some(identity), .. }), _, None) => {
+                    if index.exact.insert(identity.clone(), i).is_some() {
+                        return Err(at(format!("identity {identity:?} is already used by another credential")));
                     }
-                    (None, Some(pattern)) => {
-                        let regex = Regex::new(&format!("^(?:{pattern})$")).map_err(|e| at(format!("identity_regex: {e}")))?;
-                        index.regexes.push((regex, x509.priority, i));
-                    }
-                    _ => return Err(at("x509 needs exactly one of identity and identity_regex".into())),
-                },
-                (None, Some(pw)) => {
-                    password::check_hash(&pw.hash).map_err(|e| at(format!("password.hash: {e}")))?;
+                }
+                (_, Some(pw), None) => {
                     if index.passwords.insert(pw.username.clone(), i).is_some() {
                         return Err(at(format!("user name {:?} is already used by another credential", pw.username)));
                     }
                 }
-                _ => return Err(at("a credential needs exactly one of x509 and password".into())),
+                _ => unreachable!("validate_credential accepts exactly one identity form"),
             }
         }
         index.regexes.sort_by_key(|(_, priority, i)| (-priority, *i));
         check_rules(&state.defaults.rules).map_err(|e| format!("defaults: {e}"))?;
         check_rules(&state.defaults.anonymous_rules).map_err(|e| format!("defaults.anonymous_rules: {e}"))?;
-        index.revoked = state.revocations.iter().map(|r| (r.issuer.clone(), r.serial.to_uppercase())).collect();
+        for (i, revocation) in state.revocations.iter().enumerate() {
+            let regex = compile_revocation(revocation).map_err(|e| format!("revocations[{i}]: {e}"))?;
+            match (&revocation.issuer, &revocation.serial) {
+                (Some(issuer), Some(serial)) if regex.is_none() && revocation.issued_before.is_none() => {
+                    let serial = crate::pki::normalize_serial(serial).map_err(|e| format!("revocations[{i}]: {e}"))?;
+                    index.revoked_serials.insert((issuer.clone(), serial), i);
+                }
+                _ => index.revocation_rules.push((regex, i)),
+            }
+        }
         index.state = Some(state);
         Ok(index)
     }
 
-    /// Whether the certificate (issuer, serial) is revoked in the state.
-    pub fn is_revoked(&self, issuer: &str, serial: &str) -> bool {
-        self.revoked.contains(&(issuer.to_string(), serial.to_string()))
+    /// The revocation that covers a certificate, if any.
+    pub fn revocation_of(&self, cert: &PeerCertificate) -> Option<&Revocation> {
+        let state = self.state.as_ref()?;
+        if let Some(&i) = self.revoked_serials.get(&(cert.issuer.clone(), cert.serial.clone())) {
+            return Some(&state.revocations[i]);
+        }
+        self.revocation_rules.iter().map(|(regex, i)| (regex, &state.revocations[*i])).find_map(|(regex, r)| {
+            let covered = r.issuer.as_ref().is_none_or(|issuer| *issuer == cert.issuer)
+                && r.serial.as_ref().is_none_or(|serial| crate::pki::normalize_serial(serial).is_ok_and(|s| s == cert.serial))
+                && regex.as_ref().is_none_or(|regex| regex.is_match(&cert.identity))
+                && r.issued_before.is_none_or(|before| cert.not_before < before);
+            covered.then_some(r)
+        })
+    }
+
+    /// The state this index was built from (`None`: no authorization configured).
+    pub fn state(&self) -> Option<&AuthState> {
+        self.state.as_ref()
     }
 
     fn credential(&self, identity: &str, issuer: &str) -> Option<&Credential> {
@@ -125,7 +145,7 @@ impl AuthIndex {
         let refuse = |reason: String| Refusal { code: ConnectReturnCode::NotAuthorized, reason };
         let Some(cert) = &principal.certificate else {
             let Some(state) = &self.state else {
-                return Ok(Grant { credential: None, client_type: ClientType::Device, acl: Acl::allow_all() });
+                return Ok(Grant::allow_all());
             };
             let username = principal.username.as_deref().unwrap_or_default();
             if principal.password_verified {
@@ -143,24 +163,23 @@ impl AuthIndex {
                 return Err(refuse("anonymous clients are not allowed: present a certificate or a user name and password".into()));
             }
             let acl = Acl::compile(&state.defaults.anonymous_rules, "", client_id).map_err(|e| refuse(format!("permissions: {e}")))?;
-            return Ok(Grant { credential: None, client_type: state.defaults.client_type, acl });
+            return Ok(self.grant_for(state, None, state.defaults.client_type, acl));
         };
-        if self.is_revoked(&cert.issuer, &cert.serial) {
-            return Err(refuse(format!("certificate {} of {} is revoked", cert.serial, cert.issuer)));
+        if let Some(revocation) = self.revocation_of(cert) {
+            let why = if revocation.reason.is_empty() { String::new() } else { format!(" ({})", revocation.reason) };
+            return Err(refuse(format!("certificate {} of {} is revoked{why}", cert.serial, cert.issuer)));
         }
         let Some(state) = &self.state else {
-            return Ok(Grant { credential: None, client_type: ClientType::Device, acl: Acl::allow_all() });
+            return Ok(Grant::allow_all());
         };
         let username = principal.username.as_deref().unwrap_or(&cert.identity);
         let compile = |rules: Vec<&Rule>| Acl::compile(rules, username, client_id).map_err(|e| refuse(format!("permissions: {e}")));
         match self.credential(&cert.identity, &cert.issuer) {
             Some(c) if !c.enabled => Err(refuse(format!("credential {:?} is disabled", c.name))),
             Some(c) => self.grant(state, c, username, client_id),
-            None if state.defaults.unknown_certificate == UnknownCertificate::DefaultRules => Ok(Grant {
-                credential: None,
-                client_type: state.defaults.client_type,
-                acl: compile(state.defaults.rules.iter().collect())?,
-            }),
+            None if state.defaults.unknown_certificate == UnknownCertificate::DefaultRules => {
+                Ok(self.grant_for(state, None, state.defaults.client_type, compile(state.defaults.rules.iter().collect())?))
+            }
             None => Err(refuse(format!("no credential for identity {:?}", cert.identity))),
         }
     }
@@ -172,16 +191,65 @@ impl AuthIndex {
         let role_rules = c.roles.iter().flat_map(|r| state.roles[self.roles[r]].rules.iter());
         let acl = Acl::compile(c.rules.iter().chain(role_rules), username, client_id)
             .map_err(|e| Refusal { code: ConnectReturnCode::NotAuthorized, reason: format!("permissions: {e}") })?;
-        Ok(Grant { credential: Some(c.name.clone()), client_type: c.client_type, acl })
+        Ok(self.grant_for(state, Some(c.name.clone()), c.client_type, acl))
     }
+
+    fn grant_for(&self, state: &AuthState, credential: Option<String>, client_type: ClientType, acl: Acl) -> Grant {
+        Grant { credential, client_type, acl, max_queued_messages: state.client_types.of(client_type).max_queued_messages }
+    }
+}
+
+impl Grant {
+    /// No authorization configured: any authenticated client may do anything.
+    fn allow_all() -> Grant {
+        Grant { credential: None, client_type: ClientType::Device, acl: Acl::allow_all(), max_queued_messages: None }
+    }
+}
+
+/// Checks one credential on its own (its uniqueness is the caller's business): exactly one
+/// identity form, valid rules, known roles, a usable hash. Returns its compiled identity regex.
+pub fn validate_credential(c: &Credential, role_exists: impl Fn(&str) -> bool) -> Result<Option<Regex>, String> {
+    if c.name.is_empty() {
+        return Err("name: must not be empty".into());
+    }
+    check_rules(&c.rules)?;
+    if let Some(role) = c.roles.iter().find(|r| !role_exists(r)) {
+        return Err(format!("unknown role {role:?}"));
+    }
+    match (&c.x509, &c.password) {
+        (Some(x509), None) => match (&x509.identity, &x509.identity_regex) {
+            (Some(identity), None) if identity.is_empty() => Err("x509.identity: must not be empty".into()),
+            (Some(_), None) => Ok(None),
+            (None, Some(pattern)) => Regex::new(&format!("^(?:{pattern})$")).map(Some).map_err(|e| format!("identity_regex: {e}")),
+            _ => Err("x509 needs exactly one of identity and identity_regex".into()),
+        },
+        (None, Some(pw)) if pw.username.is_empty() => Err("password.username: must not be empty".into()),
+        (None, Some(pw)) => password::check_hash(&pw.hash).map(|_| None).map_err(|e| format!("password.hash: {e}")),
+        _ => Err("a credential needs exactly one of x509 and password".into()),
+    }
+}
+
+/// Checks rules (valid patterns and regexes).
+pub fn check_rules(rules: &[Rule]) -> Result<(), String> {
+    rules.iter().try_for_each(acl::validate_rule)
+}
+
+/// Checks a revocation and compiles its identity regex.
+pub fn compile_revocation(r: &Revocation) -> Result<Option<Regex>, String> {
+    if r.issuer.is_none() && r.serial.is_none() && r.identity_regex.is_none() && r.issued_before.is_none() {
+        return Err("a revocation needs at least one of issuer, serial, identity_regex and issued_before".into());
+    }
+    if let Some(serial) = &r.serial {
+        if r.issuer.is_none() {
+            return Err("serial: a serial is only unique per issuer; give the issuer too".into());
+        }
+        crate::pki::normalize_serial(serial).map_err(|e| format!("serial: {e}"))?;
+    }
+    r.identity_regex.as_ref().map(|p| Regex::new(&format!("^(?:{p})$")).map_err(|e| format!("identity_regex: {e}"))).transpose()
 }
 
 /// An argon2id hash verified against when a user name is unknown.
 static TIMING_HASH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| password::hash("no such user").unwrap_or_default());
-
-fn check_rules(rules: &[Rule]) -> Result<(), String> {
-    rules.iter().try_for_each(acl::validate_rule)
-}
 
 #[cfg(test)]
 mod tests {
@@ -227,7 +295,8 @@ mod tests {
     }
 
     fn principal(identity: &str, serial: &str) -> Principal {
-        let cert = PeerCertificate { identity: identity.into(), serial: serial.into(), issuer: "CN=Fleet CA".into(), not_after: 0 };
+        let cert =
+            PeerCertificate { identity: identity.into(), serial: serial.into(), issuer: "CN=Fleet CA".into(), not_before: 0, not_after: 0 };
         Principal { identity: Some(identity.into()), username: Some(identity.into()), certificate: Some(cert), password_verified: false }
     }
 

@@ -140,7 +140,13 @@ mod tests {
     }
 
     fn peer(identity: &str) -> PeerAuth {
-        PeerAuth::Certificate(PeerCertificate { identity: identity.into(), serial: "01".into(), issuer: "CN=CA".into(), not_after: 0 })
+        PeerAuth::Certificate(PeerCertificate {
+            identity: identity.into(),
+            serial: "01".into(),
+            issuer: "CN=CA".into(),
+            not_before: 0,
+            not_after: 0,
+        })
     }
 
     #[test]

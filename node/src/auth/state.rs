@@ -1,6 +1,6 @@
 //! `AuthState`: the authentication and authorization data of a fleet, as plain serde data —
-//! credentials, roles, default rules, client types and revocations. Read from a TOML file now;
-//! the same structure is what the cluster will replicate.
+//! credentials, roles, default rules, client-type settings and revocations. A standalone node
+//! reads it from a TOML file; a cluster replicates it through Raft (see `cluster::command`).
 
 use serde::{Deserialize, Serialize};
 
@@ -19,6 +19,34 @@ pub struct AuthState {
     pub defaults: Defaults,
     #[serde(default)]
     pub revocations: Vec<Revocation>,
+    #[serde(default)]
+    pub client_types: ClientTypes,
+}
+
+/// Settings per client type; unset values fall back to the node's `[limits]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientTypes {
+    #[serde(default)]
+    pub device: ClientTypeSettings,
+    #[serde(default)]
+    pub application: ClientTypeSettings,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientTypeSettings {
+    /// Offline queue limit of sessions of this type.
+    pub max_queued_messages: Option<usize>,
+}
+
+impl ClientTypes {
+    pub fn of(&self, client_type: ClientType) -> &ClientTypeSettings {
+        match client_type {
+            ClientType::Device => &self.device,
+            ClientType::Application => &self.application,
+        }
+    }
 }
 
 /// How a client is recognised and what it may do: by certificate (`x509`) or by user name and
@@ -153,12 +181,28 @@ pub enum UnknownCertificate {
     DefaultRules,
 }
 
-/// A revoked certificate: issuer distinguished name and serial (colon-separated hex).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Certificates that are no longer accepted: every field that is set must match (issuer
+/// distinguished name; serial as colon-separated hex; a regex over the whole identity;
+/// issued — `notBefore` — before a time). A serial needs its issuer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Revocation {
-    pub issuer: String,
-    pub serial: String,
+    /// Assigned by the cluster; used to undo a revocation.
+    #[serde(default)]
+    pub id: u64,
+    pub issuer: Option<String>,
+    pub serial: Option<String>,
+    pub identity_regex: Option<String>,
+    /// Seconds since the Unix epoch.
+    pub issued_before: Option<i64>,
     #[serde(default)]
     pub reason: String,
+    /// When and by whom (admin identity) it was made; set by the cluster.
+    #[serde(default)]
+    pub revoked_at: i64,
+    #[serde(default)]
+    pub revoked_by: String,
+    /// `api`, `crl` (an entry of an imported CRL) or empty (the state file).
+    #[serde(default)]
+    pub source: String,
 }

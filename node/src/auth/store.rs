@@ -1,7 +1,8 @@
 //! The node's current `AuthIndex` and the certificates revoked by the listeners' CRL files: read
 //! lock-free by every CONNECT, swapped whole when the state file or the CRLs are re-read
-//! (SIGHUP), with a change signal that live connections watch to re-check their client
-//! (revoked, disabled, deleted: disconnected; otherwise new permissions apply).
+//! (SIGHUP) or the cluster applies a change, with a change signal that live connections watch
+//! to re-check their client (revoked, disabled, deleted: disconnected; otherwise new
+//! permissions apply).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -23,12 +24,16 @@ pub struct AuthStore {
     changed: watch::Sender<u64>,
 }
 
-/// Reads and compiles a state file; errors name the file and the key.
-pub fn load_state(path: &Path) -> anyhow::Result<AuthIndex> {
+/// Reads a state file; errors name the file and the key.
+pub fn read_state(path: &Path) -> anyhow::Result<AuthState> {
     let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    let state: AuthState = serde_path_to_error::deserialize(toml::Deserializer::new(&text))
-        .map_err(|e| anyhow::anyhow!("{}: {}: {}", path.display(), e.path(), e.inner().message()))?;
-    AuthIndex::build(state).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    serde_path_to_error::deserialize(toml::Deserializer::new(&text))
+        .map_err(|e| anyhow::anyhow!("{}: {}: {}", path.display(), e.path(), e.inner().message()))
+}
+
+/// Reads and compiles a state file.
+pub fn load_state(path: &Path) -> anyhow::Result<AuthIndex> {
+    AuthIndex::build(read_state(path)?).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
 impl AuthStore {
@@ -53,6 +58,18 @@ impl AuthStore {
         self.current().authorize(principal, client_id)
     }
 
+    /// For a cluster member: nothing is allowed until the replicated state is applied.
+    pub fn replicated() -> AuthStore {
+        let empty = AuthIndex::build(AuthState::default()).expect("the empty state is valid");
+        AuthStore { file: None, current: ArcSwap::from_pointee(empty), crl_revoked: ArcSwap::default(), changed: watch::channel(0).0 }
+    }
+
+    /// Puts a new index in force and signals live connections.
+    pub fn install(&self, index: AuthIndex) {
+        self.current.store(Arc::new(index));
+        self.changed.send_modify(|generation| *generation += 1);
+    }
+
     /// Puts a new set of CRL revocations in force and signals live connections.
     pub fn set_crl_revocations(&self, revoked: HashSet<(String, String)>) {
         self.crl_revoked.store(Arc::new(revoked));
@@ -71,8 +88,7 @@ impl AuthStore {
     /// Re-reads the state file; on error the index in force stays.
     pub fn reload(&self) -> anyhow::Result<()> {
         let Some(path) = &self.file else { return Ok(()) };
-        self.current.store(Arc::new(load_state(path)?));
-        self.changed.send_modify(|generation| *generation += 1);
+        self.install(load_state(path)?);
         Ok(())
     }
 }

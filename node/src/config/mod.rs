@@ -24,6 +24,91 @@ pub struct Config {
     pub http: HttpConfig,
     pub limits: LimitsConfig,
     pub listeners: ListenersConfig,
+    /// Raft membership; without it the node runs standalone from `auth.state_file`.
+    pub cluster: Option<ClusterConfig>,
+    /// The admin gRPC API (needs `[cluster]`).
+    pub admin: Option<AdminConfig>,
+}
+
+/// This node's place in a Raft cluster that replicates the authorization state.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This node's id: unique in the cluster, never reused after a node's data is lost.
+    pub node_id: u64,
+    /// Address of the cluster gRPC port (Raft and node-to-node calls).
+    #[serde(default = "default_cluster_bind")]
+    pub bind: SocketAddr,
+    /// This node's certificate (OU rampart-node, serverAuth + clientAuth) and key, and the CA
+    /// bundle peers' node certificates must chain to.
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub ca_file: PathBuf,
+    /// The initial members. Starting them all initializes the cluster once (the lowest id does
+    /// it); later starts resume it. A node not listed here waits to be added (`rampart admin
+    /// cluster add-node`).
+    #[serde(default)]
+    pub members: Vec<Member>,
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_ms: u64,
+    #[serde(default = "default_election_timeout_min_ms")]
+    pub election_timeout_min_ms: u64,
+    #[serde(default = "default_election_timeout_max_ms")]
+    pub election_timeout_max_ms: u64,
+    /// A snapshot is taken after this many log entries (and older entries purged).
+    #[serde(default = "default_snapshot_every")]
+    pub snapshot_every: u64,
+    /// How long an admin write may wait for a leader and a commit before it fails (Unavailable).
+    #[serde(default = "default_write_timeout_ms")]
+    pub write_timeout_ms: u64,
+}
+
+/// One cluster member: its id and the addresses other nodes reach it at.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Member {
+    pub id: u64,
+    /// host:port of its cluster gRPC port; the host must be in its node certificate.
+    pub raft_addr: String,
+    /// host:port of its QUIC forwarding port.
+    #[serde(default)]
+    pub quic_addr: String,
+}
+
+fn default_cluster_bind() -> SocketAddr {
+    "0.0.0.0:7070".parse().expect("valid address")
+}
+fn default_heartbeat_ms() -> u64 {
+    100
+}
+fn default_election_timeout_min_ms() -> u64 {
+    1000
+}
+fn default_election_timeout_max_ms() -> u64 {
+    2000
+}
+fn default_snapshot_every() -> u64 {
+    1000
+}
+fn default_write_timeout_ms() -> u64 {
+    10_000
+}
+
+/// The admin gRPC API: mutual TLS with admin certificates (OU rampart-admin) only.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    #[serde(default = "default_admin_bind")]
+    pub bind: SocketAddr,
+    /// The API's server certificate and key.
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// CA bundle admin certificates must chain to.
+    pub ca_file: PathBuf,
+}
+
+fn default_admin_bind() -> SocketAddr {
+    "0.0.0.0:9443".parse().expect("valid address")
 }
 
 /// This node's own storage.
@@ -358,8 +443,53 @@ impl Config {
                 }
             }
         }
+        let cluster_files = config.cluster.iter_mut().flat_map(|c| [&mut c.cert_file, &mut c.key_file, &mut c.ca_file]);
+        let admin_files = config.admin.iter_mut().flat_map(|a| [&mut a.cert_file, &mut a.key_file, &mut a.ca_file]);
+        for path in cluster_files.chain(admin_files) {
+            if path.is_relative() {
+                *path = base.join(&*path);
+            }
+        }
         config.validate(file)?;
         Ok(config)
+    }
+
+    fn validate_cluster(&self, file: &str) -> Result<(), ConfigError> {
+        let err = |key: &str, reason: String| Err(ConfigError { file: file.into(), key: key.into(), reason });
+        if let (Some(_), None) = (&self.admin, &self.cluster) {
+            return err("admin", "the admin API needs a [cluster] section (a one-member cluster is fine)".into());
+        }
+        let Some(c) = &self.cluster else { return Ok(()) };
+        let files =
+            [("cert_file", &c.cert_file), ("key_file", &c.key_file), ("ca_file", &c.ca_file)].map(|(k, p)| (format!("cluster.{k}"), p));
+        let admin = self.admin.iter().flat_map(|a| [("cert_file", &a.cert_file), ("key_file", &a.key_file), ("ca_file", &a.ca_file)]);
+        for (key, path) in files.into_iter().chain(admin.map(|(k, p)| (format!("admin.{k}"), p))) {
+            if !path.is_file() {
+                return err(&key, format!("{} is not a readable file", path.display()));
+            }
+        }
+        if c.node_id == 0 {
+            return err("cluster.node_id", "must be at least 1".into());
+        }
+        let mut ids = std::collections::HashSet::new();
+        for (i, m) in c.members.iter().enumerate() {
+            if m.id == 0 || !ids.insert(m.id) {
+                return err(&format!("cluster.members[{i}].id"), format!("{} is zero or listed twice", m.id));
+            }
+            if m.raft_addr.rsplit_once(':').is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err()) {
+                return err(&format!("cluster.members[{i}].raft_addr"), format!("{:?} is not host:port", m.raft_addr));
+            }
+        }
+        if c.heartbeat_ms == 0 || c.election_timeout_min_ms <= c.heartbeat_ms || c.election_timeout_max_ms <= c.election_timeout_min_ms {
+            return err(
+                "cluster.heartbeat_ms / election_timeout_min_ms / election_timeout_max_ms",
+                "need 0 < heartbeat < election_timeout_min < election_timeout_max".into(),
+            );
+        }
+        if c.snapshot_every == 0 || c.write_timeout_ms == 0 {
+            return err("cluster.snapshot_every / cluster.write_timeout_ms", "must be at least 1".into());
+        }
+        Ok(())
     }
 
     fn validate(&self, file: &str) -> Result<(), ConfigError> {
@@ -392,6 +522,7 @@ impl Config {
         if let Some(path) = self.auth.state_file.as_ref().filter(|p| !p.is_file()) {
             return err("auth.state_file", format!("{} is not a readable file", path.display()));
         }
+        self.validate_cluster(file)?;
         if self.listener_specs().is_empty() {
             return err("listeners", "no listener is enabled; enable at least one of tcp, tls, ws, wss".into());
         }

@@ -17,6 +17,7 @@ use crate::auth::store::AuthStore;
 use crate::broker::message::Delivery;
 use crate::broker::persist::StoredSession;
 use crate::broker::Broker;
+use crate::listener::clients::{ClientInfo, ConnectedClients};
 use crate::mqtt::codec::{self, DecodeError, Packet, ProtocolVersion};
 use crate::mqtt::connect::{self, SessionLimits};
 use crate::mqtt::session::{Action, RetainHandling, Session};
@@ -29,6 +30,8 @@ pub struct ConnectionContext {
     pub auth: AuthPolicy,
     /// Credentials, permissions and revocations in force.
     pub auth_store: Arc<AuthStore>,
+    /// Who is connected here, for the admin API.
+    pub clients: Arc<ConnectedClients>,
     /// Time allowed from accept to a complete CONNECT.
     pub connect_timeout: Duration,
     /// Time a write may make no progress before the client is dropped.
@@ -89,9 +92,21 @@ where
     tracing::info!(%peer, %client_id, %identity, ?version, clean_start = request.clean_start, session_present = present, "client connected");
     metrics::connection_opened();
     let mailbox = record.mailbox.clone();
-    mailbox.set_capacity(match grant.client_type {
+    mailbox.set_capacity(grant.max_queued_messages.unwrap_or(match grant.client_type {
         ClientType::Device => broker.settings.max_queued_messages,
         ClientType::Application => broker.settings.application_max_queued_messages,
+    }));
+    let cert = principal.certificate.as_ref();
+    let mut registration = ctx.clients.register(ClientInfo {
+        client_id: client_id.clone(),
+        identity: principal.identity.clone().or(principal.username.clone()).unwrap_or_default(),
+        client_type: grant.client_type,
+        credential: grant.credential.clone().unwrap_or_default(),
+        cert_serial: cert.map(|c| c.serial.clone()).unwrap_or_default(),
+        cert_issuer: cert.map(|c| c.issuer.clone()).unwrap_or_default(),
+        cert_not_after: cert.map_or(0, |c| c.not_after),
+        connected_at: crate::cluster::unix_now(),
+        peer: peer.to_string(),
     });
     let mut session = Session::start(request, record, present, ctx.limits.clone(), grant.acl, now);
     let mut shutdown = ctx.shutdown.clone();
@@ -130,9 +145,14 @@ where
                 Ok(grant) => session.set_acl(grant.acl),
                 Err(refusal) => session.kick(DisconnectReasonCode::AdministrativeAction, refusal.reason),
             },
+            _ = registration.kicked.changed() => {
+                let reason = registration.kicked.borrow_and_update().clone().unwrap_or_default();
+                session.kick(DisconnectReasonCode::AdministrativeAction, format!("disconnected by an administrator: {reason}"));
+            }
         }
     }
 
+    drop(registration);
     let close = session.close_reason().cloned();
     let reconnected = claim.reconnect_watch();
     let (record, will) = session.finish();

@@ -147,9 +147,19 @@ impl Session {
         v5::ConnAck { session_present, code: v5::ConnectReturnCode::Success, properties: Some(props) }
     }
 
-    /// Puts new permissions in force (after the authorization state changed).
+    /// Puts new permissions in force (after the authorization state changed): subscriptions
+    /// they no longer allow are removed.
     pub fn set_acl(&mut self, acl: Acl) {
         self.acl = acl;
+        let limits = self.limits.topics;
+        let denied: Vec<String> = (self.record.subscriptions.keys())
+            .filter(|f| topic::parse_filter(f, limits).is_ok_and(|parsed| !self.acl.may_subscribe(parsed.filter)))
+            .cloned()
+            .collect();
+        for filter in denied {
+            tracing::info!(client_id = %self.client_id, %filter, "subscription removed: no longer authorized");
+            self.actions.push_back(Action::Unsubscribe { filter });
+        }
     }
 
     pub fn client_id(&self) -> &str {
@@ -744,6 +754,26 @@ mod tests {
             qos,
             retain: false,
             subscription_ids: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn narrowed_permissions_remove_subscriptions_they_no_longer_allow() {
+        let (mut session, _registry) = start(ProtocolVersion::V5, None).await;
+        for filter in ["devices/a/#", "devices/b/#"] {
+            let options = SubscriptionOptions { qos: QoS::AtMostOnce, no_local: false, retain_as_published: false, subscription_id: None };
+            session.record().subscriptions.insert(filter.into(), options);
+        }
+        let rule = crate::auth::state::Rule {
+            access: crate::auth::state::Access::Read,
+            topic_regex: None,
+            pattern: Some("devices/a/#".into()),
+            deny: false,
+        };
+        session.set_acl(Acl::compile([&rule], "a", "c1").unwrap());
+        match actions(&mut session).as_slice() {
+            [Action::Unsubscribe { filter }] => assert_eq!(filter, "devices/b/#"),
+            other => panic!("expected one unsubscribe, got {other:?}"),
         }
     }
 

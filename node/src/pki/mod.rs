@@ -348,6 +348,17 @@ pub fn format_serial(raw: &[u8]) -> String {
     raw[start..].iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":")
 }
 
+/// A serial typed by an operator (`0a:1b`, `0A1B`, `00:0A:1B`) in the form of [`format_serial`].
+pub fn normalize_serial(text: &str) -> Result<String, String> {
+    let digits: String = text.chars().filter(|c| !matches!(c, ':' | ' ')).collect();
+    if digits.is_empty() || !digits.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(format!("serial {text:?} is not hexadecimal"));
+    }
+    let padded = if digits.len() % 2 == 1 { format!("0{digits}") } else { digits };
+    let bytes: Vec<u8> = (0..padded.len()).step_by(2).map(|i| u8::from_str_radix(&padded[i..i + 2], 16).unwrap_or_default()).collect();
+    Ok(format_serial(&bytes))
+}
+
 fn hex_serial(serial: &str) -> anyhow::Result<Vec<u8>> {
     serial.split(':').map(|h| u8::from_str_radix(h, 16).with_context(|| format!("bad serial {serial:?}"))).collect()
 }

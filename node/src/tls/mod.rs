@@ -1,5 +1,8 @@
 //! rustls server configuration for the TLS and WSS listeners, built from PEM files: the server
-//! certificate, and for mutual TLS a client verifier with the CA bundle and CRLs.
+//! certificate, and for mutual TLS a client verifier with the CA bundle and CRLs; and the
+//! caller check of the gRPC services.
+
+pub mod caller;
 
 use std::path::Path;
 use std::sync::Arc;

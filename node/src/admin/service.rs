@@ -1,0 +1,526 @@
+//! The admin gRPC service (`rampart.admin.v1.Admin`): every call checks the caller's admin
+//! certificate; writes become Raft proposals (forwarded to the leader by any node), reads come
+//! from this node's applied state, and session calls fan out to every member.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::Stream;
+use rampart_proto::admin::admin_server::Admin;
+use rampart_proto::admin::*;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::convert;
+use crate::auth::identity::PeerCertificate;
+use crate::auth::index::{compile_revocation, validate_credential, AuthIndex};
+use crate::auth::policy::Principal;
+use crate::auth::state::{AuthState, Revocation as StateRevocation};
+use crate::auth::store::AuthStore;
+use crate::cluster::command::{AuthCmd, AuthResp, Op, Refused};
+use crate::cluster::service::{local_kick, local_sessions};
+use crate::cluster::{Cluster, Proposal, ProposeError};
+use crate::listener::clients::ConnectedClients;
+
+/// Credentials per Raft entry in a bulk import.
+pub const IMPORT_BATCH: usize = 5000;
+const PEER_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub struct AdminService {
+    cluster: Arc<Cluster>,
+    auth: Arc<AuthStore>,
+    clients: Arc<ConnectedClients>,
+    /// DER certificates of the CAs whose CRLs may be imported.
+    trusted_cas: Vec<Vec<u8>>,
+}
+
+fn invalid(e: String) -> Status {
+    Status::invalid_argument(e)
+}
+
+fn propose_status(e: ProposeError) -> Status {
+    match e {
+        ProposeError::Invalid(reason) => Status::invalid_argument(reason),
+        other => Status::unavailable(other.to_string()),
+    }
+}
+
+fn refused_status(kind: Refused, reason: &str) -> Status {
+    match kind {
+        Refused::Invalid => Status::invalid_argument(reason),
+        Refused::NotFound => Status::not_found(reason),
+        Refused::AlreadyExists => Status::already_exists(reason),
+        Refused::InUse => Status::failed_precondition(reason),
+    }
+}
+
+type AuditStream = Pin<Box<dyn Stream<Item = Result<AuditEntry, Status>> + Send>>;
+
+impl AdminService {
+    pub fn new(cluster: Arc<Cluster>, auth: Arc<AuthStore>, clients: Arc<ConnectedClients>, trusted_cas: Vec<Vec<u8>>) -> AdminService {
+        AdminService { cluster, auth, clients, trusted_cas }
+    }
+
+    fn caller<T>(&self, request: &Request<T>) -> Result<String, Status> {
+        crate::tls::caller::authorize(request, crate::pki::ADMIN_OU, &self.auth)
+    }
+
+    /// The state this node has applied.
+    fn state(&self) -> Arc<AuthIndex> {
+        self.auth.current()
+    }
+
+    fn with_state<R>(&self, read: impl FnOnce(&AuthState) -> R) -> R {
+        let index = self.state();
+        read(index.state().unwrap_or(&AuthState::default()))
+    }
+
+    /// Commits `op` and, when asked, waits for every node to apply it.
+    async fn write(&self, caller: String, op: Op, options: Option<WriteOptions>) -> Result<(WriteReply, AuthResp), Status> {
+        let committed = self.cluster.propose(Proposal::Auth(Box::new(AuthCmd::new(caller, op)))).await.map_err(propose_status)?;
+        if let Some((kind, reason)) = &committed.resp.error {
+            return Err(refused_status(*kind, reason));
+        }
+        let reply = self.settle(committed.log_index, committed.resp.detail.clone(), options).await;
+        Ok((reply, committed.resp))
+    }
+
+    async fn settle(&self, log_index: u64, detail: String, options: Option<WriteOptions>) -> WriteReply {
+        let options = options.unwrap_or_default();
+        if !options.wait_all_nodes {
+            let here = (*self.cluster.replica.applied().borrow() >= log_index).then_some(self.cluster.id);
+            return WriteReply { log_index, applied_on: here.into_iter().collect(), not_applied_on: vec![], detail };
+        }
+        let timeout = Duration::from_millis(if options.wait_timeout_ms == 0 { 5000 } else { options.wait_timeout_ms.into() });
+        let (applied_on, not_applied_on) = self.cluster.wait_applied(log_index, timeout).await;
+        WriteReply { log_index, applied_on, not_applied_on, detail }
+    }
+
+    /// Checks a credential before proposing it, so a malformed one is refused without a Raft
+    /// round (uniqueness is checked at apply).
+    fn checked_credential(&self, credential: Option<Credential>) -> Result<crate::auth::state::Credential, Status> {
+        let credential = convert::credential_from_pb(credential.ok_or_else(|| invalid("credential: required".into()))?).map_err(invalid)?;
+        self.with_state(|state| validate_credential(&credential, |role| state.roles.iter().any(|r| r.name == role)))
+            .map_err(|e| invalid(format!("credential {:?}: {e}", credential.name)))?;
+        Ok(credential)
+    }
+
+    /// Verifies a CRL's signature against a trusted CA and turns its entries into revocations.
+    fn crl_revocations(&self, bytes: &[u8]) -> Result<(String, Vec<StateRevocation>), Status> {
+        let der = match rustls_pki_types::pem::PemObject::from_pem_slice(bytes) {
+            Ok(crl) => rustls_pki_types::CertificateRevocationListDer::as_ref(&crl).to_vec(),
+            Err(_) => bytes.to_vec(),
+        };
+        let (_, crl) = x509_parser::parse_x509_crl(&der).map_err(|e| invalid(format!("crl: not a PEM or DER CRL: {e}")))?;
+        let signed_by_trusted = self.trusted_cas.iter().any(|ca| {
+            x509_parser::parse_x509_certificate(ca)
+                .is_ok_and(|(_, ca)| ca.subject().as_raw() == crl.issuer().as_raw() && crl.verify_signature(ca.public_key()).is_ok())
+        });
+        if !signed_by_trusted {
+            return Err(invalid(format!("crl: issued by {} but not signed by a CA this node trusts for clients", crl.issuer())));
+        }
+        let issuer = crl.issuer().to_string();
+        let revocations = crl
+            .iter_revoked_certificates()
+            .map(|entry| StateRevocation {
+                issuer: Some(issuer.clone()),
+                serial: Some(crate::pki::format_serial(entry.raw_serial())),
+                reason: entry.reason_code().map(|(_, code)| format!("{code}")).unwrap_or_else(|| "CRL".into()),
+                ..Default::default()
+            })
+            .collect();
+        Ok((issuer, revocations))
+    }
+}
+
+/// The revocations a `RevokeCertificates` request asks for: one per serial, or one rule.
+fn requested_revocations(r: &RevokeCertificatesRequest) -> Result<Vec<StateRevocation>, Status> {
+    let base = StateRevocation { issuer: r.issuer.clone(), reason: r.reason.clone(), ..Default::default() };
+    let revocations = if !r.serials.is_empty() {
+        if r.issuer.is_none() || r.identity_regex.is_some() || r.issued_before.is_some() {
+            return Err(invalid("serials: give them with issuer only (serials are unique per issuer)".into()));
+        }
+        let serials = r.serials.iter().map(|s| crate::pki::normalize_serial(s).map_err(|e| invalid(format!("serials: {e}"))));
+        serials.map(|serial| Ok(StateRevocation { serial: Some(serial?), ..base.clone() })).collect::<Result<Vec<_>, Status>>()?
+    } else {
+        vec![StateRevocation { identity_regex: r.identity_regex.clone(), issued_before: r.issued_before, ..base }]
+    };
+    for revocation in &revocations {
+        compile_revocation(revocation).map_err(|e| invalid(if e.starts_with("a revocation") { format!("selector: {e}") } else { e }))?;
+    }
+    Ok(revocations)
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn put_credential(&self, request: Request<PutCredentialRequest>) -> Result<Response<WriteReply>, Status> {
+        let caller = self.caller(&request)?;
+        let r = request.into_inner();
+        let credential = self.checked_credential(r.credential)?;
+        let (reply, _) = self.write(caller, Op::PutCredential { credential, create_only: r.create_only }, r.options).await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn get_credential(&self, request: Request<NameRequest>) -> Result<Response<Credential>, Status> {
+        self.caller(&request)?;
+        let name = request.into_inner().name;
+        self.with_state(|s| s.credentials.iter().find(|c| c.name == name).map(convert::credential_to_pb))
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("no credential {name:?}")))
+    }
+
+    async fn list_credentials(&self, request: Request<ListCredentialsRequest>) -> Result<Response<ListCredentialsReply>, Status> {
+        self.caller(&request)?;
+        let r = request.into_inner();
+        let page_size = match r.page_size {
+            0 => 100,
+            n @ 1..=1000 => n as usize,
+            n => return Err(invalid(format!("page_size: {n} is above 1000"))),
+        };
+        let client_type = convert::client_type_filter(r.client_type);
+        let reply = self.with_state(|state| {
+            let mut matching: Vec<_> = (state.credentials.iter())
+                .filter(|c| {
+                    let identity = c.x509.as_ref().and_then(|x| x.identity.as_ref().or(x.identity_regex.as_ref()));
+                    let username = c.password.as_ref().map(|p| &p.username);
+                    (r.contains.is_empty() || [Some(&c.name), identity, username].into_iter().flatten().any(|t| t.contains(&r.contains)))
+                        && client_type.is_none_or(|t| t == c.client_type)
+                        && r.enabled.is_none_or(|e| e == c.enabled)
+                        && r.role.as_ref().is_none_or(|role| c.roles.contains(role))
+                })
+                .collect();
+            matching.sort_by(|a, b| a.name.cmp(&b.name));
+            let total_matching = matching.len() as u64;
+            let page: Vec<_> = matching.into_iter().filter(|c| c.name > r.page_after).take(page_size + 1).collect();
+            let next = if page.len() > page_size { page[page_size - 1].name.clone() } else { String::new() };
+            let credentials = page.iter().take(page_size).map(|c| convert::credential_to_pb(c)).collect();
+            ListCredentialsReply { credentials, next_page_after: next, total_matching }
+        });
+        Ok(Response::new(reply))
+    }
+
+    async fn delete_credential(&self, request: Request<NameRequest>) -> Result<Response<WriteReply>, Status> {
+        let caller = self.caller(&request)?;
+        let r = request.into_inner();
+        Ok(Response::new(self.write(caller, Op::DeleteCredential { name: r.name }, r.options).await?.0))
+    }
+
+    async fn set_credential_enabled(&self, request: Request<SetCredentialEnabledRequest>) -> Result<Response<WriteReply>, Status> {
+        let caller = self.caller(&request)?;
+        let r = request.into_inner();
+        Ok(Response::new(self.write(caller, Op::SetCredentialEnabled { name: r.name, enabled: r.enabled }, r.options).await?.0))
+    }
+
+    async fn import_credentials(
+        &self,
+        request: Request<Streaming<ImportCredentialsRequest>>,
+    ) -> Result<Response<ImportCredentialsReply>, Status> {
+        let caller = self.caller(&request)?;
+        let mut stream = request.into_inner();
+        let mut batch = Vec::with_capacity(IMPORT_BATCH);
+        let mut reply = ImportCredentialsReply::default();
+        let mut received = 0usize;
+        loop {
+            let message = stream.next().await.transpose()?;
+            let done = message.is_none();
+            for credential in message.into_iter().flat_map(|m| m.credentials) {
+                let converted = convert::credential_from_pb(credential).map_err(|e| invalid(format!("credentials[{received}]: {e}")))?;
+                received += 1;
+                batch.push(converted);
+            }
+            while batch.len() >= IMPORT_BATCH || (done && !batch.is_empty()) {
+                let chunk: Vec<_> = batch.drain(..batch.len().min(IMPORT_BATCH)).collect();
+                let first = reply.imported;
+                let count = chunk.len() as u64;
+                let (written, _) = self.write(caller.clone(), Op::ImportCredentials(chunk), None).await.map_err(|s| {
+                    Status::new(s.code(), format!("credentials {first}..{}: {} ({first} imported before)", first + count, s.message()))
+                })?;
+                reply.imported += count;
+                reply.batches += 1;
+                reply.last_log_index = written.log_index;
+            }
+            if done {
+                return Ok(Response::new(reply));
+            }
+        }
+    }
+
+    async fn put_role(&self, request: Request<PutRoleRequest>) -> Result<Response<WriteReply>, Status> {
+        let caller = self.caller(&request)?;
+        let r = request.into_inner();
+        let role = convert::role_from_pb(r.role.ok_or_else(|| invalid("role: required".into()))?).map_err(invalid)?;
+        Ok(Response::new(self.write(caller, Op::PutRole(role), r.options).await?.0))
+    }
+
+    async fn delete_role(&self, request: Request<NameRequest>) -> Result<Response<WriteReply>, Status> {
+        let caller = self.caller(&request)?;
+        let r = request.into_inner();
+        Ok(Response::new(self.write(caller, Op::DeleteRole { name: r.name }, r.options).await?.0))
+    }
+
+    async fn list_roles(&self, request: Request<ListRolesRequest>) -> Result<Response<ListRolesReply>, Status> {
+        self.caller(&request)?;
+        Ok(Response::new(ListRolesReply { roles: self.with_state(|s| s.roles.iter().map(convert::role_to_pb).collect()) }))
+    }
+
+    async fn get_defaults(&self, request: Request<GetDefaultsRequest>) -> Result<Response<Defaults>, Status> {
+        self.caller(&request)?;
+        Ok(Response::new(self.with_state(|s| convert::defaults_to_pb(&s.defaults))))
+    }
+
+    async fn set_defaults(&self, request: Request<SetDefaultsRequest>) -> Result<Response<WriteReply>, Status> {
+        let caller = self.caller(&request)?;
+        let r = request.into_inner();
+        let defaults = convert::defaults_from_pb(r.defaults.ok_or_else(|| invalid("defaults: required".into()))?).map_err(invalid)?;
+        Ok(Response::new(self.write(caller, Op::SetDefaults(defaults), r.options).await?.0))
+    }
+
+    async fn get_client_types(&self, request: Request<GetClientTypesRequest>) -> Result<Response<ClientTypes>, Status> {
+        self.caller(&request)?;
+        Ok(Response::new(self.with_state(|s| convert::client_types_to_pb(&s.client_types))))
+    }
+
+    async fn set_client_types(&self, request: Request<SetClientTypesRequest>) -> Result<Response<WriteReply>, Status> {
+        let caller = self.caller(&request)?;
+        let r = request.into_inner();
+        let types =
+            convert::client_types_from_pb(r.client_types.ok_or_else(|| invalid("client_types: required".into()))?).map_err(invalid)?;
+        Ok(Response::new(self.write(caller, Op::SetClientTypes(types), r.options).await?.0))
+    }
+
+    async fn revoke_certificates(&self, request: Request<RevokeCertificatesRequest>) -> Result<Response<RevokeReply>, Status> {
+        let caller = self.caller(&request)?;
+        let r = request.into_inner();
+        let revocations = requested_revocations(&r)?;
+        let (write, resp) = self.write(caller, Op::Revoke(revocations), r.options).await?;
+        Ok(Response::new(RevokeReply { write: Some(write), revocation_ids: resp.revocation_ids }))
+    }
+
+    async fn import_crl(&self, request: Request<ImportCrlRequest>) -> Result<Response<RevokeReply>, Status> {
+        let caller = self.caller(&request)?;
+        let r = request.into_inner();
+        let (issuer, revocations) = self.crl_revocations(&r.crl)?;
+        let (write, resp) = self.write(caller, Op::ImportCrl { issuer, revocations }, r.options).await?;
+        Ok(Response::new(RevokeReply { write: Some(write), revocation_ids: resp.revocation_ids }))
+    }
+
+    async fn list_revocations(&self, request: Request<ListRevocationsRequest>) -> Result<Response<ListRevocationsReply>, Status> {
+        self.caller(&request)?;
+        let r = request.into_inner();
+        let page_size = if r.page_size == 0 { 100 } else { (r.page_size as usize).min(1000) };
+        let reply = self.with_state(|state| {
+            let mut matching: Vec<_> =
+                state.revocations.iter().filter(|rev| r.issuer.as_ref().is_none_or(|i| rev.issuer.as_ref() == Some(i))).collect();
+            matching.sort_by_key(|rev| rev.id);
+            let total = matching.len() as u64;
+            let page: Vec<_> = matching.into_iter().filter(|rev| rev.id > r.page_after_id).take(page_size + 1).collect();
+            let next = if page.len() > page_size { page[page_size - 1].id } else { 0 };
+            ListRevocationsReply {
+                revocations: page.iter().take(page_size).map(|rev| convert::revocation_to_pb(rev)).collect(),
+                next_page_after_id: next,
+                total,
+            }
+        });
+        Ok(Response::new(reply))
+    }
+
+    async fn unrevoke(&self, request: Request<UnrevokeRequest>) -> Result<Response<WriteReply>, Status> {
+        let caller = self.caller(&request)?;
+        let r = request.into_inner();
+        if r.revocation_ids.is_empty() {
+            return Err(invalid("revocation_ids: give at least one".into()));
+        }
+        Ok(Response::new(self.write(caller, Op::Unrevoke { ids: r.revocation_ids }, r.options).await?.0))
+    }
+
+    async fn list_sessions(&self, request: Request<ListSessionsRequest>) -> Result<Response<ListSessionsReply>, Status> {
+        self.caller(&request)?;
+        let r = request.into_inner();
+        let members = self.cluster.members();
+        let asks = members.into_iter().filter(|(id, _, _)| r.node_id == 0 || r.node_id == *id).map(|(id, node, _)| {
+            let r = r.clone();
+            async move {
+                if id == self.cluster.id {
+                    return (id, Some(local_sessions(id, &self.clients, &r)));
+                }
+                let ask = async { self.cluster.node_client(&node).ok()?.sessions(r).await.ok().map(|reply| reply.into_inner()) };
+                (id, tokio::time::timeout(PEER_TIMEOUT, ask).await.ok().flatten())
+            }
+        });
+        let mut reply = ListSessionsReply::default();
+        for (id, answer) in futures_util::future::join_all(asks).await {
+            match answer {
+                Some(answer) => reply.sessions.extend(answer.sessions),
+                None => reply.unreachable_nodes.push(id),
+            }
+        }
+        reply.sessions.sort_by(|a, b| (&a.client_id, a.node_id).cmp(&(&b.client_id, b.node_id)));
+        if r.limit > 0 {
+            reply.sessions.truncate(r.limit as usize);
+        }
+        Ok(Response::new(reply))
+    }
+
+    async fn kick_client(&self, request: Request<KickClientRequest>) -> Result<Response<KickClientReply>, Status> {
+        self.caller(&request)?;
+        let r = request.into_inner();
+        if r.client_id.is_empty() {
+            return Err(invalid("client_id: required".into()));
+        }
+        let asks = self.cluster.members().into_iter().map(|(id, node, _)| {
+            let r = r.clone();
+            async move {
+                if id == self.cluster.id {
+                    return (id, Some(local_kick(id, &self.clients, &r)));
+                }
+                let ask = async { self.cluster.node_client(&node).ok()?.kick(r).await.ok().map(|reply| reply.into_inner()) };
+                (id, tokio::time::timeout(PEER_TIMEOUT, ask).await.ok().flatten())
+            }
+        });
+        let mut reply = KickClientReply::default();
+        for (id, answer) in futures_util::future::join_all(asks).await {
+            match answer {
+                Some(answer) => reply.kicked_on.extend(answer.kicked_on),
+                None => reply.unreachable_nodes.push(id),
+            }
+        }
+        Ok(Response::new(reply))
+    }
+
+    async fn check_access(&self, request: Request<CheckAccessRequest>) -> Result<Response<CheckAccessReply>, Status> {
+        self.caller(&request)?;
+        let r = request.into_inner();
+        if r.identity.is_empty() {
+            return Err(invalid("identity: required".into()));
+        }
+        let action = Action::try_from(r.action).unwrap_or(Action::Unspecified);
+        if action == Action::Unspecified {
+            return Err(invalid("action: must be CONNECT, PUBLISH or SUBSCRIBE".into()));
+        }
+        if action != Action::Connect && r.topic.is_empty() {
+            return Err(invalid("topic: required for PUBLISH and SUBSCRIBE".into()));
+        }
+        let client_id = if r.client_id.is_empty() { r.identity.clone() } else { r.client_id.clone() };
+        let principal = if r.password_user {
+            Principal { identity: None, username: Some(r.identity.clone()), certificate: None, password_verified: true }
+        } else {
+            let serial = if r.serial.is_empty() {
+                String::new()
+            } else {
+                crate::pki::normalize_serial(&r.serial).map_err(|e| invalid(format!("serial: {e}")))?
+            };
+            let now = crate::cluster::unix_now();
+            let cert = PeerCertificate { identity: r.identity.clone(), serial, issuer: r.issuer.clone(), not_before: now, not_after: now };
+            Principal {
+                identity: Some(r.identity.clone()),
+                username: Some(r.identity.clone()),
+                certificate: Some(cert),
+                password_verified: false,
+            }
+        };
+        let reply = match self.state().authorize(&principal, &client_id) {
+            Err(refusal) => {
+                CheckAccessReply { allowed: false, decided_by: format!("CONNECT refused: {}", refusal.reason), ..Default::default() }
+            }
+            Ok(grant) => {
+                let credential = grant.credential.clone().unwrap_or_default();
+                let source = if credential.is_empty() { "default rules".to_string() } else { format!("credential {credential:?}") };
+                let (allowed, decided_by) = match action {
+                    Action::Publish => grant.acl.explain(&r.topic, false),
+                    Action::Subscribe => grant.acl.explain(&r.topic, true),
+                    _ => (true, "CONNECT allowed".into()),
+                };
+                let client_type = pb_client_type(grant.client_type);
+                CheckAccessReply { allowed, decided_by: format!("{source}: {decided_by}"), credential, client_type }
+            }
+        };
+        Ok(Response::new(reply))
+    }
+
+    async fn cluster_status(&self, request: Request<ClusterStatusRequest>) -> Result<Response<ClusterStatusReply>, Status> {
+        self.caller(&request)?;
+        let progress = self.cluster.progress_of_all(PEER_TIMEOUT).await;
+        let here = self.cluster.progress();
+        let highest = progress.iter().filter_map(|(_, _, _, p)| p.as_ref().map(|p| p.applied_index)).max().unwrap_or_default();
+        let members = progress
+            .into_iter()
+            .map(|(id, node, voter, reply)| {
+                let reply = reply.unwrap_or_default();
+                ClusterMember {
+                    id,
+                    raft_addr: node.raft_addr,
+                    quic_addr: node.quic_addr,
+                    voter,
+                    reachable: reply.node_id == id,
+                    applied_index: reply.applied_index,
+                    lag: highest.saturating_sub(reply.applied_index),
+                    term: reply.term,
+                    leader_id: reply.leader_id,
+                }
+            })
+            .collect();
+        Ok(Response::new(ClusterStatusReply {
+            leader_id: here.leader_id,
+            term: here.term,
+            committed_index: highest,
+            answered_by: self.cluster.id,
+            members,
+        }))
+    }
+
+    async fn add_node(&self, request: Request<AddNodeRequest>) -> Result<Response<WriteReply>, Status> {
+        self.caller(&request)?;
+        let r = request.into_inner();
+        if r.id == 0 || r.raft_addr.rsplit_once(':').is_none() {
+            return Err(invalid("id and raft_addr (host:port) are required".into()));
+        }
+        let node = crate::cluster::NodeInfo { raft_addr: r.raft_addr, quic_addr: r.quic_addr };
+        let committed =
+            self.cluster.propose(Proposal::AddNode { id: r.id, node, learner_only: r.learner_only }).await.map_err(propose_status)?;
+        let role = if r.learner_only { "learner" } else { "voter" };
+        Ok(Response::new(self.settle(committed.log_index, format!("node {} added as a {role}", r.id), None).await))
+    }
+
+    async fn remove_node(&self, request: Request<RemoveNodeRequest>) -> Result<Response<WriteReply>, Status> {
+        self.caller(&request)?;
+        let id = request.into_inner().id;
+        if !self.cluster.members().iter().any(|(member, _, _)| *member == id) {
+            return Err(Status::not_found(format!("node {id} is not a member")));
+        }
+        let committed = self.cluster.propose(Proposal::RemoveNode { id }).await.map_err(propose_status)?;
+        Ok(Response::new(self.settle(committed.log_index, format!("node {id} removed"), None).await))
+    }
+
+    async fn list_audit(&self, request: Request<ListAuditRequest>) -> Result<Response<ListAuditReply>, Status> {
+        self.caller(&request)?;
+        let r = request.into_inner();
+        let limit = if r.limit == 0 { 100 } else { (r.limit as usize).min(10_000) };
+        let entries = self.cluster.replica.audit_after(r.after_index, limit).iter().map(convert::audit_to_pb).collect();
+        Ok(Response::new(ListAuditReply { entries }))
+    }
+
+    type StreamAuditStream = AuditStream;
+
+    async fn stream_audit(&self, request: Request<StreamAuditRequest>) -> Result<Response<AuditStream>, Status> {
+        self.caller(&request)?;
+        let after = request.into_inner().after_index;
+        // Subscribe before reading the backlog, so nothing falls between the two.
+        let feed = self.cluster.replica.audit_feed();
+        let backlog = self.cluster.replica.audit_after(after, usize::MAX);
+        let last = backlog.last().map_or(after, |entry| entry.log_index);
+        let backlog = tokio_stream::iter(backlog.into_iter().map(|entry| Ok(convert::audit_to_pb(&entry))));
+        let live = tokio_stream::wrappers::BroadcastStream::new(feed).filter_map(move |item| match item {
+            Ok(entry) if entry.log_index > last => Some(Ok(convert::audit_to_pb(&entry))),
+            Ok(_) => None,
+            Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
+                Some(Err(Status::data_loss(format!("the audit stream fell {n} entries behind; list the audit to catch up"))))
+            }
+        });
+        Ok(Response::new(Box::pin(backlog.chain(live))))
+    }
+}
+
+fn pb_client_type(t: crate::auth::state::ClientType) -> i32 {
+    ClientType::from(t) as i32
+}

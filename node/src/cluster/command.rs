@@ -1,0 +1,440 @@
+//! What the cluster replicates: admin commands ([`AuthCmd`]) and their deterministic
+//! application to the [`Replicated`] state — the `AuthState`, the audit trail and the request ids
+//! already applied (so a retried command applies once). Pure: no IO, no clock, no randomness;
+//! every node applying the same log reaches the same state.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+use crate::auth::index::{check_rules, compile_revocation, validate_credential};
+use crate::auth::state::{AuthState, ClientTypes, Credential, Defaults, Revocation, Role};
+
+/// Audit entries kept in the replicated state (older ones are dropped).
+pub const AUDIT_KEEP: usize = 10_000;
+/// Request ids remembered for deduplicating retries.
+const REQUESTS_KEEP: usize = 4096;
+
+/// One admin change, as proposed to Raft.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuthCmd {
+    /// Chosen by the node that accepted the admin call; a retry reuses it.
+    pub request_id: u128,
+    /// Identity of the admin certificate that made the call (or `bootstrap`).
+    pub caller: String,
+    /// When the call was accepted, seconds since the Unix epoch.
+    pub at: i64,
+    pub op: Op,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Op {
+    /// The first state of a new cluster, from a node's `auth.state_file`; applies only once.
+    Seed(AuthState),
+    PutCredential {
+        credential: Credential,
+        create_only: bool,
+    },
+    DeleteCredential {
+        name: String,
+    },
+    SetCredentialEnabled {
+        name: String,
+        enabled: bool,
+    },
+    /// Creates or replaces credentials, all or none.
+    ImportCredentials(Vec<Credential>),
+    PutRole(Role),
+    DeleteRole {
+        name: String,
+    },
+    SetDefaults(Defaults),
+    SetClientTypes(ClientTypes),
+    /// New revocations; ids, time and caller are filled in at apply.
+    Revoke(Vec<Revocation>),
+    /// The entries of a verified CRL; they replace the entries of earlier CRLs of that issuer.
+    ImportCrl {
+        issuer: String,
+        revocations: Vec<Revocation>,
+    },
+    Unrevoke {
+        ids: Vec<u64>,
+    },
+}
+
+impl Op {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Seed(_) => "seed",
+            Op::PutCredential { .. } => "put_credential",
+            Op::DeleteCredential { .. } => "delete_credential",
+            Op::SetCredentialEnabled { .. } => "set_credential_enabled",
+            Op::ImportCredentials(_) => "import_credentials",
+            Op::PutRole(_) => "put_role",
+            Op::DeleteRole { .. } => "delete_role",
+            Op::SetDefaults(_) => "set_defaults",
+            Op::SetClientTypes(_) => "set_client_types",
+            Op::Revoke(_) => "revoke",
+            Op::ImportCrl { .. } => "import_crl",
+            Op::Unrevoke { .. } => "unrevoke",
+        }
+    }
+}
+
+/// Why a command was refused at apply (it is still in the log, and in the audit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Refused {
+    Invalid,
+    NotFound,
+    AlreadyExists,
+    /// Still referenced (a role used by credentials).
+    InUse,
+}
+
+/// The result of applying one command.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AuthResp {
+    /// What changed, in words.
+    pub detail: String,
+    pub error: Option<(Refused, String)>,
+    /// Ids of revocations created.
+    pub revocation_ids: Vec<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub log_index: u64,
+    pub time: i64,
+    pub caller: String,
+    pub action: String,
+    pub detail: String,
+    /// Empty when the change applied.
+    pub error: String,
+}
+
+/// Everything the state machine holds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Replicated {
+    pub auth: AuthState,
+    pub seeded: bool,
+    pub next_revocation_id: u64,
+    pub audit: VecDeque<AuditEntry>,
+    /// Recently applied request ids and their results.
+    pub requests: VecDeque<(u128, AuthResp)>,
+}
+
+type Outcome = Result<(String, Vec<u64>), (Refused, String)>;
+
+fn invalid<T>(reason: impl Into<String>) -> Result<T, (Refused, String)> {
+    Err((Refused::Invalid, reason.into()))
+}
+
+impl Replicated {
+    /// Applies the command committed at `log_index`. Returns its result and whether the
+    /// `AuthState` changed.
+    pub fn apply(&mut self, log_index: u64, cmd: &AuthCmd) -> (AuthResp, bool) {
+        if let Some((_, earlier)) = self.requests.iter().find(|(id, _)| *id == cmd.request_id) {
+            return (earlier.clone(), false);
+        }
+        let outcome = self.apply_op(cmd);
+        let changed = outcome.is_ok();
+        let resp = match outcome {
+            Ok((detail, revocation_ids)) => AuthResp { detail, error: None, revocation_ids },
+            Err(error) => AuthResp { detail: String::new(), error: Some(error), revocation_ids: Vec::new() },
+        };
+        self.audit.push_back(AuditEntry {
+            log_index,
+            time: cmd.at,
+            caller: cmd.caller.clone(),
+            action: cmd.op.name().into(),
+            detail: if resp.error.is_some() { describe_request(&cmd.op) } else { resp.detail.clone() },
+            error: resp.error.as_ref().map(|(_, e)| e.clone()).unwrap_or_default(),
+        });
+        while self.audit.len() > AUDIT_KEEP {
+            self.audit.pop_front();
+        }
+        self.requests.push_back((cmd.request_id, resp.clone()));
+        while self.requests.len() > REQUESTS_KEEP {
+            self.requests.pop_front();
+        }
+        (resp, changed)
+    }
+
+    fn apply_op(&mut self, cmd: &AuthCmd) -> Outcome {
+        let auth = &mut self.auth;
+        match &cmd.op {
+            Op::Seed(state) => {
+                if self.seeded {
+                    return Err((Refused::AlreadyExists, "the cluster already has its initial state".into()));
+                }
+                crate::auth::index::AuthIndex::build(state.clone()).or_else(invalid)?;
+                *auth = state.clone();
+                self.seeded = true;
+                Ok((format!("initial state: {} credentials, {} roles", auth.credentials.len(), auth.roles.len()), vec![]))
+            }
+            Op::PutCredential { credential, create_only } => {
+                let existing = auth.credentials.iter().position(|c| c.name == credential.name);
+                if existing.is_some() && *create_only {
+                    return Err((Refused::AlreadyExists, format!("credential {:?} already exists", credential.name)));
+                }
+                check_new_credentials(auth, std::slice::from_ref(credential))?;
+                match existing {
+                    Some(i) => auth.credentials[i] = credential.clone(),
+                    None => auth.credentials.push(credential.clone()),
+                }
+                let verb = if existing.is_some() { "replaced" } else { "created" };
+                Ok((format!("credential {:?} {verb}", credential.name), vec![]))
+            }
+            Op::ImportCredentials(credentials) => {
+                check_new_credentials(auth, credentials)?;
+                let positions: HashMap<String, usize> = auth.credentials.iter().enumerate().map(|(i, c)| (c.name.clone(), i)).collect();
+                let mut replaced = 0;
+                for c in credentials {
+                    match positions.get(&c.name) {
+                        Some(&i) => {
+                            auth.credentials[i] = c.clone();
+                            replaced += 1;
+                        }
+                        None => auth.credentials.push(c.clone()),
+                    }
+                }
+                Ok((format!("{} credentials imported ({replaced} replaced)", credentials.len()), vec![]))
+            }
+            Op::DeleteCredential { name } => {
+                let i = credential_position(auth, name)?;
+                auth.credentials.remove(i);
+                Ok((format!("credential {name:?} deleted"), vec![]))
+            }
+            Op::SetCredentialEnabled { name, enabled } => {
+                let i = credential_position(auth, name)?;
+                auth.credentials[i].enabled = *enabled;
+                Ok((format!("credential {name:?} {}", if *enabled { "enabled" } else { "disabled" }), vec![]))
+            }
+            Op::PutRole(role) => {
+                if role.name.is_empty() {
+                    return invalid("role.name: must not be empty");
+                }
+                check_rules(&role.rules).map_err(|e| (Refused::Invalid, format!("role {:?}: {e}", role.name)))?;
+                let verb = match auth.roles.iter_mut().find(|r| r.name == role.name) {
+                    Some(existing) => {
+                        *existing = role.clone();
+                        "replaced"
+                    }
+                    None => {
+                        auth.roles.push(role.clone());
+                        "created"
+                    }
+                };
+                Ok((format!("role {:?} {verb}", role.name), vec![]))
+            }
+            Op::DeleteRole { name } => {
+                let i = auth.roles.iter().position(|r| r.name == *name).ok_or((Refused::NotFound, format!("no role {name:?}")))?;
+                if let Some(user) = auth.credentials.iter().find(|c| c.roles.contains(name)) {
+                    return Err((Refused::InUse, format!("role {name:?} is used by credential {:?}", user.name)));
+                }
+                auth.roles.remove(i);
+                Ok((format!("role {name:?} deleted"), vec![]))
+            }
+            Op::SetDefaults(defaults) => {
+                check_rules(&defaults.rules).map_err(|e| (Refused::Invalid, format!("defaults.rules: {e}")))?;
+                check_rules(&defaults.anonymous_rules).map_err(|e| (Refused::Invalid, format!("defaults.anonymous_rules: {e}")))?;
+                auth.defaults = defaults.clone();
+                Ok(("defaults replaced".into(), vec![]))
+            }
+            Op::SetClientTypes(types) => {
+                auth.client_types = types.clone();
+                Ok(("client type settings replaced".into(), vec![]))
+            }
+            Op::Revoke(revocations) => {
+                let ids = self.add_revocations(revocations, cmd, "api")?;
+                Ok((format!("{} revocations added", ids.len()), ids))
+            }
+            Op::ImportCrl { issuer, revocations } => {
+                let before = self.auth.revocations.len();
+                self.auth.revocations.retain(|r| !(r.source == "crl" && r.issuer.as_deref() == Some(issuer)));
+                let dropped = before - self.auth.revocations.len();
+                let ids = self.add_revocations(revocations, cmd, "crl")?;
+                Ok((format!("CRL of {issuer}: {} entries (replacing {dropped})", ids.len()), ids))
+            }
+            Op::Unrevoke { ids } => {
+                let wanted: HashSet<u64> = ids.iter().copied().collect();
+                let present: HashSet<u64> = auth.revocations.iter().map(|r| r.id).filter(|id| wanted.contains(id)).collect();
+                if let Some(missing) = ids.iter().find(|id| !present.contains(id)) {
+                    return Err((Refused::NotFound, format!("no revocation with id {missing}")));
+                }
+                auth.revocations.retain(|r| !wanted.contains(&r.id));
+                Ok((format!("{} revocations removed", wanted.len()), vec![]))
+            }
+        }
+    }
+
+    fn add_revocations(&mut self, revocations: &[Revocation], cmd: &AuthCmd, source: &str) -> Result<Vec<u64>, (Refused, String)> {
+        for (i, r) in revocations.iter().enumerate() {
+            compile_revocation(r).map_err(|e| (Refused::Invalid, format!("revocations[{i}]: {e}")))?;
+        }
+        let mut ids = Vec::with_capacity(revocations.len());
+        for r in revocations {
+            self.next_revocation_id += 1;
+            ids.push(self.next_revocation_id);
+            self.auth.revocations.push(Revocation {
+                id: self.next_revocation_id,
+                revoked_at: cmd.at,
+                revoked_by: cmd.caller.clone(),
+                source: source.into(),
+                serial: r.serial.as_deref().map(|s| crate::pki::normalize_serial(s).unwrap_or_else(|_| s.to_string())),
+                ..r.clone()
+            });
+        }
+        Ok(ids)
+    }
+}
+
+fn credential_position(auth: &AuthState, name: &str) -> Result<usize, (Refused, String)> {
+    auth.credentials.iter().position(|c| c.name == name).ok_or((Refused::NotFound, format!("no credential {name:?}")))
+}
+
+/// Checks credentials about to be created or replaced: each valid, and no exact identity or user
+/// name used twice — among them, or by another existing credential.
+fn check_new_credentials(auth: &AuthState, new: &[Credential]) -> Result<(), (Refused, String)> {
+    let roles: HashSet<&str> = auth.roles.iter().map(|r| r.name.as_str()).collect();
+    let replaced: HashSet<&str> = new.iter().map(|c| c.name.as_str()).collect();
+    let key = |c: &Credential| match (&c.x509, &c.password) {
+        (Some(x), _) => x.identity.as_ref().map(|i| format!("identity {i:?}")),
+        (_, Some(p)) => Some(format!("user name {:?}", p.username)),
+        _ => None,
+    };
+    let mut taken: HashMap<String, String> =
+        auth.credentials.iter().filter(|c| !replaced.contains(c.name.as_str())).filter_map(|c| Some((key(c)?, c.name.clone()))).collect();
+    let mut names = HashSet::new();
+    for c in new {
+        let at = |e: String| (Refused::Invalid, format!("credential {:?}: {e}", c.name));
+        validate_credential(c, |r| roles.contains(r)).map_err(at)?;
+        if !names.insert(c.name.as_str()) {
+            return Err(at("listed twice".into()));
+        }
+        if let Some(k) = key(c) {
+            if let Some(owner) = taken.insert(k.clone(), c.name.clone()) {
+                return Err((Refused::AlreadyExists, format!("credential {:?}: {k} is already used by credential {owner:?}", c.name)));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A short description of a refused request, for the audit trail.
+fn describe_request(op: &Op) -> String {
+    match op {
+        Op::PutCredential { credential, .. } => format!("credential {:?}", credential.name),
+        Op::DeleteCredential { name } | Op::SetCredentialEnabled { name, .. } => format!("credential {name:?}"),
+        Op::ImportCredentials(c) => format!("{} credentials", c.len()),
+        Op::PutRole(role) => format!("role {:?}", role.name),
+        Op::DeleteRole { name } => format!("role {name:?}"),
+        Op::Revoke(r) => format!("{} revocations", r.len()),
+        Op::ImportCrl { issuer, .. } => format!("CRL of {issuer}"),
+        Op::Unrevoke { ids } => format!("revocations {ids:?}"),
+        Op::Seed(_) | Op::SetDefaults(_) | Op::SetClientTypes(_) => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::state::{ClientType, X509Match};
+
+    fn device(name: &str, identity: &str) -> Credential {
+        Credential {
+            name: name.into(),
+            enabled: true,
+            client_type: ClientType::Device,
+            roles: vec![],
+            rules: vec![],
+            x509: Some(X509Match { identity: Some(identity.into()), identity_regex: None, priority: 0, issuer: None }),
+            password: None,
+        }
+    }
+
+    fn cmd(request_id: u128, op: Op) -> AuthCmd {
+        AuthCmd { request_id, caller: "admin".into(), at: 1_700_000_000, op }
+    }
+
+    #[test]
+    fn credentials_are_created_replaced_and_deleted() {
+        let mut state = Replicated::default();
+        let (resp, changed) = state.apply(1, &cmd(1, Op::PutCredential { credential: device("d1", "d1"), create_only: true }));
+        assert!(changed && resp.error.is_none(), "{resp:?}");
+        let (resp, _) = state.apply(2, &cmd(2, Op::PutCredential { credential: device("d1", "d1"), create_only: true }));
+        assert_eq!(resp.error.unwrap().0, Refused::AlreadyExists);
+        let (resp, _) = state.apply(3, &cmd(3, Op::PutCredential { credential: device("d2", "d1"), create_only: false }));
+        assert!(resp.error.unwrap().1.contains("already used by credential \"d1\""));
+        state.apply(4, &cmd(4, Op::DeleteCredential { name: "d1".into() }));
+        assert!(state.auth.credentials.is_empty());
+        let (resp, changed) = state.apply(5, &cmd(5, Op::DeleteCredential { name: "d1".into() }));
+        assert_eq!((resp.error.unwrap().0, changed), (Refused::NotFound, false));
+        assert_eq!(state.audit.len(), 5, "refused commands are audited too");
+        assert_eq!(state.audit[1].error, "credential \"d1\" already exists");
+    }
+
+    #[test]
+    fn a_retried_request_applies_once() {
+        let mut state = Replicated::default();
+        let revoke = cmd(7, Op::Revoke(vec![Revocation { issuer: Some("CN=CA".into()), serial: Some("0a".into()), ..Default::default() }]));
+        let (first, _) = state.apply(1, &revoke);
+        let (again, changed) = state.apply(2, &revoke);
+        assert_eq!((first.revocation_ids.clone(), changed), (vec![1], false));
+        assert_eq!(first, again);
+        assert_eq!(state.auth.revocations.len(), 1);
+        assert_eq!(state.auth.revocations[0].serial.as_deref(), Some("0A"), "serials are normalized");
+    }
+
+    #[test]
+    fn imports_are_all_or_nothing() {
+        let mut state = Replicated::default();
+        let batch = vec![device("a", "a"), device("b", "b"), device("c", "a")];
+        let (resp, changed) = state.apply(1, &cmd(1, Op::ImportCredentials(batch)));
+        assert!(!changed && resp.error.is_some());
+        assert!(state.auth.credentials.is_empty());
+        let (resp, _) = state.apply(2, &cmd(2, Op::ImportCredentials(vec![device("a", "a"), device("b", "b")])));
+        assert_eq!(resp.detail, "2 credentials imported (0 replaced)");
+    }
+
+    #[test]
+    fn crl_imports_replace_the_earlier_crl_of_the_issuer_and_unrevoke_undoes() {
+        let mut state = Replicated::default();
+        let entry = |serial: &str| Revocation { issuer: Some("CN=CA".into()), serial: Some(serial.into()), ..Default::default() };
+        state.apply(1, &cmd(1, Op::ImportCrl { issuer: "CN=CA".into(), revocations: vec![entry("01"), entry("02")] }));
+        state.apply(2, &cmd(2, Op::Revoke(vec![entry("03")])));
+        state.apply(3, &cmd(3, Op::ImportCrl { issuer: "CN=CA".into(), revocations: vec![entry("02")] }));
+        let serials: Vec<_> = state.auth.revocations.iter().map(|r| r.serial.clone().unwrap()).collect();
+        assert_eq!(serials, ["03", "02"]);
+        let (resp, _) = state.apply(4, &cmd(4, Op::Unrevoke { ids: vec![3, 99] }));
+        assert_eq!(resp.error.unwrap().0, Refused::NotFound);
+        state.apply(5, &cmd(5, Op::Unrevoke { ids: vec![3] }));
+        assert_eq!(state.auth.revocations.len(), 1);
+    }
+
+    #[test]
+    fn bad_revocations_and_roles_in_use_are_refused() {
+        let mut state = Replicated::default();
+        let no_issuer = Revocation { serial: Some("01".into()), ..Default::default() };
+        let bad_regex = Revocation { identity_regex: Some("(".into()), ..Default::default() };
+        for (id, r) in [no_issuer, bad_regex, Revocation::default()].into_iter().enumerate() {
+            let (resp, _) = state.apply(1, &cmd(100 + id as u128, Op::Revoke(vec![r])));
+            assert_eq!(resp.error.unwrap().0, Refused::Invalid);
+        }
+        state.apply(2, &cmd(10, Op::PutRole(Role { name: "r".into(), rules: vec![] })));
+        let mut d = device("d", "d");
+        d.roles = vec!["r".into()];
+        state.apply(3, &cmd(11, Op::PutCredential { credential: d, create_only: false }));
+        let (resp, _) = state.apply(4, &cmd(12, Op::DeleteRole { name: "r".into() }));
+        assert_eq!(resp.error.unwrap().0, Refused::InUse);
+    }
+
+    #[test]
+    fn the_seed_applies_once() {
+        let mut state = Replicated::default();
+        let seed = AuthState { credentials: vec![device("a", "a")], ..Default::default() };
+        assert!(state.apply(1, &cmd(1, Op::Seed(seed.clone()))).1);
+        assert!(!state.apply(2, &cmd(2, Op::Seed(AuthState::default()))).1);
+        assert_eq!(state.auth, seed);
+    }
+}

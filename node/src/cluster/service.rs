@@ -1,0 +1,135 @@
+//! The server side of the cluster port: openraft's RPCs (`Raft`) and node-to-node calls
+//! (`Node`: forwarded writes, progress, this node's clients, kicks). Mutual TLS with the node
+//! certificate; every call must come from a node certificate (OU rampart-node).
+
+use std::sync::Arc;
+
+use openraft::raft::InstallSnapshotRequest;
+use rampart_proto::admin::{KickClientReply, KickClientRequest, ListSessionsReply, ListSessionsRequest};
+use rampart_proto::cluster::node_server::{Node, NodeServer};
+use rampart_proto::cluster::raft_server::{Raft as RaftRpc, RaftServer};
+use rampart_proto::cluster::{ProgressReply, ProgressRequest, RaftBytes, SnapshotChunk};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::{Request, Response, Status};
+
+use super::network::MAX_MESSAGE_BYTES;
+use super::{Cluster, Proposal, Raft};
+use crate::auth::store::AuthStore;
+use crate::config::ClusterConfig;
+use crate::listener::clients::ConnectedClients;
+
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Status> {
+    serde_json::from_slice(bytes).map_err(|e| Status::invalid_argument(format!("undecodable cluster message: {e}")))
+}
+
+fn reply<T: Serialize>(value: &T) -> Response<RaftBytes> {
+    Response::new(RaftBytes { payload: serde_json::to_vec(value).expect("cluster replies serialize") })
+}
+
+pub struct RaftService {
+    raft: Raft,
+}
+
+#[tonic::async_trait]
+impl RaftRpc for RaftService {
+    async fn append_entries(&self, request: Request<RaftBytes>) -> Result<Response<RaftBytes>, Status> {
+        let rpc = decode(&request.into_inner().payload)?;
+        Ok(reply(&self.raft.append_entries(rpc).await))
+    }
+
+    async fn vote(&self, request: Request<RaftBytes>) -> Result<Response<RaftBytes>, Status> {
+        let rpc = decode(&request.into_inner().payload)?;
+        Ok(reply(&self.raft.vote(rpc).await))
+    }
+
+    async fn install_snapshot(&self, request: Request<SnapshotChunk>) -> Result<Response<RaftBytes>, Status> {
+        let chunk = request.into_inner();
+        let rpc = InstallSnapshotRequest {
+            vote: decode(&chunk.vote_json)?,
+            meta: decode(&chunk.meta_json)?,
+            offset: chunk.offset,
+            data: chunk.data,
+            done: chunk.done,
+        };
+        Ok(reply(&self.raft.install_snapshot(rpc).await))
+    }
+}
+
+pub struct NodeService {
+    cluster: Arc<Cluster>,
+    clients: Arc<ConnectedClients>,
+}
+
+/// At most this many sessions per node in one listing.
+pub const MAX_SESSIONS_LISTED: usize = 10_000;
+
+#[tonic::async_trait]
+impl Node for NodeService {
+    async fn write(&self, request: Request<RaftBytes>) -> Result<Response<RaftBytes>, Status> {
+        let proposal: Proposal = decode(&request.into_inner().payload)?;
+        Ok(reply(&self.cluster.propose_here(proposal).await))
+    }
+
+    async fn progress(&self, _request: Request<ProgressRequest>) -> Result<Response<ProgressReply>, Status> {
+        Ok(Response::new(self.cluster.progress()))
+    }
+
+    async fn sessions(&self, request: Request<ListSessionsRequest>) -> Result<Response<ListSessionsReply>, Status> {
+        Ok(Response::new(local_sessions(self.cluster.id, &self.clients, &request.into_inner())))
+    }
+
+    async fn kick(&self, request: Request<KickClientRequest>) -> Result<Response<KickClientReply>, Status> {
+        Ok(Response::new(local_kick(self.cluster.id, &self.clients, &request.into_inner())))
+    }
+}
+
+/// The clients connected to this node that a listing asks for.
+pub fn local_sessions(node_id: u64, clients: &ConnectedClients, request: &ListSessionsRequest) -> ListSessionsReply {
+    let limit = if request.limit == 0 { MAX_SESSIONS_LISTED } else { (request.limit as usize).min(MAX_SESSIONS_LISTED) };
+    let sessions = clients.list(&request.contains, limit).iter().map(|info| crate::admin::convert::client_session(node_id, info)).collect();
+    ListSessionsReply { sessions, unreachable_nodes: vec![] }
+}
+
+/// Disconnects a client from this node.
+pub fn local_kick(node_id: u64, clients: &ConnectedClients, request: &KickClientRequest) -> KickClientReply {
+    let kicked = clients.kick(&request.client_id, &request.reason);
+    KickClientReply { kicked_on: if kicked > 0 { vec![node_id] } else { vec![] }, unreachable_nodes: vec![] }
+}
+
+/// Serves the cluster port until `shutdown` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    config: &ClusterConfig,
+    cluster: Arc<Cluster>,
+    clients: Arc<ConnectedClients>,
+    auth: Arc<AuthStore>,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let read = |path: &std::path::Path| std::fs::read(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()));
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(read(&config.cert_file)?, read(&config.key_file)?))
+        .client_ca_root(Certificate::from_pem(read(&config.ca_file)?))
+        .timeout(std::time::Duration::from_secs(10));
+    let nodes_only = move |request: Request<()>| {
+        crate::tls::caller::authorize(&request, crate::pki::NODE_OU, &auth)?;
+        Ok(request)
+    };
+    let raft = RaftServer::new(RaftService { raft: cluster.raft.clone() })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let node = NodeServer::new(NodeService { cluster, clients }).max_decoding_message_size(MAX_MESSAGE_BYTES);
+    Server::builder()
+        .tls_config(tls)?
+        .add_service(InterceptedService::new(raft, nodes_only.clone()))
+        .add_service(InterceptedService::new(node, nodes_only))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        })
+        .await?;
+    Ok(())
+}
