@@ -1,1 +1,281 @@
-//! Harness for cluster tests: a PKI, config files and `rampart serve` processes on loopback.
+//! Harness for cluster tests and benchmarks: a generated PKI, one config per node with free
+//! loopback ports, `rampart serve` processes that can be stopped, killed (`SIGKILL`) and
+//! restarted, admin API clients, and a minimal MQTT 5 client over mutual TLS that reports when
+//! the broker disconnects it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rampart_node::pki::{DevPki, Kind, Store};
+use rampart_proto::admin::admin_client::AdminClient;
+use rampart_proto::admin::ClusterStatusRequest;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tonic::transport::Channel;
+
+/// The `rampart` binary of the same build (target/<profile>/rampart).
+pub fn rampart_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().expect("exe dir");
+    let dir = if dir.ends_with("deps") { dir.parent().expect("profile dir") } else { dir };
+    let binary = dir.join("rampart");
+    assert!(binary.is_file(), "{} is missing: build it with `cargo build -p rampart-node` (same profile)", binary.display());
+    binary
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port()
+}
+
+/// Ports of one node.
+#[derive(Debug, Clone, Copy)]
+pub struct Ports {
+    pub mtls: u16,
+    pub cluster: u16,
+    pub admin: u16,
+}
+
+pub struct Node {
+    pub id: u64,
+    pub ports: Ports,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+/// Tunables of a test cluster.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    pub nodes: u64,
+    pub snapshot_every: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { nodes: 3, snapshot_every: 1000 }
+    }
+}
+
+pub struct TestCluster {
+    pub dir: tempfile::TempDir,
+    pub pki: DevPki,
+    pub nodes: Vec<Node>,
+}
+
+impl TestCluster {
+    /// Writes the PKI and configs and starts every node.
+    pub fn start(options: Options) -> anyhow::Result<TestCluster> {
+        rampart_node::tls::install_crypto_provider();
+        let dir = tempfile::tempdir()?;
+        let pki = rampart_node::pki::ensure_dev_pki(&dir.path().join("pki"), options.nodes as usize)?;
+        let ports: Vec<Ports> = (0..options.nodes).map(|_| Ports { mtls: free_port(), cluster: free_port(), admin: free_port() }).collect();
+        let members: String = (1..=options.nodes)
+            .map(|id| format!("[[cluster.members]]\nid = {id}\nraft_addr = \"127.0.0.1:{}\"\n", ports[id as usize - 1].cluster))
+            .collect();
+        let mut nodes = Vec::new();
+        for id in 1..=options.nodes {
+            let p = ports[id as usize - 1];
+            let (node_cert, node_key) = &pki.nodes[id as usize - 1];
+            let config = dir.path().join(format!("node-{id}.toml"));
+            std::fs::write(
+                &config,
+                format!(
+                    r#"[node]
+data_dir = "data-{id}"
+[log]
+level = "info,openraft=warn"
+[http]
+enabled = false
+[auth]
+state_file = {auth:?}
+[listeners.tcp]
+enabled = false
+[listeners.tls]
+bind = "127.0.0.1:{mtls}"
+cert_file = {server_cert:?}
+key_file = {server_key:?}
+client_certificate = "required"
+ca_file = {ca:?}
+[cluster]
+node_id = {id}
+bind = "127.0.0.1:{cluster}"
+cert_file = {node_cert:?}
+key_file = {node_key:?}
+ca_file = {ca:?}
+snapshot_every = {snapshot_every}
+{members}
+[admin]
+bind = "127.0.0.1:{admin}"
+cert_file = {server_cert:?}
+key_file = {server_key:?}
+ca_file = {ca:?}
+"#,
+                    auth = pki.auth_state,
+                    mtls = p.mtls,
+                    cluster = p.cluster,
+                    admin = p.admin,
+                    server_cert = pki.server_cert,
+                    server_key = pki.server_key,
+                    ca = pki.ca_cert,
+                    snapshot_every = options.snapshot_every,
+                ),
+            )?;
+            let log = dir.path().join(format!("node-{id}.log"));
+            nodes.push(Node { id, ports: p, config, log, child: None });
+        }
+        let mut cluster = TestCluster { dir, pki, nodes };
+        for id in 1..=options.nodes {
+            cluster.start_node(id)?;
+        }
+        Ok(cluster)
+    }
+
+    pub fn node(&self, id: u64) -> &Node {
+        &self.nodes[id as usize - 1]
+    }
+
+    /// Starts (or restarts) a node process, appending to its log.
+    pub fn start_node(&mut self, id: u64) -> anyhow::Result<()> {
+        let node = &mut self.nodes[id as usize - 1];
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&node.log)?;
+        let child = Command::new(rampart_binary())
+            .arg("serve")
+            .arg("--config")
+            .arg(&node.config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        node.child = Some(child);
+        Ok(())
+    }
+
+    /// Sends a signal to a node's process and waits for it to exit.
+    fn signal(&mut self, id: u64, signal: libc::c_int) {
+        let node = &mut self.nodes[id as usize - 1];
+        if let Some(mut child) = node.child.take() {
+            // SAFETY: kill(2) on the PID of a child this process started and has not reaped.
+            unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+            let _ = child.wait();
+        }
+    }
+
+    /// `kill -9`: no shutdown, nothing flushed beyond what was already synced.
+    pub fn kill(&mut self, id: u64) {
+        self.signal(id, libc::SIGKILL);
+    }
+
+    /// A clean stop (SIGTERM).
+    pub fn stop(&mut self, id: u64) {
+        self.signal(id, libc::SIGTERM);
+    }
+
+    pub fn is_running(&self, id: u64) -> bool {
+        self.node(id).child.is_some()
+    }
+
+    /// An admin client of a node, with the admin certificate.
+    pub async fn admin(&self, id: u64) -> anyhow::Result<AdminClient<Channel>> {
+        let (cert, key) = &self.pki.admin;
+        self.admin_as(id, Some((cert, key))).await
+    }
+
+    /// An admin client presenting another certificate, or none.
+    pub async fn admin_as(&self, id: u64, identity: Option<(&Path, &Path)>) -> anyhow::Result<AdminClient<Channel>> {
+        let endpoint = format!("https://localhost:{}", self.node(id).ports.admin);
+        rampart_node::admin::cli::connect(&endpoint, Some(&self.pki.ca_cert), identity).await
+    }
+
+    /// Waits until a running node reports a leader that every running node agrees on.
+    pub async fn wait_for_leader(&self, timeout: Duration) -> anyhow::Result<u64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut leaders = Vec::new();
+            for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+                let status = async { anyhow::Ok(self.admin(node.id).await?.cluster_status(ClusterStatusRequest {}).await?.into_inner()) };
+                leaders.push(tokio::time::timeout(Duration::from_secs(3), status).await.ok().and_then(Result::ok).map(|s| s.leader_id));
+            }
+            if let Some(Some(leader)) = leaders.first() {
+                if *leader != 0 && self.is_running(*leader) && leaders.iter().all(|l| *l == Some(*leader)) {
+                    return Ok(*leader);
+                }
+            }
+            anyhow::ensure!(Instant::now() < deadline, "no agreed leader within {timeout:?}: {leaders:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// A device certificate (cert, key) issued by the cluster's CA.
+    pub fn issue_device(&self, id: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
+        let store = Store::new(self.dir.path().join("pki"));
+        let issued = store.issue(Kind::Device, id, &[], 30)?;
+        Ok((issued.cert, issued.key))
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        for id in 1..=self.nodes.len() as u64 {
+            self.kill(id);
+        }
+    }
+}
+
+/// An MQTT 5 connection over mutual TLS, after its CONNACK.
+pub struct MqttClient {
+    stream: TlsStream<TcpStream>,
+}
+
+/// How a connection attempt ended: the CONNACK reason code (0 = accepted).
+pub async fn mqtt_connect(port: u16, ca: &Path, cert: &Path, key: &Path, client_id: &str) -> anyhow::Result<(u8, MqttClient)> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_file_iter(ca)? {
+        roots.add(c?)?;
+    }
+    let chain = rustls_pki_types::CertificateDer::pem_file_iter(cert)?.collect::<Result<Vec<_>, _>>()?;
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(key)?;
+    let config = rustls::ClientConfig::builder().with_root_certificates(roots).with_client_auth_cert(chain, key)?;
+    let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
+    let name = rustls_pki_types::ServerName::try_from("localhost")?;
+    let mut stream = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await?;
+    stream.write_all(&connect_packet(client_id)).await?;
+    let mut header = [0u8; 2];
+    stream.read_exact(&mut header).await?;
+    let mut body = vec![0u8; usize::from(header[1])];
+    stream.read_exact(&mut body).await?;
+    anyhow::ensure!(header[0] == 0x20 && body.len() >= 2, "expected CONNACK, got {header:02x?} {body:02x?}");
+    Ok((body[1], MqttClient { stream }))
+}
+
+/// A v5 CONNECT with clean start, keep alive 60 s and no properties.
+fn connect_packet(client_id: &str) -> Vec<u8> {
+    let mut variable = vec![0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 60, 0];
+    variable.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+    variable.extend_from_slice(client_id.as_bytes());
+    let mut packet = vec![0x10, variable.len() as u8];
+    packet.extend(variable);
+    packet
+}
+
+impl MqttClient {
+    /// Waits until the broker ends the connection; returns when, and the DISCONNECT reason code
+    /// if one was sent.
+    pub async fn wait_disconnect(mut self, timeout: Duration) -> anyhow::Result<(Instant, Option<u8>)> {
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(timeout, self.stream.read(&mut buf))
+            .await
+            .map_err(|_| anyhow::anyhow!("still connected after {timeout:?}"))?;
+        let at = Instant::now();
+        let n = read.unwrap_or(0);
+        if n < 3 || buf[0] != 0xE0 {
+            return Ok((at, None));
+        }
+        // The reason code follows the variable-length remaining length.
+        let length_bytes = buf[1..n].iter().position(|b| b & 0x80 == 0).map_or(n, |i| i + 1);
+        Ok((at, buf.get(1 + length_bytes).copied()))
+    }
+}

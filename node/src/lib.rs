@@ -4,6 +4,7 @@ pub mod auth;
 pub mod broker;
 pub mod cluster;
 pub mod config;
+pub mod dev_cluster;
 pub mod listener;
 pub mod mqtt;
 pub mod pki;

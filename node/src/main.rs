@@ -1,4 +1,5 @@
-//! The `rampart` command: `serve` runs a broker node; `pki` manages the fleet's certificates.
+//! The `rampart` command: `serve` runs a broker node (or a local development cluster); `pki`
+//! manages the fleet's certificates; `admin` calls a cluster's admin API.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,10 +27,15 @@ enum Command {
         /// 8883, using a generated CA, server, device and admin certificates kept in --dev-dir.
         #[arg(long)]
         dev: bool,
-        /// Where development mode keeps its certificates.
+        /// Where development mode keeps its certificates (and the cluster's data).
         #[arg(long, default_value = "rampart-dev", requires = "dev")]
         dev_dir: PathBuf,
+        /// With --dev: run a local cluster of this many node processes (e.g. 3) instead of one node.
+        #[arg(long, requires = "dev", value_name = "NODES")]
+        cluster: Option<u16>,
     },
+    /// Call the admin API of a cluster (see `rampart admin --help`).
+    Admin(Box<rampart_node::admin::cli::AdminArgs>),
     /// Manage a certificate authority for the fleet: CA, server, node, admin and device certificates, CRLs.
     Pki(rampart_node::pki::cli::PkiArgs),
     /// Print the argon2id hash of a password read from standard input, for a password credential.
@@ -56,7 +62,32 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Serve { config, dev, dev_dir } => {
+        Command::Admin(args) => {
+            rampart_node::tls::install_crypto_provider();
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+            match runtime.block_on(rampart_node::admin::cli::run(*args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    match e.downcast_ref::<tonic::Status>() {
+                        Some(status) => eprintln!("rampart admin: {:?}: {}", status.code(), status.message()),
+                        None => eprintln!("rampart admin: {e:#}"),
+                    }
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Serve { dev: true, dev_dir, cluster: Some(nodes), .. } => {
+            rampart_node::tls::install_crypto_provider();
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+            match runtime.block_on(rampart_node::dev_cluster::run(&dev_dir, nodes)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("rampart: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Serve { config, dev, dev_dir, .. } => {
             let config = match load(config, dev, &dev_dir) {
                 Ok(config) => config,
                 Err(e) => {
@@ -91,7 +122,7 @@ fn read_password() -> anyhow::Result<String> {
 fn load(path: Option<PathBuf>, dev: bool, dev_dir: &std::path::Path) -> anyhow::Result<Config> {
     rampart_node::tls::install_crypto_provider();
     if dev {
-        let pki = rampart_node::pki::ensure_dev_pki(dev_dir)?;
+        let pki = rampart_node::pki::ensure_dev_pki(dev_dir, 0)?;
         return Ok(Config::parse(&dev_config(&pki), "(built-in --dev configuration)", std::path::Path::new("."))?);
     }
     match path {
@@ -133,7 +164,7 @@ async fn serve(config: Config, dev_dir: Option<PathBuf>) -> anyhow::Result<()> {
         tracing::info!(%addr, "metrics and health on http://{addr}/metrics, /healthz, /readyz");
     }
     if let Some(dir) = dev_dir {
-        print_dev_help(&server, &rampart_node::pki::ensure_dev_pki(&dir)?);
+        print_dev_help(&server, &rampart_node::pki::ensure_dev_pki(&dir, 0)?);
     }
     wait_for_stop(&server).await?;
     tracing::info!("shutting down");

@@ -162,7 +162,7 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { level: "info".into(), format: LogFormat::Text }
+        LogConfig { level: "info,openraft=warn".into(), format: LogFormat::Text }
     }
 }
 

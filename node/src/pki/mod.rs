@@ -395,6 +395,9 @@ pub struct DevPki {
     pub devices: Vec<(String, PathBuf, PathBuf)>,
     /// The authorization state: each device may read and write `devices/<its id>/#`.
     pub auth_state: PathBuf,
+    pub admin: (PathBuf, PathBuf),
+    /// Cluster node certificates (cert, key), for `node-1` … `node-N`.
+    pub nodes: Vec<(PathBuf, PathBuf)>,
 }
 
 /// Device ids of the development setup.
@@ -412,17 +415,23 @@ anonymous_rules = [{ access = "readWrite", pattern = "demo/#" }]
 "#;
 
 /// Creates what is missing of the development setup under `dir`: a CA, a `localhost` server
-/// certificate, certificates for `device-1`, `device-2` and `admin`, and the development
-/// authorization state. Existing files are kept.
-pub fn ensure_dev_pki(dir: &Path) -> anyhow::Result<DevPki> {
+/// certificate, certificates for `device-1`, `device-2` and `admin`, node certificates
+/// `node-1` … `node-<nodes>` for 127.0.0.1, and the development authorization state. Existing
+/// files are kept.
+pub fn ensure_dev_pki(dir: &Path, nodes: usize) -> anyhow::Result<DevPki> {
     let store = Store::new(dir);
     if !store.has_ca() {
         store.init_ca("Rampart Development CA", 3650, CaKey::EcdsaP256)?;
     }
-    let wanted = [(Kind::Server, "localhost", vec!["localhost".into(), "127.0.0.1".into(), "::1".into()]), (Kind::Admin, "admin", vec![])]
-        .into_iter()
-        .chain(DEV_DEVICES.iter().map(|d| (Kind::Device, *d, vec![])));
+    let wanted = [
+        (Kind::Server, "localhost".to_string(), vec!["localhost".into(), "127.0.0.1".into(), "::1".into()]),
+        (Kind::Admin, "admin".into(), vec![]),
+    ]
+    .into_iter()
+    .chain(DEV_DEVICES.iter().map(|d| (Kind::Device, d.to_string(), vec![])))
+    .chain((1..=nodes).map(|n| (Kind::Node, format!("node-{n}"), vec!["localhost".into(), "127.0.0.1".into()])));
     for (kind, name, sans) in wanted {
+        let name = name.as_str();
         let (cert, key) = store.paths(kind, name);
         if !cert.is_file() || !key.is_file() {
             store.issue(kind, name, &sans, 825)?;
@@ -440,5 +449,6 @@ pub fn ensure_dev_pki(dir: &Path) -> anyhow::Result<DevPki> {
             (d.to_string(), cert, key)
         })
         .collect();
-    Ok(DevPki { ca_cert: store.ca_cert(), server_cert, server_key, devices, auth_state })
+    let nodes = (1..=nodes).map(|n| store.paths(Kind::Node, &format!("node-{n}"))).collect();
+    Ok(DevPki { ca_cert: store.ca_cert(), server_cert, server_key, devices, auth_state, admin: store.paths(Kind::Admin, "admin"), nodes })
 }

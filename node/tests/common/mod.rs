@@ -47,7 +47,7 @@ impl Broker {
         let mut extra = String::new();
         if options.all_listeners {
             rampart_node::tls::install_crypto_provider();
-            let pki = rampart_node::pki::ensure_dev_pki(dir.path()).expect("dev pki");
+            let pki = rampart_node::pki::ensure_dev_pki(dir.path(), 0).expect("dev pki");
             for section in ["tls", "wss"] {
                 extra.push_str(&format!(
                     "[listeners.{section}]\nbind = \"127.0.0.1:0\"\ncert_file = {:?}\nkey_file = {:?}\n",

@@ -1,0 +1,236 @@
+//! Three-node clusters as real processes on loopback: forwarding, leader loss under writes,
+//! catch-up by snapshot, fleet-wide revocation of live sessions, and refused admin calls.
+//! Clusters run one at a time, so elections are not starved on small CI machines.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use rampart_cluster_tests::{mqtt_connect, Options, TestCluster};
+use rampart_proto::admin::*;
+use rampart_proto::cluster::node_client::NodeClient;
+use rampart_proto::cluster::ProgressRequest;
+use tokio::sync::Mutex;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+use tonic::Code;
+
+static ONE_CLUSTER_AT_A_TIME: Mutex<()> = Mutex::const_new(());
+const LEADER_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn device(name: &str) -> Credential {
+    Credential {
+        name: name.into(),
+        enabled: true,
+        client_type: ClientType::Device as i32,
+        x509: Some(X509Match { identity: Some(name.into()), ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+fn put(name: &str, wait: bool) -> PutCredentialRequest {
+    PutCredentialRequest {
+        credential: Some(device(name)),
+        create_only: false,
+        options: Some(WriteOptions { wait_all_nodes: wait, wait_timeout_ms: 10_000 }),
+    }
+}
+
+/// Every credential name a node has applied.
+async fn names_on(cluster: &TestCluster, id: u64) -> anyhow::Result<BTreeSet<String>> {
+    let mut admin = cluster.admin(id).await?;
+    let mut names = BTreeSet::new();
+    let mut page_after = String::new();
+    loop {
+        let page = admin
+            .list_credentials(ListCredentialsRequest { page_size: 1000, page_after: page_after.clone(), ..Default::default() })
+            .await?
+            .into_inner();
+        names.extend(page.credentials.into_iter().map(|c| c.name));
+        if page.next_page_after.is_empty() {
+            return Ok(names);
+        }
+        page_after = page.next_page_after;
+    }
+}
+
+/// Waits until every node has at least `expected` (a subset check), or fails with the difference.
+async fn wait_until_everywhere(cluster: &TestCluster, expected: &BTreeSet<String>, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut missing = Vec::new();
+        for node in 1..=cluster.nodes.len() as u64 {
+            let names = names_on(cluster, node).await.unwrap_or_default();
+            let absent: Vec<_> = expected.difference(&names).cloned().collect();
+            if !absent.is_empty() {
+                missing.push((node, absent.len(), absent.into_iter().take(3).collect::<Vec<_>>()));
+            }
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "acknowledged writes missing (node, count, examples): {missing:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn follower_of(leader: u64, nodes: u64) -> u64 {
+    (1..=nodes).find(|n| *n != leader).expect("a follower")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_on_a_follower_is_forwarded_and_applied_on_every_node() -> anyhow::Result<()> {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
+    let cluster = TestCluster::start(Options::default())?;
+    let leader = cluster.wait_for_leader(LEADER_TIMEOUT).await?;
+    let follower = follower_of(leader, 3);
+    let reply = cluster.admin(follower).await?.put_credential(put("plc-1", true)).await?.into_inner();
+    assert!(reply.log_index > 0);
+    assert_eq!(reply.applied_on.iter().copied().collect::<BTreeSet<_>>(), BTreeSet::from([1, 2, 3]), "{reply:?}");
+    assert!(reply.not_applied_on.is_empty());
+    for node in 1..=3 {
+        let credential = cluster.admin(node).await?.get_credential(NameRequest { name: "plc-1".into(), options: None }).await?.into_inner();
+        assert_eq!(credential.x509.and_then(|x| x.identity).as_deref(), Some("plc-1"), "node {node}");
+    }
+    let audit = cluster.admin(follower).await?.list_audit(ListAuditRequest { after_index: 0, limit: 100 }).await?.into_inner();
+    let entry = audit.entries.iter().find(|e| e.action == "put_credential").expect("audited");
+    assert_eq!((entry.caller.as_str(), entry.log_index), ("admin", reply.log_index));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_under_writes_loses_no_acknowledged_write() -> anyhow::Result<()> {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
+    let mut cluster = TestCluster::start(Options::default())?;
+    let leader = cluster.wait_for_leader(LEADER_TIMEOUT).await?;
+    let writer_node = follower_of(leader, 3);
+    let mut admin = cluster.admin(writer_node).await?;
+    let mut acknowledged = BTreeSet::new();
+    let mut refused = 0;
+    let mut killed_at = None;
+    for i in 0..400 {
+        if i == 100 {
+            cluster.kill(leader);
+            killed_at = Some(acknowledged.len());
+        }
+        let name = format!("dev-{i:04}");
+        match admin.put_credential(put(&name, false)).await {
+            Ok(_) => {
+                acknowledged.insert(name);
+            }
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                refused += 1;
+            }
+        }
+        if acknowledged.len() >= killed_at.unwrap_or(0) + 150 && i > 100 {
+            break;
+        }
+    }
+    let before_kill = killed_at.expect("leader killed");
+    assert!(
+        acknowledged.len() >= before_kill + 100,
+        "writing resumed after the kill: {} acknowledged, {refused} refused",
+        acknowledged.len()
+    );
+    let new_leader = cluster.wait_for_leader(LEADER_TIMEOUT).await?;
+    assert_ne!(new_leader, leader);
+    cluster.start_node(leader)?;
+    wait_until_everywhere(&cluster, &acknowledged, Duration::from_secs(60)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_down_during_many_writes_catches_up_through_a_snapshot() -> anyhow::Result<()> {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
+    let mut cluster = TestCluster::start(Options { nodes: 3, snapshot_every: 40 })?;
+    let leader = cluster.wait_for_leader(LEADER_TIMEOUT).await?;
+    let down = follower_of(leader, 3);
+    cluster.stop(down);
+    let mut admin = cluster.admin(leader).await?;
+    let names: BTreeSet<String> = (0..200).map(|i| format!("cred-{i:03}")).collect();
+    for name in &names {
+        admin.put_credential(put(name, false)).await?;
+    }
+    cluster.start_node(down)?;
+    wait_until_everywhere(&cluster, &names, Duration::from_secs(60)).await?;
+    let log = std::fs::read_to_string(&cluster.node(down).log)?;
+    assert!(log.contains("Raft snapshot installed"), "node {down} caught up without a snapshot:\n{log}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_certificate_disconnects_it_on_every_node_and_refuses_it_everywhere() -> anyhow::Result<()> {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
+    let cluster = TestCluster::start(Options::default())?;
+    cluster.wait_for_leader(LEADER_TIMEOUT).await?;
+    let (cert, key) = cluster.issue_device("sensor-7")?;
+    let ca = &cluster.pki.ca_cert;
+    let mut live = Vec::new();
+    for node in [2, 3] {
+        let (code, client) = mqtt_connect(cluster.node(node).ports.mtls, ca, &cert, &key, &format!("sensor-7-{node}")).await?;
+        assert_eq!(code, 0, "CONNACK on node {node}");
+        live.push((node, tokio::spawn(client.wait_disconnect(Duration::from_secs(10)))));
+    }
+    let request = RevokeCertificatesRequest { reason: "key compromise".into(), ..Default::default() };
+    let pem = std::fs::read(&cert)?;
+    let der = rampart_node::pki::pem_to_der(&pem)?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(&der)?;
+    let request = RevokeCertificatesRequest {
+        issuer: Some(parsed.issuer().to_string()),
+        serials: vec![rampart_node::pki::format_serial(parsed.raw_serial())],
+        ..request
+    };
+    let mut admin = cluster.admin(1).await?;
+    admin.revoke_certificates(request).await?;
+    let returned = Instant::now();
+    for (node, waiter) in live {
+        let (at, reason) = waiter.await??;
+        assert_eq!(reason, Some(0x98), "node {node}: DISCONNECT Administrative action");
+        let after = at.saturating_duration_since(returned);
+        eprintln!("node {node}: disconnected {after:?} after the revocation RPC returned");
+        assert!(after < Duration::from_secs(2), "node {node} took {after:?}");
+    }
+    for node in 1..=3 {
+        let (code, _) = mqtt_connect(cluster.node(node).ports.mtls, ca, &cert, &key, "sensor-7").await?;
+        assert_eq!(code, 0x87, "node {node} refuses the revoked certificate (CONNACK Not authorized)");
+    }
+    let list = admin.list_revocations(ListRevocationsRequest::default()).await?.into_inner();
+    assert_eq!(list.revocations.len(), 1);
+    assert_eq!(list.revocations[0].revoked_by, "admin");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_calls_without_an_admin_certificate_or_with_garbage_are_refused() -> anyhow::Result<()> {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
+    let cluster = TestCluster::start(Options::default())?;
+    cluster.wait_for_leader(LEADER_TIMEOUT).await?;
+    let anonymous = cluster.admin_as(1, None).await?.cluster_status(ClusterStatusRequest {}).await.unwrap_err();
+    assert_eq!(anonymous.code(), Code::Unauthenticated, "{anonymous:?}");
+    let (_, device_cert, device_key) = &cluster.pki.devices[0];
+    let denied = cluster.admin_as(1, Some((device_cert, device_key))).await?.cluster_status(ClusterStatusRequest {}).await.unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    // The cluster port takes node certificates only.
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(std::fs::read(&cluster.pki.ca_cert)?))
+        .identity(Identity::from_pem(std::fs::read(device_cert)?, std::fs::read(device_key)?));
+    let channel = Endpoint::from_shared(format!("https://127.0.0.1:{}", cluster.node(1).ports.cluster))?.tls_config(tls)?.connect().await?;
+    let status = NodeClient::new(channel).progress(ProgressRequest {}).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    let mut admin = cluster.admin(2).await?;
+    let bad_regex = RevokeCertificatesRequest { identity_regex: Some("(unclosed".into()), ..Default::default() };
+    let status = admin.revoke_certificates(bad_regex).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("identity_regex"), "{status:?}");
+    let no_selector = admin.revoke_certificates(RevokeCertificatesRequest::default()).await.unwrap_err();
+    assert_eq!(no_selector.code(), Code::InvalidArgument);
+    let serial_without_issuer = RevokeCertificatesRequest { serials: vec!["0A".into()], ..Default::default() };
+    assert!(admin.revoke_certificates(serial_without_issuer).await.unwrap_err().message().contains("serials"));
+    let big_page = admin.list_credentials(ListCredentialsRequest { page_size: 5000, ..Default::default() }).await.unwrap_err();
+    assert!(big_page.code() == Code::InvalidArgument && big_page.message().contains("page_size"), "{big_page:?}");
+    let mut bad_rule = device("x");
+    bad_rule.rules = vec![Rule { access: Access::Read as i32, pattern: Some("a/#/b".into()), ..Default::default() }];
+    let status = admin.put_credential(PutCredentialRequest { credential: Some(bad_rule), ..Default::default() }).await.unwrap_err();
+    assert!(status.code() == Code::InvalidArgument && status.message().contains("pattern"), "{status:?}");
+    let missing = admin.delete_credential(NameRequest { name: "nobody".into(), options: None }).await.unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+    Ok(())
+}

@@ -1,0 +1,186 @@
+//! `rampart serve --dev --cluster N`: a local cluster of N node processes on 127.0.0.1 with a
+//! generated PKI. Writes one config per node under `<dev dir>/cluster/`, starts the nodes
+//! (each logging to its own file), waits for a leader, prints how to use the cluster, and stops
+//! every node on Ctrl-C or SIGTERM. Data stays in the dev folder and is reused next time.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+
+use crate::pki::DevPki;
+
+/// Ports of node `n` (1-based): MQTT 1883+, mTLS 8883+, cluster 7070/7080/…, admin 9443+,
+/// metrics 9090+.
+struct Ports {
+    mqtt: u16,
+    mtls: u16,
+    cluster: u16,
+    quic: u16,
+    admin: u16,
+    http: u16,
+}
+
+fn ports(n: u16) -> Ports {
+    Ports { mqtt: 1882 + n, mtls: 8882 + n, cluster: 7060 + 10 * n, quic: 7061 + 10 * n, admin: 9442 + n, http: 9089 + n }
+}
+
+fn node_config(pki: &DevPki, n: u16, nodes: u16) -> String {
+    let p = ports(n);
+    let (node_cert, node_key) = &pki.nodes[usize::from(n) - 1];
+    let members: String = (1..=nodes)
+        .map(|m| {
+            let q = ports(m);
+            format!("[[cluster.members]]\nid = {m}\nraft_addr = \"127.0.0.1:{}\"\nquic_addr = \"127.0.0.1:{}\"\n", q.cluster, q.quic)
+        })
+        .collect();
+    format!(
+        r#"# Node {n} of the development cluster (written by `rampart serve --dev --cluster {nodes}`).
+[node]
+data_dir = "node-{n}"
+[auth]
+state_file = {auth:?}
+[http]
+bind = "127.0.0.1:{http}"
+[listeners.tcp]
+bind = "127.0.0.1:{mqtt}"
+[listeners.tls]
+bind = "127.0.0.1:{mtls}"
+cert_file = {server_cert:?}
+key_file = {server_key:?}
+client_certificate = "required"
+ca_file = {ca:?}
+[cluster]
+node_id = {n}
+bind = "127.0.0.1:{cluster}"
+cert_file = {node_cert:?}
+key_file = {node_key:?}
+ca_file = {ca:?}
+{members}
+[admin]
+bind = "127.0.0.1:{admin}"
+cert_file = {server_cert:?}
+key_file = {server_key:?}
+ca_file = {ca:?}
+"#,
+        auth = pki.auth_state.display().to_string(),
+        http = p.http,
+        mqtt = p.mqtt,
+        mtls = p.mtls,
+        cluster = p.cluster,
+        admin = p.admin,
+        server_cert = pki.server_cert.display().to_string(),
+        server_key = pki.server_key.display().to_string(),
+        ca = pki.ca_cert.display().to_string(),
+        node_cert = node_cert.display().to_string(),
+        node_key = node_key.display().to_string(),
+    )
+}
+
+/// Runs the development cluster until Ctrl-C or SIGTERM.
+pub async fn run(dir: &Path, nodes: u16) -> anyhow::Result<()> {
+    anyhow::ensure!((1..=9).contains(&nodes), "--cluster takes 1 to 9 nodes");
+    let dir = std::path::absolute(dir)?;
+    let pki = crate::pki::ensure_dev_pki(&dir, nodes.into())?;
+    let cluster_dir = dir.join("cluster");
+    std::fs::create_dir_all(&cluster_dir)?;
+    let exe = std::env::current_exe()?;
+    let mut children: Vec<(u16, Child, PathBuf)> = Vec::new();
+    for n in 1..=nodes {
+        let config = cluster_dir.join(format!("node-{n}.toml"));
+        std::fs::write(&config, node_config(&pki, n, nodes))?;
+        let log = cluster_dir.join(format!("node-{n}.log"));
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let child =
+            Command::new(&exe).arg("serve").arg("--config").arg(&config).stdout(out.try_clone()?).stderr(out).kill_on_drop(true).spawn()?;
+        children.push((n, child, log));
+    }
+    println!("Starting {nodes} nodes (logs in {})…", cluster_dir.display());
+    let leader = wait_for_leader(&pki).await;
+    match leader {
+        Ok(leader) => print_help(&pki, &children, leader),
+        Err(e) => eprintln!("no leader yet ({e:#}); see the node logs"),
+    }
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let exited = futures_util::future::select_all(children.iter_mut().map(|(_, child, _)| Box::pin(child.wait())));
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+        (status, index, _) = exited => eprintln!("node {} exited ({status:?}); stopping the others", index + 1),
+    }
+    println!("\nStopping the cluster…");
+    for (n, child, _) in &mut children {
+        if let Some(pid) = child.id() {
+            // SAFETY: kill(2) on the PID of a child this process started and has not reaped.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        }
+        if tokio::time::timeout(Duration::from_secs(10), child.wait()).await.is_err() {
+            eprintln!("node {n} did not stop within 10 s; killing it");
+            let _ = child.kill().await;
+        }
+    }
+    Ok(())
+}
+
+async fn wait_for_leader(pki: &DevPki) -> anyhow::Result<u64> {
+    let endpoint = format!("https://localhost:{}", ports(1).admin);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = async {
+            let mut client = crate::admin::cli::connect(&endpoint, Some(&pki.ca_cert), Some((&pki.admin.0, &pki.admin.1))).await?;
+            anyhow::Ok(client.cluster_status(rampart_proto::admin::ClusterStatusRequest {}).await?.into_inner())
+        };
+        match status.await {
+            Ok(status) if status.leader_id != 0 => return Ok(status.leader_id),
+            Ok(_) if tokio::time::Instant::now() < deadline => {}
+            Err(_) if tokio::time::Instant::now() < deadline => {}
+            Ok(_) => anyhow::bail!("no leader elected within 30 s"),
+            Err(e) => return Err(e),
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+fn print_help(pki: &DevPki, children: &[(u16, Child, PathBuf)], leader: u64) {
+    println!("\nRampart development cluster: {} nodes, leader is node {leader}.", children.len());
+    for (n, _, log) in children {
+        let p = ports(*n);
+        println!(
+            "  node {n}: MQTT 127.0.0.1:{}  mTLS localhost:{}  admin https://localhost:{}  metrics http://127.0.0.1:{}/metrics  log {}",
+            p.mqtt,
+            p.mtls,
+            p.admin,
+            p.http,
+            log.display()
+        );
+    }
+    let (admin_cert, admin_key) = &pki.admin;
+    println!("\nAdmin CLI (any node's admin port works; writes are forwarded to the leader):");
+    println!(
+        "  export RAMPART_ADMIN_ENDPOINT=https://localhost:{} RAMPART_ADMIN_CA={} RAMPART_ADMIN_CERT={} RAMPART_ADMIN_KEY={}",
+        ports(1).admin,
+        pki.ca_cert.display(),
+        admin_cert.display(),
+        admin_key.display()
+    );
+    println!("  rampart admin cluster status");
+    println!("  rampart admin sessions");
+    if let [(id, cert, key), ..] = pki.devices.as_slice() {
+        let tls = |n: u16| {
+            format!(
+                "-h localhost -p {} --cafile {} --cert {} --key {}",
+                ports(n).mtls,
+                pki.ca_cert.display(),
+                cert.display(),
+                key.display()
+            )
+        };
+        println!("\nDevice {id} (any node accepts it; messages are routed within a node):");
+        println!("  mosquitto_sub {} -i {id} -t 'devices/{id}/#' -v", tls(1));
+        println!("  mosquitto_pub {} -i {id}-pub -t devices/{id}/hello -m 'hello from {id}'", tls(1));
+        println!("Revoke it everywhere at once (its connections drop on every node):");
+        println!("  rampart admin revoke --certificate {} --reason compromised --wait", cert.display());
+    }
+    println!("\nStop with Ctrl-C.\n");
+}
