@@ -50,16 +50,21 @@ pub struct Node {
 #[derive(Debug, Clone, Copy)]
 pub struct Options {
     pub nodes: u64,
+    /// Nodes 1..=initial_members form the cluster; the others start outside it, waiting to be
+    /// added through the admin API.
+    pub initial_members: u64,
     pub snapshot_every: u64,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { nodes: 3, snapshot_every: 1000 }
+        Options { nodes: 3, initial_members: 3, snapshot_every: 1000 }
     }
 }
 
 pub struct TestCluster {
+    /// Nodes 1..=initial_members are the initial members.
+    initial_members: u64,
     pub dir: tempfile::TempDir,
     pub pki: DevPki,
     pub nodes: Vec<Node>,
@@ -72,7 +77,7 @@ impl TestCluster {
         let dir = tempfile::tempdir()?;
         let pki = rampart_node::pki::ensure_dev_pki(&dir.path().join("pki"), options.nodes as usize)?;
         let ports: Vec<Ports> = (0..options.nodes).map(|_| Ports { mtls: free_port(), cluster: free_port(), admin: free_port() }).collect();
-        let members: String = (1..=options.nodes)
+        let members: String = (1..=options.initial_members)
             .map(|id| format!("[[cluster.members]]\nid = {id}\nraft_addr = \"127.0.0.1:{}\"\n", ports[id as usize - 1].cluster))
             .collect();
         let mut nodes = Vec::new();
@@ -126,7 +131,7 @@ ca_file = {ca:?}
             let log = dir.path().join(format!("node-{id}.log"));
             nodes.push(Node { id, ports: p, config, log, child: None });
         }
-        let mut cluster = TestCluster { dir, pki, nodes };
+        let mut cluster = TestCluster { initial_members: options.initial_members, dir, pki, nodes };
         for id in 1..=options.nodes {
             cluster.start_node(id)?;
         }
@@ -189,12 +194,13 @@ ca_file = {ca:?}
         rampart_node::admin::cli::connect(&endpoint, Some(&self.pki.ca_cert), identity).await
     }
 
-    /// Waits until a running node reports a leader that every running node agrees on.
+    /// Waits until a running initial member reports a leader that every running initial member
+    /// agrees on.
     pub async fn wait_for_leader(&self, timeout: Duration) -> anyhow::Result<u64> {
         let deadline = Instant::now() + timeout;
         loop {
             let mut leaders = Vec::new();
-            for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+            for node in self.nodes.iter().filter(|n| n.child.is_some() && n.id <= self.initial_members) {
                 let status = async { anyhow::Ok(self.admin(node.id).await?.cluster_status(ClusterStatusRequest {}).await?.into_inner()) };
                 leaders.push(tokio::time::timeout(Duration::from_secs(3), status).await.ok().and_then(Result::ok).map(|s| s.leader_id));
             }
@@ -206,6 +212,20 @@ ca_file = {ca:?}
             anyhow::ensure!(Instant::now() < deadline, "no agreed leader within {timeout:?}: {leaders:?}");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// Runs `rampart admin …` against a node with the admin certificate.
+    pub fn cli(&self, id: u64, args: &[&str]) -> std::process::Output {
+        let (cert, key) = &self.pki.admin;
+        Command::new(rampart_binary())
+            .arg("admin")
+            .args(args)
+            .env("RAMPART_ADMIN_ENDPOINT", format!("https://localhost:{}", self.node(id).ports.admin))
+            .env("RAMPART_ADMIN_CA", &self.pki.ca_cert)
+            .env("RAMPART_ADMIN_CERT", cert)
+            .env("RAMPART_ADMIN_KEY", key)
+            .output()
+            .expect("run rampart admin")
     }
 
     /// A device certificate (cert, key) issued by the cluster's CA.

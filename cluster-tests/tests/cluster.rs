@@ -140,7 +140,7 @@ async fn killing_the_leader_under_writes_loses_no_acknowledged_write() -> anyhow
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_down_during_many_writes_catches_up_through_a_snapshot() -> anyhow::Result<()> {
     let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
-    let mut cluster = TestCluster::start(Options { nodes: 3, snapshot_every: 40 })?;
+    let mut cluster = TestCluster::start(Options { snapshot_every: 40, ..Options::default() })?;
     let leader = cluster.wait_for_leader(LEADER_TIMEOUT).await?;
     let down = follower_of(leader, 3);
     cluster.stop(down);
@@ -179,6 +179,10 @@ async fn revoking_a_certificate_disconnects_it_on_every_node_and_refuses_it_ever
         ..request
     };
     let mut admin = cluster.admin(1).await?;
+    let sessions = admin.list_sessions(ListSessionsRequest { contains: "sensor-7".into(), ..Default::default() }).await?.into_inner();
+    let seen: Vec<_> = sessions.sessions.iter().map(|s| (s.node_id, s.client_id.as_str(), s.identity.as_str())).collect();
+    assert_eq!(seen, [(2, "sensor-7-2", "sensor-7"), (3, "sensor-7-3", "sensor-7")]);
+    assert_eq!(sessions.sessions[0].cert_serial, rampart_node::pki::format_serial(parsed.raw_serial()));
     admin.revoke_certificates(request).await?;
     let returned = Instant::now();
     for (node, waiter) in live {
@@ -232,5 +236,83 @@ async fn admin_calls_without_an_admin_certificate_or_with_garbage_are_refused() 
     assert!(status.code() == Code::InvalidArgument && status.message().contains("pattern"), "{status:?}");
     let missing = admin.delete_credential(NameRequest { name: "nobody".into(), options: None }).await.unwrap_err();
     assert_eq!(missing.code(), Code::NotFound);
+    Ok(())
+}
+
+async fn wait_for_voters(admin: &mut admin_client::AdminClient<tonic::transport::Channel>, expected: &[u64]) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = admin.cluster_status(ClusterStatusRequest {}).await?.into_inner();
+        let members: Vec<_> = status.members.iter().map(|m| (m.id, m.voter)).collect();
+        if members == expected.iter().map(|id| (*id, true)).collect::<Vec<_>>() {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "members {members:?}, expected voters {expected:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_is_added_as_learner_then_voter_and_removed() -> anyhow::Result<()> {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
+    let cluster = TestCluster::start(Options { nodes: 4, initial_members: 3, ..Options::default() })?;
+    cluster.wait_for_leader(LEADER_TIMEOUT).await?;
+    let mut admin = cluster.admin(2).await?;
+    admin.put_credential(put("before-join", false)).await?;
+    let raft_addr = format!("127.0.0.1:{}", cluster.node(4).ports.cluster);
+    admin.add_node(AddNodeRequest { id: 4, raft_addr, quic_addr: String::new(), learner_only: false }).await?;
+    // Node 2 may be a follower that learns the new membership a moment after the leader.
+    wait_for_voters(&mut admin, &[1, 2, 3, 4]).await?;
+    wait_until_everywhere(&cluster, &BTreeSet::from(["before-join".to_string()]), Duration::from_secs(30)).await?;
+    admin.remove_node(RemoveNodeRequest { id: 4 }).await?;
+    wait_for_voters(&mut admin, &[1, 2, 3]).await?;
+    let unknown = admin.remove_node(RemoveNodeRequest { id: 9 }).await.unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_imports_credentials_in_batches_imports_a_crl_and_reports_errors() -> anyhow::Result<()> {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
+    let cluster = TestCluster::start(Options::default())?;
+    cluster.wait_for_leader(LEADER_TIMEOUT).await?;
+    let file = cluster.dir.path().join("import.toml");
+    let credentials: String = (0..12_000).map(|i| format!("[[credentials]]\nname = \"d-{i:05}\"\nx509 = {{ identity = \"d-{i:05}\" }}\n")).collect();
+    std::fs::write(&file, credentials)?;
+    let import = cluster.cli(3, &["--output", "json", "credential", "import", file.to_str().expect("utf-8 path")]);
+    assert!(import.status.success(), "{}", String::from_utf8_lossy(&import.stderr));
+    let reply: serde_json::Value = serde_json::from_slice(&import.stdout)?;
+    assert_eq!((reply["imported"].as_u64(), reply["batches"].as_u64()), (Some(12_000), Some(3)), "{reply}");
+    assert!(String::from_utf8_lossy(&import.stderr).contains("sent 12000/12000 credentials"));
+    let list = cluster.cli(1, &["--output", "json", "credential", "list", "--contains", "d-1199", "--page-size", "5"]);
+    let page: serde_json::Value = serde_json::from_slice(&list.stdout)?;
+    assert_eq!(page["total_matching"], 10, "{page}");
+    assert_eq!(page["credentials"].as_array().map(Vec::len), Some(5));
+    assert_eq!(page["next_page_after"], "d-11994");
+
+    // A CRL made by `rampart pki`, imported through a follower: its device is refused everywhere.
+    let pki = cluster.dir.path().join("pki");
+    let (cert, key) = cluster.issue_device("meter-1")?;
+    let rampart = rampart_cluster_tests::rampart_binary();
+    for args in [vec!["revoke", cert.to_str().expect("utf-8")], vec!["crl"]] {
+        let out = std::process::Command::new(&rampart).arg("pki").arg("--dir").arg(&pki).args(&args).output()?;
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let crl = pki.join("crl.pem");
+    let imported = cluster.cli(2, &["--wait", "import-crl", crl.to_str().expect("utf-8")]);
+    assert!(imported.status.success(), "{}", String::from_utf8_lossy(&imported.stderr));
+    for node in 1..=3 {
+        let (code, _) = mqtt_connect(cluster.node(node).ports.mtls, &cluster.pki.ca_cert, &cert, &key, "meter-1").await?;
+        let log = std::fs::read_to_string(&cluster.node(node).log)?;
+        assert_eq!(code, 0x87, "node {node}: {}\n{}", String::from_utf8_lossy(&imported.stdout), &log[log.len().saturating_sub(3000)..]);
+    }
+    let foreign = cluster.dir.path().join("foreign-crl.pem");
+    std::fs::write(&foreign, b"-----BEGIN X509 CRL-----\nMIIB\n-----END X509 CRL-----\n")?;
+    let refused = cluster.cli(1, &["import-crl", foreign.to_str().expect("utf-8")]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("InvalidArgument"), "{}", String::from_utf8_lossy(&refused.stderr));
+    let bad_regex = cluster.cli(1, &["revoke", "--identity-regex", "(", "--reason", "x"]);
+    assert_eq!(bad_regex.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad_regex.stderr).contains("identity_regex"));
     Ok(())
 }

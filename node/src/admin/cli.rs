@@ -569,8 +569,16 @@ async fn import(client: &mut AdminClient<Channel>, file: &Path) -> anyhow::Resul
 }
 
 /// Prints a reply as JSON, or as a table: lists as rows, everything else as `key: value`.
+/// A write that `--wait` could not confirm on every node is an error after printing.
 fn print(output: Output, reply: &impl Serialize) -> anyhow::Result<()> {
     let value = readable(serde_json::to_value(reply)?);
+    let pending = [&value["not_applied_on"], &value["write"]["not_applied_on"]].into_iter().find_map(|v| v.as_array().filter(|a| !a.is_empty()));
+    let unconfirmed = pending.map(|nodes| anyhow::anyhow!("committed, but not yet applied on nodes {nodes:?} when the wait ended"));
+    print_value(output, value)?;
+    unconfirmed.map_or(Ok(()), Err)
+}
+
+fn print_value(output: Output, value: serde_json::Value) -> anyhow::Result<()> {
     if output == Output::Json {
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
