@@ -282,7 +282,7 @@ async fn the_cli_imports_credentials_in_batches_imports_a_crl_and_reports_errors
     let import = cluster.cli(3, &["--output", "json", "credential", "import", file.to_str().expect("utf-8 path")]);
     assert!(import.status.success(), "{}", String::from_utf8_lossy(&import.stderr));
     let reply: serde_json::Value = serde_json::from_slice(&import.stdout)?;
-    assert_eq!((reply["imported"].as_u64(), reply["batches"].as_u64()), (Some(12_000), Some(3)), "{reply}");
+    assert_eq!((reply["imported"].as_u64(), reply["batches"].as_u64()), (Some(12_000), Some(6)), "{reply}");
     assert!(String::from_utf8_lossy(&import.stderr).contains("sent 12000/12000 credentials"));
     let list = cluster.cli(1, &["--output", "json", "credential", "list", "--contains", "d-1199", "--page-size", "5"]);
     let page: serde_json::Value = serde_json::from_slice(&list.stdout)?;

@@ -24,7 +24,7 @@ use crate::cluster::{Cluster, Proposal, ProposeError};
 use crate::listener::clients::ConnectedClients;
 
 /// Credentials per Raft entry in a bulk import.
-pub const IMPORT_BATCH: usize = 5000;
+pub const IMPORT_BATCH: usize = 2000;
 const PEER_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub struct AdminService {

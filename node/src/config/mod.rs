@@ -79,7 +79,8 @@ fn default_cluster_bind() -> SocketAddr {
     "0.0.0.0:7070".parse().expect("valid address")
 }
 fn default_heartbeat_ms() -> u64 {
-    100
+    // Also openraft's AppendEntries timeout: large batches (bulk imports) need the room.
+    250
 }
 fn default_election_timeout_min_ms() -> u64 {
     1000
