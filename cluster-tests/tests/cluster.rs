@@ -277,7 +277,8 @@ async fn the_cli_imports_credentials_in_batches_imports_a_crl_and_reports_errors
     let cluster = TestCluster::start(Options::default())?;
     cluster.wait_for_leader(LEADER_TIMEOUT).await?;
     let file = cluster.dir.path().join("import.toml");
-    let credentials: String = (0..12_000).map(|i| format!("[[credentials]]\nname = \"d-{i:05}\"\nx509 = {{ identity = \"d-{i:05}\" }}\n")).collect();
+    let credentials: String =
+        (0..12_000).map(|i| format!("[[credentials]]\nname = \"d-{i:05}\"\nx509 = {{ identity = \"d-{i:05}\" }}\n")).collect();
     std::fs::write(&file, credentials)?;
     let import = cluster.cli(3, &["--output", "json", "credential", "import", file.to_str().expect("utf-8 path")]);
     assert!(import.status.success(), "{}", String::from_utf8_lossy(&import.stderr));

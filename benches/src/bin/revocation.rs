@@ -43,7 +43,8 @@ async fn revocation_round(cluster: &TestCluster, devices: usize, tag: &str) -> a
         let (cert, key) = cluster.issue_device(&id)?;
         let mut waiters = Vec::new();
         for node in [2, 3] {
-            let (code, client) = mqtt_connect(cluster.node(node).ports.mtls, &cluster.pki.ca_cert, &cert, &key, &format!("{id}-{node}")).await?;
+            let (code, client) =
+                mqtt_connect(cluster.node(node).ports.mtls, &cluster.pki.ca_cert, &cert, &key, &format!("{id}-{node}")).await?;
             anyhow::ensure!(code == 0, "{id} refused on node {node}: {code:#x}");
             waiters.push(tokio::spawn(client.wait_disconnect(Duration::from_secs(10))));
         }
@@ -105,13 +106,19 @@ async fn import(cluster: &TestCluster, count: usize) -> anyhow::Result<()> {
             ..Default::default()
         })
         .collect();
-    let messages: Vec<ImportCredentialsRequest> = credentials.chunks(1000).map(|c| ImportCredentialsRequest { credentials: c.to_vec() }).collect();
+    let messages: Vec<ImportCredentialsRequest> =
+        credentials.chunks(1000).map(|c| ImportCredentialsRequest { credentials: c.to_vec() }).collect();
     let mut admin = cluster.admin(1).await?;
     let start = Instant::now();
     let reply = admin.import_credentials(tokio_stream::iter(messages)).await?.into_inner();
     let committed = start.elapsed();
     let probe = PutCredentialRequest {
-        credential: Some(Credential { name: "probe".into(), enabled: true, x509: Some(X509Match { identity: Some("probe".into()), ..Default::default() }), ..Default::default() }),
+        credential: Some(Credential {
+            name: "probe".into(),
+            enabled: true,
+            x509: Some(X509Match { identity: Some("probe".into()), ..Default::default() }),
+            ..Default::default()
+        }),
         create_only: false,
         options: Some(WriteOptions { wait_all_nodes: true, wait_timeout_ms: 60_000 }),
     };

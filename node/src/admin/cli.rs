@@ -572,7 +572,8 @@ async fn import(client: &mut AdminClient<Channel>, file: &Path) -> anyhow::Resul
 /// A write that `--wait` could not confirm on every node is an error after printing.
 fn print(output: Output, reply: &impl Serialize) -> anyhow::Result<()> {
     let value = readable(serde_json::to_value(reply)?);
-    let pending = [&value["not_applied_on"], &value["write"]["not_applied_on"]].into_iter().find_map(|v| v.as_array().filter(|a| !a.is_empty()));
+    let pending =
+        [&value["not_applied_on"], &value["write"]["not_applied_on"]].into_iter().find_map(|v| v.as_array().filter(|a| !a.is_empty()));
     let unconfirmed = pending.map(|nodes| anyhow::anyhow!("committed, but not yet applied on nodes {nodes:?} when the wait ended"));
     print_value(output, value)?;
     unconfirmed.map_or(Ok(()), Err)
