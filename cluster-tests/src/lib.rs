@@ -111,6 +111,7 @@ cert_file = {node_cert:?}
 key_file = {node_key:?}
 ca_file = {ca:?}
 snapshot_every = {snapshot_every}
+write_timeout_ms = 3000
 {members}
 [admin]
 bind = "127.0.0.1:{admin}"

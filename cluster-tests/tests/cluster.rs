@@ -138,6 +138,27 @@ async fn killing_the_leader_under_writes_loses_no_acknowledged_write() -> anyhow
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_majority_writes_fail_as_unavailable_and_reads_still_work() -> anyhow::Result<()> {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
+    let mut cluster = TestCluster::start(Options::default())?;
+    let leader = cluster.wait_for_leader(LEADER_TIMEOUT).await?;
+    let mut admin = cluster.admin(leader).await?;
+    admin.put_credential(put("kept", true)).await?;
+    let survivor = follower_of(leader, 3);
+    for node in (1..=3).filter(|n| *n != survivor) {
+        cluster.kill(node);
+    }
+    let mut admin = cluster.admin(survivor).await?;
+    let started = Instant::now();
+    let status = admin.put_credential(put("lost", false)).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(started.elapsed() < Duration::from_secs(10), "bounded by write_timeout_ms");
+    let kept = admin.get_credential(NameRequest { name: "kept".into(), options: None }).await?.into_inner();
+    assert_eq!(kept.name, "kept");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_down_during_many_writes_catches_up_through_a_snapshot() -> anyhow::Result<()> {
     let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
     let mut cluster = TestCluster::start(Options { snapshot_every: 40, ..Options::default() })?;
