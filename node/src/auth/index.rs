@@ -2,6 +2,7 @@
 //! regex, roles by name, the revocation set — and the CONNECT-time decision built on it.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use mqttbytes::v5::ConnectReturnCode;
 use regex::Regex;
@@ -24,16 +25,60 @@ pub struct Grant {
     pub max_queued_messages: Option<usize>,
 }
 
+/// The credential list compiled for lookups. Shared by successive indexes while the list itself
+/// (an `Arc` in the state) does not change, so a change elsewhere costs nothing per credential.
+#[derive(Debug, Default)]
+struct CredentialIndex {
+    list: Arc<Vec<Credential>>,
+    exact: HashMap<String, usize>,
+    /// (regex, priority, credential index), highest priority first, then in file order.
+    regexes: Vec<(Regex, i32, usize)>,
+    /// Password credentials by user name.
+    passwords: HashMap<String, usize>,
+}
+
+impl CredentialIndex {
+    /// With `validate`, every credential is checked too (a state file); without, it was checked
+    /// when it was put (the replicated state).
+    fn build(list: &Arc<Vec<Credential>>, roles: &HashMap<String, usize>, validate: bool) -> Result<CredentialIndex, String> {
+        let mut index = CredentialIndex { list: list.clone(), ..Default::default() };
+        let mut names = HashSet::new();
+        for (i, c) in list.iter().enumerate() {
+            let at = |e: String| format!("credentials.{}: {e}", c.name);
+            if !names.insert(c.name.as_str()) {
+                return Err(at("duplicate credential name".into()));
+            }
+            let regex = match (validate, c.x509.as_ref().and_then(|x| x.identity_regex.as_ref())) {
+                (true, _) => validate_credential(c, |role| roles.contains_key(role)).map_err(at)?,
+                (false, Some(pattern)) => Some(Regex::new(&format!("^(?:{pattern})$")).map_err(|e| at(format!("identity_regex: {e}")))?),
+                (false, None) => None,
+            };
+            match (&c.x509, &c.password, regex) {
+                (_, _, Some(regex)) => index.regexes.push((regex, c.x509.as_ref().map_or(0, |x| x.priority), i)),
+                (Some(X509Match { identity: Some(identity), .. }), _, None) => {
+                    if index.exact.insert(identity.clone(), i).is_some() {
+                        return Err(at(format!("identity {identity:?} is already used by another credential")));
+                    }
+                }
+                (_, Some(pw), None) => {
+                    if index.passwords.insert(pw.username.clone(), i).is_some() {
+                        return Err(at(format!("user name {:?} is already used by another credential", pw.username)));
+                    }
+                }
+                _ => return Err(at("a credential needs exactly one of x509 and password".into())),
+            }
+        }
+        index.regexes.sort_by_key(|(_, priority, i)| (-priority, *i));
+        Ok(index)
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct AuthIndex {
     /// `None` when no authorization is configured: every authenticated client may do anything.
     state: Option<AuthState>,
-    exact: HashMap<String, usize>,
-    /// (regex, priority, credential index), highest priority first, then in file order.
-    regexes: Vec<(Regex, i32, usize)>,
+    credentials: Arc<CredentialIndex>,
     roles: HashMap<String, usize>,
-    /// Password credentials by user name.
-    passwords: HashMap<String, usize>,
     /// Serial revocations by (issuer, serial) → revocation index.
     revoked_serials: HashMap<(String, String), usize>,
     /// The other revocations: (identity regex, revocation index).
@@ -49,6 +94,17 @@ impl AuthIndex {
     /// Compiles and checks a state: unique names, one identity form per credential, regexes that
     /// compile, roles that exist, rules that are valid.
     pub fn build(state: AuthState) -> Result<AuthIndex, String> {
+        AuthIndex::compile(state, None)
+    }
+
+    /// Compiles a replicated state, whose parts were each checked when they were changed;
+    /// reuses `previous`'s credential lookups when the credential list is the same.
+    pub fn rebuild(state: AuthState, previous: &AuthIndex) -> Result<AuthIndex, String> {
+        AuthIndex::compile(state, Some(previous))
+    }
+
+    fn compile(state: AuthState, previous: Option<&AuthIndex>) -> Result<AuthIndex, String> {
+        let validate = previous.is_none();
         let mut index = AuthIndex::default();
         for (i, role) in state.roles.iter().enumerate() {
             if index.roles.insert(role.name.clone(), i).is_some() {
@@ -56,29 +112,10 @@ impl AuthIndex {
             }
             check_rules(&role.rules).map_err(|e| format!("roles.{}: {e}", role.name))?;
         }
-        let mut names = HashSet::new();
-        for (i, c) in state.credentials.iter().enumerate() {
-            let at = |e: String| format!("credentials.{}: {e}", c.name);
-            if !names.insert(c.name.as_str()) {
-                return Err(at("duplicate credential name".into()));
-            }
-            let regex = validate_credential(c, |role| index.roles.contains_key(role)).map_err(at)?;
-            match (&c.x509, &c.password, regex) {
-                (_, _, Some(regex)) => index.regexes.push((regex, c.x509.as_ref().map_or(0, |x| x.priority), i)),
-                (Some(X509Match { identity: Some(identity), .. }), _, None) => {
-                    if index.exact.insert(identity.clone(), i).is_some() {
-                        return Err(at(format!("identity {identity:?} is already used by another credential")));
-                    }
-                }
-                (_, Some(pw), None) => {
-                    if index.passwords.insert(pw.username.clone(), i).is_some() {
-                        return Err(at(format!("user name {:?} is already used by another credential", pw.username)));
-                    }
-                }
-                _ => unreachable!("validate_credential accepts exactly one identity form"),
-            }
-        }
-        index.regexes.sort_by_key(|(_, priority, i)| (-priority, *i));
+        index.credentials = match previous.filter(|p| Arc::ptr_eq(&p.credentials.list, &state.credentials)) {
+            Some(unchanged) => unchanged.credentials.clone(),
+            None => Arc::new(CredentialIndex::build(&state.credentials, &index.roles, validate)?),
+        };
         check_rules(&state.defaults.rules).map_err(|e| format!("defaults: {e}"))?;
         check_rules(&state.defaults.anonymous_rules).map_err(|e| format!("defaults.anonymous_rules: {e}"))?;
         for (i, revocation) in state.revocations.iter().enumerate() {
@@ -116,11 +153,13 @@ impl AuthIndex {
     }
 
     fn credential(&self, identity: &str, issuer: &str) -> Option<&Credential> {
-        let state = self.state.as_ref()?;
+        let c = &self.credentials;
         let issuer_ok = |c: &&Credential| c.x509.as_ref().and_then(|x| x.issuer.as_deref()).is_none_or(|i| i == issuer);
-        self.exact.get(identity).map(|&i| &state.credentials[i]).filter(issuer_ok).or_else(|| {
-            self.regexes.iter().filter(|(r, _, _)| r.is_match(identity)).map(|(_, _, i)| &state.credentials[*i]).find(issuer_ok)
-        })
+        c.exact
+            .get(identity)
+            .map(|&i| &c.list[i])
+            .filter(issuer_ok)
+            .or_else(|| c.regexes.iter().filter(|(r, _, _)| r.is_match(identity)).map(|(_, _, i)| &c.list[*i]).find(issuer_ok))
     }
 
     /// Checks a user name and password against the password credentials. `Ok(false)`: no
@@ -128,7 +167,7 @@ impl AuthIndex {
     /// it off the async threads.
     pub fn check_password(&self, username: &str, password: Option<&str>) -> Result<bool, Refusal> {
         let Some(state) = &self.state else { return Ok(false) };
-        let hash = self.passwords.get(username).and_then(|&i| state.credentials[i].password.as_ref()).map(|p| p.hash.as_str());
+        let hash = self.credentials.passwords.get(username).and_then(|&i| state.credentials[i].password.as_ref()).map(|p| p.hash.as_str());
         // Without a credential, verify against a fixed hash anyway, so timing does not tell which user names exist.
         let known = password::verify(password.unwrap_or_default(), hash.unwrap_or(&TIMING_HASH)) && hash.is_some();
         if !known {
@@ -149,7 +188,7 @@ impl AuthIndex {
             };
             let username = principal.username.as_deref().unwrap_or_default();
             if principal.password_verified {
-                let credential = self.passwords.get(username).map(|&i| &state.credentials[i]);
+                let credential = self.credentials.passwords.get(username).map(|&i| &state.credentials[i]);
                 return match credential {
                     None => Err(refuse(format!("the password credential of {username:?} no longer exists"))),
                     Some(c) if !c.enabled => Err(refuse(format!("credential {:?} is disabled", c.name))),
@@ -311,6 +350,20 @@ mod tests {
         let sensor = index.authorize(&principal("sensor-42", "02"), "sensor-42").unwrap();
         assert_eq!(sensor.client_type, ClientType::Application);
         assert!(sensor.acl.may_publish("sensors/sensor-42/temp"));
+    }
+
+    #[test]
+    fn a_rebuild_with_the_same_credential_list_shares_its_lookups() {
+        let first = index(STATE);
+        let mut state = first.state().unwrap().clone();
+        state.revocations.clear();
+        let second = AuthIndex::rebuild(state.clone(), &first).unwrap();
+        assert!(Arc::ptr_eq(&first.credentials, &second.credentials));
+        assert!(second.authorize(&principal("plc-1", "0A:0B"), "plc-1").is_ok(), "no longer revoked");
+        Arc::make_mut(&mut state.credentials).retain(|c| c.name != "plc-1");
+        let third = AuthIndex::rebuild(state, &second).unwrap();
+        assert!(!Arc::ptr_eq(&second.credentials, &third.credentials));
+        assert!(third.authorize(&principal("plc-1", "01"), "plc-1").is_err(), "deleted");
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! credentials, roles, default rules, client-type settings and revocations. A standalone node
 //! reads it from a TOML file; a cluster replicates it through Raft (see `cluster::command`).
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 fn yes() -> bool {
@@ -11,8 +13,9 @@ fn yes() -> bool {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthState {
+    /// Shared with the compiled index, so changes elsewhere do not copy it.
     #[serde(default)]
-    pub credentials: Vec<Credential>,
+    pub credentials: Arc<Vec<Credential>>,
     #[serde(default)]
     pub roles: Vec<Role>,
     #[serde(default)]

@@ -4,6 +4,7 @@
 //! every node applying the same log reaches the same state.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -178,9 +179,10 @@ impl Replicated {
                     return Err((Refused::AlreadyExists, format!("credential {:?} already exists", credential.name)));
                 }
                 check_new_credentials(auth, std::slice::from_ref(credential))?;
+                let list = Arc::make_mut(&mut auth.credentials);
                 match existing {
-                    Some(i) => auth.credentials[i] = credential.clone(),
-                    None => auth.credentials.push(credential.clone()),
+                    Some(i) => list[i] = credential.clone(),
+                    None => list.push(credential.clone()),
                 }
                 let verb = if existing.is_some() { "replaced" } else { "created" };
                 Ok((format!("credential {:?} {verb}", credential.name), vec![]))
@@ -189,25 +191,26 @@ impl Replicated {
                 check_new_credentials(auth, credentials)?;
                 let positions: HashMap<String, usize> = auth.credentials.iter().enumerate().map(|(i, c)| (c.name.clone(), i)).collect();
                 let mut replaced = 0;
+                let list = Arc::make_mut(&mut auth.credentials);
                 for c in credentials {
                     match positions.get(&c.name) {
                         Some(&i) => {
-                            auth.credentials[i] = c.clone();
+                            list[i] = c.clone();
                             replaced += 1;
                         }
-                        None => auth.credentials.push(c.clone()),
+                        None => list.push(c.clone()),
                     }
                 }
                 Ok((format!("{} credentials imported ({replaced} replaced)", credentials.len()), vec![]))
             }
             Op::DeleteCredential { name } => {
                 let i = credential_position(auth, name)?;
-                auth.credentials.remove(i);
+                Arc::make_mut(&mut auth.credentials).remove(i);
                 Ok((format!("credential {name:?} deleted"), vec![]))
             }
             Op::SetCredentialEnabled { name, enabled } => {
                 let i = credential_position(auth, name)?;
-                auth.credentials[i].enabled = *enabled;
+                Arc::make_mut(&mut auth.credentials)[i].enabled = *enabled;
                 Ok((format!("credential {name:?} {}", if *enabled { "enabled" } else { "disabled" }), vec![]))
             }
             Op::PutRole(role) => {
@@ -432,7 +435,7 @@ mod tests {
     #[test]
     fn the_seed_applies_once() {
         let mut state = Replicated::default();
-        let seed = AuthState { credentials: vec![device("a", "a")], ..Default::default() };
+        let seed = AuthState { credentials: Arc::new(vec![device("a", "a")]), ..Default::default() };
         assert!(state.apply(1, &cmd(1, Op::Seed(seed.clone()))).1);
         assert!(!state.apply(2, &cmd(2, Op::Seed(AuthState::default()))).1);
         assert_eq!(state.auth, seed);
