@@ -75,8 +75,10 @@ pub enum PkiCommand {
         /// Server certificate name (with --san).
         #[arg(long)]
         server: Option<String>,
+        /// DNS names or IP addresses of the server certificate, also added to every node certificate.
         #[arg(long)]
         san: Vec<String>,
+        /// Node certificates (each also valid for its own name, e.g. the compose service name).
         #[arg(long, value_delimiter = ',')]
         nodes: Vec<String>,
         #[arg(long, value_delimiter = ',')]
@@ -116,7 +118,7 @@ pub fn run(args: PkiArgs) -> anyhow::Result<()> {
             let wanted = server
                 .iter()
                 .map(|s| (Kind::Server, s, san.clone()))
-                .chain(nodes.iter().map(|n| (Kind::Node, n, san.clone())))
+                .chain(nodes.iter().map(|n| (Kind::Node, n, std::iter::once(n.clone()).chain(san.iter().cloned()).collect())))
                 .chain(admins.iter().map(|a| (Kind::Admin, a, Vec::new())))
                 .chain(devices.iter().map(|d| (Kind::Device, d, Vec::new())));
             for (kind, name, sans) in wanted {
