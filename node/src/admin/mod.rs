@@ -8,7 +8,7 @@ pub mod service;
 use rampart_proto::admin::admin_server::AdminServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 
 use crate::config::AdminConfig;
 
@@ -20,12 +20,7 @@ pub async fn serve(
     service: service::AdminService,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let read = |path: &std::path::Path| std::fs::read(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()));
-    let tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(read(&config.cert_file)?, read(&config.key_file)?))
-        .client_ca_root(Certificate::from_pem(read(&config.ca_file)?))
-        .client_auth_optional(true)
-        .timeout(std::time::Duration::from_secs(10));
+    let tls = crate::tls::grpc_server_tls(&config.cert_file, &config.key_file, &config.ca_file, true)?;
     let admin = AdminServer::new(service)
         .max_decoding_message_size(crate::cluster::network::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(crate::cluster::network::MAX_MESSAGE_BYTES);

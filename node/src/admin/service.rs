@@ -9,7 +9,9 @@ use std::time::Duration;
 use futures_util::Stream;
 use rampart_proto::admin::admin_server::Admin;
 use rampart_proto::admin::*;
+use rampart_proto::cluster::node_client::NodeClient;
 use tokio_stream::StreamExt;
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::convert;
@@ -95,6 +97,36 @@ impl AdminService {
         let timeout = Duration::from_millis(if options.wait_timeout_ms == 0 { 5000 } else { options.wait_timeout_ms.into() });
         let (applied_on, not_applied_on) = self.cluster.wait_applied(log_index, timeout).await;
         WriteReply { log_index, applied_on, not_applied_on, detail }
+    }
+
+    /// Asks every member (`only`: one of them, 0 = all): this node through `local`, the others
+    /// over the cluster port through `remote`, each within a timeout. Returns the answers and
+    /// the members that did not answer.
+    async fn ask_members<R, F, Fut>(&self, only: u64, local: impl Fn() -> R, remote: F) -> (Vec<R>, Vec<u64>)
+    where
+        F: Fn(NodeClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<Response<R>, Status>>,
+    {
+        let members = self.cluster.members().into_iter().filter(|(id, _, _)| only == 0 || only == *id);
+        let asks = members.map(|(id, node, _)| {
+            let (local, remote) = (&local, &remote);
+            async move {
+                if id == self.cluster.id {
+                    return (id, Some(local()));
+                }
+                let ask = async { remote(self.cluster.node_client(&node).ok()?).await.ok().map(Response::into_inner) };
+                (id, tokio::time::timeout(PEER_TIMEOUT, ask).await.ok().flatten())
+            }
+        });
+        let mut answers = Vec::new();
+        let mut unreachable = Vec::new();
+        for (id, answer) in futures_util::future::join_all(asks).await {
+            match answer {
+                Some(answer) => answers.push(answer),
+                None => unreachable.push(id),
+            }
+        }
+        (answers, unreachable)
     }
 
     /// Checks a credential before proposing it, so a malformed one is refused without a Raft
@@ -337,29 +369,19 @@ impl Admin for AdminService {
     async fn list_sessions(&self, request: Request<ListSessionsRequest>) -> Result<Response<ListSessionsReply>, Status> {
         self.caller(&request)?;
         let r = request.into_inner();
-        let members = self.cluster.members();
-        let asks = members.into_iter().filter(|(id, _, _)| r.node_id == 0 || r.node_id == *id).map(|(id, node, _)| {
-            let r = r.clone();
-            async move {
-                if id == self.cluster.id {
-                    return (id, Some(local_sessions(id, &self.clients, &r)));
-                }
-                let ask = async { self.cluster.node_client(&node).ok()?.sessions(r).await.ok().map(|reply| reply.into_inner()) };
-                (id, tokio::time::timeout(PEER_TIMEOUT, ask).await.ok().flatten())
-            }
-        });
-        let mut reply = ListSessionsReply::default();
-        for (id, answer) in futures_util::future::join_all(asks).await {
-            match answer {
-                Some(answer) => reply.sessions.extend(answer.sessions),
-                None => reply.unreachable_nodes.push(id),
-            }
-        }
-        reply.sessions.sort_by(|a, b| (&a.client_id, a.node_id).cmp(&(&b.client_id, b.node_id)));
+        let local = || local_sessions(self.cluster.id, &self.clients, &r);
+        let (answers, unreachable_nodes) = self
+            .ask_members(r.node_id, local, |mut node| {
+                let r = r.clone();
+                async move { node.sessions(r).await }
+            })
+            .await;
+        let mut sessions: Vec<_> = answers.into_iter().flat_map(|a| a.sessions).collect();
+        sessions.sort_by(|a, b| (&a.client_id, a.node_id).cmp(&(&b.client_id, b.node_id)));
         if r.limit > 0 {
-            reply.sessions.truncate(r.limit as usize);
+            sessions.truncate(r.limit as usize);
         }
-        Ok(Response::new(reply))
+        Ok(Response::new(ListSessionsReply { sessions, unreachable_nodes }))
     }
 
     async fn kick_client(&self, request: Request<KickClientRequest>) -> Result<Response<KickClientReply>, Status> {
@@ -368,24 +390,14 @@ impl Admin for AdminService {
         if r.client_id.is_empty() {
             return Err(invalid("client_id: required".into()));
         }
-        let asks = self.cluster.members().into_iter().map(|(id, node, _)| {
-            let r = r.clone();
-            async move {
-                if id == self.cluster.id {
-                    return (id, Some(local_kick(id, &self.clients, &r)));
-                }
-                let ask = async { self.cluster.node_client(&node).ok()?.kick(r).await.ok().map(|reply| reply.into_inner()) };
-                (id, tokio::time::timeout(PEER_TIMEOUT, ask).await.ok().flatten())
-            }
-        });
-        let mut reply = KickClientReply::default();
-        for (id, answer) in futures_util::future::join_all(asks).await {
-            match answer {
-                Some(answer) => reply.kicked_on.extend(answer.kicked_on),
-                None => reply.unreachable_nodes.push(id),
-            }
-        }
-        Ok(Response::new(reply))
+        let local = || local_kick(self.cluster.id, &self.clients, &r);
+        let (answers, unreachable_nodes) = self
+            .ask_members(0, local, |mut node| {
+                let r = r.clone();
+                async move { node.kick(r).await }
+            })
+            .await;
+        Ok(Response::new(KickClientReply { kicked_on: answers.into_iter().flat_map(|a| a.kicked_on).collect(), unreachable_nodes }))
     }
 
     async fn check_access(&self, request: Request<CheckAccessRequest>) -> Result<Response<CheckAccessReply>, Status> {

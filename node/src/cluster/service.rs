@@ -14,7 +14,7 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 use tonic::{Request, Response, Status};
 
 use super::network::MAX_MESSAGE_BYTES;
@@ -110,11 +110,7 @@ pub async fn serve(
     auth: Arc<AuthStore>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let read = |path: &std::path::Path| std::fs::read(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()));
-    let tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(read(&config.cert_file)?, read(&config.key_file)?))
-        .client_ca_root(Certificate::from_pem(read(&config.ca_file)?))
-        .timeout(std::time::Duration::from_secs(10));
+    let tls = crate::tls::grpc_server_tls(&config.cert_file, &config.key_file, &config.ca_file, false)?;
     let nodes_only = move |request: Request<()>| {
         crate::tls::caller::authorize(&request, crate::pki::NODE_OU, &auth)?;
         Ok(request)

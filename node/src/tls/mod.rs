@@ -107,6 +107,19 @@ fn client_verifier(auth: &ClientAuth) -> Result<Arc<dyn ClientCertVerifier>, Tls
     builder.build().map_err(|e| TlsError::Verifier(e.to_string()))
 }
 
+/// The TLS of a gRPC port (cluster or admin): its certificate and key, and the CA bundle client
+/// certificates must chain to; with `client_optional`, clients without one get through the
+/// handshake (and are refused per call, with a reason).
+pub fn grpc_server_tls(cert: &Path, key: &Path, ca: &Path, client_optional: bool) -> anyhow::Result<tonic::transport::ServerTlsConfig> {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let read = |path: &Path| std::fs::read(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()));
+    Ok(ServerTlsConfig::new()
+        .identity(Identity::from_pem(read(cert)?, read(key)?))
+        .client_ca_root(Certificate::from_pem(read(ca)?))
+        .client_auth_optional(client_optional)
+        .timeout(std::time::Duration::from_secs(10)))
+}
+
 /// Installs the process-wide rustls crypto provider (ring). Safe to call more than once.
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
