@@ -99,6 +99,18 @@ impl AdminService {
         WriteReply { log_index, applied_on, not_applied_on, detail }
     }
 
+    /// Records a committed membership change in the audit trail (caller and time). The change
+    /// stands even if recording fails; the reply then says so.
+    async fn membership_changed(&self, caller: String, log_index: u64, change: String) -> WriteReply {
+        let recorded =
+            self.cluster.propose(Proposal::Auth(Box::new(AuthCmd::new(caller, Op::RecordMembership { change: change.clone() })))).await;
+        let detail = match recorded {
+            Ok(_) => change,
+            Err(e) => format!("{change} (not recorded in the audit: {e})"),
+        };
+        self.settle(log_index, detail, None).await
+    }
+
     /// Asks every member (`only`: one of them, 0 = all): this node through `local`, the others
     /// over the cluster port through `remote`, each within a timeout. Returns the answers and
     /// the members that did not answer.
@@ -482,26 +494,26 @@ impl Admin for AdminService {
     }
 
     async fn add_node(&self, request: Request<AddNodeRequest>) -> Result<Response<WriteReply>, Status> {
-        self.caller(&request)?;
+        let caller = self.caller(&request)?;
         let r = request.into_inner();
         if r.id == 0 || r.raft_addr.rsplit_once(':').is_none() {
             return Err(invalid("id and raft_addr (host:port) are required".into()));
         }
+        let change = format!("node {} ({}) added as a {}", r.id, r.raft_addr, if r.learner_only { "learner" } else { "voter" });
         let node = crate::cluster::NodeInfo { raft_addr: r.raft_addr, quic_addr: r.quic_addr };
         let committed =
             self.cluster.propose(Proposal::AddNode { id: r.id, node, learner_only: r.learner_only }).await.map_err(propose_status)?;
-        let role = if r.learner_only { "learner" } else { "voter" };
-        Ok(Response::new(self.settle(committed.log_index, format!("node {} added as a {role}", r.id), None).await))
+        Ok(Response::new(self.membership_changed(caller, committed.log_index, change).await))
     }
 
     async fn remove_node(&self, request: Request<RemoveNodeRequest>) -> Result<Response<WriteReply>, Status> {
-        self.caller(&request)?;
+        let caller = self.caller(&request)?;
         let id = request.into_inner().id;
         if !self.cluster.members().iter().any(|(member, _, _)| *member == id) {
             return Err(Status::not_found(format!("node {id} is not a member")));
         }
         let committed = self.cluster.propose(Proposal::RemoveNode { id }).await.map_err(propose_status)?;
-        Ok(Response::new(self.settle(committed.log_index, format!("node {id} removed"), None).await))
+        Ok(Response::new(self.membership_changed(caller, committed.log_index, format!("node {id} removed")).await))
     }
 
     async fn list_audit(&self, request: Request<ListAuditRequest>) -> Result<Response<ListAuditReply>, Status> {

@@ -61,6 +61,11 @@ pub enum Op {
     Unrevoke {
         ids: Vec<u64>,
     },
+    /// Records a membership change made through the admin API (who and when) in the audit; it
+    /// changes nothing else. The change itself is a Raft membership entry.
+    RecordMembership {
+        change: String,
+    },
 }
 
 impl Op {
@@ -78,6 +83,7 @@ impl Op {
             Op::Revoke(_) => "revoke",
             Op::ImportCrl { .. } => "import_crl",
             Op::Unrevoke { .. } => "unrevoke",
+            Op::RecordMembership { .. } => "membership",
         }
     }
 }
@@ -138,7 +144,7 @@ impl Replicated {
             return (earlier.clone(), false);
         }
         let outcome = self.apply_op(cmd);
-        let changed = outcome.is_ok();
+        let changed = outcome.is_ok() && !matches!(cmd.op, Op::RecordMembership { .. });
         let resp = match outcome {
             Ok((detail, revocation_ids)) => AuthResp { detail, error: None, revocation_ids },
             Err(error) => AuthResp { detail: String::new(), error: Some(error), revocation_ids: Vec::new() },
@@ -259,6 +265,7 @@ impl Replicated {
                 let ids = self.add_revocations(revocations, cmd, "crl")?;
                 Ok((format!("CRL of {issuer}: {} entries (replacing {dropped})", ids.len()), ids))
             }
+            Op::RecordMembership { change } => Ok((change.clone(), vec![])),
             Op::Unrevoke { ids } => {
                 let wanted: HashSet<u64> = ids.iter().copied().collect();
                 let present: HashSet<u64> = auth.revocations.iter().map(|r| r.id).filter(|id| wanted.contains(id)).collect();
@@ -335,6 +342,7 @@ fn describe_request(op: &Op) -> String {
         Op::Revoke(r) => format!("{} revocations", r.len()),
         Op::ImportCrl { issuer, .. } => format!("CRL of {issuer}"),
         Op::Unrevoke { ids } => format!("revocations {ids:?}"),
+        Op::RecordMembership { change } => change.clone(),
         Op::Seed(_) | Op::SetDefaults(_) | Op::SetClientTypes(_) => String::new(),
     }
 }
@@ -430,6 +438,15 @@ mod tests {
         state.apply(3, &cmd(11, Op::PutCredential { credential: d, create_only: false }));
         let (resp, _) = state.apply(4, &cmd(12, Op::DeleteRole { name: "r".into() }));
         assert_eq!(resp.error.unwrap().0, Refused::InUse);
+    }
+
+    #[test]
+    fn membership_records_are_audited_and_change_nothing_else() {
+        let mut state = Replicated::default();
+        let (resp, changed) = state.apply(3, &cmd(1, Op::RecordMembership { change: "node 4 added as a voter".into() }));
+        assert!(!changed && resp.error.is_none());
+        assert_eq!((state.audit[0].action.as_str(), state.audit[0].detail.as_str()), ("membership", "node 4 added as a voter"));
+        assert_eq!(state.auth, AuthState::default());
     }
 
     #[test]
