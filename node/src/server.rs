@@ -19,7 +19,7 @@ use crate::telemetry;
 
 /// A running node.
 pub struct Server {
-    pub broker: Arc<Broker>,
+    pub broker: Broker,
     /// Credentials and permissions; `reload` re-reads the state file.
     pub auth: Arc<AuthStore>,
     /// Bound MQTT listeners (useful when a port was 0).
@@ -105,7 +105,7 @@ impl Server {
         while telemetry::metrics::open_connections() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        self.broker.persist_sessions();
+        self.broker.sync_store().await;
         if let Some(cluster) = &self.cluster {
             cluster.shutdown().await;
         }
@@ -159,7 +159,7 @@ fn crl_revocations(
 }
 
 /// Ends offline sessions whose expiry passed, once a second.
-async fn reap_sessions(broker: Arc<Broker>, mut shutdown: watch::Receiver<bool>) {
+async fn reap_sessions(broker: Broker, mut shutdown: watch::Receiver<bool>) {
     let mut every = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {

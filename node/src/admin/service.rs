@@ -15,6 +15,7 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::convert;
+use crate::auth::acl::AclAction;
 use crate::auth::identity::PeerCertificate;
 use crate::auth::index::{compile_revocation, validate_credential, AuthIndex};
 use crate::auth::policy::Principal;
@@ -451,8 +452,8 @@ impl Admin for AdminService {
                 let credential = grant.credential.clone().unwrap_or_default();
                 let source = if credential.is_empty() { "default rules".to_string() } else { format!("credential {credential:?}") };
                 let (allowed, decided_by) = match action {
-                    Action::Publish => grant.acl.explain(&r.topic, false),
-                    Action::Subscribe => grant.acl.explain(&r.topic, true),
+                    Action::Publish => grant.acl.explain(&r.topic, AclAction::Publish),
+                    Action::Subscribe => grant.acl.explain(&r.topic, AclAction::Subscribe),
                     _ => (true, "CONNECT allowed".into()),
                 };
                 let client_type = pb_client_type(grant.client_type);

@@ -211,7 +211,8 @@ impl AuthIndex {
         let Some(state) = &self.state else {
             return Ok(Grant::allow_all());
         };
-        let username = principal.username.as_deref().unwrap_or(&cert.identity);
+        // A certificate client's `%u` is always its identity, whatever user name it sent.
+        let username = cert.identity.as_str();
         let compile = |rules: Vec<&Rule>| Acl::compile(rules, username, client_id).map_err(|e| refuse(format!("permissions: {e}")));
         match self.credential(&cert.identity, &cert.issuer) {
             Some(c) if !c.enabled => Err(refuse(format!("credential {:?} is disabled", c.name))),

@@ -5,6 +5,7 @@ use mqttbytes::v5::ConnectReturnCode;
 use serde::Deserialize;
 
 use super::identity::PeerCertificate;
+use crate::broker::Owner;
 use crate::mqtt::connect::{ConnectRequest, Refusal};
 
 /// Which client ids a certificate identity may use.
@@ -15,7 +16,9 @@ pub enum ClientIdPolicy {
     Any,
     /// The client id must equal the identity.
     MustEqualIdentity,
-    /// The client id must start with the identity (a device may hold several connections).
+    /// The client id must be the identity, or the identity followed by the separator and a
+    /// suffix (`device-1` and `device-1-telemetry`, never `device-10`): a device may hold
+    /// several connections.
     #[default]
     Prefix,
 }
@@ -47,11 +50,18 @@ pub struct AuthPolicy {
     pub use_identity_as_username: bool,
     pub username_mismatch: UsernameMismatch,
     pub client_id_policy: ClientIdPolicy,
+    /// What separates the identity from the suffix under the `prefix` policy.
+    pub client_id_separator: char,
 }
 
 impl Default for AuthPolicy {
     fn default() -> Self {
-        AuthPolicy { use_identity_as_username: true, username_mismatch: UsernameMismatch::Ignore, client_id_policy: ClientIdPolicy::Prefix }
+        AuthPolicy {
+            use_identity_as_username: true,
+            username_mismatch: UsernameMismatch::Ignore,
+            client_id_policy: ClientIdPolicy::Prefix,
+            client_id_separator: '-',
+        }
     }
 }
 
@@ -76,6 +86,18 @@ pub struct Principal {
     pub certificate: Option<PeerCertificate>,
     /// Set once a password credential accepted the client's password.
     pub password_verified: bool,
+}
+
+impl Principal {
+    /// The owner of the sessions this principal creates: its certificate (identity and
+    /// issuer), its password credential, or anonymous.
+    pub fn owner(&self) -> Owner {
+        match (&self.certificate, &self.username) {
+            (Some(cert), _) => Owner::Certificate { identity: cert.identity.clone(), issuer: cert.issuer.clone() },
+            (None, Some(username)) if self.password_verified => Owner::Password { username: username.clone() },
+            _ => Owner::Anonymous,
+        }
+    }
 }
 
 fn not_authorized(reason: String) -> Refusal {
@@ -105,14 +127,17 @@ pub fn authenticate(peer: &PeerAuth, request: &mut ConnectRequest, policy: &Auth
     if request.assigned_client_id {
         request.client_id = match policy.client_id_policy {
             ClientIdPolicy::MustEqualIdentity => identity.clone(),
-            ClientIdPolicy::Prefix => format!("{identity}-{}", request.client_id),
+            ClientIdPolicy::Prefix => format!("{identity}{}{}", policy.client_id_separator, request.client_id),
             ClientIdPolicy::Any => std::mem::take(&mut request.client_id),
         };
     }
     let allowed = match policy.client_id_policy {
         ClientIdPolicy::Any => true,
         ClientIdPolicy::MustEqualIdentity => request.client_id == *identity,
-        ClientIdPolicy::Prefix => request.client_id.starts_with(identity.as_str()),
+        ClientIdPolicy::Prefix => request
+            .client_id
+            .strip_prefix(identity.as_str())
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(policy.client_id_separator)),
     };
     if !allowed {
         return Err(not_authorized(format!(
@@ -165,8 +190,14 @@ mod tests {
     fn client_id_policies_stop_session_takeover_by_another_device() {
         let prefix = AuthPolicy::default();
         assert!(authenticate(&peer("plc-7"), &mut request("plc-7-telemetry", None), &prefix).is_ok());
-        let spoof = authenticate(&peer("plc-7"), &mut request("plc-8", None), &prefix).unwrap_err();
-        assert_eq!(spoof.code, ConnectReturnCode::NotAuthorized);
+        assert!(authenticate(&peer("plc-7"), &mut request("plc-7", None), &prefix).is_ok());
+        for spoof in ["plc-8", "plc-70", "plc-7x", "plc"] {
+            let refused = authenticate(&peer("plc-7"), &mut request(spoof, None), &prefix).unwrap_err();
+            assert_eq!(refused.code, ConnectReturnCode::NotAuthorized, "{spoof}");
+        }
+        let dotted = AuthPolicy { client_id_separator: '.', ..prefix };
+        assert!(authenticate(&peer("plc-7"), &mut request("plc-7.a", None), &dotted).is_ok());
+        assert!(authenticate(&peer("plc-7"), &mut request("plc-7-a", None), &dotted).is_err());
         let exact = AuthPolicy { client_id_policy: ClientIdPolicy::MustEqualIdentity, ..prefix };
         assert!(authenticate(&peer("plc-7"), &mut request("plc-7-x", None), &exact).is_err());
         assert!(authenticate(&peer("plc-7"), &mut request("plc-7", None), &exact).is_ok());

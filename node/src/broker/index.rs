@@ -310,7 +310,7 @@ mod tests {
         let index = SubscriptionIndex::new();
         for id in 1..=3 {
             let s = sub(id, QoS::AtMostOnce);
-            s.mailbox.set_online(true);
+            s.mailbox.set_online();
             index.subscribe("job/+", Some("g"), s);
         }
         let mut got = Vec::new();

@@ -10,31 +10,59 @@
 //!   replaces the oldest queued message (`slow_subscriber_timeout`);
 //! - offline session: QoS 0 is not queued (`offline_qos0`); QoS 1/2 replaces the oldest
 //!   (`queue_full`).
+//!
+//! The mailbox of an offline durable session also writes what it queues and drops to the session
+//! store, under its lock, so the store sees the queue's changes in the order they happened.
 
 use std::collections::VecDeque;
-use std::sync::{Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use mqttbytes::QoS;
 use tokio::sync::Notify;
 
 use super::message::Delivery;
+use super::persist::{StoreHandle, StoreOp, StoredMessage, StoredSession};
 use crate::telemetry::metrics::{self, DropReason};
 
-/// What happened to a pushed delivery.
+/// What happened to a pushed delivery. A queued message of an offline durable session carries
+/// the ticket of its store write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pushed {
-    Queued,
+    Queued(Option<u64>),
     /// Queued after dropping the oldest message.
-    QueuedDroppedOldest,
+    QueuedDroppedOldest(Option<u64>),
     Dropped,
     /// The session has ended; nothing was queued.
     Closed,
 }
 
+impl Pushed {
+    pub fn is_queued(self) -> bool {
+        matches!(self, Pushed::Queued(_) | Pushed::QueuedDroppedOldest(_))
+    }
+
+    /// The store write the publisher must wait for before acknowledging, if any.
+    pub fn ticket(self) -> Option<u64> {
+        match self {
+            Pushed::Queued(ticket) | Pushed::QueuedDroppedOldest(ticket) => ticket,
+            Pushed::Dropped | Pushed::Closed => None,
+        }
+    }
+}
+
+/// Where an offline durable session's queue is written.
+#[derive(Debug)]
+struct Persist {
+    client_id: Arc<str>,
+    store: StoreHandle,
+}
+
 #[derive(Debug)]
 struct State {
-    queue: VecDeque<Delivery>,
+    /// Queued deliveries with their sequence numbers (their keys in the session store).
+    queue: VecDeque<(u64, Delivery)>,
+    next_sequence: u64,
+    persist: Option<Persist>,
     capacity: usize,
     online: bool,
     closed: bool,
@@ -55,9 +83,8 @@ impl State {
             return Ok(Pushed::Dropped);
         }
         if self.queue.len() < self.capacity {
-            self.queue.push_back(delivery);
             metrics::queued(1);
-            return Ok(Pushed::Queued);
+            return Ok(Pushed::Queued(self.append(delivery)));
         }
         if self.online && !self.congested {
             return Err(delivery);
@@ -66,10 +93,25 @@ impl State {
             metrics::dropped(DropReason::SlowSubscriberQos0);
             return Ok(Pushed::Dropped);
         }
-        self.queue.pop_front();
-        self.queue.push_back(delivery);
+        if let Some((sequence, _)) = self.queue.pop_front() {
+            if let Some(p) = &self.persist {
+                p.store.submit(StoreOp::Dequeue { client_id: p.client_id.clone(), sequence });
+            }
+        }
         metrics::dropped(if self.online { DropReason::SlowSubscriberTimeout } else { DropReason::QueueFull });
-        Ok(Pushed::QueuedDroppedOldest)
+        Ok(Pushed::QueuedDroppedOldest(self.append(delivery)))
+    }
+
+    /// Queues at the back; returns the ticket of its store write when the session is persisted.
+    fn append(&mut self, delivery: Delivery) -> Option<u64> {
+        self.next_sequence += 1;
+        let sequence = self.next_sequence;
+        let ticket = self.persist.as_ref().map(|p| {
+            let message = Box::new(StoredMessage::from_delivery(&delivery));
+            p.store.submit(StoreOp::Enqueue { client_id: p.client_id.clone(), sequence, message })
+        });
+        self.queue.push_back((sequence, delivery));
+        ticket
     }
 }
 
@@ -83,7 +125,15 @@ pub struct Mailbox {
 impl Mailbox {
     pub fn new(capacity: usize) -> Mailbox {
         Mailbox {
-            state: Mutex::new(State { queue: VecDeque::new(), capacity: capacity.max(1), online: false, closed: false, congested: false }),
+            state: Mutex::new(State {
+                queue: VecDeque::new(),
+                next_sequence: 0,
+                persist: None,
+                capacity: capacity.max(1),
+                online: false,
+                closed: false,
+                congested: false,
+            }),
             readable: Notify::new(),
             writable: Notify::new(),
         }
@@ -94,7 +144,7 @@ impl Mailbox {
     }
 
     fn wake_reader(&self, pushed: Pushed) -> Pushed {
-        if matches!(pushed, Pushed::Queued | Pushed::QueuedDroppedOldest) {
+        if pushed.is_queued() {
             self.readable.notify_one();
         }
         pushed
@@ -107,10 +157,9 @@ impl Mailbox {
         Ok(self.wake_reader(pushed))
     }
 
-    /// Pushes, waiting up to `timeout` for room; past it the session is marked congested and the
-    /// overflow policy applies.
-    pub async fn push_wait(&self, mut delivery: Delivery, timeout: Duration) -> Pushed {
-        let deadline = tokio::time::Instant::now() + timeout;
+    /// Pushes, waiting until `deadline` for room; past it the session is marked congested and
+    /// the overflow policy applies.
+    pub async fn push_wait(&self, mut delivery: Delivery, deadline: tokio::time::Instant) -> Pushed {
         loop {
             let writable = self.writable.notified();
             tokio::pin!(writable);
@@ -139,7 +188,7 @@ impl Mailbox {
     pub fn pop(&self) -> Option<Delivery> {
         let mut state = self.lock();
         let was_full = state.queue.len() >= state.capacity;
-        let delivery = state.queue.pop_front();
+        let delivery = state.queue.pop_front().map(|(_, d)| d);
         if state.congested && state.queue.len() <= state.capacity / 2 {
             state.congested = false;
         }
@@ -158,33 +207,60 @@ impl Mailbox {
         self.readable.notified().await
     }
 
-    /// A copy of the queued messages, oldest first (for the session store).
-    pub fn snapshot(&self) -> Vec<Delivery> {
-        self.lock().queue.iter().cloned().collect()
-    }
-
     /// Changes the capacity (the client type decides it at CONNECT); messages beyond a smaller
     /// capacity stay queued.
     pub fn set_capacity(&self, capacity: usize) {
         self.lock().capacity = capacity.max(1);
     }
 
-    /// Marks the session as having a connected client (or not).
-    pub fn set_online(&self, online: bool) {
-        self.lock().online = online;
-        if !online {
-            self.writable.notify_waiters();
+    /// Marks the session as having a connected client. A persisted queue stops being written
+    /// and its stored copy is removed (it is saved again when the session goes offline).
+    pub fn set_online(&self) {
+        let mut state = self.lock();
+        state.online = true;
+        if let Some(p) = state.persist.take() {
+            p.store.submit(StoreOp::Remove { client_id: p.client_id });
         }
+    }
+
+    /// Marks the session as offline. A durable session (`persist`) is saved with its queue,
+    /// and every later change of the queue is written too; returns the ticket of the save.
+    pub fn set_offline(&self, persist: Option<(Arc<str>, StoreHandle, StoredSession)>) -> Option<u64> {
+        let mut state = self.lock();
+        state.online = false;
+        let ticket = persist.map(|(client_id, store, session)| {
+            let queued = state.queue.iter().map(|(seq, d)| (*seq, StoredMessage::from_delivery(d))).collect();
+            let ticket = store.submit(StoreOp::Save { client_id: client_id.clone(), session: Box::new(session), queued });
+            state.persist = Some(Persist { client_id, store });
+            ticket
+        });
+        drop(state);
+        self.writable.notify_waiters();
+        ticket
+    }
+
+    /// Puts back the queue of a durable session read from the store; the session is offline
+    /// and its queue persisted.
+    pub fn restore(&self, queued: Vec<(u64, Delivery)>, client_id: Arc<str>, store: StoreHandle) {
+        let mut state = self.lock();
+        state.next_sequence = queued.last().map_or(0, |(seq, _)| *seq);
+        metrics::queued(queued.len() as i64);
+        state.queue = queued.into();
+        state.persist = Some(Persist { client_id, store });
     }
 
     pub fn is_online(&self) -> bool {
         self.lock().online
     }
 
-    /// Ends the session: queued messages are discarded and later pushes refused.
+    /// Ends the session: queued messages are discarded and later pushes refused; a stored copy
+    /// is removed.
     pub fn close(&self) {
         let mut state = self.lock();
         state.closed = true;
+        if let Some(p) = state.persist.take() {
+            p.store.submit(StoreOp::Remove { client_id: p.client_id });
+        }
         metrics::queued(-(state.queue.len() as i64));
         state.queue.clear();
         drop(state);
@@ -205,7 +281,7 @@ mod tests {
     use super::*;
     use crate::broker::message::Message;
     use bytes::Bytes;
-    use std::sync::Arc;
+    use std::time::Duration;
 
     fn delivery(qos: QoS, n: u8) -> Delivery {
         let message = Message {
@@ -237,7 +313,7 @@ mod tests {
     #[test]
     fn online_full_queue_asks_the_publisher_to_wait() {
         let mailbox = Mailbox::new(1);
-        mailbox.set_online(true);
+        mailbox.set_online();
         mailbox.try_push(delivery(QoS::AtMostOnce, 1)).unwrap();
         assert!(mailbox.try_push(delivery(QoS::AtMostOnce, 2)).is_err());
         assert!(mailbox.try_push(delivery(QoS::AtLeastOnce, 3)).is_err());
@@ -246,29 +322,29 @@ mod tests {
     #[tokio::test]
     async fn a_waiting_publisher_gets_in_when_the_reader_drains() {
         let mailbox = Arc::new(Mailbox::new(1));
-        mailbox.set_online(true);
+        mailbox.set_online();
         mailbox.try_push(delivery(QoS::AtLeastOnce, 1)).unwrap();
         let waiter = tokio::spawn({
             let mailbox = mailbox.clone();
-            async move { mailbox.push_wait(delivery(QoS::AtLeastOnce, 2), Duration::from_secs(5)).await }
+            async move { mailbox.push_wait(delivery(QoS::AtLeastOnce, 2), tokio::time::Instant::now() + Duration::from_secs(5)).await }
         });
         tokio::task::yield_now().await;
         assert_eq!(mailbox.pop().unwrap().message.payload[0], 1);
-        assert_eq!(waiter.await.unwrap(), Pushed::Queued);
+        assert_eq!(waiter.await.unwrap(), Pushed::Queued(None));
         assert_eq!(payloads(&mailbox), [2]);
     }
 
     #[tokio::test]
     async fn a_stuck_subscriber_becomes_congested_until_half_drained() {
         let mailbox = Mailbox::new(4);
-        mailbox.set_online(true);
+        mailbox.set_online();
         for n in 0..4 {
             mailbox.try_push(delivery(QoS::AtLeastOnce, n)).unwrap();
         }
-        let pushed = mailbox.push_wait(delivery(QoS::AtLeastOnce, 4), Duration::from_millis(20)).await;
-        assert_eq!(pushed, Pushed::QueuedDroppedOldest);
+        let pushed = mailbox.push_wait(delivery(QoS::AtLeastOnce, 4), tokio::time::Instant::now() + Duration::from_millis(20)).await;
+        assert_eq!(pushed, Pushed::QueuedDroppedOldest(None));
         assert_eq!(mailbox.try_push(delivery(QoS::AtMostOnce, 9)).ok(), Some(Pushed::Dropped));
-        assert_eq!(mailbox.try_push(delivery(QoS::AtLeastOnce, 5)).ok(), Some(Pushed::QueuedDroppedOldest));
+        assert_eq!(mailbox.try_push(delivery(QoS::AtLeastOnce, 5)).ok(), Some(Pushed::QueuedDroppedOldest(None)));
         mailbox.pop();
         mailbox.pop();
         assert!(mailbox.try_push(delivery(QoS::AtLeastOnce, 6)).is_ok());

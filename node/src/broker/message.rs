@@ -1,10 +1,10 @@
 //! The application message as it travels through the broker, and its per-subscriber delivery.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use mqttbytes::v5::PublishProperties;
+use mqttbytes::v5::{self, PublishProperties};
 use mqttbytes::QoS;
 
 /// Identifies one session (not one connection) inside this node.
@@ -62,5 +62,32 @@ pub fn max_qos(a: QoS, b: QoS) -> QoS {
         a
     } else {
         b
+    }
+}
+
+/// A last-will message and when to send it after an abnormal disconnect.
+#[derive(Debug, Clone)]
+pub struct Will {
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: QoS,
+    pub retain: bool,
+    pub properties: Option<v5::PublishProperties>,
+    pub message_expiry: Option<Duration>,
+    pub delay: Duration,
+}
+
+impl Will {
+    /// The will as a message published now.
+    pub fn into_message(self, now: Instant) -> Message {
+        Message {
+            topic: self.topic,
+            payload: self.payload,
+            qos: self.qos,
+            retain: self.retain,
+            properties: self.properties,
+            expires_at: self.message_expiry.map(|e| now + e),
+            publisher: None,
+        }
     }
 }

@@ -1,5 +1,6 @@
-//! The broker core: subscription index, retained store, client registry and the routing of
-//! messages between sessions. Knows nothing of bytes or sockets.
+//! The broker core behind one cheap-clone handle, [`Broker`]: sessions attach and detach, publish,
+//! subscribe and unsubscribe through it; its subscription index, retained store, client registry
+//! and session store stay private. Knows nothing of bytes or sockets.
 
 pub mod index;
 pub mod mailbox;
@@ -7,19 +8,21 @@ pub mod message;
 pub mod persist;
 pub mod registry;
 pub mod retained;
-pub mod topic;
+pub mod state;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use index::{Subscriber, SubscriptionIndex, SubscriptionOptions};
-use mailbox::Pushed;
-use message::{min_qos, Delivery, Message, SessionId};
+use message::{min_qos, Delivery, Message, Will};
 use persist::{SessionStore, StoredSession};
-use registry::{Registry, SessionRecord};
+use registry::Registry;
+pub use registry::{AttachError, Attached, Attachment};
 use retained::RetainedStore;
+pub use state::{Inflight, Owner, SessionState};
 
 use crate::telemetry::metrics::Gauges;
+use crate::topic;
 
 /// Broker-wide behaviour settings (from the `[limits]` config section).
 #[derive(Debug, Clone)]
@@ -29,10 +32,13 @@ pub struct BrokerSettings {
     pub max_queued_messages: usize,
     /// The same for APPLICATION clients.
     pub application_max_queued_messages: usize,
-    /// How long a publisher waits for room in a full online subscriber queue.
+    /// How long a publisher waits for room in full online subscriber queues (one deadline for
+    /// all of them).
     pub slow_subscriber_timeout: Duration,
     /// How long a new connection waits for the previous connection of its client id to hand over.
     pub takeover_timeout: Duration,
+    /// Sessions (online and offline) one certificate identity or password credential may hold.
+    pub max_sessions_per_identity: usize,
 }
 
 impl Default for BrokerSettings {
@@ -42,91 +48,172 @@ impl Default for BrokerSettings {
             application_max_queued_messages: 100_000,
             slow_subscriber_timeout: Duration::from_secs(5),
             takeover_timeout: Duration::from_secs(10),
+            max_sessions_per_identity: 100,
         }
     }
 }
 
+/// What a connection asks for when it attaches to its session.
+#[derive(Debug, Clone)]
+pub struct AttachRequest<'a> {
+    pub client_id: &'a str,
+    pub owner: &'a Owner,
+    pub clean_start: bool,
+    /// The session is kept in the session store while offline (APPLICATION clients).
+    pub durable: bool,
+    /// Offline queue limit for the client type.
+    pub queue_capacity: usize,
+}
+
+/// What routing one message did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Published {
+    /// Sessions the message was queued for.
+    pub queued: usize,
+    /// The session-store write to wait for before acknowledging the publisher, if any.
+    pub durable_ticket: Option<u64>,
+}
+
+/// The broker. Cloning is cheap; every clone is the same broker.
+#[derive(Clone)]
 pub struct Broker {
-    pub index: SubscriptionIndex,
-    pub retained: RetainedStore,
-    pub registry: Registry,
-    pub settings: BrokerSettings,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    index: SubscriptionIndex,
+    retained: RetainedStore,
+    registry: Registry,
+    settings: BrokerSettings,
     /// Where durable (APPLICATION) sessions are kept; `None`: all sessions in memory only.
-    sessions: Option<SessionStore>,
+    store: Option<SessionStore>,
 }
 
 impl Broker {
-    pub fn new(settings: BrokerSettings, sessions: Option<SessionStore>) -> Arc<Broker> {
-        let broker = Arc::new(Broker {
-            index: SubscriptionIndex::new(),
-            retained: RetainedStore::default(),
-            registry: Registry::new(settings.max_queued_messages),
-            settings,
-            sessions,
-        });
+    pub fn new(settings: BrokerSettings, store: Option<SessionStore>) -> Broker {
+        let broker = Broker {
+            inner: Arc::new(Inner {
+                index: SubscriptionIndex::new(),
+                retained: RetainedStore::default(),
+                registry: Registry::new(settings.max_queued_messages, settings.max_sessions_per_identity),
+                settings,
+                store,
+            }),
+        };
         broker.restore_sessions();
         broker
     }
 
-    /// Puts the stored durable sessions back, with their subscriptions and messages.
+    pub fn settings(&self) -> &BrokerSettings {
+        &self.inner.settings
+    }
+
+    /// A client id for a client that sent none.
+    pub fn generate_client_id(&self) -> String {
+        format!("rampart-{}", self.inner.registry.new_session_id())
+    }
+
+    /// Puts the stored durable sessions back, offline, with their subscriptions and messages.
     fn restore_sessions(&self) {
-        let Some(store) = &self.sessions else { return };
-        let stored = store.load();
-        let count = stored.len();
-        for (client_id, session) in stored {
-            self.registry.restore(&client_id, |mut record| {
-                record.durable = true;
-                record.started = true;
-                record.expiry = session.expiry();
-                record.expires_at = Some(session.expires_at());
-                record.mailbox.set_capacity(self.settings.application_max_queued_messages);
-                for (filter, options) in session.subscriptions() {
-                    self.subscribe(&mut record, filter, options);
-                }
-                for delivery in session.into_deliveries() {
-                    let _ = record.mailbox.try_push(delivery);
-                }
-                record
-            });
+        let Some(store) = &self.inner.store else { return };
+        let loaded = store.load();
+        let count = loaded.len();
+        for mut stored in loaded {
+            let mut session =
+                SessionState::new(self.inner.registry.new_session_id(), stored.session.owner.clone(), self.queue_capacity(true));
+            session.durable = true;
+            session.expiry = stored.session.expiry();
+            session.awaiting_pubrel = stored.session.awaiting_pubrel.iter().copied().collect();
+            session.inflight = stored.session.take_inflight().map(|(id, seq, f)| (id, (seq, f))).collect();
+            for (filter, options) in stored.session.subscriptions() {
+                self.add_subscription(&mut session, filter, options);
+            }
+            let client_id: Arc<str> = stored.client_id.into();
+            session.mailbox.restore(stored.queued, client_id.clone(), store.handle().clone());
+            self.inner.registry.restore(client_id, session, stored.session.expires_at());
         }
         if count > 0 {
             tracing::info!(sessions = count, "restored durable sessions");
         }
     }
 
-    /// Stores a durable session that just went offline.
-    pub fn session_offline(&self, client_id: &str, session: &StoredSession) {
-        if let Some(store) = &self.sessions {
-            if let Err(e) = store.save(client_id, session) {
-                tracing::error!(%client_id, error = %format!("{e:#}"), "durable session not stored");
-            }
+    fn queue_capacity(&self, durable: bool) -> usize {
+        match durable {
+            true => self.inner.settings.application_max_queued_messages,
+            false => self.inner.settings.max_queued_messages,
         }
     }
 
-    /// Stores every offline durable session and flushes the store (at shutdown).
-    pub fn persist_sessions(&self) {
-        let Some(store) = &self.sessions else { return };
-        self.registry.for_each_offline(|client_id, record| {
-            if record.durable {
-                self.session_offline(client_id, &StoredSession::capture(record));
+    /// Hands a connection the session of its client id (see [`Registry::attach`]): taken over
+    /// from a live connection of the same owner, resumed, or fresh.
+    pub async fn attach(&self, request: AttachRequest<'_>, now: Instant) -> Result<Attached, AttachError> {
+        let registry = &self.inner.registry;
+        let mut attached =
+            registry.attach(request.client_id, request.owner, request.clean_start, now, self.inner.settings.takeover_timeout).await?;
+        if let Some(old) = attached.discarded.take() {
+            self.drop_subscriptions(&old);
+        }
+        attached.session.durable = request.durable && self.inner.store.is_some();
+        attached.session.mailbox.set_capacity(request.queue_capacity);
+        Ok(attached)
+    }
+
+    /// The default offline queue limit of a client type (durable: APPLICATION).
+    pub fn default_queue_capacity(&self, durable: bool) -> usize {
+        self.queue_capacity(durable)
+    }
+
+    /// Gives a session back when its connection ends: it ends now (expiry zero), or stays
+    /// offline — saved to the session store when durable. The will, if any, is published after
+    /// its delay unless the client reconnected meanwhile. Returns the store ticket of the save.
+    pub fn detach(&self, attachment: Attachment, session: SessionState, will: Option<Will>, now: Instant) -> Option<u64> {
+        if let Some(will) = will {
+            self.schedule_will(will, session.expiry, &attachment);
+        }
+        let persist = match (&self.inner.store, session.durable && !session.expiry.is_zero()) {
+            (Some(store), true) => {
+                let stored = StoredSession::capture(&session, now + session.expiry);
+                Some((attachment.client_id.clone(), store.handle().clone(), stored))
+            }
+            _ => None,
+        };
+        let ticket = session.mailbox.set_offline(persist);
+        if let Some(ended) = self.inner.registry.detach(attachment, session, now) {
+            self.drop_subscriptions(&ended);
+        }
+        ticket
+    }
+
+    fn schedule_will(&self, will: Will, expiry: Duration, attachment: &Attachment) {
+        let broker = self.clone();
+        let reconnected = attachment.reconnect_watch();
+        let delay = will.delay.min(expiry);
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            if delay.is_zero() || !reconnected.reconnected() {
+                let published = broker.publish(Arc::new(will.into_message(Instant::now()))).await;
+                if let Some(ticket) = published.durable_ticket {
+                    broker.wait_durable(ticket).await;
+                }
             }
         });
-        if let Err(e) = store.flush() {
-            tracing::error!(error = %format!("{e:#}"), "session store not flushed");
-        }
     }
 
     /// Stores a retained message and hands the message to every matching session. Waits while
-    /// an online subscriber's queue is full (flow control towards the publisher). Returns the
-    /// number of sessions it was queued for.
-    pub async fn publish(&self, message: Arc<Message>) -> usize {
+    /// online subscribers' queues are full (flow control towards the publisher), for all of them
+    /// at once, up to one deadline.
+    pub async fn publish(&self, message: Arc<Message>) -> Published {
         if message.retain {
-            self.retained.set(message.clone());
+            self.inner.retained.set(message.clone());
         }
         let mut waiting: Vec<(Arc<mailbox::Mailbox>, Delivery)> = Vec::new();
-        let mut queued = 0;
+        let mut published = Published::default();
+        let mut count = |pushed: mailbox::Pushed| {
+            published.queued += usize::from(pushed.is_queued());
+            published.durable_ticket = published.durable_ticket.max(pushed.ticket());
+        };
         let publisher = message.publisher;
-        self.index.route(&message.topic, publisher, |route| {
+        self.inner.index.route(&message.topic, publisher, |route| {
             let delivery = Delivery {
                 message: message.clone(),
                 qos: min_qos(message.qos, route.qos),
@@ -134,35 +221,43 @@ impl Broker {
                 subscription_ids: route.subscription_ids,
             };
             match route.mailbox.try_push(delivery) {
-                Ok(pushed) => queued += usize::from(is_queued(pushed)),
+                Ok(pushed) => count(pushed),
                 // The publisher's own queue: it cannot drain while it waits, so never wait on it.
-                Err(delivery) if Some(route.session) == publisher => {
-                    queued += usize::from(is_queued(route.mailbox.push_congested(delivery)));
-                }
+                Err(delivery) if Some(route.session) == publisher => count(route.mailbox.push_congested(delivery)),
                 Err(delivery) => waiting.push((route.mailbox, delivery)),
             }
         });
-        for (mailbox, delivery) in waiting {
-            queued += usize::from(is_queued(mailbox.push_wait(delivery, self.settings.slow_subscriber_timeout).await));
+        if !waiting.is_empty() {
+            let deadline = tokio::time::Instant::now() + self.inner.settings.slow_subscriber_timeout;
+            let pushes = waiting.into_iter().map(|(mailbox, delivery)| async move { mailbox.push_wait(delivery, deadline).await });
+            futures_util::future::join_all(pushes).await.into_iter().for_each(&mut count);
         }
-        queued
+        published
     }
 
-    /// Adds or replaces a subscription of `record`'s session. Returns whether it is new.
-    pub fn subscribe(&self, record: &mut SessionRecord, filter: &str, options: SubscriptionOptions) -> bool {
-        let Ok(parsed) = topic::parse_filter(filter, topic::TopicLimits::UNLIMITED) else {
-            return false;
-        };
-        let subscriber = Subscriber { session: record.id, mailbox: record.mailbox.clone(), options: options.clone() };
-        self.index.subscribe(parsed.filter, parsed.share_group, subscriber);
-        record.subscriptions.insert(filter.to_string(), options).is_none()
+    /// Waits until the session-store write `ticket` is on disk.
+    pub async fn wait_durable(&self, ticket: u64) {
+        if let Some(store) = &self.inner.store {
+            store.handle().durable(ticket).await;
+        }
     }
 
-    /// Retained messages for a new subscription, as deliveries at the granted QoS.
-    pub fn retained_for(&self, filter: &str, options: &SubscriptionOptions) -> Vec<Delivery> {
-        self.retained
-            .matching(filter)
-            .into_iter()
+    /// Adds or replaces a subscription of a session. Returns whether it is new and the retained
+    /// messages it matches (as deliveries at the granted QoS) when `with_retained` says so.
+    pub fn subscribe(
+        &self,
+        session: &mut SessionState,
+        filter: &str,
+        options: SubscriptionOptions,
+        with_retained: impl FnOnce(bool) -> bool,
+    ) -> Vec<Delivery> {
+        let is_new = self.add_subscription(session, filter, options.clone());
+        if !with_retained(is_new) {
+            return Vec::new();
+        }
+        let parsed = topic::parse_filter(filter, topic::TopicLimits::UNLIMITED);
+        let Ok(topic::ParsedFilter { share_group: None, filter }) = parsed else { return Vec::new() };
+        (self.inner.retained.matching(filter).into_iter())
             .map(|message| Delivery {
                 qos: min_qos(message.qos, options.qos),
                 retain: true,
@@ -172,46 +267,51 @@ impl Broker {
             .collect()
     }
 
-    /// Removes a subscription of `record`'s session. Returns whether it existed.
-    pub fn unsubscribe(&self, record: &mut SessionRecord, filter: &str) -> bool {
-        if record.subscriptions.remove(filter).is_none() {
+    fn add_subscription(&self, session: &mut SessionState, filter: &str, options: SubscriptionOptions) -> bool {
+        let Ok(parsed) = topic::parse_filter(filter, topic::TopicLimits::UNLIMITED) else {
+            return false;
+        };
+        let subscriber = Subscriber { session: session.id, mailbox: session.mailbox.clone(), options: options.clone() };
+        self.inner.index.subscribe(parsed.filter, parsed.share_group, subscriber);
+        session.subscriptions.insert(filter.to_string(), options).is_none()
+    }
+
+    /// Removes a subscription of a session. Returns whether it existed.
+    pub fn unsubscribe(&self, session: &mut SessionState, filter: &str) -> bool {
+        if session.subscriptions.remove(filter).is_none() {
             return false;
         }
-        remove_from_index(&self.index, record.id, filter);
+        remove_from_index(&self.inner.index, session.id, filter);
         true
     }
 
-    /// Drops every subscription of a session that has ended, and its stored copy.
-    pub fn end_session(&self, client_id: &str, record: SessionRecord) {
-        for filter in record.subscriptions.keys() {
-            remove_from_index(&self.index, record.id, filter);
-        }
-        if let (true, Some(store)) = (record.durable, &self.sessions) {
-            if let Err(e) = store.remove(client_id) {
-                tracing::error!(%client_id, error = %format!("{e:#}"), "ended durable session not removed from the store");
-            }
+    fn drop_subscriptions(&self, session: &SessionState) {
+        for filter in session.subscriptions.keys() {
+            remove_from_index(&self.inner.index, session.id, filter);
         }
     }
 
     /// Ends offline sessions whose expiry has passed.
     pub fn expire_sessions(&self, now: Instant) {
-        for (client_id, record) in self.registry.expire(now) {
-            self.end_session(&client_id, record);
+        for (_, session) in self.inner.registry.expire(now) {
+            self.drop_subscriptions(&session);
+        }
+    }
+
+    /// Waits until every session-store write so far is on disk (at shutdown).
+    pub async fn sync_store(&self) {
+        if let Some(store) = &self.inner.store {
+            store.handle().sync().await;
         }
     }
 
     pub fn gauges(&self) -> Gauges {
-        Gauges { sessions: self.registry.len(), subscriptions: self.index.len(), retained: self.retained.len() }
+        Gauges { sessions: self.inner.registry.len(), subscriptions: self.inner.index.len(), retained: self.inner.retained.len() }
     }
 }
 
-fn remove_from_index(index: &SubscriptionIndex, session: SessionId, filter: &str) {
-    let parsed = topic::parse_filter(filter, topic::TopicLimits::UNLIMITED);
-    if let Ok(parsed) = parsed {
+fn remove_from_index(index: &SubscriptionIndex, session: message::SessionId, filter: &str) {
+    if let Ok(parsed) = topic::parse_filter(filter, topic::TopicLimits::UNLIMITED) {
         index.unsubscribe(parsed.filter, parsed.share_group, session);
     }
-}
-
-fn is_queued(pushed: Pushed) -> bool {
-    matches!(pushed, Pushed::Queued | Pushed::QueuedDroppedOldest)
 }

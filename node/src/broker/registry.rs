@@ -1,91 +1,68 @@
-//! The client registry: one session per client id, its persistent state, takeover and expiry.
+//! The client registry: one session per client id, who owns it, its hand-over between
+//! connections, and expiry.
 //!
-//! Each client id maps to a [`Slot`] whose session state sits behind an async mutex. A connected
-//! client holds that lock for the life of its connection ([`Claim`]). A second connection with
-//! the same client id bumps the slot's generation, which tells the holder to close, and then waits
-//! for the lock: it resumes exactly the state the first connection left, in-flight messages
-//! included.
+//! Each client id maps to a [`Slot`]. While a client is connected, its connection owns the
+//! [`SessionState`] and the slot is empty; when the connection ends the state goes back into the
+//! slot. A second connection with the same client id — only by the session's owner — bumps the
+//! slot's generation, which tells the holder to close, and waits for the state to come back: it
+//! resumes exactly what the first connection left, messages in flight included.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{watch, OwnedMutexGuard};
+use tokio::sync::{watch, Notify};
 
-use super::index::SubscriptionOptions;
-use super::mailbox::Mailbox;
-use super::message::{Delivery, SessionId};
+use super::message::SessionId;
+use super::state::{Owner, SessionState};
 
-/// An outgoing QoS 1/2 message the client has not yet fully acknowledged.
-#[derive(Debug, Clone)]
-pub enum Inflight {
-    /// PUBLISH sent; waiting for PUBACK (QoS 1) or PUBREC (QoS 2).
-    Publish(Delivery),
-    /// PUBREL sent; waiting for PUBCOMP.
-    Released,
-}
-
-/// Everything a session keeps across connections.
 #[derive(Debug)]
-pub struct SessionRecord {
-    pub id: SessionId,
-    pub mailbox: Arc<Mailbox>,
-    /// Subscriptions by the filter exactly as the client sent it (`$share/...` included).
-    pub subscriptions: HashMap<String, SubscriptionOptions>,
-    /// Unacknowledged outgoing messages by packet id, with the order they were sent in.
-    pub inflight: HashMap<u16, (u64, Inflight)>,
-    /// Incoming QoS 2 packet ids that got PUBREC and wait for PUBREL.
-    pub awaiting_pubrel: HashSet<u16>,
-    /// How long the session outlives its connection.
-    pub expiry: Duration,
-    /// When an offline session expires.
-    pub expires_at: Option<Instant>,
-    /// True once the session has been discarded; a waiting connection must start afresh.
-    pub ended: bool,
-    /// True once a connection has used this session, so a later one finds it present.
-    pub started: bool,
-    /// Kept in the session store across restarts (APPLICATION clients).
-    pub durable: bool,
-}
-
-impl SessionRecord {
-    fn new(id: SessionId, queue_capacity: usize) -> SessionRecord {
-        SessionRecord {
-            id,
-            mailbox: Arc::new(Mailbox::new(queue_capacity)),
-            subscriptions: HashMap::new(),
-            inflight: HashMap::new(),
-            awaiting_pubrel: HashSet::new(),
-            expiry: Duration::ZERO,
-            expires_at: None,
-            ended: false,
-            started: false,
-            durable: false,
-        }
-    }
+struct SlotState {
+    /// The session, while no connection holds it.
+    session: Option<SessionState>,
+    /// Who the session belongs to (also while a connection holds it).
+    owner: Owner,
+    /// False until a connection has used the session (a new slot holds a blank one).
+    started: bool,
+    /// When the offline session expires.
+    expires_at: Option<Instant>,
 }
 
 #[derive(Debug)]
 pub struct Slot {
-    state: Arc<tokio::sync::Mutex<SessionRecord>>,
+    state: Mutex<SlotState>,
+    /// Signalled when a connection hands the session back.
+    handed_back: Notify,
     generation: watch::Sender<u64>,
 }
 
-/// A connection's exclusive hold on a session's state.
-pub type Record = OwnedMutexGuard<SessionRecord>;
+impl Slot {
+    fn new(session: SessionState, started: bool, expires_at: Option<Instant>) -> Arc<Slot> {
+        let owner = session.owner.clone();
+        Arc::new(Slot {
+            state: Mutex::new(SlotState { session: Some(session), owner, started, expires_at }),
+            handed_back: Notify::new(),
+            generation: watch::channel(0).0,
+        })
+    }
 
-/// A connection's claim on a client id.
+    fn lock(&self) -> MutexGuard<'_, SlotState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A connection's hold on a client id.
 #[derive(Debug)]
-pub struct Claim {
-    pub client_id: String,
-    /// Generation of this claim; the connection must close when the slot's generation moves on.
-    pub generation: u64,
+pub struct Attachment {
+    pub client_id: Arc<str>,
+    generation: u64,
+    /// Changes when another connection claims this client id; the holder must then close.
     pub taken_over: watch::Receiver<u64>,
     slot: Arc<Slot>,
 }
 
-impl Claim {
+impl Attachment {
     /// True once another connection has claimed this client id.
     pub fn is_taken_over(&self) -> bool {
         *self.taken_over.borrow() != self.generation
@@ -110,26 +87,64 @@ impl ReconnectWatch {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("the previous connection of this client id did not hand over its session within {0:?}")]
-pub struct TakeoverTimeout(Duration);
+/// Why a connection could not have the session of its client id.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AttachError {
+    #[error("the session of this client id belongs to {owner}, not to {requester}")]
+    NotOwner { owner: Owner, requester: Owner },
+    #[error("the previous connection of this client id did not hand over its session within {0:?}")]
+    TakeoverTimeout(Duration),
+    #[error("a later connection with this client id claimed the session first")]
+    Superseded,
+    #[error("{owner} already holds {limit} sessions (max_sessions_per_identity)")]
+    TooManySessions { owner: Owner, limit: usize },
+}
 
-/// Sessions removed from the registry (client id, record), whose subscriptions the broker must drop.
-pub type Ended = Vec<(String, SessionRecord)>;
+/// A session handed to a connection.
+#[derive(Debug)]
+pub struct Attached {
+    pub attachment: Attachment,
+    pub session: SessionState,
+    /// Whether an earlier session was resumed (CONNACK session present).
+    pub present: bool,
+    /// A session discarded by clean start or expiry, whose subscriptions must be dropped.
+    pub discarded: Option<SessionState>,
+}
+
+#[derive(Debug, Default)]
+struct Slots {
+    by_client_id: HashMap<Arc<str>, Arc<Slot>>,
+    /// Started sessions per owner (certificate and password owners only).
+    per_owner: HashMap<Owner, usize>,
+}
+
+impl Slots {
+    fn count(&mut self, owner: &Owner, delta: isize) {
+        if *owner == Owner::Anonymous {
+            return;
+        }
+        let count = self.per_owner.entry(owner.clone()).or_default();
+        *count = count.saturating_add_signed(delta);
+        if *count == 0 {
+            self.per_owner.remove(owner);
+        }
+    }
+}
 
 #[derive(Debug)]
 pub struct Registry {
-    slots: Mutex<HashMap<String, Arc<Slot>>>,
+    slots: Mutex<Slots>,
     next_id: AtomicU64,
     queue_capacity: usize,
+    max_sessions_per_owner: usize,
 }
 
 impl Registry {
-    pub fn new(queue_capacity: usize) -> Registry {
-        Registry { slots: Mutex::new(HashMap::new()), next_id: AtomicU64::new(1), queue_capacity }
+    pub fn new(queue_capacity: usize, max_sessions_per_owner: usize) -> Registry {
+        Registry { slots: Mutex::new(Slots::default()), next_id: AtomicU64::new(1), queue_capacity, max_sessions_per_owner }
     }
 
-    fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Slot>>> {
+    fn slots(&self) -> MutexGuard<'_, Slots> {
         self.slots.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -137,118 +152,170 @@ impl Registry {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Claims the session of `client_id`, taking it over from a connected client if there is
-    /// one. Returns the claim and whether an earlier session state was found (not yet checked
-    /// for clean start or expiry: see [`Registry::start`]).
-    pub async fn claim(&self, client_id: &str, wait: Duration) -> Result<(Claim, Record), TakeoverTimeout> {
-        let (slot, generation) = {
+    fn blank(&self, owner: Owner) -> SessionState {
+        SessionState::new(self.new_session_id(), owner, self.queue_capacity)
+    }
+
+    /// Hands the session of `client_id` to a new connection of `owner`: refused when the
+    /// session (live, or offline and not expired) belongs to another principal; otherwise a
+    /// connected holder is told to close and its state is awaited (up to `wait`). The session
+    /// is fresh when `clean_start`, or when the old one expired.
+    pub async fn attach(
+        &self,
+        client_id: &str,
+        owner: &Owner,
+        clean_start: bool,
+        now: Instant,
+        wait: Duration,
+    ) -> Result<Attached, AttachError> {
+        let (client_id, slot, generation, counted) = {
             let mut slots = self.slots();
-            let slot = slots
-                .entry(client_id.to_string())
-                .or_insert_with(|| {
-                    Arc::new(Slot {
-                        state: Arc::new(tokio::sync::Mutex::new(SessionRecord::new(self.new_session_id(), self.queue_capacity))),
-                        generation: watch::channel(0).0,
-                    })
-                })
-                .clone();
+            let existing = slots.by_client_id.get_key_value(client_id).map(|(key, slot)| (key.clone(), slot.clone()));
+            let (key, slot) = match existing {
+                Some(found) => found,
+                None => (client_id.into(), Slot::new(self.blank(owner.clone()), false, None)),
+            };
+            let counted = {
+                let state = slot.lock();
+                let live = state.started && !state.expires_at.is_some_and(|at| at <= now);
+                if live && state.owner != *owner {
+                    return Err(AttachError::NotOwner { owner: state.owner.clone(), requester: owner.clone() });
+                }
+                if !live {
+                    let held = slots.per_owner.get(owner).copied().unwrap_or(0);
+                    if *owner != Owner::Anonymous && held >= self.max_sessions_per_owner {
+                        return Err(AttachError::TooManySessions { owner: owner.clone(), limit: self.max_sessions_per_owner });
+                    }
+                    if state.started {
+                        slots.count(&state.owner, -1);
+                    }
+                    slots.count(owner, 1);
+                }
+                !live
+            };
+            slots.by_client_id.insert(key.clone(), slot.clone());
             let mut generation = 0;
             slot.generation.send_modify(|g| {
                 *g += 1;
                 generation = *g;
             });
-            (slot, generation)
+            (key, slot, generation, counted)
         };
-        let record = tokio::time::timeout(wait, slot.state.clone().lock_owned()).await.map_err(|_| TakeoverTimeout(wait))?;
-        let claim = Claim { client_id: client_id.to_string(), generation, taken_over: slot.generation.subscribe(), slot };
-        Ok((claim, record))
-    }
-
-    /// Prepares a claimed record for a new connection: a fresh session when `clean_start`, when
-    /// the old one ended or expired. Returns the discarded old record (its subscriptions must be
-    /// removed from the index) and whether a session is present.
-    pub fn start(&self, record: &mut SessionRecord, clean_start: bool, now: Instant) -> (Option<SessionRecord>, bool) {
-        let expired = record.expires_at.is_some_and(|at| at <= now);
-        let existed = record.started && !record.ended;
-        let discarded = if clean_start || expired || record.ended {
-            let fresh = SessionRecord::new(self.new_session_id(), self.queue_capacity);
-            let old = std::mem::replace(record, fresh);
-            old.mailbox.close();
-            Some(old)
-        } else {
-            None
+        let mut session = self.wait_for_hand_back(&slot, generation, wait).await?;
+        let (started, expires_at) = {
+            let mut state = slot.lock();
+            let taken = (state.started, state.expires_at);
+            state.owner = owner.clone();
+            state.started = true;
+            state.expires_at = None;
+            taken
         };
-        let present = discarded.is_none() && existed;
-        record.expires_at = None;
-        record.started = true;
-        record.mailbox.set_online(true);
-        (discarded, present)
-    }
-
-    /// Releases a claim when its connection ends. A session with expiry zero ends now and is
-    /// returned; otherwise it stays, offline, until it expires.
-    pub fn release(&self, claim: Claim, mut record: Record, now: Instant) -> Option<SessionRecord> {
-        record.mailbox.set_online(false);
-        if !record.expiry.is_zero() {
-            record.expires_at = Some(now + record.expiry);
-            return None;
+        if !started && !counted {
+            // The session ended while this connection waited for it: a new one starts.
+            self.slots().count(owner, 1);
         }
-        let ended = self.end(&mut record);
-        let mut slots = self.slots();
-        if !claim.is_taken_over() {
-            if let Some(current) = slots.get(&claim.client_id) {
-                if Arc::ptr_eq(current, &claim.slot) {
-                    slots.remove(&claim.client_id);
-                }
+        let expired = expires_at.is_some_and(|at| at <= now);
+        // Never hand a session to another principal, whatever raced with this attach.
+        let fresh_needed = clean_start || expired || !started || session.owner != *owner;
+        let discarded = fresh_needed.then(|| {
+            let old = std::mem::replace(&mut session, self.blank(owner.clone()));
+            old.mailbox.close();
+            old
+        });
+        let present = started && discarded.is_none();
+        session.mailbox.set_online();
+        let taken_over = slot.generation.subscribe();
+        Ok(Attached { attachment: Attachment { client_id, generation, taken_over, slot }, session, present, discarded })
+    }
+
+    async fn wait_for_hand_back(&self, slot: &Slot, generation: u64, wait: Duration) -> Result<SessionState, AttachError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let handed_back = slot.handed_back.notified();
+            tokio::pin!(handed_back);
+            handed_back.as_mut().enable();
+            if *slot.generation.borrow() != generation {
+                return Err(AttachError::Superseded);
+            }
+            if let Some(session) = slot.lock().session.take() {
+                return Ok(session);
+            }
+            if tokio::time::timeout_at(deadline, handed_back).await.is_err() {
+                return Err(AttachError::TakeoverTimeout(wait));
             }
         }
-        Some(ended)
     }
 
-    fn end(&self, record: &mut SessionRecord) -> SessionRecord {
-        let ended = std::mem::replace(record, SessionRecord::new(self.new_session_id(), self.queue_capacity));
-        ended.mailbox.close();
-        record.ended = true;
+    /// Takes a session back from a connection that ended. A session with expiry zero ends now
+    /// and is returned (its subscriptions must be dropped); otherwise it stays, offline, until it
+    /// expires.
+    pub fn detach(&self, attachment: Attachment, session: SessionState, now: Instant) -> Option<SessionState> {
+        let slot = &attachment.slot;
+        let ended = if session.expiry.is_zero() {
+            session.mailbox.close();
+            let mut state = slot.lock();
+            state.session = Some(self.blank(Owner::Anonymous));
+            state.owner = Owner::Anonymous;
+            state.started = false;
+            state.expires_at = None;
+            Some(session)
+        } else {
+            let mut state = slot.lock();
+            state.expires_at = Some(now + session.expiry);
+            state.session = Some(session);
+            None
+        };
+        if let Some(ended) = &ended {
+            let mut slots = self.slots();
+            slots.count(&ended.owner, -1);
+            let current = slots.by_client_id.get(&attachment.client_id).is_some_and(|current| Arc::ptr_eq(current, slot));
+            if current && !attachment.is_taken_over() {
+                slots.by_client_id.remove(&attachment.client_id);
+            }
+        }
+        slot.handed_back.notify_waiters();
         ended
     }
 
-    /// Removes offline sessions whose expiry has passed.
-    pub fn expire(&self, now: Instant) -> Ended {
+    /// Removes offline sessions whose expiry has passed; returns them (client id, state).
+    pub fn expire(&self, now: Instant) -> Vec<(Arc<str>, SessionState)> {
         let mut slots = self.slots();
         let mut ended = Vec::new();
-        slots.retain(|client_id, slot| {
-            let Ok(mut record) = slot.state.try_lock() else { return true };
-            if record.expires_at.is_some_and(|at| at <= now) {
-                ended.push((client_id.clone(), self.end(&mut record)));
-                false
-            } else {
-                true
+        slots.by_client_id.retain(|client_id, slot| {
+            // A slot some connection is attaching to is left to that connection.
+            if Arc::strong_count(slot) > 1 {
+                return true;
             }
+            let mut state = slot.lock();
+            let offline_expired = state.session.is_some() && state.expires_at.is_some_and(|at| at <= now);
+            if !offline_expired {
+                return true;
+            }
+            let session = state.session.take().expect("checked above");
+            session.mailbox.close();
+            state.session = Some(self.blank(Owner::Anonymous));
+            state.owner = Owner::Anonymous;
+            state.started = false;
+            state.expires_at = None;
+            ended.push((client_id.clone(), session));
+            false
         });
+        for (_, session) in &ended {
+            slots.count(&session.owner, -1);
+        }
         ended
     }
 
     /// Puts back a session read from the session store, offline until its client reconnects.
-    pub fn restore(&self, client_id: &str, build: impl FnOnce(SessionRecord) -> SessionRecord) {
-        let record = build(SessionRecord::new(self.new_session_id(), self.queue_capacity));
-        let slot = Arc::new(Slot { state: Arc::new(tokio::sync::Mutex::new(record)), generation: watch::channel(0).0 });
-        self.slots().insert(client_id.to_string(), slot);
-    }
-
-    /// Calls `visit` with every offline session (one whose client is not connected).
-    pub fn for_each_offline(&self, mut visit: impl FnMut(&str, &SessionRecord)) {
-        for (client_id, slot) in self.slots().iter() {
-            if let Ok(record) = slot.state.try_lock() {
-                if !record.ended {
-                    visit(client_id, &record);
-                }
-            }
-        }
+    pub fn restore(&self, client_id: Arc<str>, session: SessionState, expires_at: Instant) {
+        let mut slots = self.slots();
+        slots.count(&session.owner, 1);
+        slots.by_client_id.insert(client_id, Slot::new(session, true, Some(expires_at)));
     }
 
     /// Number of sessions (online and offline).
     pub fn len(&self) -> usize {
-        self.slots().len()
+        self.slots().by_client_id.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -262,66 +329,87 @@ mod tests {
 
     const WAIT: Duration = Duration::from_secs(2);
 
+    fn cert(identity: &str) -> Owner {
+        Owner::Certificate { identity: identity.into(), issuer: "CN=CA".into() }
+    }
+
+    #[tokio::test]
+    async fn only_the_owner_resumes_or_takes_over() {
+        let registry = Registry::new(10, 100);
+        let now = Instant::now();
+        let mut a = registry.attach("device-1", &cert("device-1"), false, now, WAIT).await.unwrap();
+        assert!(!a.present);
+        a.session.expiry = Duration::from_secs(60);
+        for intruder in [Owner::Anonymous, cert("device-10"), Owner::Password { username: "device-1".into() }] {
+            let refused = registry.attach("device-1", &intruder, true, now, WAIT).await.unwrap_err();
+            assert!(matches!(refused, AttachError::NotOwner { .. }), "live session: {refused}");
+        }
+        assert!(!a.attachment.is_taken_over(), "a refused attach does not disturb the holder");
+        assert!(registry.detach(a.attachment, a.session, now).is_none());
+        let refused = registry.attach("device-1", &Owner::Anonymous, false, now, WAIT).await.unwrap_err();
+        assert!(matches!(refused, AttachError::NotOwner { .. }), "offline session: {refused}");
+        let resumed = registry.attach("device-1", &cert("device-1"), false, now, WAIT).await.unwrap();
+        assert!(resumed.present);
+        registry.detach(resumed.attachment, resumed.session, now);
+        let later = now + Duration::from_secs(61);
+        let fresh = registry.attach("device-1", &Owner::Anonymous, false, later, WAIT).await.unwrap();
+        assert!(!fresh.present, "an expired session belongs to nobody");
+        assert!(fresh.discarded.is_some());
+    }
+
     #[tokio::test]
     async fn takeover_hands_over_the_session() {
-        let registry = Registry::new(10);
+        let registry = Arc::new(Registry::new(10, 100));
         let now = Instant::now();
-        let (first, mut record) = registry.claim("c", WAIT).await.unwrap();
-        let (_, present) = registry.start(&mut record, false, now);
-        assert!(!present);
-        record.expiry = Duration::from_secs(60);
-        record.subscriptions.insert(
-            "a/b".into(),
-            SubscriptionOptions { qos: mqttbytes::QoS::AtLeastOnce, no_local: false, retain_as_published: false, subscription_id: None },
-        );
-        let id = record.id;
+        let mut first = registry.attach("c", &Owner::Anonymous, false, now, WAIT).await.unwrap();
+        first.session.expiry = Duration::from_secs(60);
+        let id = first.session.id;
         let second = tokio::spawn({
-            let registry = Arc::new(registry);
+            let registry = registry.clone();
             async move {
-                let (_claim, mut record) = registry.claim("c", WAIT).await.unwrap();
-                let (_, present) = registry.start(&mut record, false, Instant::now());
-                (record.id, present)
+                let attached = registry.attach("c", &Owner::Anonymous, false, Instant::now(), WAIT).await.unwrap();
+                (attached.session.id, attached.present)
             }
         });
-        while !first.is_taken_over() {
+        while !first.attachment.is_taken_over() {
             tokio::task::yield_now().await;
         }
-        drop(record);
+        registry.detach(first.attachment, first.session, now);
         assert_eq!(second.await.unwrap(), (id, true));
     }
 
     #[tokio::test]
-    async fn clean_start_discards_and_expiry_ends() {
-        let registry = Registry::new(10);
+    async fn expiry_zero_ends_at_detach_and_offline_sessions_expire() {
+        let registry = Registry::new(10, 100);
         let now = Instant::now();
-        let (claim, mut record) = registry.claim("c", WAIT).await.unwrap();
-        registry.start(&mut record, false, now);
-        record.expiry = Duration::from_secs(5);
-        let old_id = record.id;
-        assert!(registry.release(claim, record, now).is_none());
-        assert_eq!(registry.len(), 1);
-        assert!(registry.expire(now + Duration::from_secs(4)).is_empty());
-        let ended = registry.expire(now + Duration::from_secs(6));
-        assert_eq!(ended.len(), 1);
-        assert_eq!(ended[0].1.id, old_id);
+        let a = registry.attach("a", &Owner::Anonymous, false, now, WAIT).await.unwrap();
+        assert!(registry.detach(a.attachment, a.session, now).is_some());
         assert!(registry.is_empty());
-
-        let (claim, mut record) = registry.claim("d", WAIT).await.unwrap();
-        registry.start(&mut record, false, now);
-        record.expiry = Duration::from_secs(3600);
-        registry.release(claim, record, now);
-        let (_claim, mut record) = registry.claim("d", WAIT).await.unwrap();
-        let (discarded, present) = registry.start(&mut record, true, now);
-        assert!(discarded.is_some());
-        assert!(!present);
+        let mut b = registry.attach("b", &Owner::Anonymous, false, now, WAIT).await.unwrap();
+        b.session.expiry = Duration::from_secs(5);
+        registry.detach(b.attachment, b.session, now);
+        assert!(registry.expire(now + Duration::from_secs(4)).is_empty());
+        assert_eq!(registry.expire(now + Duration::from_secs(6)).len(), 1);
+        assert!(registry.is_empty());
     }
 
     #[tokio::test]
-    async fn zero_expiry_ends_at_release() {
-        let registry = Registry::new(10);
-        let (claim, mut record) = registry.claim("c", WAIT).await.unwrap();
-        registry.start(&mut record, false, Instant::now());
-        assert!(registry.release(claim, record, Instant::now()).is_some());
-        assert!(registry.is_empty());
+    async fn sessions_per_identity_are_bounded() {
+        let registry = Registry::new(10, 2);
+        let now = Instant::now();
+        let owner = cert("app");
+        let mut held = Vec::new();
+        for id in ["app-1", "app-2"] {
+            let mut a = registry.attach(id, &owner, false, now, WAIT).await.unwrap();
+            a.session.expiry = Duration::from_secs(60);
+            held.push(a);
+        }
+        let refused = registry.attach("app-3", &owner, false, now, WAIT).await.unwrap_err();
+        assert!(matches!(refused, AttachError::TooManySessions { limit: 2, .. }));
+        assert!(registry.attach("other", &Owner::Anonymous, false, now, WAIT).await.is_ok(), "anonymous is not counted");
+        let mut first = held.remove(0);
+        first.session.expiry = Duration::ZERO;
+        registry.detach(first.attachment, first.session, now);
+        assert!(registry.attach("app-3", &owner, false, now, WAIT).await.is_ok(), "an ended session frees its place");
     }
 }

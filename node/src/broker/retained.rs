@@ -5,7 +5,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use super::message::Message;
-use super::topic;
+use crate::topic;
 
 #[derive(Debug, Default)]
 pub struct RetainedStore {

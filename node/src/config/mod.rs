@@ -11,9 +11,9 @@ use serde::Deserialize;
 
 use crate::auth::identity::{IdentityRule, IdentitySource};
 use crate::auth::policy::{AuthPolicy, ClientIdPolicy, UnauthorizedPublish, UsernameMismatch};
-use crate::broker::topic::TopicLimits;
 use crate::broker::BrokerSettings;
 use crate::mqtt::connect::SessionLimits;
+use crate::topic::TopicLimits;
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -133,6 +133,8 @@ pub struct AuthConfig {
     pub use_identity_as_username: bool,
     pub username_mismatch: UsernameMismatch,
     pub client_id_policy: ClientIdPolicy,
+    /// The one character that separates the identity from a suffix under the `prefix` policy.
+    pub client_id_separator: char,
     /// TOML file with credentials, roles, default rules and revocations (re-read on SIGHUP).
     /// Without it, every authenticated client may publish and subscribe anywhere.
     pub state_file: Option<PathBuf>,
@@ -147,6 +149,7 @@ impl Default for AuthConfig {
             use_identity_as_username: policy.use_identity_as_username,
             username_mismatch: policy.username_mismatch,
             client_id_policy: policy.client_id_policy,
+            client_id_separator: policy.client_id_separator,
             state_file: None,
             v3_unauthorized_publish: UnauthorizedPublish::Disconnect,
         }
@@ -206,6 +209,10 @@ pub struct LimitsConfig {
     pub max_keep_alive_secs: u16,
     pub max_session_expiry_secs: u64,
     pub takeover_timeout_secs: u64,
+    pub max_subscriptions_per_session: usize,
+    pub max_retained_replay_bytes: usize,
+    pub max_outgoing_topic_aliases: u16,
+    pub max_sessions_per_identity: usize,
 }
 
 impl Default for LimitsConfig {
@@ -226,6 +233,10 @@ impl Default for LimitsConfig {
             max_keep_alive_secs: u16::MAX,
             max_session_expiry_secs: 7 * 24 * 3600,
             takeover_timeout_secs: 10,
+            max_subscriptions_per_session: 1000,
+            max_retained_replay_bytes: 16 << 20,
+            max_outgoing_topic_aliases: 64,
+            max_sessions_per_identity: 100,
         }
     }
 }
@@ -578,6 +589,7 @@ impl Config {
             use_identity_as_username: a.use_identity_as_username,
             username_mismatch: a.username_mismatch,
             client_id_policy: a.client_id_policy,
+            client_id_separator: a.client_id_separator,
         }
     }
 
@@ -592,6 +604,9 @@ impl Config {
             max_session_expiry: Duration::from_secs(l.max_session_expiry_secs),
             topics: TopicLimits { max_length: l.max_topic_length, max_levels: l.max_topic_levels },
             v3_unauthorized_publish: self.auth.v3_unauthorized_publish,
+            max_subscriptions: l.max_subscriptions_per_session,
+            max_retained_replay_bytes: l.max_retained_replay_bytes,
+            max_outgoing_topic_aliases: l.max_outgoing_topic_aliases,
         }
     }
 
@@ -602,6 +617,7 @@ impl Config {
             application_max_queued_messages: l.application_max_queued_messages,
             slow_subscriber_timeout: Duration::from_millis(l.slow_subscriber_timeout_ms),
             takeover_timeout: Duration::from_secs(l.takeover_timeout_secs),
+            max_sessions_per_identity: l.max_sessions_per_identity,
         }
     }
 }

@@ -1,6 +1,9 @@
-//! The IO driver of one client connection: reads the CONNECT, claims the session, then runs the
-//! [`Session`] state machine against the socket and the session's mailbox until the connection
-//! ends. All protocol decisions are the session's; this file only moves bytes and runs actions.
+//! The IO pump of one client connection: reads the CONNECT, authenticates, attaches to the
+//! session through the broker, then runs the [`Session`] state machine against the socket, the
+//! session's mailbox, its timer and the broker's signals (takeover, shutdown, authorization
+//! changes, kicks) until the connection ends; then detaches and closes gracefully. Protocol
+//! decisions are the session's, session lifecycle decisions the broker's; this file moves bytes
+//! and runs actions.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,8 +18,7 @@ use crate::auth::policy::{self, AuthPolicy, PeerAuth};
 use crate::auth::state::ClientType;
 use crate::auth::store::AuthStore;
 use crate::broker::message::Delivery;
-use crate::broker::persist::StoredSession;
-use crate::broker::Broker;
+use crate::broker::{AttachError, AttachRequest, Broker};
 use crate::listener::clients::{ClientInfo, ConnectedClients};
 use crate::mqtt::codec::{self, DecodeError, Packet, ProtocolVersion};
 use crate::mqtt::connect::{self, SessionLimits};
@@ -25,7 +27,7 @@ use crate::telemetry::metrics;
 
 /// Everything a connection needs from the node.
 pub struct ConnectionContext {
-    pub broker: Arc<Broker>,
+    pub broker: Broker,
     pub limits: SessionLimits,
     pub auth: AuthPolicy,
     /// Credentials, permissions and revocations in force.
@@ -47,6 +49,13 @@ const INITIAL_READ_BUFFER: usize = 1024;
 /// Largest batch of queued messages written per wake-up, so one busy client cannot starve its own reads.
 const MAX_DELIVERIES_PER_BATCH: usize = 1024;
 
+/// How long a closing connection keeps reading (and discarding) what the client still sends
+/// after the broker's DISCONNECT, so the client reads the reason instead of a reset.
+const CLOSE_DRAIN: Duration = Duration::from_secs(2);
+
+/// Longest wait for the final DISCONNECT to be written.
+const CLOSE_WRITE: Duration = Duration::from_secs(5);
+
 /// Serves one client connection to completion.
 pub async fn serve<S>(stream: S, peer: SocketAddr, peer_auth: PeerAuth, ctx: Arc<ConnectionContext>)
 where
@@ -54,6 +63,9 @@ where
 {
     let (mut reader, mut writer) = tokio::io::split(stream);
     let mut input = BytesMut::with_capacity(INITIAL_READ_BUFFER);
+    // Watched from before authentication, so a change applied meanwhile is re-checked below.
+    let mut auth_changes = ctx.auth_store.changes();
+    auth_changes.borrow_and_update();
     let connect = tokio::time::timeout(ctx.connect_timeout, read_connect(&mut reader, &mut input, ctx.limits.max_packet_size)).await;
     let (version, connect) = match connect {
         Ok(Ok(Some(found))) => found,
@@ -66,7 +78,7 @@ where
         Err(_) => return refused(peer, &format!("no CONNECT within {:?}", ctx.connect_timeout)),
     };
     let broker = &ctx.broker;
-    let validated = connect::validate(version, connect, &ctx.limits, || format!("rampart-{}", broker.registry.new_session_id()));
+    let validated = connect::validate(version, connect, &ctx.limits, || broker.generate_client_id());
     let (request, principal, grant) = match authorize(validated, &peer_auth, &ctx).await {
         Ok(accepted) => accepted,
         Err(refusal) => {
@@ -74,28 +86,34 @@ where
             return refused(peer, &refusal.reason);
         }
     };
-    let (mut claim, mut record) = match broker.registry.claim(&request.client_id, broker.settings.takeover_timeout).await {
-        Ok(claimed) => claimed,
+    let owner = principal.owner();
+    let durable = grant.client_type == ClientType::Application;
+    let attach = AttachRequest {
+        client_id: &request.client_id,
+        owner: &owner,
+        clean_start: request.clean_start,
+        durable,
+        queue_capacity: grant.max_queued_messages.unwrap_or_else(|| broker.default_queue_capacity(durable)),
+    };
+    let attached = match broker.attach(attach, Instant::now()).await {
+        Ok(attached) => attached,
         Err(e) => {
-            write_refusal(&mut writer, version, v5::ConnectReturnCode::ServerBusy).await;
-            return refused(peer, &e.to_string());
+            let code = match e {
+                AttachError::NotOwner { .. } => v5::ConnectReturnCode::NotAuthorized,
+                AttachError::TooManySessions { .. } => v5::ConnectReturnCode::QuotaExceeded,
+                AttachError::TakeoverTimeout(_) | AttachError::Superseded => v5::ConnectReturnCode::ServerBusy,
+            };
+            write_refusal(&mut writer, version, code).await;
+            return refused(peer, &format!("client id {:?}: {e}", request.client_id));
         }
     };
-    let now = Instant::now();
-    let (discarded, present) = broker.registry.start(&mut record, request.clean_start, now);
-    if let Some(old) = discarded {
-        broker.end_session(&request.client_id, old);
-    }
-    record.durable = grant.client_type == ClientType::Application;
     let client_id = request.client_id.clone();
     let identity = principal.identity.as_deref().unwrap_or("-");
+    let present = attached.present;
     tracing::info!(%peer, %client_id, %identity, ?version, clean_start = request.clean_start, session_present = present, "client connected");
     metrics::connection_opened();
-    let mailbox = record.mailbox.clone();
-    mailbox.set_capacity(grant.max_queued_messages.unwrap_or(match grant.client_type {
-        ClientType::Device => broker.settings.max_queued_messages,
-        ClientType::Application => broker.settings.application_max_queued_messages,
-    }));
+    let mailbox = attached.session.mailbox.clone();
+    let mut attachment = attached.attachment;
     let cert = principal.certificate.as_ref();
     let mut registration = ctx.clients.register(ClientInfo {
         client_id: client_id.clone(),
@@ -108,17 +126,25 @@ where
         connected_at: crate::cluster::unix_now(),
         peer: peer.to_string(),
     });
-    let mut session = Session::start(request, record, present, ctx.limits.clone(), grant.acl, now);
+    let mut session = Session::start(request, attached.session, present, ctx.limits.clone(), grant.acl, Instant::now());
     let mut shutdown = ctx.shutdown.clone();
-    let mut auth_changes = ctx.auth_store.changes();
 
     loop {
         run_actions(&mut session, broker).await;
-        if session.close_reason().is_none() {
-            fill_from_queues(&mut session, &mailbox);
+        if session.close_reason().is_some() {
+            break;
         }
+        fill_from_queues(&mut session, &mailbox);
         if !session.output().is_empty() {
-            let written = tokio::time::timeout(ctx.write_timeout, write_flush(&mut writer, session.output())).await;
+            let written = tokio::select! {
+                written = tokio::time::timeout(ctx.write_timeout, write_flush(&mut writer, session.output())) => written,
+                // A takeover never waits on this connection's write.
+                _ = attachment.taken_over.changed() => {
+                    session.output().clear();
+                    session.lost("taken over while a write was blocked");
+                    break;
+                }
+            };
             session.output().clear();
             match written {
                 Ok(Ok(())) => {}
@@ -139,7 +165,7 @@ where
             },
             _ = mailbox.readable(), if session.can_send() => {}
             _ = sleep_until(deadline) => session.tick(Instant::now()),
-            _ = claim.taken_over.changed() => session.kick(DisconnectReasonCode::SessionTakenOver, "another connection took over this client id"),
+            _ = attachment.taken_over.changed() => session.kick(DisconnectReasonCode::SessionTakenOver, "another connection took over this client id"),
             _ = shutdown.changed() => session.kick(DisconnectReasonCode::ServerShuttingDown, "broker shutting down"),
             _ = auth_changes.changed() => match ctx.auth_store.authorize(&principal, session.client_id()) {
                 Ok(grant) => session.set_acl(grant.acl),
@@ -154,30 +180,40 @@ where
 
     drop(registration);
     let close = session.close_reason().cloned();
-    let reconnected = claim.reconnect_watch();
-    let (record, will) = session.finish();
+    let farewell = session.output().split();
+    let (state, will) = session.finish();
     if let Some(close) = &close {
         tracing::info!(%peer, %client_id, reason = ?close.reason, detail = %close.detail, "client disconnected");
     }
     metrics::connection_closed();
-    if let Some(will) = will {
-        let broker = broker.clone();
-        let delay = will.delay.min(record.expiry);
-        tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            if delay.is_zero() || !reconnected.reconnected() {
-                broker.publish(Arc::new(will.into_message(Instant::now()))).await;
-            }
-        });
-    }
-    let stored = record.durable.then(|| StoredSession::capture(&record));
-    if let Some(ended) = broker.registry.release(claim, record, Instant::now()) {
-        broker.end_session(&client_id, ended);
-    } else if let Some(stored) = stored {
-        broker.session_offline(&client_id, &stored);
-    }
+    broker.detach(attachment, state, will, Instant::now());
     // Only now, with the session offline (or ended), does the client see the close.
-    let _ = writer.shutdown().await;
+    close_gracefully(&mut reader, &mut writer, &farewell, &mut input).await;
+}
+
+/// Writes the last bytes (a DISCONNECT with its reason), half-closes, and reads until the client
+/// closes too or [`CLOSE_DRAIN`] passes, so a client still writing is not reset before it reads
+/// the reason.
+async fn close_gracefully<R, W>(reader: &mut R, writer: &mut W, farewell: &[u8], input: &mut BytesMut)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    if !farewell.is_empty() && tokio::time::timeout(CLOSE_WRITE, write_flush(writer, farewell)).await.is_err() {
+        return;
+    }
+    if tokio::time::timeout(CLOSE_WRITE, writer.shutdown()).await.is_err() || farewell.is_empty() {
+        return;
+    }
+    let drain = async {
+        loop {
+            input.clear();
+            if !matches!(reader.read_buf(input).await, Ok(n) if n > 0) {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(CLOSE_DRAIN, drain).await;
 }
 
 /// Authenticates and authorizes a validated CONNECT: certificate identity, else user name and
@@ -216,23 +252,31 @@ where
     refused(peer, "connection limit reached");
 }
 
-/// Carries out the session's broker work in order.
+/// Carries out the session's broker work in order; returns once every session-store write it
+/// caused is durable, so acknowledgements written afterwards never promise more than the disk holds.
 async fn run_actions(session: &mut Session, broker: &Broker) {
+    let mut durable_ticket = None;
     while let Some(action) = session.next_action() {
         match action {
             Action::Publish(message) => {
-                broker.publish(message).await;
+                durable_ticket = durable_ticket.max(broker.publish(message).await.durable_ticket);
             }
             Action::Subscribe { filter, options, retain_handling } => {
-                let is_new = broker.subscribe(session.record(), &filter, options.clone());
-                if retain_handling == RetainHandling::Always || (retain_handling == RetainHandling::IfNew && is_new) {
-                    session.queue_retained(broker.retained_for(&filter, &options));
-                }
+                let wants_retained = |is_new: bool| match retain_handling {
+                    RetainHandling::Always => true,
+                    RetainHandling::IfNew => is_new,
+                    RetainHandling::Never => false,
+                };
+                let retained = broker.subscribe(session.state_mut(), &filter, options, wants_retained);
+                session.queue_retained(retained);
             }
             Action::Unsubscribe { filter } => {
-                broker.unsubscribe(session.record(), &filter);
+                broker.unsubscribe(session.state_mut(), &filter);
             }
         }
+    }
+    if let Some(ticket) = durable_ticket {
+        broker.wait_durable(ticket).await;
     }
 }
 

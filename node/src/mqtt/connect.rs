@@ -1,16 +1,14 @@
 //! CONNECT validation: turns a decoded CONNECT into the parameters of a new session, or into
 //! the CONNACK refusal the client gets. Pure: no IO, no broker state.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use bytes::Bytes;
 use mqttbytes::v5::{self, ConnectReturnCode};
-use mqttbytes::QoS;
 
 use super::codec::ProtocolVersion;
 use crate::auth::policy::UnauthorizedPublish;
-use crate::broker::message::Message;
-use crate::broker::topic::{self, TopicLimits};
+use crate::broker::message::Will;
+use crate::topic::{self, TopicLimits};
 
 /// The broker-side limits a session works within (from the `[limits]` config section).
 #[derive(Debug, Clone)]
@@ -30,6 +28,13 @@ pub struct SessionLimits {
     pub topics: TopicLimits,
     /// What an MQTT 3.1.1 client gets for an unauthorized PUBLISH.
     pub v3_unauthorized_publish: UnauthorizedPublish,
+    /// Subscriptions one session may hold.
+    pub max_subscriptions: usize,
+    /// Bytes (topic + payload) of retained messages a session may have waiting after its
+    /// SUBSCRIBEs; more are dropped.
+    pub max_retained_replay_bytes: usize,
+    /// Topic aliases the broker uses towards a client (also capped by the client's maximum).
+    pub max_outgoing_topic_aliases: u16,
 }
 
 impl Default for SessionLimits {
@@ -43,33 +48,9 @@ impl Default for SessionLimits {
             max_session_expiry: Duration::from_secs(7 * 24 * 3600),
             topics: TopicLimits::default(),
             v3_unauthorized_publish: UnauthorizedPublish::Disconnect,
-        }
-    }
-}
-
-/// A last-will message and when to send it after an abnormal disconnect.
-#[derive(Debug, Clone)]
-pub struct Will {
-    pub topic: String,
-    pub payload: Bytes,
-    pub qos: QoS,
-    pub retain: bool,
-    pub properties: Option<v5::PublishProperties>,
-    pub message_expiry: Option<Duration>,
-    pub delay: Duration,
-}
-
-impl Will {
-    /// The will as a message published now.
-    pub fn into_message(self, now: Instant) -> Message {
-        Message {
-            topic: self.topic,
-            payload: self.payload,
-            qos: self.qos,
-            retain: self.retain,
-            properties: self.properties,
-            expires_at: self.message_expiry.map(|e| now + e),
-            publisher: None,
+            max_subscriptions: 1000,
+            max_retained_replay_bytes: 16 << 20,
+            max_outgoing_topic_aliases: 64,
         }
     }
 }
@@ -155,8 +136,9 @@ pub fn validate(
     let session_expiry = requested_expiry.map_or(limits.max_session_expiry, |e| e.min(limits.max_session_expiry));
     let session_expiry_capped = Some(session_expiry) != requested_expiry;
 
-    let keep_alive_capped = connect.keep_alive > limits.max_keep_alive;
-    let keep_alive = connect.keep_alive.min(limits.max_keep_alive);
+    // Keep alive 0 (no keep alive) is treated as longer than any: it gets the cap too.
+    let keep_alive_capped = connect.keep_alive == 0 || connect.keep_alive > limits.max_keep_alive;
+    let keep_alive = if connect.keep_alive == 0 { limits.max_keep_alive } else { connect.keep_alive.min(limits.max_keep_alive) };
 
     let will = connect.last_will.map(|w| lift_will(w, limits)).transpose()?;
     let (username, password) = match connect.login {

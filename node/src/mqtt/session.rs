@@ -16,14 +16,18 @@ use mqttbytes::v5::{self, DisconnectReasonCode as Reason};
 use mqttbytes::QoS;
 
 use super::codec::{self, Packet, ProtocolVersion};
-use super::connect::{ConnectRequest, SessionLimits, Will};
-use crate::auth::acl::Acl;
+use super::connect::{ConnectRequest, SessionLimits};
+use crate::auth::acl::{Acl, SessionAcl};
 use crate::auth::policy::UnauthorizedPublish;
 use crate::broker::index::SubscriptionOptions;
+use crate::broker::message::Will;
 use crate::broker::message::{Delivery, Message};
-use crate::broker::registry::{Inflight, Record};
-use crate::broker::topic;
+use crate::broker::{Inflight, SessionState};
 use crate::telemetry::metrics::{self, DropReason};
+use crate::topic;
+
+/// Shortest time between two log lines about a client's unauthorized PUBLISHes.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// When retained messages are sent for a new subscription (MQTT 5 Retain Handling).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,7 +64,7 @@ pub struct Session {
     version: ProtocolVersion,
     client_id: String,
     limits: SessionLimits,
-    record: Record,
+    state: SessionState,
     keep_alive: Duration,
     last_received: Instant,
     /// Outgoing QoS 1/2 window (the client's Receive Maximum capped by `max_inflight`).
@@ -74,8 +78,12 @@ pub struct Session {
     /// Messages queued by the session itself (retained messages after SUBSCRIBE), sent before the mailbox.
     pending: VecDeque<Delivery>,
     will: Option<Will>,
-    /// What the client may publish and subscribe to.
-    acl: Acl,
+    /// What the client may publish, subscribe to and read, with read decisions cached.
+    acl: SessionAcl,
+    /// Bytes of retained messages waiting in `pending`.
+    pending_retained_bytes: usize,
+    /// Unauthorized PUBLISHes since the last one logged, and when that was (logging is rate-limited).
+    refused_publishes: (u64, Option<Instant>),
     problem_information: bool,
     out: BytesMut,
     actions: VecDeque<Action>,
@@ -87,13 +95,13 @@ impl Session {
     /// every message the session still has in flight.
     pub fn start(
         request: ConnectRequest,
-        mut record: Record,
+        mut state: SessionState,
         session_present: bool,
         limits: SessionLimits,
         acl: Acl,
         now: Instant,
     ) -> Session {
-        record.expiry = request.session_expiry;
+        state.expiry = request.session_expiry;
         let send_window = usize::from(request.client_receive_maximum.min(limits.max_inflight).max(1));
         let mut session = Session {
             version: request.version,
@@ -102,7 +110,7 @@ impl Session {
             last_received: now,
             send_window,
             client_max_packet_size: request.client_max_packet_size,
-            client_topic_alias_maximum: request.client_topic_alias_maximum,
+            client_topic_alias_maximum: request.client_topic_alias_maximum.min(limits.max_outgoing_topic_aliases),
             outgoing_aliases: HashMap::new(),
             incoming_aliases: HashMap::new(),
             next_packet_id: 0,
@@ -115,16 +123,18 @@ impl Session {
                 }
                 allowed
             }),
-            acl,
+            acl: SessionAcl::new(acl),
+            pending_retained_bytes: 0,
+            refused_publishes: (0, None),
             problem_information: request.problem_information,
             out: BytesMut::new(),
             actions: VecDeque::new(),
             close: None,
             limits,
-            record,
+            state,
         };
         session.send(Packet::ConnAck(session.connack(&request, session_present)));
-        session.resend_inflight();
+        session.resend_inflight(now);
         session
     }
 
@@ -147,13 +157,19 @@ impl Session {
         v5::ConnAck { session_present, code: v5::ConnectReturnCode::Success, properties: Some(props) }
     }
 
-    /// Puts new permissions in force (after the authorization state changed): subscriptions
-    /// they no longer allow are removed.
+    /// Puts new permissions in force (after the authorization state changed): cached read
+    /// decisions are dropped, subscriptions they no longer allow are removed, and a will on a
+    /// topic no longer writable is discarded.
     pub fn set_acl(&mut self, acl: Acl) {
-        self.acl = acl;
+        self.acl.replace(acl);
+        if self.will.as_ref().is_some_and(|w| !self.acl.acl().may_publish(&w.topic)) {
+            tracing::info!(client_id = %self.client_id, "will discarded: its topic is no longer authorized");
+            self.will = None;
+        }
         let limits = self.limits.topics;
-        let denied: Vec<String> = (self.record.subscriptions.keys())
-            .filter(|f| topic::parse_filter(f, limits).is_ok_and(|parsed| !self.acl.may_subscribe(parsed.filter)))
+        let acl = self.acl.acl();
+        let denied: Vec<String> = (self.state.subscriptions.keys())
+            .filter(|f| topic::parse_filter(f, limits).is_ok_and(|parsed| !acl.may_subscribe(parsed.filter)))
             .cloned()
             .collect();
         for filter in denied {
@@ -171,8 +187,8 @@ impl Session {
     }
 
     /// The session state, for the broker work in [`Action`]s.
-    pub fn record(&mut self) -> &mut Record {
-        &mut self.record
+    pub fn state_mut(&mut self) -> &mut SessionState {
+        &mut self.state
     }
 
     /// Encoded bytes waiting to be written to the client.
@@ -192,7 +208,7 @@ impl Session {
 
     /// Whether another QoS 1/2 message may be sent now.
     pub fn can_send(&self) -> bool {
-        self.close.is_none() && self.record.inflight.len() < self.send_window
+        self.close.is_none() && self.state.inflight.len() < self.send_window
     }
 
     /// When [`Session::tick`] must run next (keep alive).
@@ -207,10 +223,16 @@ impl Session {
         }
     }
 
-    /// The broker ends the connection (takeover, shutdown, administrative action).
+    /// The broker ends the connection (takeover, shutdown, administrative action). After an
+    /// administrative action (0x98: revoked, disabled, kicked) the will is not published.
     pub fn kick(&mut self, reason: Reason, detail: impl Into<String>) {
         if self.close.is_none() {
             self.fail(reason, detail.into());
+            if reason == Reason::AdministrativeAction {
+                if let Some(close) = &mut self.close {
+                    close.publish_will = false;
+                }
+            }
         }
     }
 
@@ -221,11 +243,11 @@ impl Session {
         }
     }
 
-    /// Ends the session state machine: returns the session record and the will to publish, if any.
-    pub fn finish(mut self) -> (Record, Option<Will>) {
+    /// Ends the session state machine: returns the session state and the will to publish, if any.
+    pub fn finish(mut self) -> (SessionState, Option<Will>) {
         let publish_will = self.close.as_ref().is_none_or(|c| c.publish_will);
         let will = self.will.take().filter(|_| publish_will);
-        (self.record, will)
+        (self.state, will)
     }
 
     /// Decodes and handles every complete packet in `input`.
@@ -289,16 +311,17 @@ impl Session {
         }
         metrics::message_in(publish.qos);
         if publish.qos == QoS::ExactlyOnce {
-            if self.record.awaiting_pubrel.contains(&publish.pkid) {
+            if self.state.awaiting_pubrel.contains(&publish.pkid) {
                 // A re-sent QoS 2 message we already routed: acknowledge it again only.
                 return self.send(Packet::PubRec(v5::PubRec::new(publish.pkid)));
             }
-            if self.version == ProtocolVersion::V5 && self.record.awaiting_pubrel.len() >= usize::from(self.limits.receive_maximum) {
+            if self.version == ProtocolVersion::V5 && self.state.awaiting_pubrel.len() >= usize::from(self.limits.receive_maximum) {
                 return self
                     .fail(Reason::ReceiveMaximumExceeded, format!("more than {} QoS 2 messages unreleased", self.limits.receive_maximum));
             }
         }
-        if !self.acl.may_publish(&publish.topic) {
+        if !self.acl.acl().may_publish(&publish.topic) {
+            self.log_refused_publish(&publish.topic, now);
             if self.version == ProtocolVersion::V311 && self.limits.v3_unauthorized_publish == UnauthorizedPublish::Drop {
                 metrics::dropped(DropReason::NotAuthorized);
                 return self.acknowledge(publish.qos, publish.pkid);
@@ -327,10 +350,22 @@ impl Session {
             retain: publish.retain,
             properties: Some(props).filter(has_passthrough),
             expires_at,
-            publisher: Some(self.record.id),
+            publisher: Some(self.state.id),
         };
         self.actions.push_back(Action::Publish(Arc::new(message)));
         self.acknowledge(qos, pkid);
+    }
+
+    /// Logs an unauthorized PUBLISH: the first at once, then at most one line per
+    /// [`REFUSAL_LOG_INTERVAL`] with the number refused meanwhile.
+    fn log_refused_publish(&mut self, topic: &str, now: Instant) {
+        let (count, last) = &mut self.refused_publishes;
+        *count += 1;
+        if last.is_none_or(|at| now.duration_since(at) >= REFUSAL_LOG_INTERVAL) {
+            tracing::info!(client_id = %self.client_id, %topic, refused = *count, "PUBLISH not authorized");
+            *count = 0;
+            *last = Some(now);
+        }
     }
 
     /// PUBACK (QoS 1) or PUBREC (QoS 2, then waiting for PUBREL) for an accepted PUBLISH.
@@ -339,7 +374,7 @@ impl Session {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => self.send(Packet::PubAck(v5::PubAck::new(pkid))),
             QoS::ExactlyOnce => {
-                self.record.awaiting_pubrel.insert(pkid);
+                self.state.awaiting_pubrel.insert(pkid);
                 self.send(Packet::PubRec(v5::PubRec::new(pkid)));
             }
         }
@@ -374,22 +409,22 @@ impl Session {
     }
 
     fn on_puback(&mut self, pkid: u16) {
-        if let Some((_, Inflight::Publish(d))) = self.record.inflight.get(&pkid) {
+        if let Some((_, Inflight::Publish(d))) = self.state.inflight.get(&pkid) {
             if d.qos == QoS::AtLeastOnce {
-                self.record.inflight.remove(&pkid);
+                self.state.inflight.remove(&pkid);
             }
         }
     }
 
     fn on_pubrec(&mut self, rec: v5::PubRec) {
-        let known = matches!(self.record.inflight.get(&rec.pkid), Some((_, Inflight::Publish(d))) if d.qos == QoS::ExactlyOnce);
+        let known = matches!(self.state.inflight.get(&rec.pkid), Some((_, Inflight::Publish(d))) if d.qos == QoS::ExactlyOnce);
         let failed = (rec.reason as u8) >= 0x80;
         if known && failed {
-            self.record.inflight.remove(&rec.pkid);
+            self.state.inflight.remove(&rec.pkid);
             return;
         }
         let mut rel = v5::PubRel::new(rec.pkid);
-        match self.record.inflight.get_mut(&rec.pkid) {
+        match self.state.inflight.get_mut(&rec.pkid) {
             Some(entry) if known || matches!(entry.1, Inflight::Released) => entry.1 = Inflight::Released,
             _ => rel.reason = v5::PubRelReason::PacketIdentifierNotFound,
         }
@@ -398,15 +433,15 @@ impl Session {
 
     fn on_pubrel(&mut self, pkid: u16) {
         let mut comp = v5::PubComp::new(pkid);
-        if !self.record.awaiting_pubrel.remove(&pkid) {
+        if !self.state.awaiting_pubrel.remove(&pkid) {
             comp.reason = v5::PubCompReason::PacketIdentifierNotFound;
         }
         self.send(Packet::PubComp(comp));
     }
 
     fn on_pubcomp(&mut self, pkid: u16) {
-        if matches!(self.record.inflight.get(&pkid), Some((_, Inflight::Released))) {
-            self.record.inflight.remove(&pkid);
+        if matches!(self.state.inflight.get(&pkid), Some((_, Inflight::Released))) {
+            self.state.inflight.remove(&pkid);
         }
     }
 
@@ -425,9 +460,14 @@ impl Session {
             if parsed.share_group.is_some() && f.nolocal {
                 return self.fail(Reason::ProtocolError, format!("No Local on shared subscription {:?}", f.path));
             }
-            if !self.acl.may_subscribe(parsed.filter) {
+            if !self.acl.acl().may_subscribe(parsed.filter) {
                 tracing::info!(client_id = %self.client_id, filter = %f.path, "subscription not authorized");
                 codes.push(v5::SubscribeReasonCode::NotAuthorized);
+                continue;
+            }
+            if !self.state.subscriptions.contains_key(&f.path) && self.subscription_count_after_actions() >= self.limits.max_subscriptions {
+                tracing::info!(client_id = %self.client_id, filter = %f.path, limit = self.limits.max_subscriptions, "subscription refused: too many");
+                codes.push(v5::SubscribeReasonCode::QuotaExceeded);
                 continue;
             }
             let retain_handling = match (parsed.share_group, f.retain_forward_rule) {
@@ -442,12 +482,20 @@ impl Session {
         self.send(Packet::SubAck(v5::SubAck { pkid: subscribe.pkid, return_codes: codes, properties: None }));
     }
 
+    /// Subscriptions the session will have once the queued actions have run.
+    fn subscription_count_after_actions(&self) -> usize {
+        let added = (self.actions.iter())
+            .filter(|a| matches!(a, Action::Subscribe { filter, .. } if !self.state.subscriptions.contains_key(filter)))
+            .count();
+        self.state.subscriptions.len() + added
+    }
+
     fn on_unsubscribe(&mut self, unsubscribe: v5::Unsubscribe) {
         let mut reasons = Vec::with_capacity(unsubscribe.filters.len());
         for filter in unsubscribe.filters {
             let reason = if topic::parse_filter(&filter, self.limits.topics).is_err() {
                 v5::UnsubAckReason::TopicFilterInvalid
-            } else if self.record.subscriptions.contains_key(&filter) {
+            } else if self.state.subscriptions.contains_key(&filter) {
                 self.actions.push_back(Action::Unsubscribe { filter });
                 v5::UnsubAckReason::Success
             } else {
@@ -460,30 +508,47 @@ impl Session {
 
     fn on_disconnect(&mut self, disconnect: v5::Disconnect) {
         if let Some(expiry) = disconnect.properties.as_ref().and_then(|p| p.session_expiry_interval) {
-            if self.record.expiry.is_zero() && expiry != 0 {
+            if self.state.expiry.is_zero() && expiry != 0 {
                 return self.fail(Reason::ProtocolError, "DISCONNECT sets a session expiry after CONNECT set none".into());
             }
             let requested = if expiry == u32::MAX { self.limits.max_session_expiry } else { Duration::from_secs(expiry.into()) };
-            self.record.expiry = requested.min(self.limits.max_session_expiry);
+            self.state.expiry = requested.min(self.limits.max_session_expiry);
         }
         let publish_will = disconnect.reason_code == Reason::DisconnectWithWillMessage;
         self.close = Some(Close { reason: disconnect.reason_code, detail: "client disconnected".into(), publish_will });
     }
 
     /// Queues retained messages found for a new subscription; they are sent after its SUBACK.
+    /// Messages beyond `max_retained_replay_bytes` waiting to be sent are dropped (counted).
     pub fn queue_retained(&mut self, deliveries: impl IntoIterator<Item = Delivery>) {
-        self.pending.extend(deliveries);
+        for delivery in deliveries {
+            let size = delivery.message.topic.len() + delivery.message.payload.len();
+            if self.pending_retained_bytes + size > self.limits.max_retained_replay_bytes {
+                metrics::dropped(DropReason::RetainedReplayLimit);
+                continue;
+            }
+            self.pending_retained_bytes += size;
+            self.pending.push_back(delivery);
+        }
     }
 
     /// Takes the next message the session itself queued (retained messages).
     pub fn take_pending(&mut self) -> Option<Delivery> {
-        self.pending.pop_front()
+        let delivery = self.pending.pop_front()?;
+        self.pending_retained_bytes -= delivery.message.topic.len() + delivery.message.payload.len();
+        Some(delivery)
     }
 
-    /// Sends one message to the client. Call only while [`Session::can_send`] is true.
+    /// Sends one message to the client — if the client may read its topic now (every message
+    /// passes this check, whatever subscription matched it). Call only while
+    /// [`Session::can_send`] is true.
     pub fn deliver(&mut self, delivery: Delivery, now: Instant) {
         if delivery.message.is_expired(now) {
             metrics::dropped(DropReason::Expired);
+            return;
+        }
+        if !self.acl.may_read(&delivery.message.topic) {
+            metrics::dropped(DropReason::ReadNotAuthorized);
             return;
         }
         let pkid = match delivery.qos {
@@ -492,7 +557,7 @@ impl Session {
         };
         if self.send_publish(&delivery, pkid, false, now) && pkid != 0 {
             self.send_sequence += 1;
-            self.record.inflight.insert(pkid, (self.send_sequence, Inflight::Publish(delivery)));
+            self.state.inflight.insert(pkid, (self.send_sequence, Inflight::Publish(delivery)));
         }
     }
 
@@ -554,23 +619,25 @@ impl Session {
     fn allocate_packet_id(&mut self) -> u16 {
         loop {
             self.next_packet_id = self.next_packet_id.wrapping_add(1).max(1);
-            if !self.record.inflight.contains_key(&self.next_packet_id) {
+            if !self.state.inflight.contains_key(&self.next_packet_id) {
                 return self.next_packet_id;
             }
         }
     }
 
-    /// Re-sends everything in flight, oldest first: PUBLISH with DUP, or PUBREL.
-    fn resend_inflight(&mut self) {
-        let mut inflight: Vec<(u16, u64, Inflight)> = self.record.inflight.iter().map(|(&id, (seq, f))| (id, *seq, f.clone())).collect();
+    /// Re-sends everything in flight, oldest first: PUBLISH with DUP (if still readable), or PUBREL.
+    fn resend_inflight(&mut self, now: Instant) {
+        let mut inflight: Vec<(u16, u64, Inflight)> = self.state.inflight.iter().map(|(&id, (seq, f))| (id, *seq, f.clone())).collect();
         inflight.sort_by_key(|e| e.1);
-        let now = Instant::now();
         for (pkid, seq, entry) in inflight {
             self.send_sequence = self.send_sequence.max(seq);
             match entry {
                 Inflight::Publish(delivery) => {
-                    if !self.send_publish(&delivery, pkid, true, now) {
-                        self.record.inflight.remove(&pkid);
+                    if !self.acl.may_read(&delivery.message.topic) {
+                        metrics::dropped(DropReason::ReadNotAuthorized);
+                        self.state.inflight.remove(&pkid);
+                    } else if !self.send_publish(&delivery, pkid, true, now) {
+                        self.state.inflight.remove(&pkid);
                     }
                 }
                 Inflight::Released => self.send(Packet::PubRel(v5::PubRel::new(pkid))),
@@ -674,27 +741,30 @@ pub fn packet_name(packet: &Packet) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::broker::registry::Registry;
+    use crate::broker::Owner;
     use crate::mqtt::connect;
     use bytes::Bytes;
 
-    const WAIT: Duration = Duration::from_secs(1);
+    fn blank_state() -> SessionState {
+        SessionState::new(1, Owner::Anonymous, 10)
+    }
 
-    /// A session started for a CONNECT with the given properties, with the CONNACK already read.
-    async fn start(version: ProtocolVersion, props: Option<v5::ConnectProperties>) -> (Session, Registry) {
-        let registry = Registry::new(10);
-        let (_claim, mut record) = registry.claim("c1", WAIT).await.unwrap();
-        registry.start(&mut record, false, Instant::now());
+    /// A session started for a CONNECT with the given properties and permissions, with the CONNACK already read.
+    fn start_with(version: ProtocolVersion, props: Option<v5::ConnectProperties>, acl: Acl) -> Session {
         let mut connect = v5::Connect::new("c1");
         connect.keep_alive = 10;
         connect.properties = props;
         let request = connect::validate(version, connect, &SessionLimits::default(), || unreachable!()).unwrap();
-        let mut session = Session::start(request, record, false, SessionLimits::default(), Acl::allow_all(), Instant::now());
+        let mut session = Session::start(request, blank_state(), false, SessionLimits::default(), acl, Instant::now());
         match read(&mut session, version).as_slice() {
             [Packet::ConnAck(ack)] => assert_eq!(ack.code, v5::ConnectReturnCode::Success),
             other => panic!("expected CONNACK, got {other:?}"),
         }
-        (session, registry)
+        session
+    }
+
+    fn start(version: ProtocolVersion, props: Option<v5::ConnectProperties>) -> Session {
+        start_with(version, props, Acl::allow_all())
     }
 
     fn props(receive_maximum: Option<u16>, topic_alias_max: Option<u16>) -> v5::ConnectProperties {
@@ -757,12 +827,12 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn narrowed_permissions_remove_subscriptions_they_no_longer_allow() {
-        let (mut session, _registry) = start(ProtocolVersion::V5, None).await;
+    #[test]
+    fn narrowed_permissions_remove_subscriptions_they_no_longer_allow() {
+        let mut session = start(ProtocolVersion::V5, None);
         for filter in ["devices/a/#", "devices/b/#"] {
             let options = SubscriptionOptions { qos: QoS::AtMostOnce, no_local: false, retain_as_published: false, subscription_id: None };
-            session.record().subscriptions.insert(filter.into(), options);
+            session.state_mut().subscriptions.insert(filter.into(), options);
         }
         let rule = crate::auth::state::Rule {
             access: crate::auth::state::Access::Read,
@@ -784,17 +854,164 @@ mod tests {
         })
     }
 
-    #[tokio::test]
-    async fn qos1_publish_is_routed_before_its_puback() {
-        let (mut s, _r) = start(ProtocolVersion::V5, None).await;
+    fn rule(access: crate::auth::state::Access, pattern: &str, deny: bool) -> crate::auth::state::Rule {
+        crate::auth::state::Rule { access, topic_regex: None, pattern: Some(pattern.into()), deny }
+    }
+
+    fn published_topics(packets: &[Packet]) -> Vec<String> {
+        packets.iter().filter_map(|p| if let Packet::Publish(p) = p { Some(p.topic.clone()) } else { None }).collect()
+    }
+
+    #[test]
+    fn every_delivery_passes_the_read_check() {
+        use crate::auth::state::Access;
+        let rules = [rule(Access::Read, "site/#", false), rule(Access::Read, "site/keys", true)];
+        let mut s = start_with(ProtocolVersion::V5, None, Acl::compile(&rules, "u", "c1").unwrap());
+        let mut subscribe = v5::Subscribe::new("site/#", QoS::AtLeastOnce);
+        subscribe.pkid = 1;
+        feed(&mut s, ProtocolVersion::V5, &[Packet::Subscribe(subscribe)]);
+        assert!(
+            matches!(read(&mut s, ProtocolVersion::V5).as_slice(), [Packet::SubAck(a)] if a.return_codes == [v5::SubscribeReasonCode::QoS1])
+        );
+        for topic in ["site/a", "site/keys", "other/x"] {
+            s.deliver(delivery(topic, QoS::AtLeastOnce), Instant::now());
+        }
+        s.queue_retained([delivery("site/keys", QoS::AtMostOnce), delivery("site/b", QoS::AtMostOnce)]);
+        while let Some(d) = s.take_pending() {
+            s.deliver(d, Instant::now());
+        }
+        assert_eq!(published_topics(&read(&mut s, ProtocolVersion::V5)), ["site/a", "site/b"]);
+        s.set_acl(Acl::compile(&[rule(Access::Read, "other/#", false)], "u", "c1").unwrap());
+        s.deliver(delivery("site/a", QoS::AtMostOnce), Instant::now());
+        s.deliver(delivery("other/x", QoS::AtMostOnce), Instant::now());
+        assert_eq!(published_topics(&read(&mut s, ProtocolVersion::V5)), ["other/x"], "the cache follows the new permissions");
+    }
+
+    #[test]
+    fn an_administrative_kick_suppresses_the_will_and_a_narrowed_acl_discards_it() {
+        use crate::auth::state::Access;
+        let will = Will {
+            topic: "status/c1".into(),
+            payload: Bytes::new(),
+            qos: QoS::AtMostOnce,
+            retain: false,
+            properties: None,
+            message_expiry: None,
+            delay: Duration::ZERO,
+        };
+        for (reason, published) in [(Reason::AdministrativeAction, false), (Reason::SessionTakenOver, true)] {
+            let mut s = start(ProtocolVersion::V5, None);
+            s.will = Some(will.clone());
+            s.kick(reason, "test");
+            assert_eq!(s.finish().1.is_some(), published, "{reason:?}");
+        }
+        let mut s = start(ProtocolVersion::V5, None);
+        s.will = Some(will);
+        s.set_acl(Acl::compile(&[rule(Access::Write, "other/#", false)], "u", "c1").unwrap());
+        s.lost("gone");
+        assert!(s.finish().1.is_none(), "the will's topic is no longer writable");
+    }
+
+    #[test]
+    fn subscriptions_and_retained_replay_are_bounded() {
+        let limits = SessionLimits { max_subscriptions: 2, max_retained_replay_bytes: 10, ..SessionLimits::default() };
+        let request = connect::validate(ProtocolVersion::V5, v5::Connect::new("c1"), &limits, || unreachable!()).unwrap();
+        let mut s = Session::start(request, blank_state(), false, limits, Acl::allow_all(), Instant::now());
+        read(&mut s, ProtocolVersion::V5);
+        let mut subscribe = v5::Subscribe::new("a", QoS::AtMostOnce);
+        subscribe.filters.push(v5::SubscribeFilter::new("b".into(), QoS::AtMostOnce));
+        subscribe.filters.push(v5::SubscribeFilter::new("c".into(), QoS::AtMostOnce));
+        subscribe.pkid = 1;
+        feed(&mut s, ProtocolVersion::V5, &[Packet::Subscribe(subscribe)]);
+        match read(&mut s, ProtocolVersion::V5).as_slice() {
+            [Packet::SubAck(a)] => assert_eq!(
+                a.return_codes,
+                [v5::SubscribeReasonCode::QoS0, v5::SubscribeReasonCode::QoS0, v5::SubscribeReasonCode::QuotaExceeded]
+            ),
+            other => panic!("{other:?}"),
+        }
+        // "t" + "m" is 2 bytes: five fit in 10.
+        s.queue_retained((0..8).map(|_| delivery("t", QoS::AtMostOnce)));
+        assert_eq!(std::iter::from_fn(|| s.take_pending()).count(), 5);
+    }
+
+    /// For random rules, filters and topics: a message reaches the client iff its topic
+    /// matches the granted filter and the client may read it.
+    #[test]
+    fn property_delivered_iff_readable() {
+        use crate::auth::state::Access;
+        let levels = ["a", "b", "c", "$x"];
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        let mut checked = 0;
+        for _ in 0..300 {
+            let piece = |wild: bool, next: &mut dyn FnMut(usize) -> usize| -> String {
+                let depth = 1 + next(3);
+                let mut parts: Vec<String> = (0..depth)
+                    .map(|i| match (wild, next(5)) {
+                        (true, 0) if i > 0 || next(2) == 0 => "+".to_string(),
+                        _ => levels[next(levels.len())].to_string(),
+                    })
+                    .collect();
+                if wild && next(3) == 0 {
+                    parts.push("#".into());
+                }
+                parts.join("/")
+            };
+            let rules: Vec<crate::auth::state::Rule> = (0..1 + next(4))
+                .map(|_| {
+                    let pattern = piece(true, &mut next);
+                    let regex = next(4) == 0;
+                    crate::auth::state::Rule {
+                        access: [Access::Read, Access::ReadWrite, Access::Write][next(3)],
+                        topic_regex: regex.then(|| pattern.replace('+', "[^/]+").replace('#', ".*").replace('$', "\\$")),
+                        pattern: (!regex).then_some(pattern),
+                        deny: next(3) == 0,
+                    }
+                })
+                .collect();
+            let acl = Acl::compile(&rules, "u", "c1").unwrap();
+            let filter = piece(true, &mut next);
+            let mut s = start_with(ProtocolVersion::V5, None, acl.clone());
+            let mut subscribe = v5::Subscribe::new(&filter, QoS::AtMostOnce);
+            subscribe.pkid = 1;
+            feed(&mut s, ProtocolVersion::V5, &[Packet::Subscribe(subscribe)]);
+            let granted = matches!(read(&mut s, ProtocolVersion::V5).as_slice(), [Packet::SubAck(a)] if a.return_codes == [v5::SubscribeReasonCode::QoS0]);
+            for _ in 0..10 {
+                let topic = piece(false, &mut next);
+                // The broker routes only matching topics of granted subscriptions.
+                if !(granted && crate::topic::matches(&filter, &topic)) {
+                    continue;
+                }
+                s.deliver(delivery(&topic, QoS::AtMostOnce), Instant::now());
+                let delivered = !published_topics(&read(&mut s, ProtocolVersion::V5)).is_empty();
+                assert_eq!(delivered, acl.may_read(&topic), "rules {rules:?} filter {filter} topic {topic}");
+                checked += 1;
+            }
+            let readable_exists = (0..40).map(|_| piece(false, &mut next)).any(|t| crate::topic::matches(&filter, &t) && acl.may_read(&t));
+            if readable_exists {
+                assert!(granted, "a filter with a readable topic is granted: rules {rules:?} filter {filter}");
+            }
+        }
+        assert!(checked > 100, "only {checked} deliveries checked");
+    }
+
+    #[test]
+    fn qos1_publish_is_routed_before_its_puback() {
+        let mut s = start(ProtocolVersion::V5, None);
         feed(&mut s, ProtocolVersion::V5, &[Packet::Publish(publish("a/b", QoS::AtLeastOnce, 7))]);
         assert!(matches!(actions(&mut s).as_slice(), [Action::Publish(m)] if m.topic == "a/b"));
         assert!(matches!(read(&mut s, ProtocolVersion::V5).as_slice(), [Packet::PubAck(a)] if a.pkid == 7));
     }
 
-    #[tokio::test]
-    async fn qos2_duplicates_are_routed_once_and_unknown_pubrel_is_reported() {
-        let (mut s, _r) = start(ProtocolVersion::V5, None).await;
+    #[test]
+    fn qos2_duplicates_are_routed_once_and_unknown_pubrel_is_reported() {
+        let mut s = start(ProtocolVersion::V5, None);
         let p = Packet::Publish(publish("a", QoS::ExactlyOnce, 3));
         feed(&mut s, ProtocolVersion::V5, &[p.clone(), p]);
         assert_eq!(actions(&mut s).len(), 1);
@@ -810,9 +1027,9 @@ mod tests {
         assert!(s.close_reason().is_none());
     }
 
-    #[tokio::test]
-    async fn send_window_follows_the_client_receive_maximum() {
-        let (mut s, _r) = start(ProtocolVersion::V5, Some(props(Some(2), None))).await;
+    #[test]
+    fn send_window_follows_the_client_receive_maximum() {
+        let mut s = start(ProtocolVersion::V5, Some(props(Some(2), None)));
         s.deliver(delivery("t", QoS::AtLeastOnce), Instant::now());
         s.deliver(delivery("t", QoS::AtLeastOnce), Instant::now());
         assert!(!s.can_send());
@@ -822,30 +1039,28 @@ mod tests {
         assert!(s.can_send());
     }
 
-    #[tokio::test]
-    async fn unacknowledged_messages_are_resent_with_dup_on_resume() {
-        let (mut s, registry) = start(ProtocolVersion::V311, None).await;
+    #[test]
+    fn unacknowledged_messages_are_resent_with_dup_on_resume() {
+        let mut s = start(ProtocolVersion::V311, None);
         s.deliver(delivery("t", QoS::AtLeastOnce), Instant::now());
         s.deliver(delivery("t", QoS::ExactlyOnce), Instant::now());
         let sent = read(&mut s, ProtocolVersion::V311);
         let Packet::Publish(qos2) = &sent[1] else { panic!("{sent:?}") };
         feed(&mut s, ProtocolVersion::V311, &[Packet::PubRec(v5::PubRec::new(qos2.pkid))]);
         s.lost("test");
-        let (record, _) = s.finish();
-        drop(record);
-        let (_claim, record) = registry.claim("c1", WAIT).await.unwrap();
+        let (state, _) = s.finish();
         let request =
             connect::validate(ProtocolVersion::V311, v5::Connect::new("c1"), &SessionLimits::default(), || unreachable!()).unwrap();
-        let mut resumed = Session::start(request, record, true, SessionLimits::default(), Acl::allow_all(), Instant::now());
+        let mut resumed = Session::start(request, state, true, SessionLimits::default(), Acl::allow_all(), Instant::now());
         let packets = read(&mut resumed, ProtocolVersion::V311);
         assert!(matches!(&packets[0], Packet::ConnAck(a) if a.session_present));
         assert!(matches!(&packets[1], Packet::Publish(p) if p.dup && p.qos == QoS::AtLeastOnce));
         assert!(matches!(&packets[2], Packet::PubRel(r) if r.pkid == qos2.pkid));
     }
 
-    #[tokio::test]
-    async fn topic_aliases_from_the_client() {
-        let (mut s, _r) = start(ProtocolVersion::V5, None).await;
+    #[test]
+    fn topic_aliases_from_the_client() {
+        let mut s = start(ProtocolVersion::V5, None);
         let mut set = publish("long/topic", QoS::AtMostOnce, 0);
         let mut alias_props = no_properties();
         alias_props.topic_alias = Some(1);
@@ -870,9 +1085,9 @@ mod tests {
         assert!(s.close_reason().is_some());
     }
 
-    #[tokio::test]
-    async fn outgoing_topic_aliases_within_the_client_maximum() {
-        let (mut s, _r) = start(ProtocolVersion::V5, Some(props(None, Some(1)))).await;
+    #[test]
+    fn outgoing_topic_aliases_within_the_client_maximum() {
+        let mut s = start(ProtocolVersion::V5, Some(props(None, Some(1))));
         for topic in ["a", "a", "b"] {
             s.deliver(delivery(topic, QoS::AtMostOnce), Instant::now());
         }
@@ -886,25 +1101,25 @@ mod tests {
         assert_eq!(sent, [("a".to_string(), Some(1)), (String::new(), Some(1)), ("b".to_string(), None)]);
     }
 
-    #[tokio::test]
-    async fn empty_topic_without_alias_is_a_protocol_error() {
-        let (mut s, _r) = start(ProtocolVersion::V5, None).await;
+    #[test]
+    fn empty_topic_without_alias_is_a_protocol_error() {
+        let mut s = start(ProtocolVersion::V5, None);
         feed(&mut s, ProtocolVersion::V5, &[Packet::Publish(publish("", QoS::AtMostOnce, 0))]);
         assert_eq!(disconnect_reason(&read(&mut s, ProtocolVersion::V5)), Some(Reason::ProtocolError));
     }
 
-    #[tokio::test]
-    async fn wildcard_publish_topic_closes_with_topic_name_invalid() {
-        let (mut s, _r) = start(ProtocolVersion::V5, None).await;
+    #[test]
+    fn wildcard_publish_topic_closes_with_topic_name_invalid() {
+        let mut s = start(ProtocolVersion::V5, None);
         feed(&mut s, ProtocolVersion::V5, &[Packet::Publish(publish("a/+", QoS::AtMostOnce, 0))]);
         assert_eq!(disconnect_reason(&read(&mut s, ProtocolVersion::V5)), Some(Reason::TopicNameInvalid));
         assert!(actions(&mut s).is_empty());
         assert!(s.close_reason().unwrap().publish_will);
     }
 
-    #[tokio::test]
-    async fn invalid_filters_are_refused_one_by_one() {
-        let (mut s, _r) = start(ProtocolVersion::V311, None).await;
+    #[test]
+    fn invalid_filters_are_refused_one_by_one() {
+        let mut s = start(ProtocolVersion::V311, None);
         let mut subscribe = v5::Subscribe::new("ok/+", QoS::AtLeastOnce);
         subscribe.pkid = 4;
         subscribe.filters.push(v5::SubscribeFilter::new("bad+/x".into(), QoS::AtMostOnce));
@@ -918,9 +1133,9 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn keep_alive_is_enforced_at_one_and_a_half_times() {
-        let (mut s, _r) = start(ProtocolVersion::V5, None).await;
+    #[test]
+    fn keep_alive_is_enforced_at_one_and_a_half_times() {
+        let mut s = start(ProtocolVersion::V5, None);
         let deadline = s.deadline().unwrap();
         s.tick(deadline - Duration::from_millis(1));
         assert!(s.close_reason().is_none());
@@ -928,10 +1143,10 @@ mod tests {
         assert_eq!(s.close_reason().unwrap().reason, Reason::KeepAliveTimeout);
     }
 
-    #[tokio::test]
-    async fn normal_disconnect_suppresses_the_will_and_0x04_keeps_it() {
+    #[test]
+    fn normal_disconnect_suppresses_the_will_and_0x04_keeps_it() {
         for (reason, will) in [(Reason::NormalDisconnection, false), (Reason::DisconnectWithWillMessage, true)] {
-            let (mut s, _r) = start(ProtocolVersion::V5, None).await;
+            let mut s = start(ProtocolVersion::V5, None);
             s.will = Some(Will {
                 topic: "w".into(),
                 payload: Bytes::new(),
@@ -948,16 +1163,16 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn second_connect_is_a_protocol_error() {
-        let (mut s, _r) = start(ProtocolVersion::V5, None).await;
+    #[test]
+    fn second_connect_is_a_protocol_error() {
+        let mut s = start(ProtocolVersion::V5, None);
         feed(&mut s, ProtocolVersion::V5, &[Packet::Connect(v5::Connect::new("again"))]);
         assert_eq!(disconnect_reason(&read(&mut s, ProtocolVersion::V5)), Some(Reason::ProtocolError));
     }
 
-    #[tokio::test]
-    async fn malformed_input_closes_v5_with_0x81() {
-        let (mut s, _r) = start(ProtocolVersion::V5, None).await;
+    #[test]
+    fn malformed_input_closes_v5_with_0x81() {
+        let mut s = start(ProtocolVersion::V5, None);
         let mut input = BytesMut::from(&[0x60u8, 0x02, 0x00, 0x01][..]);
         s.handle_input(&mut input, Instant::now());
         assert_eq!(disconnect_reason(&read(&mut s, ProtocolVersion::V5)), Some(Reason::MalformedPacket));

@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use crate::broker::Broker;
 
 /// Serves the endpoints on an already bound socket until shutdown.
-pub async fn serve(listener: TcpListener, broker: Arc<Broker>, ready: Arc<AtomicBool>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(listener: TcpListener, broker: Broker, ready: Arc<AtomicBool>, mut shutdown: watch::Receiver<bool>) {
     loop {
         let (tcp, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -39,7 +39,7 @@ pub async fn serve(listener: TcpListener, broker: Arc<Broker>, ready: Arc<Atomic
     }
 }
 
-async fn respond(request: Request<Incoming>, broker: Arc<Broker>, ready: Arc<AtomicBool>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn respond(request: Request<Incoming>, broker: Broker, ready: Arc<AtomicBool>) -> Result<Response<Full<Bytes>>, Infallible> {
     let (status, content_type, body) = match (request.method(), request.uri().path()) {
         (&Method::GET, "/metrics") => (StatusCode::OK, "text/plain; version=0.0.4", super::metrics::render(broker.gauges())),
         (&Method::GET, "/healthz") => (StatusCode::OK, "text/plain", "ok\n".to_string()),

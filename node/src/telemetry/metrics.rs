@@ -26,11 +26,15 @@ pub enum DropReason {
     Refused,
     /// PUBLISH to a topic the client may not write.
     NotAuthorized,
+    /// Message on a topic the subscriber may not read (withheld at delivery).
+    ReadNotAuthorized,
+    /// Retained message past the session's `max_retained_replay_bytes` after a SUBSCRIBE.
+    RetainedReplayLimit,
 }
 
 impl DropReason {
     /// Every reason, in declaration order (so `reason as usize` indexes it).
-    const ALL: [DropReason; 8] = [
+    const ALL: [DropReason; 10] = [
         DropReason::SlowSubscriberQos0,
         DropReason::SlowSubscriberTimeout,
         DropReason::OfflineQos0,
@@ -39,6 +43,8 @@ impl DropReason {
         DropReason::TooLargeForClient,
         DropReason::Refused,
         DropReason::NotAuthorized,
+        DropReason::ReadNotAuthorized,
+        DropReason::RetainedReplayLimit,
     ];
 
     fn label(self) -> &'static str {
@@ -51,6 +57,8 @@ impl DropReason {
             DropReason::TooLargeForClient => "too_large_for_client",
             DropReason::Refused => "refused",
             DropReason::NotAuthorized => "not_authorized",
+            DropReason::ReadNotAuthorized => "read_not_authorized",
+            DropReason::RetainedReplayLimit => "retained_replay_limit",
         }
     }
 }

@@ -1,0 +1,77 @@
+//! What one session keeps across connections — its owner, subscriptions, messages in flight and
+//! queued — as a plain value. A connection owns it while attached; the registry holds it while
+//! the session is offline.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::index::SubscriptionOptions;
+use super::mailbox::Mailbox;
+use super::message::{Delivery, SessionId};
+
+/// The principal a session belongs to. Only the same principal may resume it or take it over.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Owner {
+    /// A client certificate, by identity and issuer DN.
+    Certificate { identity: String, issuer: String },
+    /// A password credential, by user name.
+    Password { username: String },
+    /// A client that did not authenticate.
+    Anonymous,
+}
+
+impl fmt::Display for Owner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Owner::Certificate { identity, issuer } => write!(f, "certificate {identity:?} issued by {issuer:?}"),
+            Owner::Password { username } => write!(f, "password credential {username:?}"),
+            Owner::Anonymous => f.write_str("anonymous"),
+        }
+    }
+}
+
+/// An outgoing QoS 1/2 message the client has not yet fully acknowledged.
+#[derive(Debug, Clone)]
+pub enum Inflight {
+    /// PUBLISH sent; waiting for PUBACK (QoS 1) or PUBREC (QoS 2).
+    Publish(Delivery),
+    /// PUBREL sent; waiting for PUBCOMP.
+    Released,
+}
+
+/// Everything a session keeps across connections.
+#[derive(Debug)]
+pub struct SessionState {
+    pub id: SessionId,
+    pub owner: Owner,
+    pub mailbox: Arc<Mailbox>,
+    /// Subscriptions by the filter exactly as the client sent it (`$share/...` included).
+    pub subscriptions: HashMap<String, SubscriptionOptions>,
+    /// Unacknowledged outgoing messages by packet id, with the order they were sent in.
+    pub inflight: HashMap<u16, (u64, Inflight)>,
+    /// Incoming QoS 2 packet ids that got PUBREC and wait for PUBREL.
+    pub awaiting_pubrel: HashSet<u16>,
+    /// How long the session outlives its connection.
+    pub expiry: Duration,
+    /// Kept in the session store across restarts (APPLICATION clients).
+    pub durable: bool,
+}
+
+impl SessionState {
+    pub fn new(id: SessionId, owner: Owner, queue_capacity: usize) -> SessionState {
+        SessionState {
+            id,
+            owner,
+            mailbox: Arc::new(Mailbox::new(queue_capacity)),
+            subscriptions: HashMap::new(),
+            inflight: HashMap::new(),
+            awaiting_pubrel: HashSet::new(),
+            expiry: Duration::ZERO,
+            durable: false,
+        }
+    }
+}
