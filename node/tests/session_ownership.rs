@@ -64,13 +64,13 @@ fn fleet(state: &str, auth: &str) -> Fleet {
 
 impl Fleet {
     /// A TLS connection presenting `device`'s certificate (nothing sent yet).
-    fn device(&self, version: ProtocolVersion, device: &str) -> Raw {
+    fn device(&self, version: ProtocolVersion, device: &str) -> Client {
         let (cert, key) = self.store.paths(Kind::Device, device);
-        Raw::tls(self.broker.tls.unwrap(), version, &self.store.ca_cert(), (&cert, &key))
+        Raw::tls(self.broker.tls.unwrap(), version, &self.store.ca_cert(), (&cert, &key)).into()
     }
 
     /// A TLS connection for `device` with a clean session under `client_id`, CONNACK checked.
-    fn connected(&self, version: ProtocolVersion, device: &str, client_id: &str) -> Raw {
+    fn connected(&self, version: ProtocolVersion, device: &str, client_id: &str) -> Client {
         let mut c = self.device(version, device);
         let ack = connack(&mut c, clean(client_id));
         assert_eq!(ack.code, ConnectReturnCode::Success, "setup: {device} as {client_id}");
@@ -78,8 +78,8 @@ impl Fleet {
     }
 
     /// A plain TCP connection without certificate (nothing sent yet).
-    fn anonymous(&self, version: ProtocolVersion) -> Raw {
-        Raw::socket(self.broker.tcp.unwrap(), version)
+    fn anonymous(&self, version: ProtocolVersion) -> Client {
+        Raw::socket(self.broker.tcp.unwrap(), version).into()
     }
 
     /// Replaces the state file and has the broker re-read it (SIGHUP).
@@ -125,8 +125,43 @@ fn persistent(version: ProtocolVersion, client_id: &str) -> v5::Connect {
     c
 }
 
+/// A raw MQTT connection that keeps the messages it received while waiting for an answer.
+struct Client {
+    raw: Raw,
+    /// Topics of messages received and not yet returned by [`delivered`].
+    inbox: Vec<String>,
+}
+
+impl From<Raw> for Client {
+    fn from(raw: Raw) -> Client {
+        Client { raw, inbox: Vec::new() }
+    }
+}
+
+impl Client {
+    fn send_packet(&mut self, packet: &Packet) {
+        self.raw.send_packet(packet);
+    }
+
+    /// The next packet other than a PUBLISH (acknowledged and kept in the inbox), or `None`
+    /// when the broker closed the connection.
+    fn recv(&mut self) -> Option<Packet> {
+        loop {
+            match self.raw.recv() {
+                Some(Packet::Publish(p)) => {
+                    if p.qos == QoS::AtLeastOnce {
+                        self.raw.send_packet(&Packet::PubAck(v5::PubAck::new(p.pkid)));
+                    }
+                    self.inbox.push(p.topic);
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
 /// Sends `connect` and returns the CONNACK.
-fn connack(c: &mut Raw, connect: v5::Connect) -> v5::ConnAck {
+fn connack(c: &mut Client, connect: v5::Connect) -> v5::ConnAck {
     c.send_packet(&Packet::Connect(connect));
     match c.recv() {
         Some(Packet::ConnAck(ack)) => ack,
@@ -135,67 +170,47 @@ fn connack(c: &mut Raw, connect: v5::Connect) -> v5::ConnAck {
 }
 
 /// Subscribes to each filter at QoS 1 in one SUBSCRIBE; returns the SUBACK codes.
-fn subscribe(c: &mut Raw, filters: &[&str]) -> Vec<SubscribeReasonCode> {
+fn subscribe(c: &mut Client, filters: &[&str]) -> Vec<SubscribeReasonCode> {
     let mut s = v5::Subscribe::new(filters[0], QoS::AtLeastOnce);
     s.pkid = 7;
     s.filters.extend(filters[1..].iter().map(|f| v5::SubscribeFilter::new(f.to_string(), QoS::AtLeastOnce)));
     c.send_packet(&Packet::Subscribe(s));
-    loop {
-        match c.recv() {
-            Some(Packet::SubAck(ack)) => return ack.return_codes,
-            Some(Packet::Publish(p)) => ack_publish(c, &p),
-            other => panic!("expected SUBACK, got {other:?}"),
-        }
+    match c.recv() {
+        Some(Packet::SubAck(ack)) => ack.return_codes,
+        other => panic!("expected SUBACK, got {other:?}"),
     }
 }
 
 /// Publishes at QoS 1 and returns the PUBACK reason (MQTT 3.1.1: success, or `None` when the
 /// broker closed the connection).
-fn publish(c: &mut Raw, topic: &str, retain: bool) -> Option<PubAckReason> {
+fn publish(c: &mut Client, topic: &str, retain: bool) -> Option<PubAckReason> {
     let mut p = v5::Publish::new(topic, QoS::AtLeastOnce, "payload");
     p.pkid = 9;
     p.retain = retain;
     c.send_packet(&Packet::Publish(p));
-    loop {
-        match c.recv() {
-            Some(Packet::PubAck(a)) if a.pkid == 9 => return Some(a.reason),
-            Some(Packet::Publish(p)) => ack_publish(c, &p),
-            None => return None,
-            Some(other) => panic!("expected PUBACK, got {other:?}"),
-        }
+    match c.recv() {
+        Some(Packet::PubAck(a)) if a.pkid == 9 => Some(a.reason),
+        None => None,
+        Some(other) => panic!("expected PUBACK, got {other:?}"),
     }
 }
 
-fn ack_publish(c: &mut Raw, p: &v5::Publish) {
-    if p.qos == QoS::AtLeastOnce {
-        c.send_packet(&Packet::PubAck(v5::PubAck::new(p.pkid)));
-    }
-}
-
-/// The topics of every message the broker delivers to `c` before answering two PINGREQs in a
-/// row (messages routed before the call are written before the second PINGRESP). `None` in
-/// place of the list when the connection is closed.
-fn delivered(c: &mut Raw) -> Vec<String> {
-    let mut topics = Vec::new();
+/// The topics of every message the broker delivered to `c` so far: those received while waiting
+/// for other answers, and those that arrive before the broker answers two PINGREQs in a row
+/// (messages routed before the call are written before the second PINGRESP).
+fn delivered(c: &mut Client) -> Vec<String> {
     for _ in 0..2 {
         c.send_packet(&Packet::PingReq);
-        loop {
-            match c.recv() {
-                Some(Packet::PingResp) => break,
-                Some(Packet::Publish(p)) => {
-                    ack_publish(c, &p);
-                    topics.push(p.topic.clone());
-                }
-                Some(other) => panic!("unexpected packet {other:?}"),
-                None => return topics,
-            }
+        match c.recv() {
+            Some(Packet::PingResp) | None => {}
+            Some(other) => panic!("unexpected packet {other:?}"),
         }
     }
-    topics
+    std::mem::take(&mut c.inbox)
 }
 
 /// Disconnects normally and waits until the broker has put the session offline.
-fn leave(fleet: &Fleet, mut c: Raw) {
+fn leave(fleet: &Fleet, mut c: Client) {
     c.send_packet(&Packet::Disconnect(v5::Disconnect::new()));
     assert!(c.recv().is_none(), "setup: the connection closes after DISCONNECT");
     fleet.broker.wait_for_log("client disconnected", Duration::from_secs(5)).expect("setup: the session goes offline");
@@ -384,11 +399,12 @@ rules = [{ access = "write", pattern = "vault/#" }]
     assert!(read.iter().any(|t| t.ends_with("-> vault/public")), "the readable retained message is replayed: {read:?}");
 }
 
-/// Defect (same class, at delivery): a subscription made while a topic was readable keeps
-/// receiving it after the rules change to deny it (SIGHUP); the new rules apply to every
-/// message delivered from then on.
+/// Defect (same class, on a rule change): when a reload (SIGHUP) adds a read deny on `line/secret`,
+/// the existing subscription `line/#` is dropped whole today. It must stay (it still has readable
+/// topics) and the new rules must apply to every message delivered from then on: `line/open`
+/// delivered, `line/secret` withheld.
 #[test]
-fn a_rule_change_applies_to_messages_on_existing_subscriptions() {
+fn a_rule_change_keeps_existing_subscriptions_and_withholds_newly_denied_topics() {
     let state = |extra: &str| {
         format!(
             "[[credentials]]\nname = \"reader\"\nx509 = {{ identity = \"device-1\" }}\nrules = [{{ access = \"read\", pattern = \"line/#\" }}{extra}]\n\n\
@@ -449,6 +465,7 @@ fn an_administratively_kicked_client_does_not_publish_its_will() {
         c.last_will = Some(v5::LastWill::new("status/device-1", client_id, QoS::AtLeastOnce, false));
         c
     };
+    let mut published = Vec::new();
     for action in ["credential disabled", "certificate revoked"] {
         let f = fleet(&state("", ""), "");
         let mut monitor = f.connected(V5, "device-2", "device-2");
@@ -477,56 +494,67 @@ fn an_administratively_kicked_client_does_not_publish_its_will() {
         f.broker.wait_for_log("client disconnected", Duration::from_secs(5)).expect("setup: the kick is logged");
         std::thread::sleep(Duration::from_millis(300));
         let wills = delivered(&mut monitor);
-        assert!(wills.is_empty(), "{action}: the kicked client's will was published: {wills:?}");
+        if !wills.is_empty() {
+            published.push(format!("{action}: {wills:?}"));
+        }
     }
+    assert!(published.is_empty(), "the will of an administratively kicked client was published: {published:?}");
 }
 
-/// Defect: when the broker ends a connection with a reason (here 0x98 after a revocation), a
-/// client that keeps writing gets a connection reset instead of the DISCONNECT. The client
-/// floods QoS 0 PUBLISHes from one thread while the main thread reads; every attempt must read
-/// DISCONNECT 0x98.
+/// Defect: when the broker ends a connection with a reason (here DISCONNECT 0x98 once anonymous
+/// clients are no longer allowed), it closes the socket at once. While the client is still
+/// writing, that close is a reset, and what the client has not received yet — the DISCONNECT
+/// included — is thrown away. The client here keeps writing from one thread and reads a flood of
+/// messages more slowly than they come (so the DISCONNECT waits behind them) until the broker
+/// logs the disconnection (or 1.5 s after the SIGHUP), then at full speed: it must still read
+/// DISCONNECT 0x98. (The reset shows as EOF here: the writing thread consumes the socket error.)
 #[test]
 fn a_kicked_v5_client_that_keeps_writing_still_reads_disconnect_0x98() {
-    let allowed = "[defaults]\nanonymous = true\nanonymous_rules = [{ access = \"write\", pattern = \"load/#\" }]\n";
-    let refused = "[defaults]\nanonymous = false\n";
-    let f = fleet(allowed, "");
+    let allowed = "[defaults]\nanonymous = true\nanonymous_rules = [{ access = \"readWrite\", pattern = \"load/#\" }]\n";
     let mut outcomes = Vec::new();
-    for attempt in 0..5 {
-        if attempt > 0 {
-            f.reload(allowed);
-        }
-        let mut stream = TcpStream::connect(f.broker.tcp.unwrap()).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        stream.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut input = bytes::BytesMut::new();
-        stream.write_all(&encode(&Packet::Connect(clean(&format!("flooder-{attempt}"))))).unwrap();
+    for attempt in 0..3 {
+        let f = fleet(allowed, "");
+        let client_id = format!("slow-reader-{attempt}");
+        let (mut stream, mut input) = raw_v5(&f, &client_id);
+        let mut s = v5::Subscribe::new("load/flood", QoS::AtMostOnce);
+        s.pkid = 1;
+        stream.write_all(&encode(&Packet::Subscribe(s))).unwrap();
         match read_packet(&mut stream, &mut input) {
-            Ok(Packet::ConnAck(a)) if a.code == ConnectReturnCode::Success => {}
-            other => panic!("setup: expected CONNACK success, got {other:?}"),
+            Ok(Packet::SubAck(a)) if a.return_codes == [SubscribeReasonCode::QoS0] => {}
+            other => panic!("setup: expected SUBACK, got {other:?}"),
         }
         let stop = Arc::new(AtomicBool::new(false));
-        let flood = {
-            let (mut out, stop) = (stream.try_clone().unwrap(), stop.clone());
-            let batch: Vec<u8> = (0..64).flat_map(|i| encode(&Packet::Publish(v5::Publish::new(format!("load/{i}"), QoS::AtMostOnce, [0u8; 200])))).collect();
-            std::thread::spawn(move || {
-                let started = Instant::now();
-                while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(15) {
-                    if out.write_all(&batch).is_err() {
-                        break;
-                    }
-                }
-            })
-        };
-        std::thread::sleep(Duration::from_millis(100));
-        f.reload(refused);
+        let noise = keep_writing(stream.try_clone().unwrap(), "load/noise", stop.clone());
+        let (flooder, _) = raw_v5(&f, "flooder");
+        let flood = keep_writing(flooder, "load/flood", stop.clone());
+
+        let started = Instant::now();
+        let (mut reloaded, mut fast) = (None, None);
         let outcome = loop {
+            while let Ok(line) = f.broker.logs.try_recv() {
+                if line.contains("client disconnected") && line.contains(&client_id) {
+                    fast = fast.or(Some(Instant::now()));
+                }
+            }
+            if reloaded.is_none() && started.elapsed() > Duration::from_secs(1) {
+                std::fs::write(&f.state_file, "[defaults]\nanonymous = false\n").unwrap();
+                assert!(Command::new("kill").args(["-HUP", &f.broker.pid().to_string()]).status().unwrap().success());
+                reloaded = Some(Instant::now());
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                break "no DISCONNECT within 30 s".to_string();
+            }
             match read_packet(&mut stream, &mut input) {
                 Ok(Packet::Disconnect(d)) => break format!("DISCONNECT {:?}", d.reason_code),
-                Ok(_) => continue,
-                Err(e) => break e,
+                Ok(_) if fast.is_none() && reloaded.is_none_or(|r| r.elapsed() < Duration::from_millis(1500)) => {
+                    std::thread::sleep(Duration::from_millis(1))
+                }
+                Ok(_) => {}
+                Err(e) => break format!("{e} (kick logged {:?} after SIGHUP)", fast.zip(reloaded).map(|(f, r)| f - r)),
             }
         };
         stop.store(true, Ordering::Relaxed);
+        noise.join().unwrap();
         flood.join().unwrap();
         outcomes.push(outcome);
     }
@@ -534,6 +562,35 @@ fn a_kicked_v5_client_that_keeps_writing_still_reads_disconnect_0x98() {
         outcomes.iter().all(|o| o == "DISCONNECT AdministrativeAction"),
         "a kicked client that keeps writing must read DISCONNECT 0x98 every time; got {outcomes:?}"
     );
+}
+
+/// An anonymous MQTT 5 connection on a plain socket (5 s timeouts), CONNACK checked.
+fn raw_v5(f: &Fleet, client_id: &str) -> (TcpStream, bytes::BytesMut) {
+    let mut stream = TcpStream::connect(f.broker.tcp.unwrap()).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    stream.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut input = bytes::BytesMut::new();
+    stream.write_all(&encode(&Packet::Connect(clean(client_id)))).unwrap();
+    match read_packet(&mut stream, &mut input) {
+        Ok(Packet::ConnAck(a)) if a.code == ConnectReturnCode::Success => {}
+        other => panic!("setup: expected CONNACK success for {client_id}, got {other:?}"),
+    }
+    (stream, input)
+}
+
+/// Writes QoS 0 PUBLISHes of 1 kB to `topic` until `stop`, the connection fails, or 30 s pass.
+fn keep_writing(mut out: TcpStream, topic: &str, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    let batch: Vec<u8> = (0..32).flat_map(|_| encode(&Packet::Publish(v5::Publish::new(topic, QoS::AtMostOnce, [7u8; 1000])))).collect();
+    std::thread::spawn(move || {
+        let started = Instant::now();
+        while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(30) {
+            match out.write_all(&batch) {
+                Ok(()) => {}
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                Err(_) => break,
+            }
+        }
+    })
 }
 
 fn encode(packet: &Packet) -> Vec<u8> {
@@ -552,7 +609,7 @@ fn read_packet(stream: &mut TcpStream, input: &mut bytes::BytesMut) -> Result<Pa
         }
         let mut chunk = [0u8; 4096];
         match stream.read(&mut chunk) {
-            Ok(0) => return Err("connection closed without DISCONNECT".into()),
+            Ok(0) => return Err("connection ended (EOF) without DISCONNECT".into()),
             Ok(n) => input.extend_from_slice(&chunk[..n]),
             Err(e) => return Err(format!("read failed: {e}")),
         }
