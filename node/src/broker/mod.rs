@@ -33,6 +33,8 @@ pub struct BrokerSettings {
     pub slow_subscriber_timeout: Duration,
     /// How long a new connection waits for the previous connection of its client id to hand over.
     pub takeover_timeout: Duration,
+    /// How many retained messages, and how many bytes of them, this node keeps.
+    pub retained: retained::RetainedLimits,
 }
 
 impl Default for BrokerSettings {
@@ -42,6 +44,7 @@ impl Default for BrokerSettings {
             application_max_queued_messages: 100_000,
             slow_subscriber_timeout: Duration::from_secs(5),
             takeover_timeout: Duration::from_secs(10),
+            retained: retained::RetainedLimits::default(),
         }
     }
 }
@@ -59,7 +62,7 @@ impl Broker {
     pub fn new(settings: BrokerSettings, sessions: Option<SessionStore>) -> Arc<Broker> {
         let broker = Arc::new(Broker {
             index: SubscriptionIndex::new(),
-            retained: RetainedStore::default(),
+            retained: RetainedStore::new(settings.retained),
             registry: Registry::new(settings.max_queued_messages),
             settings,
             sessions,
@@ -201,7 +204,12 @@ impl Broker {
     }
 
     pub fn gauges(&self) -> Gauges {
-        Gauges { sessions: self.registry.len(), subscriptions: self.index.len(), retained: self.retained.len() }
+        Gauges {
+            sessions: self.registry.len(),
+            subscriptions: self.index.len(),
+            retained: self.retained.len(),
+            retained_bytes: self.retained.bytes(),
+        }
     }
 }
 

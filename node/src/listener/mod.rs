@@ -1,5 +1,5 @@
 //! Accept loops for the TCP, TLS, WebSocket and secure WebSocket listeners: connection limit,
-//! TCP_NODELAY, TLS and WebSocket handshakes with a deadline, then hand-off to the connection driver.
+//! TCP_NODELAY and TCP keepalive, TLS and WebSocket handshakes with a deadline, then hand-off to the connection driver.
 
 pub mod clients;
 pub mod connection;
@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use rustls::ServerConfig;
+use socket2::{SockRef, TcpKeepalive};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
@@ -31,6 +32,8 @@ pub struct BoundListener {
     pub tls_files: Option<TlsFiles>,
     /// How client certificates become identities, when clients are asked for one.
     identity: Option<Arc<IdentityRule>>,
+    /// TCP keepalive set on every accepted socket; `None`: off.
+    tcp_keepalive: Option<TcpKeepalive>,
 }
 
 /// Binds every listener; fails naming the listener and address, or the TLS file at fault.
@@ -45,7 +48,16 @@ pub async fn bind(specs: &[ListenerSpec]) -> anyhow::Result<Vec<BoundListener>> 
         let socket = TcpListener::bind(spec.bind)
             .await
             .map_err(|e| anyhow::anyhow!("listener {} cannot bind {}: {e}", spec.kind.name(), spec.bind))?;
-        bound.push(BoundListener { kind: spec.kind, local_addr: socket.local_addr()?, socket, tls, tls_files: spec.tls.clone(), identity });
+        let tcp_keepalive = spec.tcp_keepalive.map(|k| TcpKeepalive::new().with_time(k.time).with_interval(k.interval));
+        bound.push(BoundListener {
+            kind: spec.kind,
+            local_addr: socket.local_addr()?,
+            socket,
+            tls,
+            tls_files: spec.tls.clone(),
+            identity,
+            tcp_keepalive,
+        });
     }
     Ok(bound)
 }
@@ -73,6 +85,11 @@ pub async fn run(listener: BoundListener, ctx: Arc<ConnectionContext>, slots: Ar
             }
         };
         let _ = tcp.set_nodelay(true);
+        if let Some(keepalive) = &listener.tcp_keepalive {
+            if let Err(e) = SockRef::from(&tcp).set_tcp_keepalive(keepalive) {
+                tracing::debug!(%peer, listener = listener.kind.name(), error = %e, "TCP keepalive not set");
+            }
+        }
         let ctx = ctx.clone();
         let kind = listener.kind;
         let tls = listener.tls.as_ref().map(|config| TlsAcceptor::from(config.load_full()));
