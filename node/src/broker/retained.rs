@@ -270,7 +270,7 @@ mod tests {
         store.set(msg("later", b"1", Some(future)));
         assert_eq!(store.set(msg("new", b"1", None)), SetOutcome::Stored);
         assert_eq!(store.len(), 2);
-        assert_eq!(store.bytes(), 5 + 4);
+        assert_eq!(store.bytes(), 6 + 4);
         assert_eq!(store.set(msg("next", b"1", None)), SetOutcome::Refused(RetainedLimit::Messages));
     }
 }

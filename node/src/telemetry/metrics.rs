@@ -240,4 +240,19 @@ mod tests {
             assert_eq!(*reason as usize, i, "{reason:?}");
         }
     }
+
+    #[test]
+    fn limit_metrics_are_rendered() {
+        let text = render(Gauges { retained_bytes: 1234, ..Gauges::default() });
+        assert!(text.contains("\nrampart_retained_bytes 1234\n"), "{text}");
+        for name in [
+            "rampart_retained_refused_total{limit=\"messages\"}",
+            "rampart_retained_refused_total{limit=\"bytes\"}",
+            "rampart_password_checks_in_progress",
+            "rampart_password_checks_rate_limited_total",
+            "rampart_password_check_waits_total",
+        ] {
+            assert!(text.contains(&format!("\n{name} ")), "{name}: {text}");
+        }
+    }
 }
