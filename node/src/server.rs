@@ -56,6 +56,7 @@ impl Server {
             limits: config.session_limits(),
             auth: config.auth_policy(),
             auth_store: auth.clone(),
+            password_gate: config.password_gate(),
             clients: clients.clone(),
             connect_timeout: Duration::from_secs(config.limits.connect_timeout_secs),
             write_timeout: Duration::from_secs(config.limits.write_timeout_secs),

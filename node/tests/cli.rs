@@ -16,6 +16,7 @@ fn bad_configuration_names_the_file_and_key_and_exits_2() {
     let cases = [
         ("[limits]\nmax_conections = 5\n", "limits.max_conections"),
         ("[limits]\nmax_packet_size = \"big\"\n", "limits.max_packet_size"),
+        ("[limits]\npassword_checks_concurrent = 0\n", "limits.password_checks_concurrent"),
         ("[listeners.tls]\ncert_file = \"nope.pem\"\nkey_file = \"nope.key\"\n", "listeners.tls.cert_file"),
         ("[listeners\n", "(syntax)"),
     ];

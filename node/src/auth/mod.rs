@@ -5,6 +5,7 @@ pub mod acl;
 pub mod identity;
 pub mod index;
 pub mod password;
+pub mod password_gate;
 pub mod policy;
 pub mod state;
 pub mod store;

@@ -39,6 +39,8 @@ pub struct BrokerSettings {
     pub takeover_timeout: Duration,
     /// Sessions (online and offline) one certificate identity or password credential may hold.
     pub max_sessions_per_identity: usize,
+    /// How many retained messages, and how many bytes of them, this node keeps.
+    pub retained: retained::RetainedLimits,
 }
 
 impl Default for BrokerSettings {
@@ -49,6 +51,7 @@ impl Default for BrokerSettings {
             slow_subscriber_timeout: Duration::from_secs(5),
             takeover_timeout: Duration::from_secs(10),
             max_sessions_per_identity: 100,
+            retained: retained::RetainedLimits::default(),
         }
     }
 }
@@ -94,7 +97,7 @@ impl Broker {
         let broker = Broker {
             inner: Arc::new(Inner {
                 index: SubscriptionIndex::new(),
-                retained: RetainedStore::default(),
+                retained: RetainedStore::new(settings.retained),
                 registry: Registry::new(settings.max_queued_messages, settings.max_sessions_per_identity),
                 settings,
                 store,
@@ -306,7 +309,12 @@ impl Broker {
     }
 
     pub fn gauges(&self) -> Gauges {
-        Gauges { sessions: self.inner.registry.len(), subscriptions: self.inner.index.len(), retained: self.inner.retained.len() }
+        Gauges {
+            sessions: self.inner.registry.len(),
+            subscriptions: self.inner.index.len(),
+            retained: self.inner.retained.len(),
+            retained_bytes: self.inner.retained.bytes(),
+        }
     }
 }
 

@@ -10,7 +10,9 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::auth::identity::{IdentityRule, IdentitySource};
+use crate::auth::password_gate::PasswordGate;
 use crate::auth::policy::{AuthPolicy, ClientIdPolicy, UnauthorizedPublish, UsernameMismatch};
+use crate::broker::retained::RetainedLimits;
 use crate::broker::BrokerSettings;
 use crate::mqtt::connect::SessionLimits;
 use crate::topic::TopicLimits;
@@ -209,10 +211,28 @@ pub struct LimitsConfig {
     pub max_keep_alive_secs: u16,
     pub max_session_expiry_secs: u64,
     pub takeover_timeout_secs: u64,
+    /// Subscriptions one session may hold; more are refused (SUBACK 0x97 quota exceeded).
     pub max_subscriptions_per_session: usize,
+    /// Bytes (topic + payload) of retained messages one session may have waiting after SUBSCRIBE; more are dropped.
     pub max_retained_replay_bytes: usize,
+    /// Topic aliases the broker uses towards one client (also capped by the client's own maximum).
     pub max_outgoing_topic_aliases: u16,
+    /// Sessions (online and offline) one certificate identity or password credential may hold.
     pub max_sessions_per_identity: usize,
+    /// Idle time before TCP keepalive probes start on an accepted socket; 0 turns keepalive off.
+    pub tcp_keepalive_secs: u64,
+    /// Time between TCP keepalive probes.
+    pub tcp_keepalive_interval_secs: u64,
+    /// Password checks (argon2id) running at once on this node; more wait their turn.
+    pub password_checks_concurrent: usize,
+    /// Password checks one source address may start per minute; 0 turns the rate limit off.
+    pub password_checks_per_source_per_minute: u32,
+    /// Password checks one source address may start at once after being quiet.
+    pub password_checks_burst: u32,
+    /// Retained messages (topics) stored on this node; a retained PUBLISH to a new topic past it is not stored.
+    pub max_retained_messages: usize,
+    /// Bytes of retained messages (topic + payload) stored on this node; same effect as `max_retained_messages`.
+    pub max_retained_bytes: usize,
 }
 
 impl Default for LimitsConfig {
@@ -237,6 +257,13 @@ impl Default for LimitsConfig {
             max_retained_replay_bytes: 16 << 20,
             max_outgoing_topic_aliases: 64,
             max_sessions_per_identity: 100,
+            tcp_keepalive_secs: 60,
+            tcp_keepalive_interval_secs: 10,
+            password_checks_concurrent: 4,
+            password_checks_per_source_per_minute: 120,
+            password_checks_burst: 20,
+            max_retained_messages: 1_000_000,
+            max_retained_bytes: 1024 * 1024 * 1024,
         }
     }
 }
@@ -308,6 +335,17 @@ pub struct ListenerSpec {
     pub kind: ListenerKind,
     pub bind: SocketAddr,
     pub tls: Option<TlsFiles>,
+    /// TCP keepalive for accepted sockets; `None`: off.
+    pub tcp_keepalive: Option<TcpKeepalive>,
+}
+
+/// TCP keepalive of accepted sockets (`limits.tcp_keepalive_secs` and `_interval_secs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpKeepalive {
+    /// Idle time before the first probe.
+    pub time: Duration,
+    /// Time between probes.
+    pub interval: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -365,6 +403,9 @@ fn tls_files(listener: &TlsListener) -> TlsFiles {
         });
     TlsFiles { cert_file: listener.cert_file.clone(), key_file: listener.key_file.clone(), client_auth }
 }
+
+/// Largest TCP keepalive time or interval: Linux takes at most 32767 seconds.
+const MAX_TCP_KEEPALIVE_SECS: u64 = 32_767;
 
 /// Environment variables starting with this override config keys; `__` separates path segments.
 const ENV_PREFIX: &str = "RAMPART_";
@@ -531,6 +572,30 @@ impl Config {
         if l.max_topic_levels == 0 {
             return err("limits.max_topic_levels", "must be at least 1".into());
         }
+        if l.tcp_keepalive_secs > MAX_TCP_KEEPALIVE_SECS {
+            return err("limits.tcp_keepalive_secs", format!("{} is above {MAX_TCP_KEEPALIVE_SECS} seconds", l.tcp_keepalive_secs));
+        }
+        if l.tcp_keepalive_secs > 0 && !(1..=MAX_TCP_KEEPALIVE_SECS).contains(&l.tcp_keepalive_interval_secs) {
+            return err(
+                "limits.tcp_keepalive_interval_secs",
+                format!("{} is outside 1..={MAX_TCP_KEEPALIVE_SECS} seconds", l.tcp_keepalive_interval_secs),
+            );
+        }
+        if l.password_checks_concurrent == 0 {
+            return err("limits.password_checks_concurrent", "must be at least 1".into());
+        }
+        if l.password_checks_per_source_per_minute > 0 && l.password_checks_burst == 0 {
+            return err(
+                "limits.password_checks_burst",
+                "must be at least 1 while limits.password_checks_per_source_per_minute is not 0".into(),
+            );
+        }
+        if l.max_retained_messages == 0 {
+            return err("limits.max_retained_messages", "must be at least 1".into());
+        }
+        if l.max_retained_bytes == 0 {
+            return err("limits.max_retained_bytes", "must be at least 1".into());
+        }
         if let Some(path) = self.auth.state_file.as_ref().filter(|p| !p.is_file()) {
             return err("auth.state_file", format!("{} is not a readable file", path.display()));
         }
@@ -565,6 +630,10 @@ impl Config {
     /// The enabled listeners with their addresses.
     pub fn listener_specs(&self) -> Vec<ListenerSpec> {
         let l = &self.listeners;
+        let tcp_keepalive = (self.limits.tcp_keepalive_secs > 0).then(|| TcpKeepalive {
+            time: Duration::from_secs(self.limits.tcp_keepalive_secs),
+            interval: Duration::from_secs(self.limits.tcp_keepalive_interval_secs),
+        });
         let default_tcp = PlainListener { enabled: true, bind: None };
         let tcp = Some(l.tcp.as_ref().unwrap_or(&default_tcp));
         let plain = [(ListenerKind::Tcp, tcp), (ListenerKind::Ws, l.ws.as_ref())]
@@ -579,6 +648,7 @@ impl Config {
                 kind,
                 bind: bind.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], kind.default_port()))),
                 tls,
+                tcp_keepalive,
             })
             .collect()
     }
@@ -618,7 +688,14 @@ impl Config {
             slow_subscriber_timeout: Duration::from_millis(l.slow_subscriber_timeout_ms),
             takeover_timeout: Duration::from_secs(l.takeover_timeout_secs),
             max_sessions_per_identity: l.max_sessions_per_identity,
+            retained: RetainedLimits { max_messages: l.max_retained_messages, max_bytes: l.max_retained_bytes },
         }
+    }
+
+    /// The password check gate: concurrency and per-source rate limit.
+    pub fn password_gate(&self) -> PasswordGate {
+        let l = &self.limits;
+        PasswordGate::new(l.password_checks_concurrent, l.password_checks_per_source_per_minute, l.password_checks_burst)
     }
 }
 
@@ -678,5 +755,37 @@ mod tests {
         assert_eq!(config.listener_specs()[0].bind, "127.0.0.1:1999".parse().unwrap());
         let err = parse("", &[("RAMPART_LIMITS__NOPE", "1")]).unwrap_err();
         assert_eq!(err.key, "limits.nope");
+    }
+
+    #[test]
+    fn tcp_keepalive_reaches_every_listener_and_zero_turns_it_off() {
+        let config = parse("[listeners.ws]\n", &[]).unwrap();
+        let expected = TcpKeepalive { time: Duration::from_secs(60), interval: Duration::from_secs(10) };
+        assert!(config.listener_specs().iter().all(|s| s.tcp_keepalive == Some(expected)));
+        let config = parse("[limits]\ntcp_keepalive_secs = 0\ntcp_keepalive_interval_secs = 0\n", &[]).unwrap();
+        assert_eq!(config.listener_specs()[0].tcp_keepalive, None);
+        let err = parse("[limits]\ntcp_keepalive_interval_secs = 0\n", &[]).unwrap_err();
+        assert_eq!(err.key, "limits.tcp_keepalive_interval_secs");
+        let err = parse("[limits]\ntcp_keepalive_secs = 40000\n", &[]).unwrap_err();
+        assert_eq!(err.key, "limits.tcp_keepalive_secs");
+    }
+
+    #[test]
+    fn password_and_retained_limits_are_checked() {
+        for (text, key) in [
+            ("[limits]\npassword_checks_concurrent = 0\n", "limits.password_checks_concurrent"),
+            ("[limits]\npassword_checks_burst = 0\n", "limits.password_checks_burst"),
+            ("[limits]\nmax_retained_messages = 0\n", "limits.max_retained_messages"),
+            ("[limits]\nmax_retained_bytes = 0\n", "limits.max_retained_bytes"),
+            ("[limits]\npassword_checks_per_source_per_minute = -1\n", "limits.password_checks_per_source_per_minute"),
+        ] {
+            let err = parse(text, &[]).unwrap_err();
+            assert_eq!(err.key, key, "{text}");
+            assert_eq!(err.file, "test.toml");
+        }
+        let config = parse("[limits]\npassword_checks_per_source_per_minute = 0\npassword_checks_burst = 0\n", &[]).unwrap();
+        assert_eq!(config.limits.password_checks_per_source_per_minute, 0);
+        let settings = parse("[limits]\nmax_retained_messages = 5\nmax_retained_bytes = 100\n", &[]).unwrap().broker_settings();
+        assert_eq!(settings.retained, RetainedLimits { max_messages: 5, max_bytes: 100 });
     }
 }

@@ -34,6 +34,8 @@ pub struct ConnectionContext {
     pub auth_store: Arc<AuthStore>,
     /// Who is connected here, for the admin API.
     pub clients: Arc<ConnectedClients>,
+    /// Bounds password checks (concurrency, and rate per source address).
+    pub password_gate: crate::auth::password_gate::PasswordGate,
     /// Time allowed from accept to a complete CONNECT.
     pub connect_timeout: Duration,
     /// Time a write may make no progress before the client is dropped.
@@ -79,7 +81,7 @@ where
     };
     let broker = &ctx.broker;
     let validated = connect::validate(version, connect, &ctx.limits, || broker.generate_client_id());
-    let (request, principal, grant) = match authorize(validated, &peer_auth, &ctx).await {
+    let (request, principal, grant) = match authorize(validated, peer, &peer_auth, &ctx).await {
         Ok(accepted) => accepted,
         Err(refusal) => {
             write_refusal(&mut writer, version, refusal.code).await;
@@ -220,18 +222,31 @@ where
 /// password (checked on a blocking thread: argon2id is slow by design), else anonymous.
 async fn authorize(
     validated: Result<connect::ConnectRequest, connect::Refusal>,
+    peer: SocketAddr,
     peer_auth: &PeerAuth,
     ctx: &ConnectionContext,
 ) -> Result<(connect::ConnectRequest, policy::Principal, crate::auth::index::Grant), connect::Refusal> {
     let mut request = validated?;
     let mut principal = policy::authenticate(peer_auth, &mut request, &ctx.auth)?;
     let index = ctx.auth_store.current();
-    if let (None, Some(username)) = (&principal.certificate, request.username.clone()) {
+    if let (None, Some(username), Some(_)) = (&principal.certificate, request.username.clone(), index.state()) {
+        let refusal = |code, reason: String| connect::Refusal { code, reason };
+        ctx.password_gate
+            .admit(peer.ip(), Instant::now())
+            .map_err(|e| refusal(v5::ConnectReturnCode::ConnectionRateExceeded, e.to_string()))?;
+        let permit = tokio::time::timeout(ctx.connect_timeout, ctx.password_gate.permit())
+            .await
+            .map_err(|_| refusal(v5::ConnectReturnCode::ServerBusy, "no free password check slot".into()))?;
         let (checker, password) = (index.clone(), request.password.clone());
-        principal.password_verified =
-            tokio::task::spawn_blocking(move || checker.check_password(&username, password.as_deref())).await.map_err(|e| {
-                connect::Refusal { code: v5::ConnectReturnCode::ServerUnavailable, reason: format!("password check failed: {e}") }
-            })??;
+        // The permit moves into the check, so the slot stays taken until argon2 is done even
+        // if this connection goes away first.
+        let check = move || {
+            let _permit = permit;
+            checker.check_password(&username, password.as_deref())
+        };
+        principal.password_verified = tokio::task::spawn_blocking(check)
+            .await
+            .map_err(|e| refusal(v5::ConnectReturnCode::ServerUnavailable, format!("password check failed: {e}")))??;
     }
     let grant = ctx.auth_store.authorize(&principal, &request.client_id)?;
     Ok((request, principal, grant))

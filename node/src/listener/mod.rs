@@ -1,5 +1,5 @@
 //! Accept loops for the TCP, TLS, WebSocket and secure WebSocket listeners: connection limit,
-//! TCP_NODELAY, TLS and WebSocket handshakes with a deadline, then hand-off to the connection driver.
+//! TCP_NODELAY and TCP keepalive, TLS and WebSocket handshakes with a deadline, then hand-off to the connection driver.
 
 pub mod clients;
 pub mod connection;
@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use rustls::ServerConfig;
+use socket2::{SockRef, TcpKeepalive};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
@@ -31,6 +32,8 @@ pub struct BoundListener {
     pub tls_files: Option<TlsFiles>,
     /// How client certificates become identities, when clients are asked for one.
     identity: Option<Arc<IdentityRule>>,
+    /// TCP keepalive set on every accepted socket; `None`: off.
+    tcp_keepalive: Option<TcpKeepalive>,
 }
 
 /// Binds every listener; fails naming the listener and address, or the TLS file at fault.
@@ -45,7 +48,16 @@ pub async fn bind(specs: &[ListenerSpec]) -> anyhow::Result<Vec<BoundListener>> 
         let socket = TcpListener::bind(spec.bind)
             .await
             .map_err(|e| anyhow::anyhow!("listener {} cannot bind {}: {e}", spec.kind.name(), spec.bind))?;
-        bound.push(BoundListener { kind: spec.kind, local_addr: socket.local_addr()?, socket, tls, tls_files: spec.tls.clone(), identity });
+        let tcp_keepalive = spec.tcp_keepalive.map(|k| TcpKeepalive::new().with_time(k.time).with_interval(k.interval));
+        bound.push(BoundListener {
+            kind: spec.kind,
+            local_addr: socket.local_addr()?,
+            socket,
+            tls,
+            tls_files: spec.tls.clone(),
+            identity,
+            tcp_keepalive,
+        });
     }
     Ok(bound)
 }
@@ -72,7 +84,7 @@ pub async fn run(listener: BoundListener, ctx: Arc<ConnectionContext>, slots: Ar
                 continue;
             }
         };
-        let _ = tcp.set_nodelay(true);
+        tune(&tcp, listener.tcp_keepalive.as_ref(), peer, listener.kind);
         let ctx = ctx.clone();
         let kind = listener.kind;
         let tls = listener.tls.as_ref().map(|config| TlsAcceptor::from(config.load_full()));
@@ -92,6 +104,16 @@ pub async fn run(listener: BoundListener, ctx: Arc<ConnectionContext>, slots: Ar
             handle(kind, tcp, peer, tls, identity, ctx, busy).await;
             drop(permit);
         });
+    }
+}
+
+/// TCP_NODELAY and, when configured, TCP keepalive on an accepted socket (failures are logged).
+fn tune(tcp: &TcpStream, keepalive: Option<&TcpKeepalive>, peer: SocketAddr, kind: ListenerKind) {
+    let _ = tcp.set_nodelay(true);
+    if let Some(keepalive) = keepalive {
+        if let Err(e) = SockRef::from(tcp).set_tcp_keepalive(keepalive) {
+            tracing::debug!(%peer, listener = kind.name(), error = %e, "TCP keepalive not set");
+        }
     }
 }
 
@@ -159,4 +181,41 @@ where
 fn handshake_failed(peer: SocketAddr, kind: ListenerKind, reason: &str) {
     metrics::connection_refused();
     tracing::info!(%peer, listener = kind.name(), reason, "handshake failed");
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+    use std::time::Duration;
+
+    fn tcp_option(tcp: &TcpStream, level: libc::c_int, name: libc::c_int) -> libc::c_int {
+        let mut value: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: a valid socket and an int-sized buffer whose length is passed along.
+        let rc = unsafe { libc::getsockopt(tcp.as_raw_fd(), level, name, (&mut value as *mut libc::c_int).cast(), &mut len) };
+        assert_eq!(rc, 0, "getsockopt: {}", std::io::Error::last_os_error());
+        value
+    }
+
+    async fn accepted_pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        (listener.accept().await.unwrap().0, client)
+    }
+
+    #[tokio::test]
+    async fn accepted_sockets_get_nodelay_and_the_configured_keepalive() {
+        let (accepted, _client) = accepted_pair().await;
+        let keepalive = TcpKeepalive::new().with_time(Duration::from_secs(42)).with_interval(Duration::from_secs(7));
+        tune(&accepted, Some(&keepalive), accepted.peer_addr().unwrap(), ListenerKind::Tcp);
+        assert!(accepted.nodelay().unwrap());
+        assert_eq!(tcp_option(&accepted, libc::SOL_SOCKET, libc::SO_KEEPALIVE), 1);
+        assert_eq!(tcp_option(&accepted, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE), 42);
+        assert_eq!(tcp_option(&accepted, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL), 7);
+
+        let (accepted, _client) = accepted_pair().await;
+        tune(&accepted, None, accepted.peer_addr().unwrap(), ListenerKind::Tcp);
+        assert_eq!(tcp_option(&accepted, libc::SOL_SOCKET, libc::SO_KEEPALIVE), 0);
+    }
 }

@@ -63,6 +63,15 @@ impl DropReason {
     }
 }
 
+/// Which bound of the retained store refused a new retained topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetainedLimit {
+    /// `limits.max_retained_messages`.
+    Messages,
+    /// `limits.max_retained_bytes`.
+    Bytes,
+}
+
 struct Metrics {
     connections: AtomicI64,
     connections_total: AtomicU64,
@@ -72,6 +81,10 @@ struct Metrics {
     dropped: [AtomicU64; DropReason::ALL.len()],
     malformed: AtomicU64,
     queued: AtomicI64,
+    retained_refused: [AtomicU64; 2],
+    password_checks_in_progress: AtomicI64,
+    password_checks_rate_limited: AtomicU64,
+    password_check_waits: AtomicU64,
 }
 
 static METRICS: Metrics = Metrics {
@@ -83,6 +96,10 @@ static METRICS: Metrics = Metrics {
     dropped: [const { AtomicU64::new(0) }; DropReason::ALL.len()],
     malformed: AtomicU64::new(0),
     queued: AtomicI64::new(0),
+    retained_refused: [const { AtomicU64::new(0) }; 2],
+    password_checks_in_progress: AtomicI64::new(0),
+    password_checks_rate_limited: AtomicU64::new(0),
+    password_check_waits: AtomicU64::new(0),
 };
 
 pub fn connection_opened() {
@@ -120,6 +137,26 @@ pub fn queued(delta: i64) {
     METRICS.queued.fetch_add(delta, Ordering::Relaxed);
 }
 
+/// A retained message for a new topic not stored because the retained store is full.
+pub fn retained_refused(limit: RetainedLimit) {
+    METRICS.retained_refused[limit as usize].fetch_add(1, Ordering::Relaxed);
+}
+
+/// A password check started (positive) or finished (negative).
+pub fn password_checks_in_progress(delta: i64) {
+    METRICS.password_checks_in_progress.fetch_add(delta, Ordering::Relaxed);
+}
+
+/// A password check refused by the per-source rate limit.
+pub fn password_check_rate_limited() {
+    METRICS.password_checks_rate_limited.fetch_add(1, Ordering::Relaxed);
+}
+
+/// A password check that had to wait for a free slot (all `password_checks_concurrent` busy).
+pub fn password_check_waited() {
+    METRICS.password_check_waits.fetch_add(1, Ordering::Relaxed);
+}
+
 /// Current number of open connections.
 pub fn open_connections() -> i64 {
     METRICS.connections.load(Ordering::Relaxed)
@@ -131,6 +168,8 @@ pub struct Gauges {
     pub sessions: usize,
     pub subscriptions: usize,
     pub retained: usize,
+    /// Bytes of retained messages stored (topic + payload).
+    pub retained_bytes: usize,
 }
 
 /// Renders every metric in the Prometheus text exposition format.
@@ -162,6 +201,39 @@ pub fn render(gauges: Gauges) -> String {
     metric("rampart_sessions", "gauge", "Sessions, online and offline.", &[("", gauges.sessions as i64)]);
     metric("rampart_subscriptions", "gauge", "Subscriptions in the index.", &[("", gauges.subscriptions as i64)]);
     metric("rampart_retained_messages", "gauge", "Retained messages stored.", &[("", gauges.retained as i64)]);
+    metric(
+        "rampart_retained_bytes",
+        "gauge",
+        "Bytes of retained messages stored (topic + payload).",
+        &[("", gauges.retained_bytes as i64)],
+    );
+    metric(
+        "rampart_retained_refused_total",
+        "counter",
+        "Retained messages for a new topic not stored because a retained store limit was reached, by limit.",
+        &[
+            ("{limit=\"messages\"}", load(&METRICS.retained_refused[RetainedLimit::Messages as usize])),
+            ("{limit=\"bytes\"}", load(&METRICS.retained_refused[RetainedLimit::Bytes as usize])),
+        ],
+    );
+    metric(
+        "rampart_password_checks_in_progress",
+        "gauge",
+        "Password checks running now.",
+        &[("", METRICS.password_checks_in_progress.load(Ordering::Relaxed))],
+    );
+    metric(
+        "rampart_password_checks_rate_limited_total",
+        "counter",
+        "Password checks refused by the per-source rate limit.",
+        &[("", load(&METRICS.password_checks_rate_limited))],
+    );
+    metric(
+        "rampart_password_check_waits_total",
+        "counter",
+        "Password checks that waited for a free slot under the concurrency limit.",
+        &[("", load(&METRICS.password_check_waits))],
+    );
     metric("rampart_queued_messages", "gauge", "Messages waiting in session queues.", &[("", METRICS.queued.load(Ordering::Relaxed))]);
     out
 }
@@ -174,6 +246,21 @@ mod tests {
     fn drop_reasons_index_their_counters() {
         for (i, reason) in DropReason::ALL.iter().enumerate() {
             assert_eq!(*reason as usize, i, "{reason:?}");
+        }
+    }
+
+    #[test]
+    fn limit_metrics_are_rendered() {
+        let text = render(Gauges { retained_bytes: 1234, ..Gauges::default() });
+        assert!(text.contains("\nrampart_retained_bytes 1234\n"), "{text}");
+        for name in [
+            "rampart_retained_refused_total{limit=\"messages\"}",
+            "rampart_retained_refused_total{limit=\"bytes\"}",
+            "rampart_password_checks_in_progress",
+            "rampart_password_checks_rate_limited_total",
+            "rampart_password_check_waits_total",
+        ] {
+            assert!(text.contains(&format!("\n{name} ")), "{name}: {text}");
         }
     }
 }
