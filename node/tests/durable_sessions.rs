@@ -113,3 +113,145 @@ anonymous_rules = [{{ access = "write", pattern = "jobs/#" }}]
     let (_dev, present) = connect(&second, "dev-1", "dev");
     assert!(!present, "DEVICE sessions are kept in memory only");
 }
+
+fn kill_9(mut broker: Broker) {
+    let status = Command::new("kill").args(["-KILL", &broker.pid().to_string()]).status().unwrap();
+    assert!(status.success());
+    assert!(broker.wait_for_exit(Duration::from_secs(10)).is_some(), "killed");
+}
+
+fn application_config(dir: &std::path::Path) -> String {
+    let hash = rampart_node::auth::password::hash("pw").unwrap();
+    let state = format!(
+        r#"
+[[credentials]]
+name = "app"
+client_type = "APPLICATION"
+password = {{ username = "app", hash = "{hash}" }}
+rules = [{{ access = "readWrite", pattern = "jobs/#" }}]
+
+[defaults]
+anonymous = true
+anonymous_rules = [{{ access = "write", pattern = "jobs/#" }}]
+"#
+    );
+    let state_file = dir.join("auth.toml");
+    std::fs::write(&state_file, state).unwrap();
+    format!(
+        "[node]\ndata_dir = {:?}\n[auth]\nstate_file = {state_file:?}\n[limits]\napplication_max_queued_messages = 20000\n",
+        dir.join("data")
+    )
+}
+
+/// Leaves an APPLICATION session offline, subscribed to `jobs/#` at QoS `qos`.
+fn leave_subscribed(broker: &Broker, qos: QoS) {
+    let (mut app, _) = connect(broker, "app-1", "app");
+    let mut subscribe = v5::Subscribe::new("jobs/#", qos);
+    subscribe.pkid = 1;
+    app.send_packet(&Packet::Subscribe(subscribe));
+    assert!(matches!(app.recv(), Some(Packet::SubAck(_))));
+    app.send_packet(&Packet::Disconnect(v5::Disconnect::new()));
+    app.expect_close(None);
+}
+
+#[test]
+fn acknowledged_qos1_messages_for_an_offline_session_survive_kill_9_in_order() {
+    const MESSAGES: u16 = 10_000;
+    const WINDOW: u16 = 100;
+    let dir = tempfile::tempdir().unwrap();
+    let config = application_config(dir.path());
+    let first = Broker::start_with(&config, 0);
+    leave_subscribed(&first, QoS::AtLeastOnce);
+    let mut publisher = Raw::connect(first.tcp.unwrap(), V5, "publisher");
+    for start in (1..=MESSAGES).step_by(WINDOW as usize) {
+        let batch = start..(start + WINDOW).min(MESSAGES + 1);
+        for i in batch.clone() {
+            let mut p = v5::Publish::new("jobs/build", QoS::AtLeastOnce, i.to_string());
+            p.pkid = i;
+            publisher.send_packet(&Packet::Publish(p));
+        }
+        for i in batch {
+            assert!(matches!(publisher.recv(), Some(Packet::PubAck(a)) if a.pkid == i), "PUBACK {i}");
+        }
+    }
+    // Every message is acknowledged: the node dies without any chance to save more.
+    kill_9(first);
+
+    let second = Broker::start_with(&config, 0);
+    let (mut app, present) = connect(&second, "app-1", "app");
+    assert!(present, "the session survived kill -9");
+    for expected in 1..=MESSAGES {
+        match app.recv() {
+            Some(Packet::Publish(p)) => {
+                assert_eq!(String::from_utf8(p.payload.to_vec()).unwrap(), expected.to_string(), "in order, once");
+                app.send_packet(&Packet::PubAck(v5::PubAck::new(p.pkid)));
+            }
+            other => panic!("expected message {expected}, got {other:?}"),
+        }
+    }
+    app.send_packet(&Packet::PingReq);
+    assert!(matches!(app.recv(), Some(Packet::PingResp)), "nothing more: each message exactly once");
+}
+
+#[test]
+fn qos2_is_delivered_exactly_once_across_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = application_config(dir.path());
+    let first = Broker::start_with(&config, 0);
+    leave_subscribed(&first, QoS::ExactlyOnce);
+    let mut publisher = Raw::connect(first.tcp.unwrap(), V5, "publisher");
+    for (pkid, payload) in [(1u16, "first"), (2, "second")] {
+        let mut p = v5::Publish::new("jobs/build", QoS::ExactlyOnce, payload);
+        p.pkid = pkid;
+        publisher.send_packet(&Packet::Publish(p));
+        assert!(matches!(publisher.recv(), Some(Packet::PubRec(r)) if r.pkid == pkid));
+        publisher.send_packet(&Packet::PubRel(v5::PubRel::new(pkid)));
+        assert!(matches!(publisher.recv(), Some(Packet::PubComp(c)) if c.pkid == pkid));
+    }
+    kill_9(first);
+
+    // The subscriber, one message in flight at a time, takes the first message halfway
+    // (PUBREC sent), then leaves.
+    let second = Broker::start_with(&config, 0);
+    let mut app = Raw::socket(second.tcp.unwrap(), V5);
+    let mut login = persistent_login("app-1", "app");
+    login.properties.as_mut().unwrap().receive_maximum = Some(1);
+    app.send_packet(&Packet::Connect(login));
+    assert!(matches!(app.recv(), Some(Packet::ConnAck(a)) if a.session_present));
+    let first_pkid = match app.recv() {
+        Some(Packet::Publish(p)) if &p.payload[..] == b"first" && p.qos == QoS::ExactlyOnce => p.pkid,
+        other => panic!("expected the first message, got {other:?}"),
+    };
+    app.send_packet(&Packet::PubRec(v5::PubRec::new(first_pkid)));
+    assert!(matches!(app.recv(), Some(Packet::PubRel(r)) if r.pkid == first_pkid));
+    app.send_packet(&Packet::Disconnect(v5::Disconnect::new()));
+    drop(app);
+    std::thread::sleep(Duration::from_millis(300));
+    kill_9(second);
+
+    // After the second kill, the broker resumes the QoS 2 exchange where it was: PUBREL for the
+    // first message (never the message again), then the second message once.
+    let third = Broker::start_with(&config, 0);
+    let (mut app, present) = connect(&third, "app-1", "app");
+    assert!(present);
+    let mut seen = Vec::new();
+    loop {
+        match app.recv() {
+            Some(Packet::PubRel(r)) => {
+                assert_eq!(r.pkid, first_pkid);
+                app.send_packet(&Packet::PubComp(v5::PubComp::new(r.pkid)));
+                seen.push("PUBREL first".to_string());
+            }
+            Some(Packet::Publish(p)) => {
+                seen.push(String::from_utf8(p.payload.to_vec()).unwrap());
+                app.send_packet(&Packet::PubRec(v5::PubRec::new(p.pkid)));
+            }
+            None => break,
+            other => panic!("unexpected {other:?}"),
+        }
+        if seen.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(seen, ["PUBREL first", "second"]);
+}

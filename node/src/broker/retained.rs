@@ -6,8 +6,8 @@ use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use super::message::Message;
-use crate::topic;
 use crate::telemetry::metrics::{self, RetainedLimit};
+use crate::topic;
 
 /// How much this node keeps of retained messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
