@@ -102,7 +102,10 @@ where
         Err(e) => {
             let code = match e {
                 AttachError::NotOwner { .. } => v5::ConnectReturnCode::NotAuthorized,
-                AttachError::TooManySessions { .. } => v5::ConnectReturnCode::QuotaExceeded,
+                AttachError::TooManySessions { .. } => {
+                    metrics::client_limit_refusal(metrics::ClientLimit::SessionsPerIdentity);
+                    v5::ConnectReturnCode::QuotaExceeded
+                }
                 AttachError::TakeoverTimeout(_) | AttachError::Superseded => v5::ConnectReturnCode::ServerBusy,
             };
             write_refusal(&mut writer, version, code).await;

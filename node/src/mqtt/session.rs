@@ -467,6 +467,7 @@ impl Session {
             }
             if !self.state.subscriptions.contains_key(&f.path) && self.subscription_count_after_actions() >= self.limits.max_subscriptions {
                 tracing::info!(client_id = %self.client_id, filter = %f.path, limit = self.limits.max_subscriptions, "subscription refused: too many");
+                metrics::client_limit_refusal(metrics::ClientLimit::Subscriptions);
                 codes.push(v5::SubscribeReasonCode::QuotaExceeded);
                 continue;
             }

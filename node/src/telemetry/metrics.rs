@@ -72,6 +72,15 @@ pub enum RetainedLimit {
     Bytes,
 }
 
+/// A per-client bound that refused something (`rampart_client_limit_refusals_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientLimit {
+    /// `limits.max_subscriptions_per_session`: SUBACK 0x97.
+    Subscriptions,
+    /// `limits.max_sessions_per_identity`: CONNACK 0x97.
+    SessionsPerIdentity,
+}
+
 struct Metrics {
     connections: AtomicI64,
     connections_total: AtomicU64,
@@ -85,6 +94,7 @@ struct Metrics {
     password_checks_in_progress: AtomicI64,
     password_checks_rate_limited: AtomicU64,
     password_check_waits: AtomicU64,
+    client_limit_refusals: [AtomicU64; 2],
 }
 
 static METRICS: Metrics = Metrics {
@@ -100,7 +110,13 @@ static METRICS: Metrics = Metrics {
     password_checks_in_progress: AtomicI64::new(0),
     password_checks_rate_limited: AtomicU64::new(0),
     password_check_waits: AtomicU64::new(0),
+    client_limit_refusals: [const { AtomicU64::new(0) }; 2],
 };
+
+/// Something a client asked for was refused by a per-client bound.
+pub fn client_limit_refusal(limit: ClientLimit) {
+    METRICS.client_limit_refusals[limit as usize].fetch_add(1, Ordering::Relaxed);
+}
 
 pub fn connection_opened() {
     METRICS.connections.fetch_add(1, Ordering::Relaxed);
@@ -206,6 +222,15 @@ pub fn render(gauges: Gauges) -> String {
         "gauge",
         "Bytes of retained messages stored (topic + payload).",
         &[("", gauges.retained_bytes as i64)],
+    );
+    metric(
+        "rampart_client_limit_refusals_total",
+        "counter",
+        "Subscriptions and sessions refused by a per-client bound, by limit.",
+        &[
+            ("{limit=\"subscriptions_per_session\"}", load(&METRICS.client_limit_refusals[ClientLimit::Subscriptions as usize])),
+            ("{limit=\"sessions_per_identity\"}", load(&METRICS.client_limit_refusals[ClientLimit::SessionsPerIdentity as usize])),
+        ],
     );
     metric(
         "rampart_retained_refused_total",
