@@ -179,7 +179,7 @@ fn acknowledged_qos1_messages_for_an_offline_session_survive_kill_9_in_order() {
 
     let second = Broker::start_with(&config, 0);
     let (mut app, present) = connect(&second, "app-1", "app");
-    assert!(present, "the session survived kill -9");
+    assert!(present, "the session survived kill -9; broker log:\n{}", second.logs.try_iter().collect::<Vec<_>>().join("\n"));
     for expected in 1..=MESSAGES {
         match app.recv() {
             Some(Packet::Publish(p)) => {
