@@ -143,11 +143,16 @@ ca_file = {ca:?}
         &self.nodes[id as usize - 1]
     }
 
-    /// Starts (or restarts) a node process, appending to its log.
+    /// Starts (or restarts) a node process, appending to its log. Like an operator's shell
+    /// after the README, the environment carries the admin CLI's variables.
     pub fn start_node(&mut self, id: u64) -> anyhow::Result<()> {
+        let (cert, key) = &self.pki.admin;
+        let admin_env = [("RAMPART_ADMIN_CA", &self.pki.ca_cert), ("RAMPART_ADMIN_CERT", cert), ("RAMPART_ADMIN_KEY", key)];
         let node = &mut self.nodes[id as usize - 1];
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&node.log)?;
         let child = Command::new(rampart_binary())
+            .envs(admin_env)
+            .env("RAMPART_ADMIN_ENDPOINT", format!("https://localhost:{}", node.ports.admin))
             .arg("serve")
             .arg("--config")
             .arg(&node.config)

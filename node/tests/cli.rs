@@ -10,6 +10,16 @@ use common::{Broker, Raw};
 use mqttbytes::v5::DisconnectReasonCode;
 use rampart_node::mqtt::codec::{Packet, ProtocolVersion};
 
+/// The variables README.md and docs/cluster.md tell an operator to export for `rampart admin`
+/// and `rampart pki`; a shell set up that way must still start a node.
+const README_ENVIRONMENT: [(&str, &str); 5] = [
+    ("RAMPART_ADMIN_ENDPOINT", "https://localhost:9443"),
+    ("RAMPART_ADMIN_CA", "rampart-dev/ca.pem"),
+    ("RAMPART_ADMIN_CERT", "rampart-dev/admins/admin.pem"),
+    ("RAMPART_ADMIN_KEY", "rampart-dev/admins/admin.key"),
+    ("RAMPART_PKI_DIR", "rampart-pki"),
+];
+
 #[test]
 fn bad_configuration_names_the_file_and_key_and_exits_2() {
     let dir = tempfile::tempdir().unwrap();
@@ -33,14 +43,15 @@ fn bad_configuration_names_the_file_and_key_and_exits_2() {
 }
 
 #[test]
-fn dev_mode_creates_its_pki_and_prints_how_to_connect() {
+fn dev_mode_with_the_readme_environment_creates_its_pki_and_prints_how_to_connect() {
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(common::binary())
         .args(["serve", "--dev"])
         .current_dir(dir.path())
-        .env("RAMPART_LISTENERS__TCP__BIND", "127.0.0.1:0")
-        .env("RAMPART_LISTENERS__TLS__BIND", "127.0.0.1:0")
-        .env("RAMPART_HTTP__BIND", "127.0.0.1:0")
+        .envs(README_ENVIRONMENT)
+        .env("RAMPART__LISTENERS__TCP__BIND", "127.0.0.1:0")
+        .env("RAMPART__LISTENERS__TLS__BIND", "127.0.0.1:0")
+        .env("RAMPART__HTTP__BIND", "127.0.0.1:0")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
