@@ -281,13 +281,13 @@ async fn a_node_is_added_as_learner_then_voter_and_removed() -> anyhow::Result<(
     let mut admin = cluster.admin(2).await?;
     admin.put_credential(put("before-join", false)).await?;
     let raft_addr = format!("127.0.0.1:{}", cluster.node(4).ports.cluster);
-    admin.add_node(AddNodeRequest { id: 4, raft_addr, quic_addr: String::new(), learner_only: false }).await?;
+    admin.add_node(AddNodeRequest { id: 4, raft_addr, quic_addr: String::new(), learner_only: false, options: None }).await?;
     // Node 2 may be a follower that learns the new membership a moment after the leader.
     wait_for_voters(&mut admin, &[1, 2, 3, 4]).await?;
     wait_until_everywhere(&cluster, &BTreeSet::from(["before-join".to_string()]), Duration::from_secs(30)).await?;
-    admin.remove_node(RemoveNodeRequest { id: 4 }).await?;
+    admin.remove_node(RemoveNodeRequest { id: 4, options: None }).await?;
     wait_for_voters(&mut admin, &[1, 2, 3]).await?;
-    let unknown = admin.remove_node(RemoveNodeRequest { id: 9 }).await.unwrap_err();
+    let unknown = admin.remove_node(RemoveNodeRequest { id: 9, options: None }).await.unwrap_err();
     assert_eq!(unknown.code(), Code::NotFound);
     let audit = admin.list_audit(ListAuditRequest { after_index: 0, limit: 100 }).await?.into_inner();
     let changes: Vec<_> =

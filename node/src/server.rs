@@ -141,7 +141,8 @@ async fn start_cluster_services(
     let ca_files: Vec<_> = client_cas.chain([admin_config.ca_file.clone()]).collect();
     let loaded = ca_files.iter().map(|f| crate::tls::load_certs(f)).collect::<Result<Vec<_>, _>>()?;
     let trusted_cas = loaded.into_iter().flatten().map(|c| c.to_vec()).collect();
-    let service = crate::admin::service::AdminService::new(cluster.clone(), auth.clone(), clients.clone(), trusted_cas);
+    let service =
+        crate::admin::service::AdminService::new(cluster.clone(), auth.clone(), clients.clone(), trusted_cas, config.auth_policy());
     let s = shutdown.clone();
     tasks.spawn(async move {
         if let Err(e) = crate::admin::serve(listener, &admin_config, service, s).await {

@@ -134,3 +134,34 @@ fn passwd_prints_an_argon2id_hash_and_refuses_an_empty_password() {
     assert!(rampart_node::auth::password::verify("s3cret", hash.trim()));
     assert!(!run("\n").status.success());
 }
+
+#[test]
+fn a_dev_cluster_whose_nodes_fail_exits_non_zero_with_the_first_error_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev_dir = dir.path().join("rampart-dev");
+    std::fs::create_dir_all(&dev_dir).unwrap();
+    // Every node reads the same state file at start; a bad one stops them all at once.
+    std::fs::write(dev_dir.join("auth.toml"), "[[credentials]]\nnmae = \"typo\"\n").unwrap();
+    let child = Command::new(common::binary())
+        .args(["serve", "--dev", "--cluster", "2"])
+        .current_dir(dir.path())
+        .envs(README_ENVIRONMENT)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let waiter = std::thread::spawn(move || child.wait_with_output().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(25);
+    while !waiter.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if !waiter.is_finished() {
+        let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        panic!("serve --dev --cluster 2 still running 25 s after its nodes failed");
+    }
+    let out = waiter.join().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("exited") && stderr.contains("auth.toml") && stderr.contains("nmae"), "{stderr}");
+}

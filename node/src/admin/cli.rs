@@ -417,10 +417,10 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
         }
         AdminCommand::Cluster(ClusterCommand::Status) => print(out, &client.cluster_status(ClusterStatusRequest {}).await?.into_inner()),
         AdminCommand::Cluster(ClusterCommand::AddNode { id, raft_addr, quic_addr, learner_only }) => {
-            print(out, &client.add_node(AddNodeRequest { id, raft_addr, quic_addr, learner_only }).await?.into_inner())
+            print(out, &client.add_node(AddNodeRequest { id, raft_addr, quic_addr, learner_only, options }).await?.into_inner())
         }
         AdminCommand::Cluster(ClusterCommand::RemoveNode { id }) => {
-            print(out, &client.remove_node(RemoveNodeRequest { id }).await?.into_inner())
+            print(out, &client.remove_node(RemoveNodeRequest { id, options }).await?.into_inner())
         }
         AdminCommand::Audit(AuditCommand::List { after, limit }) => {
             print(out, &client.list_audit(ListAuditRequest { after_index: after, limit }).await?.into_inner())

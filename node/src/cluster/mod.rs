@@ -96,6 +96,14 @@ pub fn unix_now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
+/// Where a committed entry has been applied, as far as the members answered.
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub done: Vec<NodeId>,
+    pub pending: Vec<NodeId>,
+    pub unreachable: Vec<NodeId>,
+}
+
 /// This node's Raft member.
 pub struct Cluster {
     pub id: NodeId,
@@ -282,17 +290,22 @@ impl Cluster {
         futures_util::future::join_all(asks).await
     }
 
-    /// Waits until every member has applied `index` or `timeout` passes; returns the members
-    /// that have and those that have not.
-    pub async fn wait_applied(&self, index: u64, timeout: Duration) -> (Vec<NodeId>, Vec<NodeId>) {
+    /// Waits until every member that answers has applied `index`, or `timeout` passes. Returns
+    /// the members that have applied it, those that answered but have not, and those that did
+    /// not answer (down or cut off: not waited for).
+    pub async fn wait_applied(&self, index: u64, timeout: Duration) -> Applied {
         let deadline = Instant::now() + timeout;
         loop {
-            let progress = self.progress_of_all(Duration::from_millis(500)).await;
-            let (done, pending): (Vec<_>, Vec<_>) =
-                progress.into_iter().partition(|(_, _, _, reply)| reply.as_ref().is_some_and(|r| r.applied_index >= index));
-            let ids = |v: Vec<(NodeId, NodeInfo, bool, Option<ProgressReply>)>| v.into_iter().map(|(id, ..)| id).collect::<Vec<_>>();
-            if pending.is_empty() || Instant::now() >= deadline {
-                return (ids(done), ids(pending));
+            let mut applied = Applied::default();
+            for (id, _, _, reply) in self.progress_of_all(Duration::from_millis(500)).await {
+                match reply {
+                    Some(reply) if reply.applied_index >= index => applied.done.push(id),
+                    Some(_) => applied.pending.push(id),
+                    None => applied.unreachable.push(id),
+                }
+            }
+            if applied.pending.is_empty() || Instant::now() >= deadline {
+                return applied;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
