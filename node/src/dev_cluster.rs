@@ -226,7 +226,7 @@ fn print_help(pki: &DevPki, children: &[DevNode], leader: u64) {
         println!("  mosquitto_sub {} -i {id} -t 'devices/{id}/#' -v", tls(1));
         println!("  mosquitto_pub {} -i {id}-pub -t devices/{id}/hello -m 'hello from {id}'", tls(1));
         println!("Revoke it everywhere at once (its connections drop on every node):");
-        println!("  rampart admin revoke --certificate {} --reason compromised --wait", cert.display());
+        println!("  rampart admin revoke --certificate {} --reason keyCompromise --wait", cert.display());
     }
     println!("\nStop with Ctrl-C.\n");
 }

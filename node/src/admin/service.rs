@@ -213,7 +213,7 @@ impl AdminService {
             .map(|entry| StateRevocation {
                 issuer: Some(issuer.clone()),
                 serial: Some(crate::pki::format_serial(entry.raw_serial())),
-                reason: entry.reason_code().map(|(_, code)| format!("{code}")).unwrap_or_else(|| "CRL".into()),
+                reason: entry.reason_code().and_then(|(_, code)| crate::pki::reason::name_of_code(code.0)).unwrap_or("unspecified").into(),
                 ..Default::default()
             })
             .collect();
@@ -223,7 +223,8 @@ impl AdminService {
 
 /// The revocations a `RevokeCertificates` request asks for: one per serial, or one rule.
 fn requested_revocations(r: &RevokeCertificatesRequest) -> Result<Vec<StateRevocation>, Status> {
-    let base = StateRevocation { issuer: r.issuer.clone(), reason: r.reason.clone(), ..Default::default() };
+    let reason = crate::pki::reason::normalize(&r.reason).map_err(|e| invalid(format!("reason: {e}")))?;
+    let base = StateRevocation { issuer: r.issuer.clone(), reason: reason.into(), ..Default::default() };
     let revocations = if !r.serials.is_empty() {
         if r.issuer.is_none() || r.identity_regex.is_some() || r.issued_before.is_some() {
             return Err(invalid("serials: give them with issuer only (serials are unique per issuer)".into()));
