@@ -66,7 +66,7 @@ impl Server {
         let http = if config.http.enabled {
             let socket = telemetry::http::bind(config.http.bind).await?;
             let addr = socket.local_addr()?;
-            tasks.spawn(telemetry::http::serve(socket, broker.clone(), ready.clone(), shutdown_rx.clone()));
+            tasks.spawn(telemetry::http::serve(socket, broker.clone(), ready.clone(), auth.clone(), shutdown_rx.clone()));
             Some(addr)
         } else {
             None
@@ -127,6 +127,7 @@ async fn start_cluster_services(
     };
     let listener = bind(cluster_config.bind, "cluster.bind").await?;
     tracing::info!(addr = %listener.local_addr()?, node_id = cluster_config.node_id, "cluster port");
+    tasks.spawn(crate::cluster::standing::watch(cluster.clone(), auth.clone(), shutdown.clone()));
     let (c, cl, a, s) = (cluster.clone(), clients.clone(), auth.clone(), shutdown.clone());
     tasks.spawn(async move {
         if let Err(e) = crate::cluster::service::serve(listener, &cluster_config, c, cl, a, s).await {

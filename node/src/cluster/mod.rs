@@ -9,6 +9,7 @@ pub mod command;
 pub mod log_store;
 pub mod network;
 pub mod service;
+pub mod standing;
 pub mod state_machine;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -271,6 +272,7 @@ impl Cluster {
             applied_index: *self.replica.applied().borrow(),
             term: metrics.current_term,
             leader_id: metrics.current_leader.unwrap_or_default(),
+            members: metrics.membership_config.membership().nodes().map(|(id, _)| *id).collect(),
         }
     }
 
