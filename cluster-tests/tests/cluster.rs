@@ -470,3 +470,19 @@ async fn the_admin_cli_reads_as_documented() -> anyhow::Result<()> {
     assert!(text(&refused).contains("rejected the client certificate"), "{}", text(&refused));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_start_logs_no_warnings() -> anyhow::Result<()> {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
+    let cluster = TestCluster::start(Options::default())?;
+    cluster.wait_for_leader(LEADER_TIMEOUT).await?;
+    for node in 1..=3 {
+        eventually(Duration::from_secs(10), "ready", || cluster.readyz(node).is_ok_and(|r| r.starts_with("HTTP/1.1 200"))).await?;
+    }
+    for node in 1..=3 {
+        let log = std::fs::read_to_string(&cluster.node(node).log)?;
+        let noisy: Vec<&str> = log.lines().filter(|l| l.contains(" WARN ") || l.contains(" ERROR ")).collect();
+        assert!(noisy.is_empty(), "node {node}:\n{}", noisy.join("\n"));
+    }
+    Ok(())
+}

@@ -161,8 +161,7 @@ impl Cluster {
         let members: BTreeMap<NodeId, NodeInfo> =
             config.members.iter().map(|m| (m.id, NodeInfo { raft_addr: m.raft_addr.clone(), quic_addr: m.quic_addr.clone() })).collect();
         if members.keys().next() == Some(&config.node_id) && !cluster.raft.is_initialized().await? {
-            tracing::info!(members = ?members.keys().collect::<Vec<_>>(), "initializing a new cluster");
-            cluster.raft.initialize(members).await.map_err(|e| anyhow::anyhow!("initializing the cluster: {e}"))?;
+            tokio::spawn(initialize_when_reachable(cluster.clone(), members));
         }
         if let Some(seed) = seed {
             tokio::spawn(propose_seed(cluster.clone(), seed));
@@ -317,6 +316,40 @@ impl Cluster {
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "Raft did not stop cleanly");
         }
+    }
+}
+
+/// How long the first member waits for the others before it initializes a new cluster anyway.
+const INITIALIZE_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Initializes a new cluster once every configured member answers on its cluster port, so the
+/// first election asks no node that is still starting (openraft logs each failed vote request
+/// as an error). After [`INITIALIZE_PATIENCE`] it goes ahead with whoever is up: a majority
+/// elects a leader, the others catch up when they start.
+async fn initialize_when_reachable(cluster: Arc<Cluster>, members: BTreeMap<NodeId, NodeInfo>) {
+    let started = Instant::now();
+    let mut told = false;
+    loop {
+        let asks = members.iter().filter(|(id, _)| **id != cluster.id).map(|(id, node)| {
+            let cluster = &cluster;
+            async move {
+                let ask = async { cluster.node_client(node).ok()?.progress(ProgressRequest {}).await.ok() };
+                tokio::time::timeout(Duration::from_secs(1), ask).await.ok().flatten().is_none().then_some(*id)
+            }
+        });
+        let missing: Vec<NodeId> = futures_util::future::join_all(asks).await.into_iter().flatten().collect();
+        if missing.is_empty() || started.elapsed() >= INITIALIZE_PATIENCE {
+            break;
+        }
+        if !told && started.elapsed() >= Duration::from_secs(5) {
+            told = true;
+            tracing::info!(?missing, "waiting for every configured member to start before initializing the cluster");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tracing::info!(members = ?members.keys().collect::<Vec<_>>(), "initializing a new cluster");
+    if let Err(e) = cluster.raft.initialize(members).await {
+        tracing::error!(error = %e, "initializing the cluster failed");
     }
 }
 
