@@ -191,7 +191,7 @@ async fn revoking_a_certificate_disconnects_it_on_every_node_and_refuses_it_ever
         assert_eq!(code, 0, "CONNACK on node {node}");
         live.push((node, tokio::spawn(client.wait_disconnect(Duration::from_secs(10)))));
     }
-    let request = RevokeCertificatesRequest { reason: "key compromise".into(), ..Default::default() };
+    let request = RevokeCertificatesRequest { reason: "keyCompromise".into(), ..Default::default() };
     let pem = std::fs::read(&cert)?;
     let der = rampart_node::pki::pem_to_der(&pem)?;
     let (_, parsed) = x509_parser::parse_x509_certificate(&der)?;

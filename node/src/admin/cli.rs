@@ -541,11 +541,11 @@ pub async fn connect(endpoint: &str, ca: Option<&Path>, identity: Option<(&Path,
 }
 
 /// What the CLI prints for a failed call: the gRPC code and message. A connection the server
-/// closed during the TLS handshake (gRPC reports "Unknown: transport error") almost always means
+/// closed during the TLS handshake almost always means
 /// it rejected the client certificate, so that is said, with what to check.
 pub fn describe_error(e: &anyhow::Error) -> String {
     match e.downcast_ref::<tonic::Status>() {
-        Some(status) if status.code() == tonic::Code::Unknown && status.message().contains("transport error") => format!(
+        Some(status) if closed_by_server(status) => format!(
             "the admin API closed the connection ({}): it most likely rejected the client certificate. Check that \
              --cert-file (RAMPART_ADMIN_CERT) is an admin certificate (`rampart pki issue-admin`) issued by the CA in the \
              node's [admin] ca_file, that it has not expired, and that --key-file (RAMPART_ADMIN_KEY) is its key",
@@ -554,6 +554,12 @@ pub fn describe_error(e: &anyhow::Error) -> String {
         Some(status) => format!("{:?}: {}", status.code(), status.message()),
         None => format!("{e:#}"),
     }
+}
+
+/// The call failed because the server ended the connection: tonic reports that as "Unknown:
+/// transport error" or, when the close wins the race with the request, "Cancelled".
+fn closed_by_server(status: &tonic::Status) -> bool {
+    matches!(status.code(), tonic::Code::Unknown if status.message().contains("transport error")) || status.code() == tonic::Code::Cancelled
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
