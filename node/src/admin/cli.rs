@@ -680,10 +680,8 @@ async fn import(client: &mut AdminClient<Channel>, file: &Path) -> anyhow::Resul
 fn print(output: Output, reply: &impl Serialize) -> anyhow::Result<()> {
     let value = readable(serde_json::to_value(reply)?);
     let write = if value["write"].is_object() { &value["write"] } else { &value };
-    let unconfirmed = match node_ids(&write["not_applied_on"]) {
-        Some(nodes) => Some(anyhow::anyhow!("committed, but not yet applied on {nodes} when the wait ended")),
-        None => None,
-    };
+    let unconfirmed =
+        node_ids(&write["not_applied_on"]).map(|nodes| anyhow::anyhow!("committed, but not yet applied on {nodes} when the wait ended"));
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&value)?),
         Output::Table => match write_summary(&value) {
