@@ -16,8 +16,13 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tonic::transport::Channel;
 
-/// The `rampart` binary of the same build (target/<profile>/rampart).
+/// The `rampart` binary: `$RAMPART_TEST_BINARY` when set (a target directory shared by several
+/// checkouts may hold another checkout's build), else the one of the same build
+/// (target/<profile>/rampart).
 pub fn rampart_binary() -> PathBuf {
+    if let Some(binary) = std::env::var_os("RAMPART_TEST_BINARY") {
+        return PathBuf::from(binary);
+    }
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().expect("exe dir");
     let dir = if dir.ends_with("deps") { dir.parent().expect("profile dir") } else { dir };
@@ -36,6 +41,8 @@ pub struct Ports {
     pub mtls: u16,
     pub cluster: u16,
     pub admin: u16,
+    /// Metrics and health (`/readyz`).
+    pub http: u16,
 }
 
 pub struct Node {
@@ -76,7 +83,8 @@ impl TestCluster {
         rampart_node::tls::install_crypto_provider();
         let dir = tempfile::tempdir()?;
         let pki = rampart_node::pki::ensure_dev_pki(&dir.path().join("pki"), options.nodes as usize)?;
-        let ports: Vec<Ports> = (0..options.nodes).map(|_| Ports { mtls: free_port(), cluster: free_port(), admin: free_port() }).collect();
+        let ports: Vec<Ports> =
+            (0..options.nodes).map(|_| Ports { mtls: free_port(), cluster: free_port(), admin: free_port(), http: free_port() }).collect();
         let members: String = (1..=options.initial_members)
             .map(|id| format!("[[cluster.members]]\nid = {id}\nraft_addr = \"127.0.0.1:{}\"\n", ports[id as usize - 1].cluster))
             .collect();
@@ -93,7 +101,7 @@ data_dir = "data-{id}"
 [log]
 level = "info,openraft=warn"
 [http]
-enabled = false
+bind = "127.0.0.1:{http}"
 [auth]
 state_file = {auth:?}
 [listeners.tcp]
@@ -123,6 +131,7 @@ ca_file = {ca:?}
                     mtls = p.mtls,
                     cluster = p.cluster,
                     admin = p.admin,
+                    http = p.http,
                     server_cert = pki.server_cert,
                     server_key = pki.server_key,
                     ca = pki.ca_cert,
@@ -143,11 +152,16 @@ ca_file = {ca:?}
         &self.nodes[id as usize - 1]
     }
 
-    /// Starts (or restarts) a node process, appending to its log.
+    /// Starts (or restarts) a node process, appending to its log. Like an operator's shell
+    /// after the README, the environment carries the admin CLI's variables.
     pub fn start_node(&mut self, id: u64) -> anyhow::Result<()> {
+        let (cert, key) = &self.pki.admin;
+        let admin_env = [("RAMPART_ADMIN_CA", &self.pki.ca_cert), ("RAMPART_ADMIN_CERT", cert), ("RAMPART_ADMIN_KEY", key)];
         let node = &mut self.nodes[id as usize - 1];
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&node.log)?;
         let child = Command::new(rampart_binary())
+            .envs(admin_env)
+            .env("RAMPART_ADMIN_ENDPOINT", format!("https://localhost:{}", node.ports.admin))
             .arg("serve")
             .arg("--config")
             .arg(&node.config)
@@ -227,6 +241,17 @@ ca_file = {ca:?}
             .env("RAMPART_ADMIN_KEY", key)
             .output()
             .expect("run rampart admin")
+    }
+
+    /// The status line and body of a node's `GET /readyz`.
+    pub fn readyz(&self, id: u64) -> anyhow::Result<String> {
+        use std::io::{Read, Write};
+        let mut tcp = std::net::TcpStream::connect(("127.0.0.1", self.node(id).ports.http))?;
+        tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
+        tcp.write_all(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+        let mut response = String::new();
+        tcp.read_to_string(&mut response)?;
+        Ok(response)
     }
 
     /// A device certificate (cert, key) issued by the cluster's CA.

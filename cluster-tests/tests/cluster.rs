@@ -1,5 +1,6 @@
 //! Three-node clusters as real processes on loopback: forwarding, leader loss under writes,
-//! catch-up by snapshot, fleet-wide revocation of live sessions, and refused admin calls.
+//! catch-up by snapshot, fleet-wide revocation of live sessions, refused admin calls, nodes that
+//! wait to be added and nodes that are removed, and the admin CLI as an operator reads it.
 //! Clusters run one at a time, so elections are not starved on small CI machines.
 
 use std::collections::BTreeSet;
@@ -190,7 +191,7 @@ async fn revoking_a_certificate_disconnects_it_on_every_node_and_refuses_it_ever
         assert_eq!(code, 0, "CONNACK on node {node}");
         live.push((node, tokio::spawn(client.wait_disconnect(Duration::from_secs(10)))));
     }
-    let request = RevokeCertificatesRequest { reason: "key compromise".into(), ..Default::default() };
+    let request = RevokeCertificatesRequest { reason: "keyCompromise".into(), ..Default::default() };
     let pem = std::fs::read(&cert)?;
     let der = rampart_node::pki::pem_to_der(&pem)?;
     let (_, parsed) = x509_parser::parse_x509_certificate(&der)?;
@@ -281,13 +282,13 @@ async fn a_node_is_added_as_learner_then_voter_and_removed() -> anyhow::Result<(
     let mut admin = cluster.admin(2).await?;
     admin.put_credential(put("before-join", false)).await?;
     let raft_addr = format!("127.0.0.1:{}", cluster.node(4).ports.cluster);
-    admin.add_node(AddNodeRequest { id: 4, raft_addr, quic_addr: String::new(), learner_only: false }).await?;
+    admin.add_node(AddNodeRequest { id: 4, raft_addr, quic_addr: String::new(), learner_only: false, options: None }).await?;
     // Node 2 may be a follower that learns the new membership a moment after the leader.
     wait_for_voters(&mut admin, &[1, 2, 3, 4]).await?;
     wait_until_everywhere(&cluster, &BTreeSet::from(["before-join".to_string()]), Duration::from_secs(30)).await?;
-    admin.remove_node(RemoveNodeRequest { id: 4 }).await?;
+    admin.remove_node(RemoveNodeRequest { id: 4, options: None }).await?;
     wait_for_voters(&mut admin, &[1, 2, 3]).await?;
-    let unknown = admin.remove_node(RemoveNodeRequest { id: 9 }).await.unwrap_err();
+    let unknown = admin.remove_node(RemoveNodeRequest { id: 9, options: None }).await.unwrap_err();
     assert_eq!(unknown.code(), Code::NotFound);
     let audit = admin.list_audit(ListAuditRequest { after_index: 0, limit: 100 }).await?.into_inner();
     let changes: Vec<_> =
@@ -321,7 +322,7 @@ async fn the_cli_imports_credentials_in_batches_imports_a_crl_and_reports_errors
     let pki = cluster.dir.path().join("pki");
     let (cert, key) = cluster.issue_device("meter-1")?;
     let rampart = rampart_cluster_tests::rampart_binary();
-    for args in [vec!["revoke", cert.to_str().expect("utf-8")], vec!["crl"]] {
+    for args in [vec!["revoke", cert.to_str().expect("utf-8"), "--reason", "keyCompromise"], vec!["crl"]] {
         let out = std::process::Command::new(&rampart).arg("pki").arg("--dir").arg(&pki).args(&args).output()?;
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
@@ -333,13 +334,155 @@ async fn the_cli_imports_credentials_in_batches_imports_a_crl_and_reports_errors
         let log = std::fs::read_to_string(&cluster.node(node).log)?;
         assert_eq!(code, 0x87, "node {node}: {}\n{}", String::from_utf8_lossy(&imported.stdout), &log[log.len().saturating_sub(3000)..]);
     }
+    // The CRL's reason arrives under the RFC 5280 name `rampart pki revoke` took.
+    let listed = cluster.cli(1, &["--output", "json", "revocations"]);
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout)?;
+    assert_eq!(listed["revocations"][0]["reason"], "keyCompromise", "{listed}");
     let foreign = cluster.dir.path().join("foreign-crl.pem");
     std::fs::write(&foreign, b"-----BEGIN X509 CRL-----\nMIIB\n-----END X509 CRL-----\n")?;
     let refused = cluster.cli(1, &["import-crl", foreign.to_str().expect("utf-8")]);
     assert_eq!(refused.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("InvalidArgument"), "{}", String::from_utf8_lossy(&refused.stderr));
-    let bad_regex = cluster.cli(1, &["revoke", "--identity-regex", "(", "--reason", "x"]);
+    let bad_regex = cluster.cli(1, &["revoke", "--identity-regex", "(", "--reason", "superseded"]);
     assert_eq!(bad_regex.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad_regex.stderr).contains("identity_regex"));
+    Ok(())
+}
+
+/// Polls `check` every 200 ms until it holds or `timeout` passes.
+async fn eventually(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        anyhow::ensure!(Instant::now() < deadline, "{what}: not within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
+fn text(out: &std::process::Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_serves_only_while_a_member_and_wait_skips_a_stopped_node() -> anyhow::Result<()> {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
+    let cluster = TestCluster::start(Options { nodes: 4, initial_members: 3, ..Options::default() })?;
+    cluster.wait_for_leader(LEADER_TIMEOUT).await?;
+    let log = |id: u64| std::fs::read_to_string(&cluster.node(id).log).unwrap_or_default();
+    let (id, cert, key) = cluster.pki.devices[0].clone();
+    let connect = |node: u64| {
+        let (cert, key, client_id) = (cert.clone(), key.clone(), id.clone());
+        let ca = cluster.pki.ca_cert.clone();
+        let port = cluster.node(node).ports.mtls;
+        async move { mqtt_connect(port, &ca, &cert, &key, &client_id).await }
+    };
+
+    // Node 4 is not a member yet: not ready, refuses clients (0x88 server unavailable), says so.
+    assert!(cluster.readyz(4)?.contains("503"), "{}", cluster.readyz(4)?);
+    assert_eq!(connect(4).await?.0, 0x88);
+    eventually(Duration::from_secs(15), "node 4 logs that it waits to be added", || log(4).contains("waiting to be added")).await?;
+    for node in 1..=3 {
+        assert!(cluster.readyz(node)?.starts_with("HTTP/1.1 200"), "node {node}");
+    }
+
+    let raft_addr = format!("127.0.0.1:{}", cluster.node(4).ports.cluster);
+    let added = cluster.cli(1, &["--wait", "cluster", "add-node", "--id", "4", "--raft-addr", &raft_addr]);
+    assert!(added.status.success(), "{}", text(&added));
+    eventually(Duration::from_secs(30), "node 4 ready", || cluster.readyz(4).is_ok_and(|r| r.starts_with("HTTP/1.1 200"))).await?;
+    let (code, client) = connect(4).await?;
+    assert_eq!(code, 0, "{}", log(4));
+
+    // Removed, node 4 drops its client, refuses new ones, is not ready and says why.
+    let removed = cluster.cli(1, &["--wait", "cluster", "remove-node", "4"]);
+    assert!(removed.status.success(), "{}", text(&removed));
+    assert!(text(&removed).contains("applied on nodes 1, 2, 3"), "{}", text(&removed));
+    client.wait_disconnect(Duration::from_secs(10)).await?;
+    assert_eq!(connect(4).await?.0, 0x88);
+    let readyz = cluster.readyz(4)?;
+    assert!(readyz.contains("503") && readyz.contains("removed from the cluster"), "{readyz}");
+    assert!(log(4).contains("this node was removed from the cluster"), "{}", log(4));
+
+    // With node 3 stopped, --wait waits for the nodes that answer and names the one that did not.
+    let mut cluster = cluster;
+    cluster.stop(3);
+    let put = cluster.cli(1, &["--wait", "credential", "put", "--name", "after-stop", "--identity", "after-stop"]);
+    assert!(put.status.success(), "{}", text(&put));
+    assert!(text(&put).contains("node 3 did not answer"), "{}", text(&put));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_cli_reads_as_documented() -> anyhow::Result<()> {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
+    let cluster = TestCluster::start(Options { nodes: 1, initial_members: 1, ..Options::default() })?;
+    cluster.wait_for_leader(LEADER_TIMEOUT).await?;
+    eventually(Duration::from_secs(10), "ready", || cluster.readyz(1).is_ok_and(|r| r.starts_with("HTTP/1.1 200"))).await?;
+    let put = cluster.cli(1, &["credential", "put", "--name", "plc-2", "--identity", "plc-2", "--allow", "readwrite:plants/%u/#"]);
+    assert!(put.status.success(), "{}", text(&put));
+    assert!(text(&put).starts_with("credential \"plc-2\" created. Committed at log index"), "{}", text(&put));
+
+    // The dry run applies client_id_policy (default prefix) exactly as a CONNECT would.
+    let check = |client_id: &str| {
+        let out =
+            cluster.cli(1, &["--output", "json", "check-access", "--identity", "plc-2", "--action", "connect", "--client-id", client_id]);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap_or_default()
+    };
+    let other = check("other");
+    assert_eq!(other["allowed"], false, "{other}");
+    assert!(
+        other["decided_by"].as_str().unwrap_or_default().contains("client_id_policy prefix")
+            || other["decided_by"].as_str().unwrap_or_default().contains("client_id_policy"),
+        "{other}"
+    );
+    let own = check("plc-2-telemetry");
+    assert_eq!(own["allowed"], true, "{own}");
+
+    // Reasons are RFC 5280 names, whatever the case typed; free text is refused.
+    let revoke = cluster.cli(1, &["revoke", "--issuer", "CN=Somebody", "--serial", "0A", "--reason", "KEYCOMPROMISE"]);
+    assert!(revoke.status.success(), "{}", text(&revoke));
+    assert!(text(&revoke).contains("1 revocations added (revocation ids 1;"), "{}", text(&revoke));
+    let free_text = cluster.cli(1, &["revoke", "--issuer", "CN=Somebody", "--serial", "0B", "--reason", "lost"]);
+    assert_eq!(free_text.status.code(), Some(2));
+    assert!(text(&free_text).contains("cessationOfOperation"), "{}", text(&free_text));
+
+    // Tables: key column first, RFC 3339 times, no cursor when there is no next page.
+    let table = cluster.cli(1, &["revocations"]);
+    let table = text(&table);
+    let header = table.lines().find(|l| l.starts_with("ID")).unwrap_or_default();
+    assert!(header.starts_with("ID  "), "{table}");
+    assert!(table.lines().any(|l| l.starts_with("1 ") && l.contains("keyCompromise") && l.contains('T') && l.contains("Z ")), "{table}");
+    assert!(!table.contains("next_page_after_id"), "{table}");
+    let json = cluster.cli(1, &["--output", "json", "revocations"]);
+    let json: serde_json::Value = serde_json::from_slice(&json.stdout)?;
+    assert!(json["revocations"][0]["revoked_at"].is_i64(), "{json}");
+
+    // An admin certificate from another CA: the message says what to check.
+    let foreign = rampart_node::pki::ensure_dev_pki(&cluster.dir.path().join("foreign"), 0)?;
+    let (cert, key) = &foreign.admin;
+    let refused = std::process::Command::new(rampart_cluster_tests::rampart_binary())
+        .args(["admin", "cluster", "status"])
+        .env("RAMPART_ADMIN_ENDPOINT", format!("https://localhost:{}", cluster.node(1).ports.admin))
+        .env("RAMPART_ADMIN_CA", &cluster.pki.ca_cert)
+        .env("RAMPART_ADMIN_CERT", cert)
+        .env("RAMPART_ADMIN_KEY", key)
+        .output()?;
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(text(&refused).contains("rejected the client certificate"), "{}", text(&refused));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_start_logs_no_warnings() -> anyhow::Result<()> {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
+    let cluster = TestCluster::start(Options::default())?;
+    cluster.wait_for_leader(LEADER_TIMEOUT).await?;
+    for node in 1..=3 {
+        eventually(Duration::from_secs(10), "ready", || cluster.readyz(node).is_ok_and(|r| r.starts_with("HTTP/1.1 200"))).await?;
+    }
+    for node in 1..=3 {
+        let log = std::fs::read_to_string(&cluster.node(node).log)?;
+        let noisy: Vec<&str> = log.lines().filter(|l| l.contains(" WARN ") || l.contains(" ERROR ")).collect();
+        assert!(noisy.is_empty(), "node {node}:\n{}", noisy.join("\n"));
+    }
     Ok(())
 }

@@ -1,10 +1,14 @@
 //! `rampart serve --dev --cluster N`: a local cluster of N node processes on 127.0.0.1 with a
 //! generated PKI. Writes one config per node under `<dev dir>/cluster/`, starts the nodes
 //! (each logging to its own file), waits for a leader, prints how to use the cluster, and stops
-//! every node on Ctrl-C or SIGTERM. Data stays in the dev folder and is reused next time.
+//! every node on Ctrl-C or SIGTERM. A node that exits, or no leader, is a failure: the others are
+//! stopped, the first error line of the failing node's log is printed, and the command exits
+//! non-zero. Data stays in the dev folder and is reused next time.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use std::process::ExitStatus;
 
 use tokio::process::{Child, Command};
 
@@ -77,7 +81,17 @@ ca_file = {ca:?}
     )
 }
 
-/// Runs the development cluster until Ctrl-C or SIGTERM.
+/// One node process of the development cluster.
+struct DevNode {
+    n: u16,
+    child: Child,
+    log: PathBuf,
+    /// Length of the log (appended to across runs) when this run started it.
+    log_start: u64,
+}
+
+/// Runs the development cluster until Ctrl-C or SIGTERM; an error when a node exits or no
+/// leader is elected.
 pub async fn run(dir: &Path, nodes: u16) -> anyhow::Result<()> {
     anyhow::ensure!((1..=9).contains(&nodes), "--cluster takes 1 to 9 nodes");
     let dir = std::path::absolute(dir)?;
@@ -85,42 +99,74 @@ pub async fn run(dir: &Path, nodes: u16) -> anyhow::Result<()> {
     let cluster_dir = dir.join("cluster");
     std::fs::create_dir_all(&cluster_dir)?;
     let exe = std::env::current_exe()?;
-    let mut children: Vec<(u16, Child, PathBuf)> = Vec::new();
+    let mut children: Vec<DevNode> = Vec::new();
     for n in 1..=nodes {
         let config = cluster_dir.join(format!("node-{n}.toml"));
         std::fs::write(&config, node_config(&pki, n, nodes))?;
         let log = cluster_dir.join(format!("node-{n}.log"));
         let out = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let log_start = out.metadata()?.len();
         let child =
             Command::new(&exe).arg("serve").arg("--config").arg(&config).stdout(out.try_clone()?).stderr(out).kill_on_drop(true).spawn()?;
-        children.push((n, child, log));
+        children.push(DevNode { n, child, log, log_start });
     }
     println!("Starting {nodes} nodes (logs in {})…", cluster_dir.display());
-    let leader = wait_for_leader(&pki).await;
-    match leader {
-        Ok(leader) => print_help(&pki, &children, leader),
-        Err(e) => eprintln!("no leader yet ({e:#}); see the node logs"),
-    }
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut terminate = signal(SignalKind::terminate())?;
-    let exited = futures_util::future::select_all(children.iter_mut().map(|(_, child, _)| Box::pin(child.wait())));
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
-        (status, index, _) = exited => eprintln!("node {} exited ({status:?}); stopping the others", index + 1),
+    let started = tokio::select! {
+        leader = wait_for_leader(&pki) => leader.map_err(|e| anyhow::anyhow!("no leader: {e:#}; see the node logs in {}", cluster_dir.display())),
+        (index, status) = first_exit(&mut children) => Err(node_failed(&children[index], status)),
+    };
+    let result = match started {
+        Ok(leader) => {
+            print_help(&pki, &children, leader);
+            use tokio::signal::unix::{signal, SignalKind};
+            let mut terminate = signal(SignalKind::terminate())?;
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => Ok(()),
+                _ = terminate.recv() => Ok(()),
+                (index, status) = first_exit(&mut children) => Err(node_failed(&children[index], status)),
+            }
+        }
+        Err(e) => Err(e),
+    };
+    if let Err(e) = &result {
+        eprintln!("rampart: {e:#}");
     }
     println!("\nStopping the cluster…");
-    for (n, child, _) in &mut children {
-        if let Some(pid) = child.id() {
+    for node in &mut children {
+        if let Some(pid) = node.child.id() {
             // SAFETY: kill(2) on the PID of a child this process started and has not reaped.
             unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
         }
-        if tokio::time::timeout(Duration::from_secs(10), child.wait()).await.is_err() {
-            eprintln!("node {n} did not stop within 10 s; killing it");
-            let _ = child.kill().await;
+        if tokio::time::timeout(Duration::from_secs(10), node.child.wait()).await.is_err() {
+            eprintln!("node {} did not stop within 10 s; killing it", node.n);
+            let _ = node.child.kill().await;
         }
     }
-    Ok(())
+    result.map_err(|_| anyhow::anyhow!("the development cluster stopped because of the error above"))
+}
+
+/// Waits until one of the nodes exits: its index and exit status.
+async fn first_exit(children: &mut [DevNode]) -> (usize, std::io::Result<ExitStatus>) {
+    let (status, index, _) = futures_util::future::select_all(children.iter_mut().map(|node| Box::pin(node.child.wait()))).await;
+    (index, status)
+}
+
+/// The error for a node that exited: its status and the first error line it logged this run.
+fn node_failed(node: &DevNode, status: std::io::Result<ExitStatus>) -> anyhow::Error {
+    let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
+    match first_error_line(&node.log, node.log_start) {
+        Some(line) => anyhow::anyhow!("node {} exited ({status}): {line}\n(full log: {})", node.n, node.log.display()),
+        None => anyhow::anyhow!("node {} exited ({status}); see its log {}", node.n, node.log.display()),
+    }
+}
+
+/// The first line logged at ERROR, or printed by `rampart` before logging started, after
+/// `start` bytes of a node log.
+fn first_error_line(log: &Path, start: u64) -> Option<String> {
+    let text = std::fs::read(log).ok()?;
+    let text = String::from_utf8_lossy(text.get(start as usize..)?);
+    let is_error = |line: &&str| line.starts_with("rampart:") || line.contains(" ERROR ") || line.contains("\"level\":\"ERROR\"");
+    text.lines().find(is_error).map(|line| line.trim().to_string())
 }
 
 async fn wait_for_leader(pki: &DevPki) -> anyhow::Result<u64> {
@@ -142,9 +188,9 @@ async fn wait_for_leader(pki: &DevPki) -> anyhow::Result<u64> {
     }
 }
 
-fn print_help(pki: &DevPki, children: &[(u16, Child, PathBuf)], leader: u64) {
+fn print_help(pki: &DevPki, children: &[DevNode], leader: u64) {
     println!("\nRampart development cluster: {} nodes, leader is node {leader}.", children.len());
-    for (n, _, log) in children {
+    for DevNode { n, log, .. } in children {
         let p = ports(*n);
         println!(
             "  node {n}: MQTT 127.0.0.1:{}  mTLS localhost:{}  admin https://localhost:{}  metrics http://127.0.0.1:{}/metrics  log {}",
@@ -180,7 +226,7 @@ fn print_help(pki: &DevPki, children: &[(u16, Child, PathBuf)], leader: u64) {
         println!("  mosquitto_sub {} -i {id} -t 'devices/{id}/#' -v", tls(1));
         println!("  mosquitto_pub {} -i {id}-pub -t devices/{id}/hello -m 'hello from {id}'", tls(1));
         println!("Revoke it everywhere at once (its connections drop on every node):");
-        println!("  rampart admin revoke --certificate {} --reason compromised --wait", cert.display());
+        println!("  rampart admin revoke --certificate {} --reason keyCompromise --wait", cert.display());
     }
     println!("\nStop with Ctrl-C.\n");
 }

@@ -68,10 +68,7 @@ fn main() -> ExitCode {
             match runtime.block_on(rampart_node::admin::cli::run(*args)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    match e.downcast_ref::<tonic::Status>() {
-                        Some(status) => eprintln!("rampart admin: {:?}: {}", status.code(), status.message()),
-                        None => eprintln!("rampart admin: {e:#}"),
-                    }
+                    eprintln!("rampart admin: {}", rampart_node::admin::cli::describe_error(&e));
                     ExitCode::FAILURE
                 }
             }

@@ -67,7 +67,7 @@ impl Server {
         let http = if config.http.enabled {
             let socket = telemetry::http::bind(config.http.bind).await?;
             let addr = socket.local_addr()?;
-            tasks.spawn(telemetry::http::serve(socket, broker.clone(), ready.clone(), shutdown_rx.clone()));
+            tasks.spawn(telemetry::http::serve(socket, broker.clone(), ready.clone(), auth.clone(), shutdown_rx.clone()));
             Some(addr)
         } else {
             None
@@ -128,6 +128,7 @@ async fn start_cluster_services(
     };
     let listener = bind(cluster_config.bind, "cluster.bind").await?;
     tracing::info!(addr = %listener.local_addr()?, node_id = cluster_config.node_id, "cluster port");
+    tasks.spawn(crate::cluster::standing::watch(cluster.clone(), auth.clone(), shutdown.clone()));
     let (c, cl, a, s) = (cluster.clone(), clients.clone(), auth.clone(), shutdown.clone());
     tasks.spawn(async move {
         if let Err(e) = crate::cluster::service::serve(listener, &cluster_config, c, cl, a, s).await {
@@ -142,7 +143,8 @@ async fn start_cluster_services(
     let ca_files: Vec<_> = client_cas.chain([admin_config.ca_file.clone()]).collect();
     let loaded = ca_files.iter().map(|f| crate::tls::load_certs(f)).collect::<Result<Vec<_>, _>>()?;
     let trusted_cas = loaded.into_iter().flatten().map(|c| c.to_vec()).collect();
-    let service = crate::admin::service::AdminService::new(cluster.clone(), auth.clone(), clients.clone(), trusted_cas);
+    let service =
+        crate::admin::service::AdminService::new(cluster.clone(), auth.clone(), clients.clone(), trusted_cas, config.auth_policy());
     let s = shutdown.clone();
     tasks.spawn(async move {
         if let Err(e) = crate::admin::serve(listener, &admin_config, service, s).await {

@@ -10,6 +10,16 @@ use common::{Broker, Raw};
 use mqttbytes::v5::DisconnectReasonCode;
 use rampart_node::mqtt::codec::{Packet, ProtocolVersion};
 
+/// The variables README.md and docs/cluster.md tell an operator to export for `rampart admin`
+/// and `rampart pki`; a shell set up that way must still start a node.
+const README_ENVIRONMENT: [(&str, &str); 5] = [
+    ("RAMPART_ADMIN_ENDPOINT", "https://localhost:9443"),
+    ("RAMPART_ADMIN_CA", "rampart-dev/ca.pem"),
+    ("RAMPART_ADMIN_CERT", "rampart-dev/admins/admin.pem"),
+    ("RAMPART_ADMIN_KEY", "rampart-dev/admins/admin.key"),
+    ("RAMPART_PKI_DIR", "rampart-pki"),
+];
+
 #[test]
 fn bad_configuration_names_the_file_and_key_and_exits_2() {
     let dir = tempfile::tempdir().unwrap();
@@ -34,14 +44,15 @@ fn bad_configuration_names_the_file_and_key_and_exits_2() {
 }
 
 #[test]
-fn dev_mode_creates_its_pki_and_prints_how_to_connect() {
+fn dev_mode_with_the_readme_environment_creates_its_pki_and_prints_how_to_connect() {
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(common::binary())
         .args(["serve", "--dev"])
         .current_dir(dir.path())
-        .env("RAMPART_LISTENERS__TCP__BIND", "127.0.0.1:0")
-        .env("RAMPART_LISTENERS__TLS__BIND", "127.0.0.1:0")
-        .env("RAMPART_HTTP__BIND", "127.0.0.1:0")
+        .envs(README_ENVIRONMENT)
+        .env("RAMPART__LISTENERS__TCP__BIND", "127.0.0.1:0")
+        .env("RAMPART__LISTENERS__TLS__BIND", "127.0.0.1:0")
+        .env("RAMPART__HTTP__BIND", "127.0.0.1:0")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -123,4 +134,35 @@ fn passwd_prints_an_argon2id_hash_and_refuses_an_empty_password() {
     assert!(hash.trim().starts_with("$argon2id$"), "{hash}");
     assert!(rampart_node::auth::password::verify("s3cret", hash.trim()));
     assert!(!run("\n").status.success());
+}
+
+#[test]
+fn a_dev_cluster_whose_nodes_fail_exits_non_zero_with_the_first_error_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev_dir = dir.path().join("rampart-dev");
+    std::fs::create_dir_all(&dev_dir).unwrap();
+    // Every node reads the same state file at start; a bad one stops them all at once.
+    std::fs::write(dev_dir.join("auth.toml"), "[[credentials]]\nnmae = \"typo\"\n").unwrap();
+    let child = Command::new(common::binary())
+        .args(["serve", "--dev", "--cluster", "2"])
+        .current_dir(dir.path())
+        .envs(README_ENVIRONMENT)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let waiter = std::thread::spawn(move || child.wait_with_output().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(25);
+    while !waiter.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if !waiter.is_finished() {
+        let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        panic!("serve --dev --cluster 2 still running 25 s after its nodes failed");
+    }
+    let out = waiter.join().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("exited") && stderr.contains("auth.toml") && stderr.contains("nmae"), "{stderr}");
 }

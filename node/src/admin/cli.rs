@@ -17,24 +17,30 @@ use crate::auth::state::AuthState;
 #[derive(Debug, Args)]
 pub struct AdminArgs {
     /// Admin API of any node.
-    #[arg(long, global = true, env = "RAMPART_ADMIN_ENDPOINT", default_value = "https://localhost:9443")]
+    #[arg(long, global = true, env = "RAMPART_ADMIN_ENDPOINT", default_value = "https://localhost:9443", help_heading = CONNECTION)]
     pub endpoint: String,
     /// CA bundle the admin API's server certificate chains to.
-    #[arg(long, global = true, env = "RAMPART_ADMIN_CA")]
+    #[arg(long, global = true, env = "RAMPART_ADMIN_CA", help_heading = CONNECTION)]
     pub ca_file: Option<PathBuf>,
-    /// Admin certificate (from `rampart pki issue-admin`) and its key.
-    #[arg(long, global = true, env = "RAMPART_ADMIN_CERT")]
+    /// Admin certificate (from `rampart pki issue-admin`), with --key-file.
+    #[arg(long, global = true, env = "RAMPART_ADMIN_CERT", help_heading = CONNECTION)]
     pub cert_file: Option<PathBuf>,
-    #[arg(long, global = true, env = "RAMPART_ADMIN_KEY")]
+    /// Private key of the admin certificate.
+    #[arg(long, global = true, env = "RAMPART_ADMIN_KEY", help_heading = CONNECTION)]
     pub key_file: Option<PathBuf>,
-    #[arg(long, global = true, value_enum, default_value = "table")]
+    /// Tables and sentences for people, or the API's reply as JSON for scripts.
+    #[arg(long, global = true, value_enum, default_value = "table", help_heading = CONNECTION)]
     pub output: Output,
-    /// For writes: return once every node has applied the change.
-    #[arg(long, global = true)]
+    /// For writes: return once every reachable node has applied the change (nodes that do not
+    /// answer are listed, not waited for).
+    #[arg(long, global = true, help_heading = CONNECTION)]
     pub wait: bool,
     #[command(subcommand)]
     pub command: AdminCommand,
 }
+
+/// Help heading of the options every admin command takes.
+const CONNECTION: &str = "Connection and output (every command)";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Output {
@@ -59,29 +65,39 @@ pub enum AdminCommand {
     /// Revoke certificates on every node: by serial, identity regex, issuer or issue time.
     Revoke(RevokeArgs),
     /// Import a CRL (PEM or DER) signed by a CA the nodes trust for clients.
-    ImportCrl { file: PathBuf },
+    ImportCrl {
+        /// The CRL file.
+        file: PathBuf,
+    },
     /// List revocations.
     Revocations {
+        /// Only revocations of this issuer DN.
         #[arg(long)]
         issuer: Option<String>,
     },
     /// Undo revocations by id.
     Unrevoke {
+        /// Revocation ids (from `revocations`).
         #[arg(required = true)]
         ids: Vec<u64>,
     },
     /// Clients connected anywhere in the cluster.
     Sessions {
+        /// Only clients of this node (0: every node).
         #[arg(long, default_value_t = 0)]
         node: u64,
+        /// Only clients whose client id or identity contains this.
         #[arg(long, default_value = "")]
         contains: String,
+        /// At most this many rows (0: all).
         #[arg(long, default_value_t = 0)]
         limit: u32,
     },
     /// Disconnect a client wherever it is connected.
     Kick {
+        /// The client id to disconnect.
         client_id: String,
+        /// Why, for the log.
         #[arg(long, default_value = "")]
         reason: String,
     },
@@ -99,36 +115,51 @@ pub enum AdminCommand {
 pub enum CredentialCommand {
     /// Create or replace a credential.
     Put(Box<CredentialArgs>),
+    /// Show one credential.
     Get {
+        /// Credential name.
         name: String,
     },
+    /// List credentials, filtered.
     List {
         /// Name, identity or user name contains this.
         #[arg(long, default_value = "")]
         contains: String,
+        /// Only credentials of this client type.
         #[arg(long, value_enum)]
         client_type: Option<ClientTypeArg>,
+        /// Only enabled (true) or disabled (false) credentials.
         #[arg(long)]
         enabled: Option<bool>,
+        /// Only credentials with this role.
         #[arg(long)]
         role: Option<String>,
+        /// Credentials per page (at most 1000).
         #[arg(long, default_value_t = 100)]
         page_size: u32,
+        /// Start after this credential name (the previous page's `next_page_after`).
         #[arg(long, default_value = "")]
         page_after: String,
     },
+    /// Delete a credential; its live connections are closed.
     Delete {
+        /// Credential name.
         name: String,
     },
+    /// Enable a credential.
     Enable {
+        /// Credential name.
         name: String,
     },
+    /// Disable a credential; its live connections are closed.
     Disable {
+        /// Credential name.
         name: String,
     },
     /// Create or replace every credential of a state file (`[[credentials]]` tables, as in
     /// `auth.state_file`), streamed in batches.
     Import {
+        /// The state file (TOML).
         file: PathBuf,
     },
 }
@@ -152,12 +183,14 @@ pub struct RuleArgs {
     /// Deny an MQTT topic filter (deny rules win).
     #[arg(long = "deny")]
     deny: Vec<String>,
+    /// Deny topics matching a regex.
     #[arg(long = "deny-regex")]
     deny_regex: Vec<String>,
 }
 
 #[derive(Debug, Args)]
 pub struct CredentialArgs {
+    /// Credential name (unique).
     #[arg(long)]
     name: String,
     /// Exact certificate identity.
@@ -166,6 +199,7 @@ pub struct CredentialArgs {
     /// Regex over the certificate identity.
     #[arg(long, group = "kind")]
     identity_regex: Option<String>,
+    /// With --identity-regex: the highest priority wins when several regexes match.
     #[arg(long, default_value_t = 0)]
     priority: i32,
     /// Only certificates from this issuer DN.
@@ -174,16 +208,21 @@ pub struct CredentialArgs {
     /// User name of a password credential (with --hash from `rampart passwd`).
     #[arg(long, group = "kind", requires = "hash")]
     username: Option<String>,
+    /// argon2id hash of the password (`rampart passwd`).
     #[arg(long)]
     hash: Option<String>,
+    /// With --username: the only client id it may connect with.
     #[arg(long)]
     client_id: Option<String>,
+    /// Queue limits and persistence of its sessions.
     #[arg(long, value_enum, default_value = "device")]
     client_type: ClientTypeArg,
+    /// A role whose rules it gets (repeatable).
     #[arg(long)]
     role: Vec<String>,
     #[command(flatten)]
     rules: RuleArgs,
+    /// Create it disabled.
     #[arg(long)]
     disabled: bool,
     /// Fail if a credential of that name exists.
@@ -193,33 +232,44 @@ pub struct CredentialArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum RoleCommand {
+    /// Create or replace a role.
     Put {
+        /// Role name.
         #[arg(long)]
         name: String,
         #[command(flatten)]
         rules: RuleArgs,
     },
+    /// Delete a role no credential uses.
     Delete {
+        /// Role name.
         name: String,
     },
+    /// List roles with their rules.
     List,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum StateFileCommand {
+    /// Show them.
     Get,
     /// Replace them with the `[defaults]` table of a state file.
     Set {
+        /// The state file (TOML).
         file: PathBuf,
     },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum ClientTypesCommand {
+    /// Show them.
     Get,
+    /// Set them (an option left out keeps the node's configured limit).
     Set {
+        /// Offline queue limit of DEVICE sessions, in messages.
         #[arg(long)]
         device_max_queued: Option<u64>,
+        /// Offline queue limit of APPLICATION sessions, in messages.
         #[arg(long)]
         application_max_queued: Option<u64>,
     },
@@ -230,6 +280,7 @@ pub struct RevokeArgs {
     /// A certificate file (PEM): revokes its issuer and serial.
     #[arg(long)]
     certificate: Vec<PathBuf>,
+    /// Issuer DN: with --serial, those certificates; alone, every certificate of that issuer.
     #[arg(long)]
     issuer: Option<String>,
     /// Serials (hex) of certificates of --issuer.
@@ -241,25 +292,38 @@ pub struct RevokeArgs {
     /// Every certificate issued before this time (RFC 3339 or seconds since the epoch).
     #[arg(long)]
     issued_before: Option<String>,
-    #[arg(long, default_value = "")]
+    /// RFC 5280 reason: unspecified, keyCompromise, cACompromise, affiliationChanged,
+    /// superseded, cessationOfOperation, certificateHold, removeFromCRL, privilegeWithdrawn or
+    /// aACompromise.
+    #[arg(long, default_value = "unspecified", value_parser = parse_reason)]
     reason: String,
+}
+
+fn parse_reason(text: &str) -> Result<String, String> {
+    crate::pki::reason::normalize(text).map(str::to_string)
 }
 
 #[derive(Debug, Args)]
 pub struct CheckAccessArgs {
+    /// Certificate identity (or, with --password-user, user name) of the client.
     #[arg(long)]
     identity: String,
+    /// Issuer DN of its certificate (for revocations and issuer-bound credentials).
     #[arg(long, default_value = "")]
     issuer: String,
+    /// Serial (hex) of its certificate (for revocations).
     #[arg(long, default_value = "")]
     serial: String,
     /// The identity is the user name of a password credential.
     #[arg(long)]
     password_user: bool,
+    /// Client id of the CONNECT (default: the identity).
     #[arg(long, default_value = "")]
     client_id: String,
+    /// What to check.
     #[arg(long, value_enum)]
     action: ActionArg,
+    /// Topic name (publish) or filter (subscribe).
     #[arg(long, default_value = "")]
     topic: String,
 }
@@ -273,33 +337,44 @@ pub enum ActionArg {
 
 #[derive(Debug, Subcommand)]
 pub enum ClusterCommand {
+    /// Members, leader, and how far each node has applied the log.
     Status,
     /// Add a node: it catches up as a learner, then becomes a voter (unless --learner-only).
     AddNode {
+        /// Its `cluster.node_id`.
         #[arg(long)]
         id: u64,
+        /// host:port of its cluster port (`cluster.bind` as the others reach it).
         #[arg(long)]
         raft_addr: String,
+        /// host:port of its QUIC forwarding port.
         #[arg(long, default_value = "")]
         quic_addr: String,
+        /// Keep it a learner: it replicates but does not vote.
         #[arg(long)]
         learner_only: bool,
     },
+    /// Remove a node from the membership; it stops serving clients when it learns so.
     RemoveNode {
+        /// Its `cluster.node_id`.
         id: u64,
     },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
+    /// Print recorded entries.
     List {
+        /// Only entries after this log index.
         #[arg(long, default_value_t = 0)]
         after: u64,
+        /// At most this many entries.
         #[arg(long, default_value_t = 100)]
         limit: u32,
     },
     /// Print entries as they happen (after the backlog from --after).
     Follow {
+        /// Start with the recorded entries after this log index.
         #[arg(long, default_value_t = 0)]
         after: u64,
     },
@@ -417,10 +492,10 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
         }
         AdminCommand::Cluster(ClusterCommand::Status) => print(out, &client.cluster_status(ClusterStatusRequest {}).await?.into_inner()),
         AdminCommand::Cluster(ClusterCommand::AddNode { id, raft_addr, quic_addr, learner_only }) => {
-            print(out, &client.add_node(AddNodeRequest { id, raft_addr, quic_addr, learner_only }).await?.into_inner())
+            print(out, &client.add_node(AddNodeRequest { id, raft_addr, quic_addr, learner_only, options }).await?.into_inner())
         }
         AdminCommand::Cluster(ClusterCommand::RemoveNode { id }) => {
-            print(out, &client.remove_node(RemoveNodeRequest { id }).await?.into_inner())
+            print(out, &client.remove_node(RemoveNodeRequest { id, options }).await?.into_inner())
         }
         AdminCommand::Audit(AuditCommand::List { after, limit }) => {
             print(out, &client.list_audit(ListAuditRequest { after_index: after, limit }).await?.into_inner())
@@ -428,7 +503,16 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
         AdminCommand::Audit(AuditCommand::Follow { after }) => {
             let mut stream = client.stream_audit(StreamAuditRequest { after_index: after }).await?.into_inner();
             while let Some(entry) = stream.message().await? {
-                print(out, &entry)?;
+                let value = readable(serde_json::to_value(&entry)?);
+                match out {
+                    Output::Json => println!("{}", serde_json::to_string(&value)?),
+                    Output::Table => {
+                        let fields = ["time", "log_index", "caller", "action", "detail", "error"];
+                        let text: Vec<String> =
+                            fields.iter().filter(|f| !value[**f].is_null()).map(|f| field_cell(f, &value[*f])).collect();
+                        println!("{}", text.join("  "));
+                    }
+                }
             }
             Ok(())
         }
@@ -454,6 +538,28 @@ pub async fn connect(endpoint: &str, ca: Option<&Path>, identity: Option<(&Path,
         .await
         .map_err(|e| anyhow::anyhow!("cannot reach the admin API at {endpoint}: {}", error_chain(&e)))?;
     Ok(AdminClient::new(channel).max_decoding_message_size(crate::cluster::network::MAX_MESSAGE_BYTES))
+}
+
+/// What the CLI prints for a failed call: the gRPC code and message. A connection the server
+/// closed during the TLS handshake almost always means
+/// it rejected the client certificate, so that is said, with what to check.
+pub fn describe_error(e: &anyhow::Error) -> String {
+    match e.downcast_ref::<tonic::Status>() {
+        Some(status) if closed_by_server(status) => format!(
+            "the admin API closed the connection ({}): it most likely rejected the client certificate. Check that \
+             --cert-file (RAMPART_ADMIN_CERT) is an admin certificate (`rampart pki issue-admin`) issued by the CA in the \
+             node's [admin] ca_file, that it has not expired, and that --key-file (RAMPART_ADMIN_KEY) is its key",
+            error_chain(status)
+        ),
+        Some(status) => format!("{:?}: {}", status.code(), status.message()),
+        None => format!("{e:#}"),
+    }
+}
+
+/// The call failed because the server ended the connection: tonic reports that as "Unknown:
+/// transport error" or, when the close wins the race with the request, "Cancelled".
+fn closed_by_server(status: &tonic::Status) -> bool {
+    matches!(status.code(), tonic::Code::Unknown if status.message().contains("transport error")) || status.code() == tonic::Code::Cancelled
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -568,38 +674,83 @@ async fn import(client: &mut AdminClient<Channel>, file: &Path) -> anyhow::Resul
     Ok(reply?.into_inner())
 }
 
-/// Prints a reply as JSON, or as a table: lists as rows, everything else as `key: value`.
-/// A write that `--wait` could not confirm on every node is an error after printing.
+/// Prints a reply as JSON, or for people: a write as a sentence, lists as tables (key columns
+/// first, times in RFC 3339), everything else as `key: value`. A write that `--wait` could not
+/// confirm on every reachable node is an error after printing.
 fn print(output: Output, reply: &impl Serialize) -> anyhow::Result<()> {
     let value = readable(serde_json::to_value(reply)?);
-    let pending =
-        [&value["not_applied_on"], &value["write"]["not_applied_on"]].into_iter().find_map(|v| v.as_array().filter(|a| !a.is_empty()));
-    let unconfirmed = pending.map(|nodes| anyhow::anyhow!("committed, but not yet applied on nodes {nodes:?} when the wait ended"));
-    print_value(output, value)?;
+    let write = if value["write"].is_object() { &value["write"] } else { &value };
+    let unconfirmed =
+        node_ids(&write["not_applied_on"]).map(|nodes| anyhow::anyhow!("committed, but not yet applied on {nodes} when the wait ended"));
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&value)?),
+        Output::Table => match write_summary(&value) {
+            Some(sentence) => println!("{sentence}"),
+            None => print_value(value),
+        },
+    }
     unconfirmed.map_or(Ok(()), Err)
 }
 
-fn print_value(output: Output, value: serde_json::Value) -> anyhow::Result<()> {
-    if output == Output::Json {
-        println!("{}", serde_json::to_string_pretty(&value)?);
-        return Ok(());
+/// "node 3" or "nodes 1, 2", or `None` for an empty (or absent) list of node ids.
+fn node_ids(value: &serde_json::Value) -> Option<String> {
+    let ids: Vec<String> = value.as_array()?.iter().map(cell).collect();
+    match ids.as_slice() {
+        [] => None,
+        [one] => Some(format!("node {one}")),
+        many => Some(format!("nodes {}", many.join(", "))),
     }
+}
+
+/// A write reply (or a revocation reply around one) in words: what changed, the log index, and
+/// where it is applied.
+fn write_summary(value: &serde_json::Value) -> Option<String> {
+    let write = if value["write"].is_object() { &value["write"] } else { value };
+    let log_index = write["log_index"].as_u64().filter(|_| write.get("applied_on").is_some())?;
+    let mut text = write["detail"].as_str().filter(|d| !d.is_empty()).unwrap_or("done").to_string();
+    if let Some(ids) = value["revocation_ids"].as_array().filter(|ids| !ids.is_empty()) {
+        let ids: Vec<String> = ids.iter().map(cell).collect();
+        text.push_str(&format!(" (revocation ids {}; undo with `rampart admin unrevoke {}`)", ids.join(", "), ids.join(" ")));
+    }
+    text.push_str(&format!(". Committed at log index {log_index}"));
+    if let Some(nodes) = node_ids(&write["applied_on"]) {
+        text.push_str(&format!(", applied on {nodes}"));
+    }
+    if let Some(nodes) = node_ids(&write["not_applied_on"]) {
+        text.push_str(&format!(", not yet on {nodes}"));
+    }
+    if let Some(nodes) = node_ids(&write["unreachable_nodes"]) {
+        text.push_str(&format!("; {nodes} did not answer and will catch up when reachable"));
+    }
+    text.push('.');
+    Some(text)
+}
+
+/// Fields that hold seconds since the Unix epoch.
+const TIME_FIELDS: [&str; 5] = ["time", "revoked_at", "issued_before", "connected_at", "cert_not_after"];
+/// Columns shown first, in this order; the others follow alphabetically.
+const KEY_COLUMNS: [&str; 9] = ["log_index", "id", "name", "node_id", "client_id", "identity", "time", "caller", "action"];
+
+fn print_value(value: serde_json::Value) {
     let serde_json::Value::Object(fields) = value else {
-        println!("{value}");
-        return Ok(());
+        println!("{}", cell(&value));
+        return;
     };
     for (key, field) in &fields {
         match field {
             serde_json::Value::Array(rows) if rows.iter().all(|r| r.is_object()) && !rows.is_empty() => print_table(key, rows),
-            other => println!("{key}: {}", cell(other)),
+            // A cursor that points nowhere: there is no next page.
+            serde_json::Value::Number(n) if key.starts_with("next_page") && n.as_u64() == Some(0) => {}
+            serde_json::Value::String(s) if key.starts_with("next_page") && s.is_empty() => {}
+            other => println!("{key}: {}", field_cell(key, other)),
         }
     }
-    Ok(())
 }
 
 fn print_table(title: &str, rows: &[serde_json::Value]) {
-    let columns: Vec<String> = rows[0].as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default();
-    let cells: Vec<Vec<String>> = rows.iter().map(|r| columns.iter().map(|c| cell(&r[c])).collect()).collect();
+    let mut columns: Vec<String> = rows[0].as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default();
+    columns.sort_by_key(|c| (KEY_COLUMNS.iter().position(|k| k == c).unwrap_or(KEY_COLUMNS.len()), c.clone()));
+    let cells: Vec<Vec<String>> = rows.iter().map(|r| columns.iter().map(|c| field_cell(c, &r[c])).collect()).collect();
     let widths: Vec<usize> =
         columns.iter().enumerate().map(|(i, c)| cells.iter().map(|row| row[i].len()).chain([c.len()]).max().unwrap_or(0)).collect();
     println!("{title} ({}):", rows.len());
@@ -612,6 +763,15 @@ fn print_table(title: &str, rows: &[serde_json::Value]) {
     );
     for row in &cells {
         println!("{}", line(row.iter().map(String::as_str).collect()));
+    }
+}
+
+/// A field as table text: times in RFC 3339 (UTC), the rest as [`cell`].
+fn field_cell(key: &str, value: &serde_json::Value) -> String {
+    let time = value.as_i64().filter(|_| TIME_FIELDS.contains(&key)).and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok());
+    match time.and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok()) {
+        Some(text) => text,
+        None => cell(value),
     }
 }
 
@@ -648,5 +808,41 @@ fn readable(value: serde_json::Value) -> serde_json::Value {
         ),
         Value::Array(items) => Value::Array(items.into_iter().map(readable).collect()),
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every option and argument of `command` and its subcommands, without a description.
+    fn undocumented(command: &clap::Command, path: &str) -> Vec<String> {
+        let here = command.get_arguments().filter(|a| a.get_help().is_none() && !a.is_hide_set()).map(|a| format!("{path} {}", a.get_id()));
+        let below = command.get_subcommands().flat_map(|sub| undocumented(sub, &format!("{path} {}", sub.get_name())));
+        here.chain(below).collect()
+    }
+
+    #[test]
+    fn every_option_has_a_description() {
+        let admin = <AdminArgs as clap::Args>::augment_args(clap::Command::new("admin"));
+        assert_eq!(undocumented(&admin, "admin"), Vec::<String>::new());
+        let pki = <crate::pki::cli::PkiArgs as clap::Args>::augment_args(clap::Command::new("pki"));
+        assert_eq!(undocumented(&pki, "pki"), Vec::<String>::new());
+    }
+
+    #[test]
+    fn write_replies_read_as_sentences_and_tables_put_keys_and_times_first() {
+        let reply = serde_json::json!({
+            "write": {"log_index": 7, "applied_on": [1, 2], "not_applied_on": [], "unreachable_nodes": [3], "detail": "2 revocations added"},
+            "revocation_ids": [4, 5]
+        });
+        assert_eq!(
+            write_summary(&reply).unwrap(),
+            "2 revocations added (revocation ids 4, 5; undo with `rampart admin unrevoke 4 5`). Committed at log index 7, applied on \
+             nodes 1, 2; node 3 did not answer and will catch up when reachable."
+        );
+        assert_eq!(field_cell("revoked_at", &serde_json::json!(0)), "1970-01-01T00:00:00Z");
+        assert_eq!(field_cell("applied_index", &serde_json::json!(0)), "0");
+        assert_eq!(node_ids(&serde_json::json!([3])).as_deref(), Some("node 3"));
     }
 }

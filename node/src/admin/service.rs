@@ -17,14 +17,16 @@ use tonic::{Request, Response, Status, Streaming};
 use super::convert;
 use crate::auth::acl::AclAction;
 use crate::auth::identity::PeerCertificate;
-use crate::auth::index::{compile_revocation, validate_credential, AuthIndex};
-use crate::auth::policy::Principal;
+use crate::auth::index::{compile_revocation, validate_credential, AuthIndex, Grant};
+use crate::auth::policy::{self, AuthPolicy, PeerAuth};
 use crate::auth::state::{AuthState, Revocation as StateRevocation};
 use crate::auth::store::AuthStore;
 use crate::cluster::command::{AuthCmd, AuthResp, Op, Refused};
 use crate::cluster::service::{local_kick, local_sessions};
 use crate::cluster::{Cluster, Proposal, ProposeError};
 use crate::listener::clients::ConnectedClients;
+use crate::mqtt::codec::ProtocolVersion;
+use crate::mqtt::connect::Refusal;
 
 /// Credentials per Raft entry in a bulk import.
 pub const IMPORT_BATCH: usize = 2000;
@@ -36,6 +38,8 @@ pub struct AdminService {
     clients: Arc<ConnectedClients>,
     /// DER certificates of the CAs whose CRLs may be imported.
     trusted_cas: Vec<Vec<u8>>,
+    /// The CONNECT policy this node's listeners apply, for dry runs.
+    policy: AuthPolicy,
 }
 
 fn invalid(e: String) -> Status {
@@ -61,8 +65,14 @@ fn refused_status(kind: Refused, reason: &str) -> Status {
 type AuditStream = Pin<Box<dyn Stream<Item = Result<AuditEntry, Status>> + Send>>;
 
 impl AdminService {
-    pub fn new(cluster: Arc<Cluster>, auth: Arc<AuthStore>, clients: Arc<ConnectedClients>, trusted_cas: Vec<Vec<u8>>) -> AdminService {
-        AdminService { cluster, auth, clients, trusted_cas }
+    pub fn new(
+        cluster: Arc<Cluster>,
+        auth: Arc<AuthStore>,
+        clients: Arc<ConnectedClients>,
+        trusted_cas: Vec<Vec<u8>>,
+        policy: AuthPolicy,
+    ) -> AdminService {
+        AdminService { cluster, auth, clients, trusted_cas, policy }
     }
 
     fn caller<T>(&self, request: &Request<T>) -> Result<String, Status> {
@@ -93,23 +103,23 @@ impl AdminService {
         let options = options.unwrap_or_default();
         if !options.wait_all_nodes {
             let here = (*self.cluster.replica.applied().borrow() >= log_index).then_some(self.cluster.id);
-            return WriteReply { log_index, applied_on: here.into_iter().collect(), not_applied_on: vec![], detail };
+            return WriteReply { log_index, applied_on: here.into_iter().collect(), detail, ..Default::default() };
         }
         let timeout = Duration::from_millis(if options.wait_timeout_ms == 0 { 5000 } else { options.wait_timeout_ms.into() });
-        let (applied_on, not_applied_on) = self.cluster.wait_applied(log_index, timeout).await;
-        WriteReply { log_index, applied_on, not_applied_on, detail }
+        let applied = self.cluster.wait_applied(log_index, timeout).await;
+        WriteReply { log_index, applied_on: applied.done, not_applied_on: applied.pending, detail, unreachable_nodes: applied.unreachable }
     }
 
     /// Records a committed membership change in the audit trail (caller and time). The change
     /// stands even if recording fails; the reply then says so.
-    async fn membership_changed(&self, caller: String, log_index: u64, change: String) -> WriteReply {
+    async fn membership_changed(&self, caller: String, log_index: u64, change: String, options: Option<WriteOptions>) -> WriteReply {
         let recorded =
             self.cluster.propose(Proposal::Auth(Box::new(AuthCmd::new(caller, Op::RecordMembership { change: change.clone() })))).await;
         let detail = match recorded {
             Ok(_) => change,
             Err(e) => format!("{change} (not recorded in the audit: {e})"),
         };
-        self.settle(log_index, detail, None).await
+        self.settle(log_index, detail, options).await
     }
 
     /// Asks every member (`only`: one of them, 0 = all): this node through `local`, the others
@@ -151,6 +161,39 @@ impl AdminService {
         Ok(credential)
     }
 
+    /// Decides a CONNECT as the listeners do: the node's CONNECT policy (user name, client id
+    /// policy), then CRL revocations and the applied state. A password user is taken as having
+    /// given the right password.
+    fn dry_run_connect(&self, r: &CheckAccessRequest, client_id: String) -> Result<Result<Grant, Refusal>, Status> {
+        let mut connect = mqttbytes::v5::Connect::new(client_id);
+        let peer = if r.password_user {
+            connect.set_login(&r.identity, &String::new());
+            PeerAuth::Anonymous
+        } else {
+            let serial = if r.serial.is_empty() {
+                String::new()
+            } else {
+                crate::pki::normalize_serial(&r.serial).map_err(|e| invalid(format!("serial: {e}")))?
+            };
+            let now = crate::cluster::unix_now();
+            PeerAuth::Certificate(PeerCertificate {
+                identity: r.identity.clone(),
+                serial,
+                issuer: r.issuer.clone(),
+                not_before: now,
+                not_after: now,
+            })
+        };
+        let limits = crate::mqtt::connect::SessionLimits::default();
+        let decision =
+            crate::mqtt::connect::validate(ProtocolVersion::V5, connect, &limits, || "check-access".into()).and_then(|mut request| {
+                let mut principal = policy::authenticate(&peer, &mut request, &self.policy)?;
+                principal.password_verified = r.password_user;
+                self.auth.authorize(&principal, &request.client_id)
+            });
+        Ok(decision)
+    }
+
     /// Verifies a CRL's signature against a trusted CA and turns its entries into revocations.
     fn crl_revocations(&self, bytes: &[u8]) -> Result<(String, Vec<StateRevocation>), Status> {
         let der = match rustls_pki_types::pem::PemObject::from_pem_slice(bytes) {
@@ -171,7 +214,7 @@ impl AdminService {
             .map(|entry| StateRevocation {
                 issuer: Some(issuer.clone()),
                 serial: Some(crate::pki::format_serial(entry.raw_serial())),
-                reason: entry.reason_code().map(|(_, code)| format!("{code}")).unwrap_or_else(|| "CRL".into()),
+                reason: entry.reason_code().and_then(|(_, code)| crate::pki::reason::name_of_code(code.0)).unwrap_or("unspecified").into(),
                 ..Default::default()
             })
             .collect();
@@ -181,7 +224,8 @@ impl AdminService {
 
 /// The revocations a `RevokeCertificates` request asks for: one per serial, or one rule.
 fn requested_revocations(r: &RevokeCertificatesRequest) -> Result<Vec<StateRevocation>, Status> {
-    let base = StateRevocation { issuer: r.issuer.clone(), reason: r.reason.clone(), ..Default::default() };
+    let reason = crate::pki::reason::normalize(&r.reason).map_err(|e| invalid(format!("reason: {e}")))?;
+    let base = StateRevocation { issuer: r.issuer.clone(), reason: reason.into(), ..Default::default() };
     let revocations = if !r.serials.is_empty() {
         if r.issuer.is_none() || r.identity_regex.is_some() || r.issued_before.is_some() {
             return Err(invalid("serials: give them with issuer only (serials are unique per issuer)".into()));
@@ -427,24 +471,7 @@ impl Admin for AdminService {
             return Err(invalid("topic: required for PUBLISH and SUBSCRIBE".into()));
         }
         let client_id = if r.client_id.is_empty() { r.identity.clone() } else { r.client_id.clone() };
-        let principal = if r.password_user {
-            Principal { identity: None, username: Some(r.identity.clone()), certificate: None, password_verified: true }
-        } else {
-            let serial = if r.serial.is_empty() {
-                String::new()
-            } else {
-                crate::pki::normalize_serial(&r.serial).map_err(|e| invalid(format!("serial: {e}")))?
-            };
-            let now = crate::cluster::unix_now();
-            let cert = PeerCertificate { identity: r.identity.clone(), serial, issuer: r.issuer.clone(), not_before: now, not_after: now };
-            Principal {
-                identity: Some(r.identity.clone()),
-                username: Some(r.identity.clone()),
-                certificate: Some(cert),
-                password_verified: false,
-            }
-        };
-        let reply = match self.state().authorize(&principal, &client_id) {
+        let reply = match self.dry_run_connect(&r, client_id)? {
             Err(refusal) => {
                 CheckAccessReply { allowed: false, decided_by: format!("CONNECT refused: {}", refusal.reason), ..Default::default() }
             }
@@ -504,17 +531,17 @@ impl Admin for AdminService {
         let node = crate::cluster::NodeInfo { raft_addr: r.raft_addr, quic_addr: r.quic_addr };
         let committed =
             self.cluster.propose(Proposal::AddNode { id: r.id, node, learner_only: r.learner_only }).await.map_err(propose_status)?;
-        Ok(Response::new(self.membership_changed(caller, committed.log_index, change).await))
+        Ok(Response::new(self.membership_changed(caller, committed.log_index, change, r.options).await))
     }
 
     async fn remove_node(&self, request: Request<RemoveNodeRequest>) -> Result<Response<WriteReply>, Status> {
         let caller = self.caller(&request)?;
-        let id = request.into_inner().id;
+        let RemoveNodeRequest { id, options } = request.into_inner();
         if !self.cluster.members().iter().any(|(member, _, _)| *member == id) {
             return Err(Status::not_found(format!("node {id} is not a member")));
         }
         let committed = self.cluster.propose(Proposal::RemoveNode { id }).await.map_err(propose_status)?;
-        Ok(Response::new(self.membership_changed(caller, committed.log_index, format!("node {id} removed")).await))
+        Ok(Response::new(self.membership_changed(caller, committed.log_index, format!("node {id} removed"), options).await))
     }
 
     async fn list_audit(&self, request: Request<ListAuditRequest>) -> Result<Response<ListAuditReply>, Status> {

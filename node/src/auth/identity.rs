@@ -21,6 +21,18 @@ pub enum IdentitySource {
     SanEmail,
 }
 
+impl std::fmt::Display for IdentitySource {
+    /// The spelling of `identity_source` in the config file.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            IdentitySource::Cn => "cn",
+            IdentitySource::SanDns => "san_dns",
+            IdentitySource::SanUri => "san_uri",
+            IdentitySource::SanEmail => "san_email",
+        })
+    }
+}
+
 /// How a listener turns a client certificate into an identity.
 #[derive(Debug, Clone, Default)]
 pub struct IdentityRule {
@@ -47,9 +59,9 @@ pub struct PeerCertificate {
 pub enum IdentityError {
     #[error("the certificate cannot be parsed: {0}")]
     Unparsable(String),
-    #[error("the certificate has no {0:?} field to take the identity from")]
+    #[error("the certificate has no {0} field to take the identity from")]
     Missing(IdentitySource),
-    #[error("no {0:?} value of the certificate matches the identity pattern")]
+    #[error("no {0} value of the certificate matches the identity pattern")]
     NoMatch(IdentitySource),
     #[error("identity {0:?} contains '+', '#', '/' or NUL, which could widen topic permissions")]
     Forbidden(String),

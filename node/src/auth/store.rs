@@ -2,7 +2,8 @@
 //! lock-free by every CONNECT, swapped whole when the state file or the CRLs are re-read
 //! (SIGHUP) or the cluster applies a change, with a change signal that live connections watch
 //! to re-check their client (revoked, disabled, deleted: disconnected; otherwise new
-//! permissions apply).
+//! permissions apply). A cluster node that is not a member (not yet added, or removed) serves
+//! no client: every CONNECT is refused and live connections are closed.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -16,11 +17,16 @@ use super::policy::Principal;
 use super::state::AuthState;
 use crate::mqtt::connect::Refusal;
 
+/// Why a cluster node refuses clients before it has seen itself in the membership.
+pub const NOT_YET_A_MEMBER: &str = "this node is not a cluster member yet";
+
 pub struct AuthStore {
     file: Option<PathBuf>,
     current: ArcSwap<AuthIndex>,
     /// (issuer DN, serial) revoked by the CRL files in force.
     crl_revoked: ArcSwap<HashSet<(String, String)>>,
+    /// Why this node serves no client at all (a cluster node that is not a member), if so.
+    out_of_service: ArcSwap<Option<String>>,
     changed: watch::Sender<u64>,
 }
 
@@ -43,12 +49,21 @@ impl AuthStore {
             Some(path) => load_state(path)?,
             None => AuthIndex::open(),
         };
-        Ok(AuthStore { file, current: ArcSwap::from_pointee(index), crl_revoked: ArcSwap::default(), changed: watch::channel(0).0 })
+        Ok(AuthStore {
+            file,
+            current: ArcSwap::from_pointee(index),
+            crl_revoked: ArcSwap::default(),
+            out_of_service: ArcSwap::default(),
+            changed: watch::channel(0).0,
+        })
     }
 
     /// The CONNECT decision (and the re-check of a live connection): CRL revocations first, then
     /// the index in force.
     pub fn authorize(&self, principal: &Principal, client_id: &str) -> Result<Grant, Refusal> {
+        if let Some(reason) = self.out_of_service().as_ref() {
+            return Err(Refusal { code: mqttbytes::v5::ConnectReturnCode::ServerUnavailable, reason: reason.clone() });
+        }
         if let Some(cert) = &principal.certificate {
             if self.crl_revoked.load().contains(&(cert.issuer.clone(), cert.serial.clone())) {
                 let reason = format!("certificate {} of {} is revoked by a CRL", cert.serial, cert.issuer);
@@ -58,10 +73,31 @@ impl AuthStore {
         self.current().authorize(principal, client_id)
     }
 
-    /// For a cluster member: nothing is allowed until the replicated state is applied.
+    /// For a cluster node: nothing is allowed until the replicated state is applied, and no
+    /// client is served until the node knows it is a member.
     pub fn replicated() -> AuthStore {
         let empty = AuthIndex::build(AuthState::default()).expect("the empty state is valid");
-        AuthStore { file: None, current: ArcSwap::from_pointee(empty), crl_revoked: ArcSwap::default(), changed: watch::channel(0).0 }
+        AuthStore {
+            file: None,
+            current: ArcSwap::from_pointee(empty),
+            crl_revoked: ArcSwap::default(),
+            out_of_service: ArcSwap::from_pointee(Some(NOT_YET_A_MEMBER.to_string())),
+            changed: watch::channel(0).0,
+        }
+    }
+
+    /// Why no client is served, if none is (see [`AuthStore::set_out_of_service`]).
+    pub fn out_of_service(&self) -> Arc<Option<String>> {
+        self.out_of_service.load_full()
+    }
+
+    /// Stops serving every client, with a reason (live connections are told to re-check, so they
+    /// are disconnected), or serves again with `None`.
+    pub fn set_out_of_service(&self, reason: Option<String>) {
+        if *self.out_of_service.load_full() != reason {
+            self.out_of_service.store(Arc::new(reason));
+            self.changed.send_modify(|generation| *generation += 1);
+        }
     }
 
     /// Puts a new index in force and signals live connections.

@@ -9,6 +9,7 @@ pub mod command;
 pub mod log_store;
 pub mod network;
 pub mod service;
+pub mod standing;
 pub mod state_machine;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -96,6 +97,14 @@ pub fn unix_now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
+/// Where a committed entry has been applied, as far as the members answered.
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub done: Vec<NodeId>,
+    pub pending: Vec<NodeId>,
+    pub unreachable: Vec<NodeId>,
+}
+
 /// This node's Raft member.
 pub struct Cluster {
     pub id: NodeId,
@@ -152,8 +161,7 @@ impl Cluster {
         let members: BTreeMap<NodeId, NodeInfo> =
             config.members.iter().map(|m| (m.id, NodeInfo { raft_addr: m.raft_addr.clone(), quic_addr: m.quic_addr.clone() })).collect();
         if members.keys().next() == Some(&config.node_id) && !cluster.raft.is_initialized().await? {
-            tracing::info!(members = ?members.keys().collect::<Vec<_>>(), "initializing a new cluster");
-            cluster.raft.initialize(members).await.map_err(|e| anyhow::anyhow!("initializing the cluster: {e}"))?;
+            tokio::spawn(initialize_when_reachable(cluster.clone(), members));
         }
         if let Some(seed) = seed {
             tokio::spawn(propose_seed(cluster.clone(), seed));
@@ -263,6 +271,7 @@ impl Cluster {
             applied_index: *self.replica.applied().borrow(),
             term: metrics.current_term,
             leader_id: metrics.current_leader.unwrap_or_default(),
+            members: metrics.membership_config.membership().nodes().map(|(id, _)| *id).collect(),
         }
     }
 
@@ -282,17 +291,22 @@ impl Cluster {
         futures_util::future::join_all(asks).await
     }
 
-    /// Waits until every member has applied `index` or `timeout` passes; returns the members
-    /// that have and those that have not.
-    pub async fn wait_applied(&self, index: u64, timeout: Duration) -> (Vec<NodeId>, Vec<NodeId>) {
+    /// Waits until every member that answers has applied `index`, or `timeout` passes. Returns
+    /// the members that have applied it, those that answered but have not, and those that did
+    /// not answer (down or cut off: not waited for).
+    pub async fn wait_applied(&self, index: u64, timeout: Duration) -> Applied {
         let deadline = Instant::now() + timeout;
         loop {
-            let progress = self.progress_of_all(Duration::from_millis(500)).await;
-            let (done, pending): (Vec<_>, Vec<_>) =
-                progress.into_iter().partition(|(_, _, _, reply)| reply.as_ref().is_some_and(|r| r.applied_index >= index));
-            let ids = |v: Vec<(NodeId, NodeInfo, bool, Option<ProgressReply>)>| v.into_iter().map(|(id, ..)| id).collect::<Vec<_>>();
-            if pending.is_empty() || Instant::now() >= deadline {
-                return (ids(done), ids(pending));
+            let mut applied = Applied::default();
+            for (id, _, _, reply) in self.progress_of_all(Duration::from_millis(500)).await {
+                match reply {
+                    Some(reply) if reply.applied_index >= index => applied.done.push(id),
+                    Some(_) => applied.pending.push(id),
+                    None => applied.unreachable.push(id),
+                }
+            }
+            if applied.pending.is_empty() || Instant::now() >= deadline {
+                return applied;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -302,6 +316,40 @@ impl Cluster {
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "Raft did not stop cleanly");
         }
+    }
+}
+
+/// How long the first member waits for the others before it initializes a new cluster anyway.
+const INITIALIZE_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Initializes a new cluster once every configured member answers on its cluster port, so the
+/// first election asks no node that is still starting (openraft logs each failed vote request
+/// as an error). After [`INITIALIZE_PATIENCE`] it goes ahead with whoever is up: a majority
+/// elects a leader, the others catch up when they start.
+async fn initialize_when_reachable(cluster: Arc<Cluster>, members: BTreeMap<NodeId, NodeInfo>) {
+    let started = Instant::now();
+    let mut told = false;
+    loop {
+        let asks = members.iter().filter(|(id, _)| **id != cluster.id).map(|(id, node)| {
+            let cluster = &cluster;
+            async move {
+                let ask = async { cluster.node_client(node).ok()?.progress(ProgressRequest {}).await.ok() };
+                tokio::time::timeout(Duration::from_secs(1), ask).await.ok().flatten().is_none().then_some(*id)
+            }
+        });
+        let missing: Vec<NodeId> = futures_util::future::join_all(asks).await.into_iter().flatten().collect();
+        if missing.is_empty() || started.elapsed() >= INITIALIZE_PATIENCE {
+            break;
+        }
+        if !told && started.elapsed() >= Duration::from_secs(5) {
+            told = true;
+            tracing::info!(?missing, "waiting for every configured member to start before initializing the cluster");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tracing::info!(members = ?members.keys().collect::<Vec<_>>(), "initializing a new cluster");
+    if let Err(e) = cluster.raft.initialize(members).await {
+        tracing::error!(error = %e, "initializing the cluster failed");
     }
 }
 

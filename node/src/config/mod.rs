@@ -1,5 +1,5 @@
 //! The node's configuration: a TOML file (every key documented in `docs/configuration.md`) with
-//! environment overrides (`RAMPART_<SECTION>__<KEY>`, e.g. `RAMPART_LIMITS__MAX_CONNECTIONS=500`),
+//! environment overrides (`RAMPART__<SECTION>__<KEY>`, e.g. `RAMPART__LIMITS__MAX_CONNECTIONS=500`),
 //! checked once at start into one validated [`Config`]. Unknown keys and bad values are errors
 //! that name the file (or variable), the key and the reason.
 
@@ -408,7 +408,9 @@ fn tls_files(listener: &TlsListener) -> TlsFiles {
 const MAX_TCP_KEEPALIVE_SECS: u64 = 32_767;
 
 /// Environment variables starting with this override config keys; `__` separates path segments.
-const ENV_PREFIX: &str = "RAMPART_";
+/// The double underscore keeps the namespace apart from the command line's own variables
+/// (`RAMPART_CONFIG`, `RAMPART_ADMIN_*`, `RAMPART_PKI_DIR`), which are never config keys.
+const ENV_PREFIX: &str = "RAMPART__";
 
 /// Sets `SECTION__KEY` (case-insensitive) in `table`; the value is read as a TOML value
 /// (number, boolean, ...) when it parses as one, else as a string.
@@ -466,7 +468,7 @@ impl Config {
             reason: e.message().to_string() + &e.span().map(|s| format!(" (at byte {})", s.start)).unwrap_or_default(),
         })?;
         for (name, value) in env {
-            if let Some(path) = name.strip_prefix(ENV_PREFIX).filter(|p| !p.is_empty() && *p != "CONFIG") {
+            if let Some(path) = name.strip_prefix(ENV_PREFIX).filter(|p| !p.is_empty()) {
                 apply_override(&mut table, path, &value).map_err(|reason| ConfigError {
                     file: format!("environment {name}"),
                     key: path.to_lowercase().replace("__", "."),
@@ -748,12 +750,12 @@ mod tests {
     fn environment_overrides() {
         let config = parse(
             "[limits]\nmax_connections = 5\n",
-            &[("RAMPART_LIMITS__MAX_CONNECTIONS", "7"), ("RAMPART_LISTENERS__TCP__BIND", "127.0.0.1:1999"), ("RAMPART_CONFIG", "x")],
+            &[("RAMPART__LIMITS__MAX_CONNECTIONS", "7"), ("RAMPART__LISTENERS__TCP__BIND", "127.0.0.1:1999"), ("RAMPART_CONFIG", "x")],
         )
         .unwrap();
         assert_eq!(config.limits.max_connections, 7);
         assert_eq!(config.listener_specs()[0].bind, "127.0.0.1:1999".parse().unwrap());
-        let err = parse("", &[("RAMPART_LIMITS__NOPE", "1")]).unwrap_err();
+        let err = parse("", &[("RAMPART__LIMITS__NOPE", "1")]).unwrap_err();
         assert_eq!(err.key, "limits.nope");
     }
 
@@ -787,5 +789,19 @@ mod tests {
         assert_eq!(config.limits.password_checks_per_source_per_minute, 0);
         let settings = parse("[limits]\nmax_retained_messages = 5\nmax_retained_bytes = 100\n", &[]).unwrap().broker_settings();
         assert_eq!(settings.retained, RetainedLimits { max_messages: 5, max_bytes: 100 });
+    }
+
+    #[test]
+    fn the_command_lines_own_variables_are_not_overrides() {
+        let cli = [
+            ("RAMPART_ADMIN_ENDPOINT", "https://localhost:9443"),
+            ("RAMPART_ADMIN_CA", "ca.pem"),
+            ("RAMPART_ADMIN_CERT", "admin.pem"),
+            ("RAMPART_ADMIN_KEY", "admin.key"),
+            ("RAMPART_PKI_DIR", "pki"),
+            ("RAMPART_LIMITS__MAX_CONNECTIONS", "7"),
+        ];
+        let config = parse("[limits]\nmax_connections = 5\n", &cli).unwrap();
+        assert_eq!(config.limits.max_connections, 5);
     }
 }

@@ -19,8 +19,10 @@ pub struct PkiArgs {
 pub enum PkiCommand {
     /// Create the certificate authority (ECDSA P-256, or RSA with --rsa). Refuses to overwrite an existing CA.
     InitCa {
+        /// Common name of the CA certificate.
         #[arg(long, default_value = "Rampart Fleet CA")]
         name: String,
+        /// Validity in days.
         #[arg(long, default_value_t = 3650)]
         days: u32,
         /// An RSA key of this many bits (2048, 3072 or 4096) instead of ECDSA P-256.
@@ -29,44 +31,58 @@ pub enum PkiCommand {
     },
     /// Issue an MQTT server certificate.
     IssueServer {
+        /// Common name, and file name under servers/.
         #[arg(long)]
         name: String,
         /// DNS name or IP address (repeatable); defaults to the name.
         #[arg(long)]
         san: Vec<String>,
+        /// Validity in days.
         #[arg(long, default_value_t = 825)]
         days: u32,
     },
     /// Issue a cluster node certificate (server and client authentication).
     IssueNode {
+        /// Node name (common name, and file name under nodes/).
         #[arg(long)]
         id: String,
+        /// DNS name or IP address the other nodes reach it by (repeatable); defaults to the id.
         #[arg(long)]
         san: Vec<String>,
+        /// Validity in days.
         #[arg(long, default_value_t = 825)]
         days: u32,
     },
     /// Issue an admin API client certificate.
     IssueAdmin {
+        /// Admin name (common name; recorded as the caller in the audit trail).
         #[arg(long)]
         name: String,
+        /// Validity in days.
         #[arg(long, default_value_t = 365)]
         days: u32,
     },
     /// Issue a device certificate (CN = the device id). Re-issuing rotates it.
     IssueDevice {
+        /// Device id (common name, and file name under devices/).
         id: String,
+        /// Validity in days.
         #[arg(long, default_value_t = 365)]
         days: u32,
     },
     /// Record the revocation of a certificate issued by this CA (then run `crl`).
     Revoke {
+        /// The certificate file (PEM) to revoke.
         cert: PathBuf,
+        /// RFC 5280 reason: unspecified, keyCompromise, cACompromise, affiliationChanged,
+        /// superseded, cessationOfOperation, certificateHold, removeFromCRL, privilegeWithdrawn or
+        /// aACompromise.
         #[arg(long, default_value = "unspecified")]
         reason: String,
     },
     /// Write crl.pem, signed by the CA, with every recorded revocation.
     Crl {
+        /// Days until the CRL's next update.
         #[arg(long, default_value_t = 7)]
         days: u32,
     },
@@ -81,8 +97,10 @@ pub enum PkiCommand {
         /// Node certificates (each also valid for its own name, e.g. the compose service name).
         #[arg(long, value_delimiter = ',')]
         nodes: Vec<String>,
+        /// Admin certificates (comma-separated names).
         #[arg(long, value_delimiter = ',')]
         admins: Vec<String>,
+        /// Device certificates (comma-separated ids).
         #[arg(long, value_delimiter = ',')]
         devices: Vec<String>,
     },
@@ -104,7 +122,8 @@ pub fn run(args: PkiArgs) -> anyhow::Result<()> {
         PkiCommand::IssueDevice { id, days } => print_issued("device", &store.issue(Kind::Device, &id, &[], days)?),
         PkiCommand::Revoke { cert, reason } => {
             let r = store.revoke(&cert, &reason)?;
-            println!("revoked serial {} ({}), reason {}, at {}", r.serial, r.subject, r.reason, r.revoked_at);
+            let at = r.revoked_at.format(&time::format_description::well_known::Rfc3339)?;
+            println!("revoked serial {} ({}), reason {}, at {at}", r.serial, r.subject, r.reason);
             println!("run `rampart pki crl --dir {}` to publish it in crl.pem", store.dir().display());
         }
         PkiCommand::Crl { days } => {

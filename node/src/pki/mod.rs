@@ -13,6 +13,7 @@
 //! Private keys are written with mode 0600. Everything verifies with `openssl verify`.
 
 pub mod cli;
+pub mod reason;
 
 use std::fs;
 use std::io::Write;
@@ -225,7 +226,7 @@ impl Store {
 
     /// Records the revocation of the certificate in `cert_file` (which must be issued by this CA).
     pub fn revoke(&self, cert_file: &Path, reason: &str) -> anyhow::Result<Revocation> {
-        reason_code(reason)?;
+        let reason = reason::normalize(reason).map_err(anyhow::Error::msg)?;
         let der = pem_to_der(&fs::read(cert_file).with_context(|| format!("reading {}", cert_file.display()))?)?;
         let ca_der = pem_to_der(&fs::read(self.ca_cert())?)?;
         let (_, cert) = x509_parser::parse_x509_certificate(&der).context("not an X.509 certificate")?;
@@ -317,16 +318,17 @@ fn validity(params: &mut CertificateParams, days: u32) {
 }
 
 fn reason_code(reason: &str) -> anyhow::Result<RevocationReason> {
-    Ok(match reason {
-        "unspecified" => RevocationReason::Unspecified,
-        "keyCompromise" => RevocationReason::KeyCompromise,
-        "affiliationChanged" => RevocationReason::AffiliationChanged,
-        "superseded" => RevocationReason::Superseded,
-        "cessationOfOperation" => RevocationReason::CessationOfOperation,
-        "privilegeWithdrawn" => RevocationReason::PrivilegeWithdrawn,
-        other => bail!(
-            "unknown revocation reason {other:?}; use unspecified, keyCompromise, affiliationChanged, superseded, cessationOfOperation or privilegeWithdrawn"
-        ),
+    Ok(match reason::code_of(reason).map_err(anyhow::Error::msg)? {
+        1 => RevocationReason::KeyCompromise,
+        2 => RevocationReason::CaCompromise,
+        3 => RevocationReason::AffiliationChanged,
+        4 => RevocationReason::Superseded,
+        5 => RevocationReason::CessationOfOperation,
+        6 => RevocationReason::CertificateHold,
+        8 => RevocationReason::RemoveFromCrl,
+        9 => RevocationReason::PrivilegeWithdrawn,
+        10 => RevocationReason::AaCompromise,
+        _ => RevocationReason::Unspecified,
     })
 }
 

@@ -1,5 +1,5 @@
 //! The HTTP endpoint: `/metrics` (Prometheus text), `/healthz` (process alive) and `/readyz`
-//! (listeners accepting).
+//! (listeners accepting and, in a cluster, this node a member that serves clients).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -15,10 +15,18 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::auth::store::AuthStore;
 use crate::broker::Broker;
 
-/// Serves the endpoints on an already bound socket until shutdown.
-pub async fn serve(listener: TcpListener, broker: Broker, ready: Arc<AtomicBool>, mut shutdown: watch::Receiver<bool>) {
+/// Serves the endpoints on an already bound socket until shutdown. Ready: `listening` is set
+/// and `auth` is in service.
+pub async fn serve(
+    listener: TcpListener,
+    broker: Broker,
+    listening: Arc<AtomicBool>,
+    auth: Arc<AuthStore>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         let (tcp, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -30,21 +38,32 @@ pub async fn serve(listener: TcpListener, broker: Broker, ready: Arc<AtomicBool>
             },
             _ = shutdown.changed() => return,
         };
-        let broker = broker.clone();
-        let ready = ready.clone();
+        let (broker, listening, auth) = (broker.clone(), listening.clone(), auth.clone());
         tokio::spawn(async move {
-            let service = service_fn(move |request| respond(request, broker.clone(), ready.clone()));
+            let service = service_fn(move |request| respond(request, broker.clone(), listening.clone(), auth.clone()));
             let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), service).await;
         });
     }
 }
 
-async fn respond(request: Request<Incoming>, broker: Broker, ready: Arc<AtomicBool>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn respond(
+    request: Request<Incoming>,
+    broker: Broker,
+    listening: Arc<AtomicBool>,
+    auth: Arc<AuthStore>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let not_ready = match auth.out_of_service().as_ref() {
+        _ if !listening.load(Ordering::Relaxed) => Some("starting".to_string()),
+        Some(reason) => Some(format!("not serving: {reason}")),
+        None => None,
+    };
     let (status, content_type, body) = match (request.method(), request.uri().path()) {
         (&Method::GET, "/metrics") => (StatusCode::OK, "text/plain; version=0.0.4", super::metrics::render(broker.gauges())),
         (&Method::GET, "/healthz") => (StatusCode::OK, "text/plain", "ok\n".to_string()),
-        (&Method::GET, "/readyz") if ready.load(Ordering::Relaxed) => (StatusCode::OK, "text/plain", "ready\n".to_string()),
-        (&Method::GET, "/readyz") => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "starting\n".to_string()),
+        (&Method::GET, "/readyz") => match not_ready {
+            None => (StatusCode::OK, "text/plain", "ready\n".to_string()),
+            Some(why) => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("{why}\n")),
+        },
         _ => (StatusCode::NOT_FOUND, "text/plain", "not found: try /metrics, /healthz or /readyz\n".to_string()),
     };
     let response = Response::builder().status(status).header("content-type", content_type).body(Full::new(Bytes::from(body)));
