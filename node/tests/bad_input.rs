@@ -286,6 +286,7 @@ fn a_client_stalled_mid_packet_is_dropped_by_its_keep_alive() {
 #[test]
 fn a_packet_over_max_packet_size_is_refused_from_its_header() {
     let b = broker("max_packet_size = 1024");
+    let (oversized, malformed) = (b.metric("rampart_oversized_packets_total"), b.metric("rampart_malformed_packets_total"));
     for version in VERSIONS {
         let what = format!("{} packet at the limit", name(version));
         let mut c = connected(b.tcp.unwrap(), version, &what);
@@ -297,6 +298,8 @@ fn a_packet_over_max_packet_size_is_refused_from_its_header() {
         c.send(&[0x30, 0xFE, 0x07]);
         expect_refused(&mut c, PACKET_TOO_LARGE, &what);
     }
+    assert_eq!(b.metric("rampart_oversized_packets_total") - oversized, VERSIONS.len() as i64, "counted as oversized");
+    assert_eq!(b.metric("rampart_malformed_packets_total"), malformed, "not as malformed");
 }
 
 #[test]

@@ -23,6 +23,17 @@ pub enum ClientIdPolicy {
     Prefix,
 }
 
+impl std::fmt::Display for ClientIdPolicy {
+    /// The spelling of the config file.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ClientIdPolicy::Any => "any",
+            ClientIdPolicy::MustEqualIdentity => "must_equal_identity",
+            ClientIdPolicy::Prefix => "prefix",
+        })
+    }
+}
+
 /// What to do when CONNECT carries a user name other than the certificate identity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -141,7 +152,7 @@ pub fn authenticate(peer: &PeerAuth, request: &mut ConnectRequest, policy: &Auth
     };
     if !allowed {
         return Err(not_authorized(format!(
-            "client id {:?} is not allowed for identity {identity:?} (client_id_policy {:?})",
+            "client id {:?} is not allowed for identity {identity:?} (client_id_policy {})",
             request.client_id, policy.client_id_policy
         )));
     }

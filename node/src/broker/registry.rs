@@ -177,7 +177,7 @@ impl Registry {
             };
             let counted = {
                 let state = slot.lock();
-                let live = state.started && !state.expires_at.is_some_and(|at| at <= now);
+                let live = state.started && state.expires_at.is_none_or(|at| at > now);
                 if live && state.owner != *owner {
                     return Err(AttachError::NotOwner { owner: state.owner.clone(), requester: owner.clone() });
                 }

@@ -260,7 +260,10 @@ impl Session {
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    metrics::malformed_packet();
+                    match e {
+                        codec::DecodeError::TooLarge { .. } => metrics::oversized_packet(),
+                        _ => metrics::malformed_packet(),
+                    }
                     self.fail(e.reason_code(), e.to_string());
                 }
             }

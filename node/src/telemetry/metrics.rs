@@ -89,6 +89,7 @@ struct Metrics {
     messages_out: [AtomicU64; 3],
     dropped: [AtomicU64; DropReason::ALL.len()],
     malformed: AtomicU64,
+    oversized: AtomicU64,
     queued: AtomicI64,
     retained_refused: [AtomicU64; 2],
     password_checks_in_progress: AtomicI64,
@@ -105,6 +106,7 @@ static METRICS: Metrics = Metrics {
     messages_out: [const { AtomicU64::new(0) }; 3],
     dropped: [const { AtomicU64::new(0) }; DropReason::ALL.len()],
     malformed: AtomicU64::new(0),
+    oversized: AtomicU64::new(0),
     queued: AtomicI64::new(0),
     retained_refused: [const { AtomicU64::new(0) }; 2],
     password_checks_in_progress: AtomicI64::new(0),
@@ -146,6 +148,11 @@ pub fn dropped(reason: DropReason) {
 
 pub fn malformed_packet() {
     METRICS.malformed.fetch_add(1, Ordering::Relaxed);
+}
+
+/// A connection closed for a packet larger than `limits.max_packet_size`.
+pub fn oversized_packet() {
+    METRICS.oversized.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Messages added to (positive) or removed from (negative) session queues.
@@ -214,6 +221,12 @@ pub fn render(gauges: Gauges) -> String {
     let drops: Vec<(&str, i64)> = drop_labels.iter().zip(&METRICS.dropped).map(|(l, c)| (l.as_str(), load(c))).collect();
     metric("rampart_messages_dropped_total", "counter", "Messages not delivered, by reason.", &drops);
     metric("rampart_malformed_packets_total", "counter", "Connections closed for a malformed packet.", &[("", load(&METRICS.malformed))]);
+    metric(
+        "rampart_oversized_packets_total",
+        "counter",
+        "Connections closed for a packet larger than max_packet_size.",
+        &[("", load(&METRICS.oversized))],
+    );
     metric("rampart_sessions", "gauge", "Sessions, online and offline.", &[("", gauges.sessions as i64)]);
     metric("rampart_subscriptions", "gauge", "Subscriptions in the index.", &[("", gauges.subscriptions as i64)]);
     metric("rampart_retained_messages", "gauge", "Retained messages stored.", &[("", gauges.retained as i64)]);
