@@ -290,11 +290,21 @@ async fn a_node_is_added_as_learner_then_voter_and_removed() -> anyhow::Result<(
     wait_for_voters(&mut admin, &[1, 2, 3]).await?;
     let unknown = admin.remove_node(RemoveNodeRequest { id: 9, options: None }).await.unwrap_err();
     assert_eq!(unknown.code(), Code::NotFound);
-    let audit = admin.list_audit(ListAuditRequest { after_index: 0, limit: 100 }).await?.into_inner();
-    let changes: Vec<_> =
-        audit.entries.iter().filter(|e| e.action == "membership").map(|e| (e.caller.as_str(), e.detail.as_str())).collect();
     let added = format!("node 4 (127.0.0.1:{}) added as a voter", cluster.node(4).ports.cluster);
-    assert_eq!(changes, [("admin", added.as_str()), ("admin", "node 4 removed")]);
+    let expected = [("admin".to_string(), added), ("admin".to_string(), "node 4 removed".to_string())];
+    // The audit entry of a membership change is a write of its own after the change commits:
+    // node 2 may apply it a moment after the call returned.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let audit = admin.list_audit(ListAuditRequest { after_index: 0, limit: 100 }).await?.into_inner();
+        let changes: Vec<(String, String)> =
+            audit.entries.iter().filter(|e| e.action == "membership").map(|e| (e.caller.clone(), e.detail.clone())).collect();
+        if changes == expected || tokio::time::Instant::now() > deadline {
+            assert_eq!(changes, expected);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     Ok(())
 }
 
