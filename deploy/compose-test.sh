@@ -64,7 +64,7 @@ sub_pid=$!
 sleep 2
 kill -0 "$sub_pid" 2>/dev/null || fail "device-1 could not subscribe on node 2: $(cat "$work/sub.log")"
 echo "==> compose-test: device-1 connected to node 2; revoking it through node 1"
-admin 9443 revoke --certificate "$pki/devices/device-1.pem" --reason compose-test --wait >/dev/null
+admin 9443 revoke --certificate "$pki/devices/device-1.pem" --reason keyCompromise --wait >/dev/null
 for _ in $(seq 1 50); do kill -0 "$sub_pid" 2>/dev/null || break; sleep 0.1; done
 kill -0 "$sub_pid" 2>/dev/null && fail "node 2 did not drop device-1 within 5 s of the revocation"
 sub_pid=""
