@@ -53,7 +53,7 @@ async fn revocation_round(cluster: &TestCluster, devices: usize, tag: &str) -> a
         let request = RevokeCertificatesRequest {
             issuer: Some(parsed.issuer().to_string()),
             serials: vec![rampart_node::pki::format_serial(parsed.raw_serial())],
-            reason: "benchmark".into(),
+            reason: "superseded".into(),
             ..Default::default()
         };
         let start = Instant::now();
