@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 root=$(pwd)
 
 transports="tcp,tls"
-scenarios="fan-in-qos0,fan-in-qos1,fan-out-qos0,latency,connect-storm"
+scenarios="fan-in-qos0,fan-in-qos1,fan-in-qos1-offline,fan-out-qos0,latency,connect-storm"
 quick=0
 command_line="bash benches/compare.sh $*"
 while [ $# -gt 0 ]; do
@@ -73,9 +73,12 @@ wait_port() {
   return 1
 }
 
-# start_broker NAME TRANSPORT PORT: starts a fresh broker, sets broker_pid.
+# start_broker NAME TRANSPORT PORT SCENARIO: starts a fresh broker, sets broker_pid. For
+# fan-in-qos1-offline both brokers queue up to a million messages for the offline subscriber;
+# Rampart makes it an APPLICATION client, so its session is durable (written to disk before the
+# publisher's PUBACK); Mosquitto keeps its queue in memory (persistence off, as in every row).
 start_broker() {
-  local name=$1 transport=$2 port=$3
+  local name=$1 transport=$2 port=$3 scenario=$4
   case "$name" in
     mosquitto)
       {
@@ -88,6 +91,7 @@ start_broker() {
           echo "cafile $work/ca.pem"; echo "certfile $work/server.pem"; echo "keyfile $work/server.key"
         fi
         [ "$transport" = mtls ] && echo "require_certificate true"
+        [ "$scenario" = fan-in-qos1-offline ] && echo "max_queued_messages 1000000"
       } > "$work/mosquitto.conf"
       "$mosquitto" -c "$work/mosquitto.conf" >/dev/null 2>&1 &
       ;;
@@ -101,6 +105,12 @@ start_broker() {
         fi
         if [ "$transport" = mtls ]; then
           printf 'client_certificate = "required"\nca_file = "%s/ca.pem"\n[auth]\nclient_id_policy = "any"\n' "$work"
+        fi
+        if [ "$scenario" = fan-in-qos1-offline ]; then
+          [ "$transport" = mtls ] || printf '[auth]\n'
+          printf 'state_file = "%s/durable.toml"\n[node]\ndata_dir = "%s/data-%s"\n' "$work" "$work" "$port"
+          printf '[limits]\napplication_max_queued_messages = 1000000\n'
+          printf '[defaults]\nanonymous = true\nclient_type = "APPLICATION"\nunknown_certificate = "default_rules"\nrules = [{ access = "readWrite", pattern = "#" }]\nanonymous_rules = [{ access = "readWrite", pattern = "#" }]\n' > "$work/durable.toml"
         fi
       } > "$work/rampart.toml"
       "$rampart" serve --config "$work/rampart.toml" 2>>"$work/rampart.log" &
@@ -117,6 +127,7 @@ scenario_args() {
   case "$1" in
     fan-in-qos0) echo "--scenario fan-in --qos 0 --publishers 4 --messages $((n_fast / 4))" ;;
     fan-in-qos1) echo "--scenario fan-in --qos 1 --publishers 4 --messages $((n_fast / 4))" ;;
+    fan-in-qos1-offline) echo "--scenario fan-in --qos 1 --publishers 4 --messages $((n_fast / 4)) --offline-subscriber" ;;
     fan-out-qos0) echo "--scenario fan-out --qos 0 --subscribers 8 --messages $n_fanout" ;;
     latency) echo "--scenario fan-in --qos 0 --publishers 4 --messages $((n_lat / 4 * 5)) --rate 50000" ;;
     connect-storm) echo "--scenario connect-storm --connections $conns --concurrency 32" ;;
@@ -134,7 +145,7 @@ for transport in "${transport_list[@]}"; do
   for scenario in "${scenario_list[@]}"; do
     for broker in rampart mosquitto; do
       port=$(free_port)
-      if ! start_broker "$broker" "$transport" "$port"; then stop_broker; continue; fi
+      if ! start_broker "$broker" "$transport" "$port" "$scenario"; then stop_broker; continue; fi
       args=$(scenario_args "$scenario")
       tls_args=""
       [ "$transport" != tcp ] && tls_args="--transport $transport --ca $work/ca.pem"
@@ -169,6 +180,8 @@ for (transport, scenario), by in rows.items():
     r, m = by.get("rampart", {}), by.get("mosquitto", {})
     if scenario == "connect-storm":
         metrics = [("connects/s", "connects_per_sec", False), ("RSS per connection (KiB)", "rss_per_connection_kib", True)]
+    elif scenario == "fan-in-qos1-offline":
+        metrics = [("acknowledged msg/s, subscriber offline", "msgs_per_sec", False), ("lost messages", "lost", True)]
     elif scenario == "latency":
         metrics = [("p50 latency (µs) at 50k msg/s", "p50_us", True), ("p99 latency (µs) at 50k msg/s", "p99_us", True), ("lost messages", "lost", True)]
     else:

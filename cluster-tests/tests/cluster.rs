@@ -197,14 +197,14 @@ async fn revoking_a_certificate_disconnects_it_on_every_node_and_refuses_it_ever
     let (_, parsed) = x509_parser::parse_x509_certificate(&der)?;
     let request = RevokeCertificatesRequest {
         issuer: Some(parsed.issuer().to_string()),
-        serials: vec![rampart_node::pki::format_serial(parsed.raw_serial())],
+        serials: vec![rampart_node::auth::serial::format_serial(parsed.raw_serial())],
         ..request
     };
     let mut admin = cluster.admin(1).await?;
     let sessions = admin.list_sessions(ListSessionsRequest { contains: "sensor-7".into(), ..Default::default() }).await?.into_inner();
     let seen: Vec<_> = sessions.sessions.iter().map(|s| (s.node_id, s.client_id.as_str(), s.identity.as_str())).collect();
     assert_eq!(seen, [(2, "sensor-7-2", "sensor-7"), (3, "sensor-7-3", "sensor-7")]);
-    assert_eq!(sessions.sessions[0].cert_serial, rampart_node::pki::format_serial(parsed.raw_serial()));
+    assert_eq!(sessions.sessions[0].cert_serial, rampart_node::auth::serial::format_serial(parsed.raw_serial()));
     admin.revoke_certificates(request).await?;
     let returned = Instant::now();
     for (node, waiter) in live {

@@ -10,10 +10,10 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::auth::store::{read_state, AuthStore};
+use crate::broker::clients::ConnectedClients;
 use crate::broker::Broker;
 use crate::cluster::Cluster;
 use crate::config::{Config, ListenerKind};
-use crate::listener::clients::ConnectedClients;
 use crate::listener::{self, connection::ConnectionContext};
 use crate::telemetry;
 
@@ -67,7 +67,8 @@ impl Server {
         let http = if config.http.enabled {
             let socket = telemetry::http::bind(config.http.bind).await?;
             let addr = socket.local_addr()?;
-            tasks.spawn(telemetry::http::serve(socket, broker.clone(), ready.clone(), auth.clone(), shutdown_rx.clone()));
+            let status = Arc::new(Status { broker: broker.clone(), listening: ready.clone(), auth: auth.clone() });
+            tasks.spawn(telemetry::http::serve(socket, status, shutdown_rx.clone()));
             Some(addr)
         } else {
             None
@@ -169,5 +170,26 @@ async fn reap_sessions(broker: Broker, mut shutdown: watch::Receiver<bool>) {
             _ = every.tick() => broker.expire_sessions(Instant::now()),
             _ = shutdown.changed() => return,
         }
+    }
+}
+
+/// What the HTTP endpoint reports: the broker's gauges; ready once the listeners accept and, in
+/// a cluster, while this node is a member that serves clients.
+struct Status {
+    broker: Broker,
+    listening: Arc<AtomicBool>,
+    auth: Arc<AuthStore>,
+}
+
+impl telemetry::http::NodeStatus for Status {
+    fn gauges(&self) -> telemetry::metrics::Gauges {
+        self.broker.gauges()
+    }
+
+    fn not_ready(&self) -> Option<String> {
+        if !self.listening.load(Ordering::Relaxed) {
+            return Some("starting".into());
+        }
+        self.auth.out_of_service().as_deref().map(|reason| format!("not serving: {reason}"))
     }
 }

@@ -69,6 +69,12 @@ struct Args {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// Fan-in with the subscriber offline: it leaves a persistent session (clean session 0)
+    /// before the publishers start and reconnects to drain its queue once every message is
+    /// acknowledged. The rate reported is acknowledged publishes per second: what queueing for
+    /// an offline (durable) session costs the publishers.
+    #[arg(long)]
+    offline_subscriber: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -164,10 +170,16 @@ struct Conn {
 
 impl Conn {
     async fn open(connector: &Connector, client_id: &str) -> anyhow::Result<Conn> {
+        Conn::open_session(connector, client_id, true).await
+    }
+
+    /// Connects with clean session `clean` (false: a persistent session).
+    async fn open_session(connector: &Connector, client_id: &str, clean: bool) -> anyhow::Result<Conn> {
         let (reader, writer) = tokio::io::split(connector.connect().await?);
         let mut conn = Conn { reader, writer, input: BytesMut::with_capacity(64 * 1024) };
         let mut connect = v4::Connect::new(client_id);
         connect.keep_alive = 120;
+        connect.clean_session = clean;
         conn.send(|out| connect.write(out)).await?;
         match conn.next().await? {
             Packet::ConnAck(ack) if ack.code == v4::ConnectReturnCode::Success => Ok(conn),
@@ -232,14 +244,21 @@ async fn messaging(args: &Args, connectors: &[Connector]) -> anyhow::Result<Repo
     let received = Arc::new(AtomicU64::new(0));
     let (stop, stop_rx) = watch::channel(false);
     let mut subs = Vec::new();
+    let offline = args.offline_subscriber && args.scenario == Scenario::FanIn;
+    let subscriber_id = |i: usize| format!("lg-{run_id}-sub-{i}");
     for i in 0..subscribers {
-        let mut conn = Conn::open(&connectors[i % connectors.len()], &format!("lg-{run_id}-sub-{i}")).await?;
+        let mut conn = Conn::open_session(&connectors[i % connectors.len()], &subscriber_id(i), !offline).await?;
         let filter = match args.scenario {
             Scenario::FanIn => format!("bench/{run_id}/+/data"),
             _ => format!("bench/{run_id}/fanout"),
         };
         conn.subscribe(&filter, qos).await?;
-        subs.push(tokio::spawn(subscribe_loop(conn, per_subscriber, base, received.clone(), stop_rx.clone())));
+        if offline {
+            conn.writer.write_all(&[0xE0, 0x00]).await?;
+            while conn.reader.read_buf(&mut conn.input).await? > 0 {}
+        } else {
+            subs.push(tokio::spawn(subscribe_loop(conn, per_subscriber, base, received.clone(), stop_rx.clone())));
+        }
     }
     let start = Arc::new(Barrier::new(publishers));
     let rate = args.rate as f64 / publishers as f64;
@@ -255,10 +274,18 @@ async fn messaging(args: &Args, connectors: &[Connector]) -> anyhow::Result<Repo
         pubs.push(tokio::spawn(publish_loop(conn, job, base, start.clone())));
     }
     let mut report = Report { expected: per_subscriber * subscribers as u64, ..Report::default() };
+    let publishing = Instant::now();
     for p in pubs {
         let (sent, acked) = p.await??;
         report.sent += sent;
         report.acked += acked;
+    }
+    let acknowledged_per_sec = report.acked as f64 / publishing.elapsed().as_secs_f64().max(1e-6);
+    if offline {
+        for i in 0..subscribers {
+            let conn = Conn::open_session(&connectors[i % connectors.len()], &subscriber_id(i), false).await?;
+            subs.push(tokio::spawn(subscribe_loop(conn, per_subscriber, base, received.clone(), stop_rx.clone())));
+        }
     }
     let mut last = received.load(Ordering::Relaxed);
     while last < report.expected {
@@ -279,7 +306,9 @@ async fn messaging(args: &Args, connectors: &[Connector]) -> anyhow::Result<Repo
         first = first.into_iter().chain(result.first).min();
         end = end.into_iter().chain(result.last).max();
     }
-    if let (Some(first), Some(end)) = (first, end) {
+    if offline {
+        report.msgs_per_sec = acknowledged_per_sec;
+    } else if let (Some(first), Some(end)) = (first, end) {
         report.msgs_per_sec = report.received as f64 / end.duration_since(first).as_secs_f64().max(1e-6);
     }
     report.latency_us = stats::percentiles(&mut samples);

@@ -52,7 +52,7 @@ async fn revocation_round(cluster: &TestCluster, devices: usize, tag: &str) -> a
         let (_, parsed) = x509_parser::parse_x509_certificate(&der)?;
         let request = RevokeCertificatesRequest {
             issuer: Some(parsed.issuer().to_string()),
-            serials: vec![rampart_node::pki::format_serial(parsed.raw_serial())],
+            serials: vec![rampart_node::auth::serial::format_serial(parsed.raw_serial())],
             reason: "superseded".into(),
             ..Default::default()
         };

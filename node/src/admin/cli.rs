@@ -644,7 +644,7 @@ fn revoke_requests(r: RevokeArgs, options: Option<WriteOptions>) -> anyhow::Resu
         let pem = std::fs::read(file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
         let der = crate::pki::pem_to_der(&pem).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
         let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-        by_issuer.entry(cert.issuer().to_string()).or_default().push(crate::pki::format_serial(cert.raw_serial()));
+        by_issuer.entry(cert.issuer().to_string()).or_default().push(crate::auth::serial::format_serial(cert.raw_serial()));
     }
     Ok(by_issuer.into_iter().map(|(issuer, serials)| RevokeCertificatesRequest { issuer: Some(issuer), serials, ..base.clone() }).collect())
 }

@@ -7,16 +7,6 @@ use crate::auth::state::{
     X509Match,
 };
 use crate::cluster::command::AuditEntry;
-use crate::listener::clients::ClientInfo;
-
-impl From<ClientType> for pb::ClientType {
-    fn from(t: ClientType) -> Self {
-        match t {
-            ClientType::Device => pb::ClientType::Device,
-            ClientType::Application => pb::ClientType::Application,
-        }
-    }
-}
 
 fn client_type(value: i32) -> ClientType {
     match pb::ClientType::try_from(value) {
@@ -161,20 +151,5 @@ pub fn audit_to_pb(a: &AuditEntry) -> pb::AuditEntry {
         action: a.action.clone(),
         detail: a.detail.clone(),
         error: a.error.clone(),
-    }
-}
-
-pub fn client_session(node_id: u64, c: &ClientInfo) -> pb::ClientSession {
-    pb::ClientSession {
-        node_id,
-        client_id: c.client_id.clone(),
-        identity: c.identity.clone(),
-        client_type: pb::ClientType::from(c.client_type) as i32,
-        credential: c.credential.clone(),
-        cert_serial: c.cert_serial.clone(),
-        cert_issuer: c.cert_issuer.clone(),
-        cert_not_after: c.cert_not_after,
-        connected_at: c.connected_at,
-        peer: c.peer.clone(),
     }
 }

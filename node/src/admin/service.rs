@@ -21,12 +21,12 @@ use crate::auth::index::{compile_revocation, validate_credential, AuthIndex, Gra
 use crate::auth::policy::{self, AuthPolicy, PeerAuth};
 use crate::auth::state::{AuthState, Revocation as StateRevocation};
 use crate::auth::store::AuthStore;
+use crate::auth::Refusal;
+use crate::broker::clients::ConnectedClients;
 use crate::cluster::command::{AuthCmd, AuthResp, Op, Refused};
 use crate::cluster::service::{local_kick, local_sessions};
 use crate::cluster::{Cluster, Proposal, ProposeError};
-use crate::listener::clients::ConnectedClients;
 use crate::mqtt::codec::ProtocolVersion;
-use crate::mqtt::connect::Refusal;
 
 /// Credentials per Raft entry in a bulk import.
 pub const IMPORT_BATCH: usize = 2000;
@@ -173,7 +173,7 @@ impl AdminService {
             let serial = if r.serial.is_empty() {
                 String::new()
             } else {
-                crate::pki::normalize_serial(&r.serial).map_err(|e| invalid(format!("serial: {e}")))?
+                crate::auth::serial::normalize_serial(&r.serial).map_err(|e| invalid(format!("serial: {e}")))?
             };
             let now = crate::cluster::unix_now();
             PeerAuth::Certificate(PeerCertificate {
@@ -187,7 +187,7 @@ impl AdminService {
         let limits = crate::mqtt::connect::SessionLimits::default();
         let decision =
             crate::mqtt::connect::validate(ProtocolVersion::V5, connect, &limits, || "check-access".into()).and_then(|mut request| {
-                let mut principal = policy::authenticate(&peer, &mut request, &self.policy)?;
+                let mut principal = policy::authenticate(&peer, request.claimed_identity(), &self.policy)?;
                 principal.password_verified = r.password_user;
                 self.auth.authorize(&principal, &request.client_id)
             });
@@ -213,7 +213,7 @@ impl AdminService {
             .iter_revoked_certificates()
             .map(|entry| StateRevocation {
                 issuer: Some(issuer.clone()),
-                serial: Some(crate::pki::format_serial(entry.raw_serial())),
+                serial: Some(crate::auth::serial::format_serial(entry.raw_serial())),
                 reason: entry.reason_code().and_then(|(_, code)| crate::pki::reason::name_of_code(code.0)).unwrap_or("unspecified").into(),
                 ..Default::default()
             })
@@ -230,7 +230,7 @@ fn requested_revocations(r: &RevokeCertificatesRequest) -> Result<Vec<StateRevoc
         if r.issuer.is_none() || r.identity_regex.is_some() || r.issued_before.is_some() {
             return Err(invalid("serials: give them with issuer only (serials are unique per issuer)".into()));
         }
-        let serials = r.serials.iter().map(|s| crate::pki::normalize_serial(s).map_err(|e| invalid(format!("serials: {e}"))));
+        let serials = r.serials.iter().map(|s| crate::auth::serial::normalize_serial(s).map_err(|e| invalid(format!("serials: {e}"))));
         serials.map(|serial| Ok(StateRevocation { serial: Some(serial?), ..base.clone() })).collect::<Result<Vec<_>, Status>>()?
     } else {
         vec![StateRevocation { identity_regex: r.identity_regex.clone(), issued_before: r.issued_before, ..base }]

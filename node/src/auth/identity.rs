@@ -112,7 +112,7 @@ impl IdentityRule {
         }
         Ok(PeerCertificate {
             identity,
-            serial: crate::pki::format_serial(cert.raw_serial()),
+            serial: crate::auth::serial::format_serial(cert.raw_serial()),
             issuer: cert.issuer().to_string(),
             not_before: cert.validity().not_before.timestamp(),
             not_after: cert.validity().not_after.timestamp(),

@@ -12,7 +12,7 @@ use super::identity::PeerCertificate;
 use super::password;
 use super::policy::Principal;
 use super::state::{AuthState, ClientType, Credential, Revocation, Rule, UnknownCertificate, X509Match};
-use crate::mqtt::connect::Refusal;
+use crate::auth::Refusal;
 
 /// What a client was granted at CONNECT.
 #[derive(Debug, Clone)]
@@ -122,7 +122,7 @@ impl AuthIndex {
             let regex = compile_revocation(revocation).map_err(|e| format!("revocations[{i}]: {e}"))?;
             match (&revocation.issuer, &revocation.serial) {
                 (Some(issuer), Some(serial)) if regex.is_none() && revocation.issued_before.is_none() => {
-                    let serial = crate::pki::normalize_serial(serial).map_err(|e| format!("revocations[{i}]: {e}"))?;
+                    let serial = crate::auth::serial::normalize_serial(serial).map_err(|e| format!("revocations[{i}]: {e}"))?;
                     index.revoked_serials.insert((issuer.clone(), serial), i);
                 }
                 _ => index.revocation_rules.push((regex, i)),
@@ -140,7 +140,7 @@ impl AuthIndex {
         }
         self.revocation_rules.iter().map(|(regex, i)| (regex, &state.revocations[*i])).find_map(|(regex, r)| {
             let covered = r.issuer.as_ref().is_none_or(|issuer| *issuer == cert.issuer)
-                && r.serial.as_ref().is_none_or(|serial| crate::pki::normalize_serial(serial).is_ok_and(|s| s == cert.serial))
+                && r.serial.as_ref().is_none_or(|serial| crate::auth::serial::normalize_serial(serial).is_ok_and(|s| s == cert.serial))
                 && regex.as_ref().is_none_or(|regex| regex.is_match(&cert.identity))
                 && r.issued_before.is_none_or(|before| cert.not_before < before);
             covered.then_some(r)
@@ -283,7 +283,7 @@ pub fn compile_revocation(r: &Revocation) -> Result<Option<Regex>, String> {
         if r.issuer.is_none() {
             return Err("serial: a serial is only unique per issuer; give the issuer too".into());
         }
-        crate::pki::normalize_serial(serial).map_err(|e| format!("serial: {e}"))?;
+        crate::auth::serial::normalize_serial(serial).map_err(|e| format!("serial: {e}"))?;
     }
     r.identity_regex.as_ref().map(|p| Regex::new(&format!("^(?:{p})$")).map_err(|e| format!("identity_regex: {e}"))).transpose()
 }

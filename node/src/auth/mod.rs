@@ -7,5 +7,15 @@ pub mod index;
 pub mod password;
 pub mod password_gate;
 pub mod policy;
+pub mod serial;
 pub mod state;
 pub mod store;
+
+use mqttbytes::v5::ConnectReturnCode;
+
+/// Why a CONNECT is refused; `code` goes into the CONNACK (mapped to a 3.1.1 return code by the codec).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    pub code: ConnectReturnCode,
+    pub reason: String,
+}

@@ -2,11 +2,10 @@
 //! client id must match it so one device cannot take over another device's session. Pure.
 
 use mqttbytes::v5::ConnectReturnCode;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::identity::PeerCertificate;
-use crate::broker::Owner;
-use crate::mqtt::connect::{ConnectRequest, Refusal};
+use super::Refusal;
 
 /// Which client ids a certificate identity may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -87,6 +86,27 @@ pub enum PeerAuth {
     Rejected(String),
 }
 
+/// The principal a session belongs to. Only the same principal may resume it or take it over.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Owner {
+    /// A client certificate, by identity and issuer DN.
+    Certificate { identity: String, issuer: String },
+    /// A password credential, by user name.
+    Password { username: String },
+    /// A client that did not authenticate.
+    Anonymous,
+}
+
+impl std::fmt::Display for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Owner::Certificate { identity, issuer } => write!(f, "certificate {identity:?} issued by {issuer:?}"),
+            Owner::Password { username } => write!(f, "password credential {username:?}"),
+            Owner::Anonymous => f.write_str("anonymous"),
+        }
+    }
+}
+
 /// Who a connected client is.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Principal {
@@ -115,8 +135,18 @@ fn not_authorized(reason: String) -> Refusal {
     Refusal { code: ConnectReturnCode::NotAuthorized, reason }
 }
 
-/// Applies the policy to a validated CONNECT; may rewrite its user name and an assigned client id.
-pub fn authenticate(peer: &PeerAuth, request: &mut ConnectRequest, policy: &AuthPolicy) -> Result<Principal, Refusal> {
+/// What a CONNECT claims about who the client is. The policy may rewrite the user name and an
+/// assigned client id in place.
+#[derive(Debug)]
+pub struct ClaimedIdentity<'a> {
+    pub client_id: &'a mut String,
+    /// The client sent no client id; the broker generated `client_id`.
+    pub assigned_client_id: bool,
+    pub username: &'a mut Option<String>,
+}
+
+/// Applies the policy to what a validated CONNECT claims.
+pub fn authenticate(peer: &PeerAuth, request: ClaimedIdentity<'_>, policy: &AuthPolicy) -> Result<Principal, Refusal> {
     let cert = match peer {
         PeerAuth::Anonymous => {
             return Ok(Principal { identity: None, username: request.username.clone(), certificate: None, password_verified: false })
@@ -136,15 +166,15 @@ pub fn authenticate(peer: &PeerAuth, request: &mut ConnectRequest, policy: &Auth
         request.username.clone()
     };
     if request.assigned_client_id {
-        request.client_id = match policy.client_id_policy {
+        *request.client_id = match policy.client_id_policy {
             ClientIdPolicy::MustEqualIdentity => identity.clone(),
             ClientIdPolicy::Prefix => format!("{identity}{}{}", policy.client_id_separator, request.client_id),
-            ClientIdPolicy::Any => std::mem::take(&mut request.client_id),
+            ClientIdPolicy::Any => std::mem::take(request.client_id),
         };
     }
     let allowed = match policy.client_id_policy {
         ClientIdPolicy::Any => true,
-        ClientIdPolicy::MustEqualIdentity => request.client_id == *identity,
+        ClientIdPolicy::MustEqualIdentity => *request.client_id == *identity,
         ClientIdPolicy::Prefix => request
             .client_id
             .strip_prefix(identity.as_str())
@@ -153,26 +183,34 @@ pub fn authenticate(peer: &PeerAuth, request: &mut ConnectRequest, policy: &Auth
     if !allowed {
         return Err(not_authorized(format!(
             "client id {:?} is not allowed for identity {identity:?} (client_id_policy {})",
-            request.client_id, policy.client_id_policy
+            *request.client_id, policy.client_id_policy
         )));
     }
-    request.username = username.clone();
+    *request.username = username.clone();
     Ok(Principal { identity: Some(identity.clone()), username, certificate: Some(cert.clone()), password_verified: false })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mqtt::codec::ProtocolVersion;
-    use crate::mqtt::connect::{self, SessionLimits};
-    use mqttbytes::v5;
 
-    fn request(client_id: &str, username: Option<&str>) -> ConnectRequest {
-        let mut c = v5::Connect::new(client_id);
-        if let Some(u) = username {
-            c.set_login(u, "");
+    /// A CONNECT's claimed identity, owned; an empty client id is assigned `rampart-9`.
+    struct Request {
+        client_id: String,
+        assigned_client_id: bool,
+        username: Option<String>,
+    }
+
+    impl Request {
+        fn claim(&mut self) -> ClaimedIdentity<'_> {
+            ClaimedIdentity { client_id: &mut self.client_id, assigned_client_id: self.assigned_client_id, username: &mut self.username }
         }
-        connect::validate(ProtocolVersion::V5, c, &SessionLimits::default(), || "rampart-9".into()).unwrap()
+    }
+
+    fn request(client_id: &str, username: Option<&str>) -> Request {
+        let assigned_client_id = client_id.is_empty();
+        let client_id = if assigned_client_id { "rampart-9".to_string() } else { client_id.to_string() };
+        Request { client_id, assigned_client_id, username: username.map(str::to_string) }
     }
 
     fn peer(identity: &str) -> PeerAuth {
@@ -188,50 +226,54 @@ mod tests {
     #[test]
     fn identity_becomes_the_username() {
         let mut r = request("plc-7", Some("someone-else"));
-        let p = authenticate(&peer("plc-7"), &mut r, &AuthPolicy::default()).unwrap();
+        let p = authenticate(&peer("plc-7"), r.claim(), &AuthPolicy::default()).unwrap();
         assert_eq!(p.username.as_deref(), Some("plc-7"));
         assert_eq!(r.username.as_deref(), Some("plc-7"));
         let refuse = AuthPolicy { username_mismatch: UsernameMismatch::Refuse, ..AuthPolicy::default() };
-        let err = authenticate(&peer("plc-7"), &mut request("plc-7", Some("someone-else")), &refuse).unwrap_err();
+        let err = authenticate(&peer("plc-7"), request("plc-7", Some("someone-else")).claim(), &refuse).unwrap_err();
         assert_eq!(err.code, ConnectReturnCode::NotAuthorized);
-        assert!(authenticate(&peer("plc-7"), &mut request("plc-7", Some("plc-7")), &refuse).is_ok());
+        assert!(authenticate(&peer("plc-7"), request("plc-7", Some("plc-7")).claim(), &refuse).is_ok());
     }
 
     #[test]
     fn client_id_policies_stop_session_takeover_by_another_device() {
         let prefix = AuthPolicy::default();
-        assert!(authenticate(&peer("plc-7"), &mut request("plc-7-telemetry", None), &prefix).is_ok());
-        assert!(authenticate(&peer("plc-7"), &mut request("plc-7", None), &prefix).is_ok());
+        assert!(authenticate(&peer("plc-7"), request("plc-7-telemetry", None).claim(), &prefix).is_ok());
+        assert!(authenticate(&peer("plc-7"), request("plc-7", None).claim(), &prefix).is_ok());
         for spoof in ["plc-8", "plc-70", "plc-7x", "plc"] {
-            let refused = authenticate(&peer("plc-7"), &mut request(spoof, None), &prefix).unwrap_err();
+            let refused = authenticate(&peer("plc-7"), request(spoof, None).claim(), &prefix).unwrap_err();
             assert_eq!(refused.code, ConnectReturnCode::NotAuthorized, "{spoof}");
         }
         let dotted = AuthPolicy { client_id_separator: '.', ..prefix };
-        assert!(authenticate(&peer("plc-7"), &mut request("plc-7.a", None), &dotted).is_ok());
-        assert!(authenticate(&peer("plc-7"), &mut request("plc-7-a", None), &dotted).is_err());
+        assert!(authenticate(&peer("plc-7"), request("plc-7.a", None).claim(), &dotted).is_ok());
+        assert!(authenticate(&peer("plc-7"), request("plc-7-a", None).claim(), &dotted).is_err());
         let exact = AuthPolicy { client_id_policy: ClientIdPolicy::MustEqualIdentity, ..prefix };
-        assert!(authenticate(&peer("plc-7"), &mut request("plc-7-x", None), &exact).is_err());
-        assert!(authenticate(&peer("plc-7"), &mut request("plc-7", None), &exact).is_ok());
+        assert!(authenticate(&peer("plc-7"), request("plc-7-x", None).claim(), &exact).is_err());
+        assert!(authenticate(&peer("plc-7"), request("plc-7", None).claim(), &exact).is_ok());
         let any = AuthPolicy { client_id_policy: ClientIdPolicy::Any, ..prefix };
-        assert!(authenticate(&peer("plc-7"), &mut request("anything", None), &any).is_ok());
+        assert!(authenticate(&peer("plc-7"), request("anything", None).claim(), &any).is_ok());
     }
 
     #[test]
     fn assigned_client_ids_follow_the_identity() {
         let mut r = request("", None);
-        authenticate(&peer("plc-7"), &mut r, &AuthPolicy::default()).unwrap();
+        authenticate(&peer("plc-7"), r.claim(), &AuthPolicy::default()).unwrap();
         assert_eq!(r.client_id, "plc-7-rampart-9");
         let mut r = request("", None);
-        authenticate(&peer("plc-7"), &mut r, &AuthPolicy { client_id_policy: ClientIdPolicy::MustEqualIdentity, ..AuthPolicy::default() })
-            .unwrap();
+        authenticate(
+            &peer("plc-7"),
+            r.claim(),
+            &AuthPolicy { client_id_policy: ClientIdPolicy::MustEqualIdentity, ..AuthPolicy::default() },
+        )
+        .unwrap();
         assert_eq!(r.client_id, "plc-7");
     }
 
     #[test]
     fn anonymous_and_rejected_peers() {
-        let p = authenticate(&PeerAuth::Anonymous, &mut request("x", Some("u")), &AuthPolicy::default()).unwrap();
+        let p = authenticate(&PeerAuth::Anonymous, request("x", Some("u")).claim(), &AuthPolicy::default()).unwrap();
         assert_eq!((p.identity, p.username.as_deref()), (None, Some("u")));
-        let err = authenticate(&PeerAuth::Rejected("bad identity".into()), &mut request("x", None), &AuthPolicy::default()).unwrap_err();
+        let err = authenticate(&PeerAuth::Rejected("bad identity".into()), request("x", None).claim(), &AuthPolicy::default()).unwrap_err();
         assert_eq!(err.code, ConnectReturnCode::NotAuthorized);
     }
 }

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use super::index::{AuthIndex, Grant};
 use super::policy::Principal;
 use super::state::AuthState;
-use crate::mqtt::connect::Refusal;
+use crate::auth::Refusal;
 
 /// Why a cluster node refuses clients before it has seen itself in the membership.
 pub const NOT_YET_A_MEMBER: &str = "this node is not a cluster member yet";

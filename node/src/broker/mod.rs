@@ -2,6 +2,7 @@
 //! subscribe and unsubscribe through it; its subscription index, retained store, client registry
 //! and session store stay private. Knows nothing of bytes or sockets.
 
+pub mod clients;
 pub mod index;
 pub mod mailbox;
 pub mod message;
@@ -13,13 +14,14 @@ pub mod state;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::auth::policy::Owner;
 use index::{Subscriber, SubscriptionIndex, SubscriptionOptions};
 use message::{min_qos, Delivery, Message, Will};
 use persist::{SessionStore, StoredSession};
 use registry::Registry;
 pub use registry::{AttachError, Attached, Attachment};
 use retained::RetainedStore;
-pub use state::{Inflight, Owner, SessionState};
+pub use state::{Inflight, SessionState};
 
 use crate::telemetry::metrics::Gauges;
 use crate::topic;

@@ -25,7 +25,8 @@ use tokio::sync::watch;
 
 use super::index::SubscriptionOptions;
 use super::message::{Delivery, Message};
-use super::state::{Inflight, Owner, SessionState};
+use super::state::{Inflight, SessionState};
+use crate::auth::policy::Owner;
 
 /// A stored session without its queue.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::{watch, Notify};
 
 use super::message::SessionId;
-use super::state::{Owner, SessionState};
+use super::state::SessionState;
+use crate::auth::policy::Owner;
 
 #[derive(Debug)]
 struct SlotState {

@@ -3,36 +3,13 @@
 //! the session is offline.
 
 use std::collections::{HashMap, HashSet};
-use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
-
-use serde::{Deserialize, Serialize};
 
 use super::index::SubscriptionOptions;
 use super::mailbox::Mailbox;
 use super::message::{Delivery, SessionId};
-
-/// The principal a session belongs to. Only the same principal may resume it or take it over.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum Owner {
-    /// A client certificate, by identity and issuer DN.
-    Certificate { identity: String, issuer: String },
-    /// A password credential, by user name.
-    Password { username: String },
-    /// A client that did not authenticate.
-    Anonymous,
-}
-
-impl fmt::Display for Owner {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Owner::Certificate { identity, issuer } => write!(f, "certificate {identity:?} issued by {issuer:?}"),
-            Owner::Password { username } => write!(f, "password credential {username:?}"),
-            Owner::Anonymous => f.write_str("anonymous"),
-        }
-    }
-}
+use crate::auth::policy::Owner;
 
 /// An outgoing QoS 1/2 message the client has not yet fully acknowledged.
 #[derive(Debug, Clone)]

@@ -291,7 +291,7 @@ impl Replicated {
                 revoked_at: cmd.at,
                 revoked_by: cmd.caller.clone(),
                 source: source.into(),
-                serial: r.serial.as_deref().map(|s| crate::pki::normalize_serial(s).unwrap_or_else(|_| s.to_string())),
+                serial: r.serial.as_deref().map(|s| crate::auth::serial::normalize_serial(s).unwrap_or_else(|_| s.to_string())),
                 ..r.clone()
             });
         }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use openraft::raft::InstallSnapshotRequest;
-use rampart_proto::admin::{KickClientReply, KickClientRequest, ListSessionsReply, ListSessionsRequest};
+use rampart_proto::admin::{self as pb, KickClientReply, KickClientRequest, ListSessionsReply, ListSessionsRequest};
 use rampart_proto::cluster::node_server::{Node, NodeServer};
 use rampart_proto::cluster::raft_server::{Raft as RaftRpc, RaftServer};
 use rampart_proto::cluster::{ProgressReply, ProgressRequest, RaftBytes, SnapshotChunk};
@@ -19,9 +19,10 @@ use tonic::{Request, Response, Status};
 
 use super::network::MAX_MESSAGE_BYTES;
 use super::{Cluster, Proposal, Raft};
+use crate::auth::state::ClientType;
 use crate::auth::store::AuthStore;
+use crate::broker::clients::{ClientInfo, ConnectedClients};
 use crate::config::ClusterConfig;
-use crate::listener::clients::ConnectedClients;
 
 fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Status> {
     serde_json::from_slice(bytes).map_err(|e| Status::invalid_argument(format!("undecodable cluster message: {e}")))
@@ -91,7 +92,7 @@ impl Node for NodeService {
 /// The clients connected to this node that a listing asks for.
 pub fn local_sessions(node_id: u64, clients: &ConnectedClients, request: &ListSessionsRequest) -> ListSessionsReply {
     let limit = if request.limit == 0 { MAX_SESSIONS_LISTED } else { (request.limit as usize).min(MAX_SESSIONS_LISTED) };
-    let sessions = clients.list(&request.contains, limit).iter().map(|info| crate::admin::convert::client_session(node_id, info)).collect();
+    let sessions = clients.list(&request.contains, limit).iter().map(|info| client_session(node_id, info)).collect();
     ListSessionsReply { sessions, unreachable_nodes: vec![] }
 }
 
@@ -128,4 +129,29 @@ pub async fn serve(
         })
         .await?;
     Ok(())
+}
+
+impl From<ClientType> for pb::ClientType {
+    fn from(t: ClientType) -> Self {
+        match t {
+            ClientType::Device => pb::ClientType::Device,
+            ClientType::Application => pb::ClientType::Application,
+        }
+    }
+}
+
+/// A connected client as the admin API shows it.
+fn client_session(node_id: u64, c: &ClientInfo) -> pb::ClientSession {
+    pb::ClientSession {
+        node_id,
+        client_id: c.client_id.clone(),
+        identity: c.identity.clone(),
+        client_type: pb::ClientType::from(c.client_type) as i32,
+        credential: c.credential.clone(),
+        cert_serial: c.cert_serial.clone(),
+        cert_issuer: c.cert_issuer.clone(),
+        cert_not_after: c.cert_not_after,
+        connected_at: c.connected_at,
+        peer: c.peer.clone(),
+    }
 }

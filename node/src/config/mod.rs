@@ -15,6 +15,7 @@ use crate::auth::policy::{AuthPolicy, ClientIdPolicy, UnauthorizedPublish, Usern
 use crate::broker::retained::RetainedLimits;
 use crate::broker::BrokerSettings;
 use crate::mqtt::connect::SessionLimits;
+use crate::telemetry::LogConfig;
 use crate::topic::TopicLimits;
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -156,27 +157,6 @@ impl Default for AuthConfig {
             v3_unauthorized_publish: UnauthorizedPublish::Disconnect,
         }
     }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LogConfig {
-    /// A tracing filter: a level (`info`) or directives (`info,rampart_node::listener=debug`).
-    pub level: String,
-    pub format: LogFormat,
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        LogConfig { level: "info,openraft=warn".into(), format: LogFormat::Text }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -17,9 +17,9 @@ use tokio::sync::watch;
 use crate::auth::policy::{self, AuthPolicy, PeerAuth};
 use crate::auth::state::ClientType;
 use crate::auth::store::AuthStore;
+use crate::broker::clients::{ClientInfo, ConnectedClients};
 use crate::broker::message::Delivery;
 use crate::broker::{AttachError, AttachRequest, Broker};
-use crate::listener::clients::{ClientInfo, ConnectedClients};
 use crate::mqtt::codec::{self, DecodeError, Packet, ProtocolVersion};
 use crate::mqtt::connect::{self, SessionLimits};
 use crate::mqtt::session::{Action, RetainHandling, Session};
@@ -224,16 +224,16 @@ where
 /// Authenticates and authorizes a validated CONNECT: certificate identity, else user name and
 /// password (checked on a blocking thread: argon2id is slow by design), else anonymous.
 async fn authorize(
-    validated: Result<connect::ConnectRequest, connect::Refusal>,
+    validated: Result<connect::ConnectRequest, crate::auth::Refusal>,
     peer: SocketAddr,
     peer_auth: &PeerAuth,
     ctx: &ConnectionContext,
-) -> Result<(connect::ConnectRequest, policy::Principal, crate::auth::index::Grant), connect::Refusal> {
+) -> Result<(connect::ConnectRequest, policy::Principal, crate::auth::index::Grant), crate::auth::Refusal> {
     let mut request = validated?;
-    let mut principal = policy::authenticate(peer_auth, &mut request, &ctx.auth)?;
+    let mut principal = policy::authenticate(peer_auth, request.claimed_identity(), &ctx.auth)?;
     let index = ctx.auth_store.current();
     if let (None, Some(username), Some(_)) = (&principal.certificate, request.username.clone(), index.state()) {
-        let refusal = |code, reason: String| connect::Refusal { code, reason };
+        let refusal = |code, reason: String| crate::auth::Refusal { code, reason };
         ctx.password_gate
             .admit(peer.ip(), Instant::now())
             .map_err(|e| refusal(v5::ConnectReturnCode::ConnectionRateExceeded, e.to_string()))?;

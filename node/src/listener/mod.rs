@@ -1,7 +1,6 @@
 //! Accept loops for the TCP, TLS, WebSocket and secure WebSocket listeners: connection limit,
 //! TCP_NODELAY and TCP keepalive, TLS and WebSocket handshakes with a deadline, then hand-off to the connection driver.
 
-pub mod clients;
 pub mod connection;
 pub mod websocket;
 

@@ -6,7 +6,8 @@ use std::time::Duration;
 use mqttbytes::v5::{self, ConnectReturnCode};
 
 use super::codec::ProtocolVersion;
-use crate::auth::policy::UnauthorizedPublish;
+use crate::auth::policy::{ClaimedIdentity, UnauthorizedPublish};
+use crate::auth::Refusal;
 use crate::broker::message::Will;
 use crate::topic::{self, TopicLimits};
 
@@ -83,11 +84,11 @@ pub struct ConnectRequest {
     pub problem_information: bool,
 }
 
-/// Why a CONNECT is refused; `code` goes into the CONNACK (mapped to a 3.1.1 return code by the codec).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Refusal {
-    pub code: ConnectReturnCode,
-    pub reason: String,
+impl ConnectRequest {
+    /// Who the client claims to be, for the CONNECT policy (which may rewrite it).
+    pub fn claimed_identity(&mut self) -> ClaimedIdentity<'_> {
+        ClaimedIdentity { client_id: &mut self.client_id, assigned_client_id: self.assigned_client_id, username: &mut self.username }
+    }
 }
 
 fn refuse(code: ConnectReturnCode, reason: impl Into<String>) -> Refusal {

@@ -745,7 +745,7 @@ pub fn packet_name(packet: &Packet) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::broker::Owner;
+    use crate::auth::policy::Owner;
     use crate::mqtt::connect;
     use bytes::Bytes;
 

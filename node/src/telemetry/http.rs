@@ -3,7 +3,6 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -15,18 +14,18 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::auth::store::AuthStore;
-use crate::broker::Broker;
+use super::metrics::Gauges;
 
-/// Serves the endpoints on an already bound socket until shutdown. Ready: `listening` is set
-/// and `auth` is in service.
-pub async fn serve(
-    listener: TcpListener,
-    broker: Broker,
-    listening: Arc<AtomicBool>,
-    auth: Arc<AuthStore>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+/// What the endpoint reports about the node; implemented by the server, so telemetry knows
+/// nothing of brokers or clusters.
+pub trait NodeStatus: Send + Sync + 'static {
+    fn gauges(&self) -> Gauges;
+    /// `None` when the node serves clients; otherwise why not.
+    fn not_ready(&self) -> Option<String>;
+}
+
+/// Serves the endpoints on an already bound socket until shutdown.
+pub async fn serve(listener: TcpListener, status: Arc<dyn NodeStatus>, mut shutdown: watch::Receiver<bool>) {
     loop {
         let (tcp, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -38,29 +37,19 @@ pub async fn serve(
             },
             _ = shutdown.changed() => return,
         };
-        let (broker, listening, auth) = (broker.clone(), listening.clone(), auth.clone());
+        let status = status.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |request| respond(request, broker.clone(), listening.clone(), auth.clone()));
+            let service = service_fn(move |request| respond(request, status.clone()));
             let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), service).await;
         });
     }
 }
 
-async fn respond(
-    request: Request<Incoming>,
-    broker: Broker,
-    listening: Arc<AtomicBool>,
-    auth: Arc<AuthStore>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
-    let not_ready = match auth.out_of_service().as_ref() {
-        _ if !listening.load(Ordering::Relaxed) => Some("starting".to_string()),
-        Some(reason) => Some(format!("not serving: {reason}")),
-        None => None,
-    };
+async fn respond(request: Request<Incoming>, status: Arc<dyn NodeStatus>) -> Result<Response<Full<Bytes>>, Infallible> {
     let (status, content_type, body) = match (request.method(), request.uri().path()) {
-        (&Method::GET, "/metrics") => (StatusCode::OK, "text/plain; version=0.0.4", super::metrics::render(broker.gauges())),
+        (&Method::GET, "/metrics") => (StatusCode::OK, "text/plain; version=0.0.4", super::metrics::render(status.gauges())),
         (&Method::GET, "/healthz") => (StatusCode::OK, "text/plain", "ok\n".to_string()),
-        (&Method::GET, "/readyz") => match not_ready {
+        (&Method::GET, "/readyz") => match status.not_ready() {
             None => (StatusCode::OK, "text/plain", "ready\n".to_string()),
             Some(why) => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("{why}\n")),
         },

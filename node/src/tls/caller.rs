@@ -22,7 +22,7 @@ pub fn authorize<T>(request: &tonic::Request<T>, role_ou: &str, auth: &AuthStore
     }
     let peer = PeerCertificate {
         identity: name.clone(),
-        serial: crate::pki::format_serial(cert.raw_serial()),
+        serial: crate::auth::serial::format_serial(cert.raw_serial()),
         issuer: cert.issuer().to_string(),
         not_before: cert.validity().not_before.timestamp(),
         not_after: cert.validity().not_after.timestamp(),

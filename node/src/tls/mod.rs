@@ -66,7 +66,7 @@ pub fn crl_revocations<'a>(
         let der = load_crl(path)?;
         let (_, crl) = x509_parser::parse_x509_crl(der.as_ref()).map_err(|e| file_error(path, e))?;
         let issuer = crl.issuer().to_string();
-        revoked.extend(crl.iter_revoked_certificates().map(|r| (issuer.clone(), crate::pki::format_serial(r.raw_serial()))));
+        revoked.extend(crl.iter_revoked_certificates().map(|r| (issuer.clone(), crate::auth::serial::format_serial(r.raw_serial()))));
     }
     Ok(revoked)
 }
