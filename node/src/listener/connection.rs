@@ -20,8 +20,7 @@ use crate::auth::store::AuthStore;
 use crate::broker::clients::{ClientInfo, ConnectedClients};
 use crate::broker::message::Delivery;
 use crate::broker::{AttachError, AttachRequest, Broker};
-use crate::mqtt::codec::{self, DecodeError, Packet, ProtocolVersion};
-use crate::mqtt::connect::{self, SessionLimits};
+use crate::mqtt::connect::{self, Handshake, Handshaked, SessionLimits};
 use crate::mqtt::session::{Action, RetainHandling, Session};
 use crate::telemetry::metrics;
 
@@ -68,25 +67,16 @@ where
     // Watched from before authentication, so a change applied meanwhile is re-checked below.
     let mut auth_changes = ctx.auth_store.changes();
     auth_changes.borrow_and_update();
-    let connect = tokio::time::timeout(ctx.connect_timeout, read_connect(&mut reader, &mut input, ctx.limits.max_packet_size)).await;
-    let (version, connect) = match connect {
-        Ok(Ok(Some(found))) => found,
-        Ok(Ok(None)) => return refused(peer, "closed before CONNECT"),
-        Ok(Err(ConnectError::Decode(DecodeError::UnsupportedVersion(level)))) => {
-            write_refusal(&mut writer, ProtocolVersion::V311, v5::ConnectReturnCode::UnsupportedProtocolVersion).await;
-            return refused(peer, &format!("unsupported protocol level {level}"));
-        }
-        Ok(Err(e)) => return refused(peer, &e.to_string()),
-        Err(_) => return refused(peer, &format!("no CONNECT within {:?}", ctx.connect_timeout)),
-    };
     let broker = &ctx.broker;
-    let validated = connect::validate(version, connect, &ctx.limits, || broker.generate_client_id());
-    let (request, principal, grant) = match authorize(validated, peer, &peer_auth, &ctx).await {
+    let handshake = Handshake::new(ctx.limits.clone(), ctx.connect_timeout, Instant::now());
+    let request = match read_connect(&handshake, &mut reader, &mut input, broker).await {
+        Ok(request) => request,
+        Err((reply, reason)) => return refuse(&mut writer, &reply, peer, &reason).await,
+    };
+    let version = request.version;
+    let (request, principal, grant) = match authorize(request, peer, &peer_auth, &ctx).await {
         Ok(accepted) => accepted,
-        Err(refusal) => {
-            write_refusal(&mut writer, version, refusal.code).await;
-            return refused(peer, &refusal.reason);
-        }
+        Err(refusal) => return refuse(&mut writer, &connect::refusal_reply(version, refusal.code), peer, &refusal.reason).await,
     };
     let owner = principal.owner();
     let durable = grant.client_type == ClientType::Application;
@@ -108,8 +98,8 @@ where
                 }
                 AttachError::TakeoverTimeout(_) | AttachError::Superseded => v5::ConnectReturnCode::ServerBusy,
             };
-            write_refusal(&mut writer, version, code).await;
-            return refused(peer, &format!("client id {:?}: {e}", request.client_id));
+            let reason = format!("client id {:?}: {e}", request.client_id);
+            return refuse(&mut writer, &connect::refusal_reply(version, code), peer, &reason).await;
         }
     };
     let client_id = request.client_id.clone();
@@ -224,12 +214,11 @@ where
 /// Authenticates and authorizes a validated CONNECT: certificate identity, else user name and
 /// password (checked on a blocking thread: argon2id is slow by design), else anonymous.
 async fn authorize(
-    validated: Result<connect::ConnectRequest, crate::auth::Refusal>,
+    mut request: connect::ConnectRequest,
     peer: SocketAddr,
     peer_auth: &PeerAuth,
     ctx: &ConnectionContext,
 ) -> Result<(connect::ConnectRequest, policy::Principal, crate::auth::index::Grant), crate::auth::Refusal> {
-    let mut request = validated?;
     let mut principal = policy::authenticate(peer_auth, request.claimed_identity(), &ctx.auth)?;
     let index = ctx.auth_store.current();
     if let (None, Some(username), Some(_)) = (&principal.certificate, request.username.clone(), index.state()) {
@@ -263,11 +252,40 @@ where
 {
     let (mut reader, mut writer) = tokio::io::split(stream);
     let mut input = BytesMut::new();
-    let connect = tokio::time::timeout(ctx.connect_timeout, read_connect(&mut reader, &mut input, ctx.limits.max_packet_size)).await;
-    if let Ok(Ok(Some((version, _)))) = connect {
-        write_refusal(&mut writer, version, v5::ConnectReturnCode::ServerBusy).await;
+    let handshake = Handshake::new(ctx.limits.clone(), ctx.connect_timeout, Instant::now());
+    let reply = match read_connect(&handshake, &mut reader, &mut input, &ctx.broker).await {
+        Ok(request) => connect::refusal_reply(request.version, v5::ConnectReturnCode::ServerBusy),
+        Err((reply, _)) => reply,
+    };
+    refuse(&mut writer, &reply, peer, "connection limit reached").await;
+}
+
+/// Reads until the handshake has a validated CONNECT, or the reply and reason to refuse with.
+async fn read_connect<R: AsyncRead + Unpin>(
+    handshake: &Handshake,
+    reader: &mut R,
+    input: &mut BytesMut,
+    broker: &Broker,
+) -> Result<connect::ConnectRequest, (BytesMut, String)> {
+    let deadline = tokio::time::Instant::from_std(handshake.deadline());
+    loop {
+        let step = match handshake.handle_input(input, || broker.generate_client_id()) {
+            Handshaked::Pending => tokio::select! {
+                read = reader.read_buf(input) => match read {
+                    Ok(0) => Handshaked::Refused { reply: BytesMut::new(), reason: "closed before CONNECT".into() },
+                    Ok(_) => Handshaked::Pending,
+                    Err(e) => Handshaked::Refused { reply: BytesMut::new(), reason: format!("read failed before CONNECT: {e}") },
+                },
+                _ = tokio::time::sleep_until(deadline) => handshake.tick(Instant::now()).unwrap_or(Handshaked::Pending),
+            },
+            decided => decided,
+        };
+        match step {
+            Handshaked::Pending => {}
+            Handshaked::Connect(request) => return Ok(request),
+            Handshaked::Refused { reply, reason } => return Err((reply, reason)),
+        }
     }
-    refused(peer, "connection limit reached");
 }
 
 /// Carries out the session's broker work in order; returns once every session-store write it
@@ -325,37 +343,13 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-enum ConnectError {
-    #[error("{0}")]
-    Decode(#[from] DecodeError),
-    #[error("read failed before CONNECT: {0}")]
-    Io(#[from] std::io::Error),
-}
-
-async fn read_connect<R: AsyncRead + Unpin>(
-    reader: &mut R,
-    input: &mut BytesMut,
-    max_packet_size: usize,
-) -> Result<Option<(ProtocolVersion, v5::Connect)>, ConnectError> {
-    loop {
-        if let Some(found) = codec::decode_connect(input, max_packet_size)? {
-            return Ok(Some(found));
-        }
-        if reader.read_buf(input).await? == 0 {
-            return Ok(None);
-        }
+/// Writes a refusing CONNACK (if any), closes and logs the refusal.
+async fn refuse<W: AsyncWrite + Unpin>(writer: &mut W, reply: &[u8], peer: SocketAddr, why: &str) {
+    if !reply.is_empty() {
+        let _ = tokio::time::timeout(CLOSE_WRITE, write_flush(writer, reply)).await;
+        let _ = tokio::time::timeout(CLOSE_WRITE, writer.shutdown()).await;
     }
-}
-
-/// Sends a refusing CONNACK and closes the stream.
-async fn write_refusal<W: AsyncWrite + Unpin>(writer: &mut W, version: ProtocolVersion, code: v5::ConnectReturnCode) {
-    let connack = v5::ConnAck { session_present: false, code, properties: None };
-    let mut out = BytesMut::new();
-    if codec::encode(version, &Packet::ConnAck(connack), &mut out, None).is_ok() {
-        let _ = tokio::time::timeout(Duration::from_secs(5), write_flush(writer, &out)).await;
-        let _ = writer.shutdown().await;
-    }
+    refused(peer, why);
 }
 
 fn refused(peer: SocketAddr, why: &str) {

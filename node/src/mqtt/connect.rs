@@ -1,15 +1,81 @@
-//! CONNECT validation: turns a decoded CONNECT into the parameters of a new session, or into
-//! the CONNACK refusal the client gets. Pure: no IO, no broker state.
+//! The CONNECT phase of a connection, free of IO: [`Handshake`] takes bytes until a CONNECT is
+//! complete and turns it into the parameters of a new session ([`ConnectRequest`]), or into the
+//! CONNACK refusal the client gets; time comes in as an argument. No broker state.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use mqttbytes::v5::{self, ConnectReturnCode};
 
-use super::codec::ProtocolVersion;
+use super::codec::{self, DecodeError, Packet, ProtocolVersion};
 use crate::auth::policy::{ClaimedIdentity, UnauthorizedPublish};
 use crate::auth::Refusal;
 use crate::broker::message::Will;
 use crate::topic::{self, TopicLimits};
+
+/// What the CONNECT phase decided.
+#[derive(Debug)]
+pub enum Handshaked {
+    /// More bytes are needed.
+    Pending,
+    /// A CONNECT arrived and passed validation; authentication comes next.
+    Connect(ConnectRequest),
+    /// The connection ends: `reply` (a refusing CONNACK, or nothing) is written first.
+    Refused { reply: BytesMut, reason: String },
+}
+
+/// The CONNECT phase: the first packet must be a valid CONNECT, before a deadline.
+#[derive(Debug)]
+pub struct Handshake {
+    limits: SessionLimits,
+    timeout: Duration,
+    deadline: Instant,
+}
+
+impl Handshake {
+    /// A connection accepted at `now` that must complete its CONNECT within `timeout`.
+    pub fn new(limits: SessionLimits, timeout: Duration, now: Instant) -> Handshake {
+        Handshake { limits, timeout, deadline: now + timeout }
+    }
+
+    /// When the connection is dropped if no CONNECT has arrived.
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    /// Decodes and validates a CONNECT from `input`. `generate_id` supplies a client id for a
+    /// client that sent none.
+    pub fn handle_input(&self, input: &mut BytesMut, generate_id: impl FnOnce() -> String) -> Handshaked {
+        match codec::decode_connect(input, self.limits.max_packet_size) {
+            Ok(None) => Handshaked::Pending,
+            Ok(Some((version, connect))) => match validate(version, connect, &self.limits, generate_id) {
+                Ok(request) => Handshaked::Connect(request),
+                Err(refusal) => Handshaked::Refused { reply: refusal_reply(version, refusal.code), reason: refusal.reason },
+            },
+            Err(DecodeError::UnsupportedVersion(level)) => Handshaked::Refused {
+                reply: refusal_reply(ProtocolVersion::V311, ConnectReturnCode::UnsupportedProtocolVersion),
+                reason: format!("unsupported protocol level {level}"),
+            },
+            Err(e) => Handshaked::Refused { reply: BytesMut::new(), reason: e.to_string() },
+        }
+    }
+
+    /// The end of a connection whose CONNECT did not arrive by the deadline (`None` before it).
+    pub fn tick(&self, now: Instant) -> Option<Handshaked> {
+        (now >= self.deadline)
+            .then(|| Handshaked::Refused { reply: BytesMut::new(), reason: format!("no CONNECT within {:?}", self.timeout) })
+    }
+}
+
+/// The CONNACK refusing a connection with `code` (mapped to a 3.1.1 return code for 3.1.1).
+pub fn refusal_reply(version: ProtocolVersion, code: ConnectReturnCode) -> BytesMut {
+    let mut out = BytesMut::new();
+    let connack = v5::ConnAck { session_present: false, code, properties: None };
+    if let Err(e) = codec::encode(version, &Packet::ConnAck(connack), &mut out, None) {
+        tracing::warn!(error = %e, "could not encode a refusing CONNACK");
+    }
+    out
+}
 
 /// The broker-side limits a session works within (from the `[limits]` config section).
 #[derive(Debug, Clone)]
@@ -201,4 +267,76 @@ fn lift_will(will: v5::LastWill, limits: &SessionLimits) -> Result<Will, Refusal
         message_expiry: props.message_expiry_interval.map(|s| Duration::from_secs(s.into())),
         delay: Duration::from_secs(props.delay_interval.unwrap_or(0).into()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handshake(now: Instant) -> Handshake {
+        Handshake::new(SessionLimits::default(), Duration::from_secs(10), now)
+    }
+
+    fn connack_code(version: ProtocolVersion, reply: &mut BytesMut) -> ConnectReturnCode {
+        match codec::decode(version, reply, usize::MAX) {
+            Ok(Some(Packet::ConnAck(ack))) => ack.code,
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_connect_in_pieces_becomes_a_request() {
+        let mut bytes = BytesMut::new();
+        codec::encode(ProtocolVersion::V5, &Packet::Connect(v5::Connect::new("c1")), &mut bytes, None).unwrap();
+        let h = handshake(Instant::now());
+        let mut input = bytes.split_to(5);
+        assert!(matches!(h.handle_input(&mut input, || unreachable!()), Handshaked::Pending));
+        input.extend_from_slice(&bytes);
+        match h.handle_input(&mut input, || unreachable!()) {
+            Handshaked::Connect(request) => assert_eq!((request.client_id.as_str(), request.version), ("c1", ProtocolVersion::V5)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn refusals_carry_the_connack_to_send() {
+        let h = handshake(Instant::now());
+        let mut unsupported = BytesMut::from(&[0x10, 0x0C, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x09, 0x02, 0x00, 0x3C, 0x00, 0x00][..]);
+        match h.handle_input(&mut unsupported, || unreachable!()) {
+            Handshaked::Refused { mut reply, reason } => {
+                assert_eq!(connack_code(ProtocolVersion::V311, &mut reply), ConnectReturnCode::UnsupportedProtocolVersion);
+                assert!(reason.contains("protocol level 9"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut connect = v5::Connect::new("");
+        connect.clean_session = false;
+        let mut bytes = BytesMut::new();
+        codec::encode(ProtocolVersion::V311, &Packet::Connect(connect), &mut bytes, None).unwrap();
+        match h.handle_input(&mut bytes, || "generated".into()) {
+            Handshaked::Refused { mut reply, .. } => {
+                assert_eq!(connack_code(ProtocolVersion::V311, &mut reply), ConnectReturnCode::ClientIdentifierNotValid)
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut not_connect = BytesMut::from(&[0xC0, 0x00][..]);
+        assert!(matches!(h.handle_input(&mut not_connect, || unreachable!()), Handshaked::Refused { reply, .. } if reply.is_empty()));
+    }
+
+    #[test]
+    fn the_connect_deadline_is_kept() {
+        let start = Instant::now();
+        let h = handshake(start);
+        assert!(h.tick(start + Duration::from_secs(9)).is_none());
+        assert!(matches!(h.tick(h.deadline()), Some(Handshaked::Refused { reason, .. }) if reason.contains("no CONNECT within 10s")));
+    }
+
+    #[test]
+    fn keep_alive_zero_gets_the_server_maximum() {
+        let limits = SessionLimits { max_keep_alive: 600, ..SessionLimits::default() };
+        let mut connect = v5::Connect::new("c");
+        connect.keep_alive = 0;
+        let request = validate(ProtocolVersion::V5, connect, &limits, || unreachable!()).unwrap();
+        assert_eq!((request.keep_alive, request.keep_alive_capped), (600, true));
+    }
 }
