@@ -282,7 +282,7 @@ async fn read_connect<R: AsyncRead + Unpin>(
         };
         match step {
             Handshaked::Pending => {}
-            Handshaked::Connect(request) => return Ok(request),
+            Handshaked::Connect(request) => return Ok(*request),
             Handshaked::Refused { reply, reason } => return Err((reply, reason)),
         }
     }

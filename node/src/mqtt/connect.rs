@@ -19,7 +19,7 @@ pub enum Handshaked {
     /// More bytes are needed.
     Pending,
     /// A CONNECT arrived and passed validation; authentication comes next.
-    Connect(ConnectRequest),
+    Connect(Box<ConnectRequest>),
     /// The connection ends: `reply` (a refusing CONNACK, or nothing) is written first.
     Refused { reply: BytesMut, reason: String },
 }
@@ -49,7 +49,7 @@ impl Handshake {
         match codec::decode_connect(input, self.limits.max_packet_size) {
             Ok(None) => Handshaked::Pending,
             Ok(Some((version, connect))) => match validate(version, connect, &self.limits, generate_id) {
-                Ok(request) => Handshaked::Connect(request),
+                Ok(request) => Handshaked::Connect(Box::new(request)),
                 Err(refusal) => Handshaked::Refused { reply: refusal_reply(version, refusal.code), reason: refusal.reason },
             },
             Err(DecodeError::UnsupportedVersion(level)) => Handshaked::Refused {
