@@ -1,0 +1,215 @@
+//! The wire format between nodes on a forwarding link: length-prefixed postcard frames. Pure.
+//!
+//! On a link's control stream (bidirectional) the dialling node sends [`Control`] frames and the
+//! accepting node answers with [`Ack`]s; each of the link's publish streams (unidirectional)
+//! starts with a [`StreamHeader`] and then carries [`Forwarded`] messages in order.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use mqttbytes::v5::PublishProperties;
+use mqttbytes::QoS;
+use serde::{Deserialize, Serialize};
+
+use crate::broker::message::Message;
+
+/// The ALPN protocol of a forwarding link; a peer speaking another version is refused.
+pub const ALPN: &[u8] = b"rampart-fwd/1";
+
+/// Largest frame accepted from a peer.
+pub const MAX_FRAME: usize = 16 << 20;
+
+/// From the dialling node, on the control stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Control {
+    /// First frame: who dials. A new `incarnation` (a restart) resets the receiver's view.
+    Hello { node_id: u64, incarnation: u64 },
+    /// Every filter the dialling node has local subscribers for (replaces what was known).
+    Routes(Vec<String>),
+    /// A filter got its first local subscriber.
+    RouteAdded(String),
+    /// A filter lost its last local subscriber.
+    RouteRemoved(String),
+}
+
+/// From the accepting node, on the control stream: every message of publish stream `stream` up
+/// to `sequence` is queued for its local subscribers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    pub stream: u8,
+    pub sequence: u64,
+}
+
+/// First frame of a publish stream: its index in the link's pool of streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamHeader {
+    pub stream: u8,
+}
+
+/// One published message crossing the link, numbered per stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Forwarded {
+    pub sequence: u64,
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub qos: u8,
+    pub retain: bool,
+    /// Milliseconds the message has left to live (MQTT 5 Message Expiry Interval).
+    pub expires_in_ms: Option<u64>,
+    pub payload_format_indicator: Option<u8>,
+    pub content_type: Option<String>,
+    pub response_topic: Option<String>,
+    pub correlation_data: Option<Vec<u8>>,
+    pub user_properties: Vec<(String, String)>,
+}
+
+fn qos_of(n: u8) -> QoS {
+    match n {
+        2 => QoS::ExactlyOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::AtMostOnce,
+    }
+}
+
+impl Forwarded {
+    pub fn new(sequence: u64, m: &Message, now: Instant) -> Forwarded {
+        let p = m.properties.as_ref();
+        Forwarded {
+            sequence,
+            topic: m.topic.clone(),
+            payload: m.payload.to_vec(),
+            qos: m.qos as u8,
+            retain: m.retain,
+            expires_in_ms: m.expires_at.map(|at| at.saturating_duration_since(now).as_millis() as u64),
+            payload_format_indicator: p.and_then(|p| p.payload_format_indicator),
+            content_type: p.and_then(|p| p.content_type.clone()),
+            response_topic: p.and_then(|p| p.response_topic.clone()),
+            correlation_data: p.and_then(|p| p.correlation_data.as_ref().map(|c| c.to_vec())),
+            user_properties: p.map(|p| p.user_properties.clone()).unwrap_or_default(),
+        }
+    }
+
+    pub fn qos(&self) -> QoS {
+        qos_of(self.qos)
+    }
+
+    /// The message as the receiving node routes it.
+    pub fn into_message(self, now: Instant) -> Arc<Message> {
+        let has_properties = self.payload_format_indicator.is_some()
+            || self.content_type.is_some()
+            || self.response_topic.is_some()
+            || self.correlation_data.is_some()
+            || !self.user_properties.is_empty();
+        let properties = has_properties.then(|| PublishProperties {
+            payload_format_indicator: self.payload_format_indicator,
+            message_expiry_interval: None,
+            topic_alias: None,
+            response_topic: self.response_topic,
+            correlation_data: self.correlation_data.map(Bytes::from),
+            user_properties: self.user_properties,
+            subscription_identifiers: Vec::new(),
+            content_type: self.content_type,
+        });
+        Arc::new(Message {
+            topic: self.topic,
+            payload: Bytes::from(self.payload),
+            qos: qos_of(self.qos),
+            retain: self.retain,
+            properties,
+            expires_at: self.expires_in_ms.map(|ms| now + Duration::from_millis(ms)),
+            publisher: None,
+        })
+    }
+}
+
+/// Why a frame could not be read.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FrameError {
+    #[error("frame of {0} bytes is over the limit of {MAX_FRAME}")]
+    TooLarge(usize),
+    #[error("undecodable frame: {0}")]
+    Decode(String),
+}
+
+/// Appends `frame`, length-prefixed, to `out`.
+pub fn encode<T: Serialize>(frame: &T, out: &mut BytesMut) {
+    let body = postcard::to_allocvec(frame).expect("frames always encode");
+    out.put_u32(body.len() as u32);
+    out.extend_from_slice(&body);
+}
+
+/// Takes one complete frame off the front of `input`, if there is one.
+pub fn decode<T: for<'de> Deserialize<'de>>(input: &mut BytesMut) -> Result<Option<T>, FrameError> {
+    if input.len() < 4 {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes([input[0], input[1], input[2], input[3]]) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    if input.len() < 4 + len {
+        return Ok(None);
+    }
+    input.advance(4);
+    let body = input.split_to(len);
+    postcard::from_bytes(&body).map(Some).map_err(|e| FrameError::Decode(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_in_pieces() {
+        let mut out = BytesMut::new();
+        let hello = Control::Hello { node_id: 2, incarnation: 77 };
+        encode(&hello, &mut out);
+        encode(&Control::Routes(vec!["a/+".into(), "b/#".into()]), &mut out);
+        let mut input = out.split_to(3);
+        assert_eq!(decode::<Control>(&mut input), Ok(None));
+        input.extend_from_slice(&out);
+        assert_eq!(decode::<Control>(&mut input), Ok(Some(hello)));
+        assert_eq!(decode::<Control>(&mut input), Ok(Some(Control::Routes(vec!["a/+".into(), "b/#".into()]))));
+        assert_eq!(decode::<Control>(&mut input), Ok(None));
+    }
+
+    #[test]
+    fn a_message_keeps_its_properties_and_remaining_lifetime() {
+        let now = Instant::now();
+        let message = Message {
+            topic: "t/1".into(),
+            payload: Bytes::from_static(b"x"),
+            qos: QoS::AtLeastOnce,
+            retain: true,
+            properties: Some(PublishProperties {
+                payload_format_indicator: Some(1),
+                message_expiry_interval: None,
+                topic_alias: None,
+                response_topic: Some("r".into()),
+                correlation_data: Some(Bytes::from_static(b"c")),
+                user_properties: vec![("k".into(), "v".into())],
+                subscription_identifiers: Vec::new(),
+                content_type: Some("text/plain".into()),
+            }),
+            expires_at: Some(now + Duration::from_secs(30)),
+            publisher: Some(4),
+        };
+        let mut out = BytesMut::new();
+        encode(&Forwarded::new(9, &message, now), &mut out);
+        let back: Forwarded = decode(&mut out).unwrap().unwrap();
+        assert_eq!((back.sequence, back.qos()), (9, QoS::AtLeastOnce));
+        let copy = back.into_message(now);
+        assert_eq!((copy.topic.as_str(), copy.retain, &copy.properties), ("t/1", true, &message.properties));
+        assert_eq!(copy.expires_at, Some(now + Duration::from_secs(30)));
+        assert_eq!(copy.publisher, None, "No Local is about local sessions only");
+    }
+
+    #[test]
+    fn oversized_and_garbage_frames_are_errors() {
+        let mut huge = BytesMut::from(&((MAX_FRAME + 1) as u32).to_be_bytes()[..]);
+        assert_eq!(decode::<Control>(&mut huge), Err(FrameError::TooLarge(MAX_FRAME + 1)));
+        let mut garbage = BytesMut::from(&[0, 0, 0, 2, 0xFF, 0xFF][..]);
+        assert!(matches!(decode::<Control>(&mut garbage), Err(FrameError::Decode(_))));
+    }
+}

@@ -1,0 +1,97 @@
+//! The bounded queue of messages waiting for one peer's link. Publishers never wait on it: when
+//! it is full, a QoS 0 message is dropped first (the new one, or the oldest queued), otherwise the
+//! oldest message; every drop is counted. A slow or dead peer thus never stalls local publishers.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use mqttbytes::QoS;
+use tokio::sync::Notify;
+
+use crate::broker::message::Message;
+
+#[derive(Debug)]
+pub struct PeerQueue {
+    messages: Mutex<VecDeque<Arc<Message>>>,
+    capacity: usize,
+    readable: Notify,
+    /// Messages dropped because the queue was full.
+    pub dropped: AtomicU64,
+}
+
+impl PeerQueue {
+    pub fn new(capacity: usize) -> PeerQueue {
+        PeerQueue { messages: Mutex::new(VecDeque::new()), capacity: capacity.max(1), readable: Notify::new(), dropped: AtomicU64::new(0) }
+    }
+
+    /// Queues a message without waiting, applying the overflow policy.
+    pub fn push(&self, message: Arc<Message>) {
+        let mut messages = self.messages.lock().unwrap_or_else(|p| p.into_inner());
+        if messages.len() >= self.capacity {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            if message.qos == QoS::AtMostOnce {
+                return;
+            }
+            match messages.iter().position(|m| m.qos == QoS::AtMostOnce) {
+                Some(i) => drop(messages.remove(i)),
+                None => drop(messages.pop_front()),
+            }
+        }
+        messages.push_back(message);
+        drop(messages);
+        self.readable.notify_one();
+    }
+
+    pub fn pop(&self) -> Option<Arc<Message>> {
+        self.messages.lock().unwrap_or_else(|p| p.into_inner()).pop_front()
+    }
+
+    /// Waits until something may have been queued.
+    pub async fn readable(&self) {
+        self.readable.notified().await
+    }
+
+    pub fn len(&self) -> usize {
+        self.messages.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn message(qos: QoS, n: u8) -> Arc<Message> {
+        Arc::new(Message {
+            topic: "t".into(),
+            payload: Bytes::from(vec![n]),
+            qos,
+            retain: false,
+            properties: None,
+            expires_at: None,
+            publisher: None,
+        })
+    }
+
+    fn drain(queue: &PeerQueue) -> Vec<u8> {
+        std::iter::from_fn(|| queue.pop()).map(|m| m.payload[0]).collect()
+    }
+
+    #[test]
+    fn qos0_is_dropped_first_and_every_drop_counted() {
+        let queue = PeerQueue::new(3);
+        queue.push(message(QoS::AtLeastOnce, 1));
+        queue.push(message(QoS::AtMostOnce, 2));
+        queue.push(message(QoS::AtLeastOnce, 3));
+        queue.push(message(QoS::AtMostOnce, 4));
+        queue.push(message(QoS::AtLeastOnce, 5));
+        queue.push(message(QoS::AtLeastOnce, 6));
+        assert_eq!(drain(&queue), [3, 5, 6]);
+        assert_eq!(queue.dropped.load(Ordering::Relaxed), 3);
+    }
+}
