@@ -63,12 +63,22 @@ mosquitto_sub $(tls 8884 device-1) -i device-1 -t 'devices/device-1/#' >"$work/s
 sub_pid=$!
 sleep 2
 kill -0 "$sub_pid" 2>/dev/null || fail "device-1 could not subscribe on node 2: $(cat "$work/sub.log")"
-echo "==> compose-test: device-1 connected to node 2; revoking it through node 1"
+echo "==> compose-test: device-1 subscribed on node 2; publishing on node 1"
+delivered=""
+for attempt in $(seq 1 20); do
+  # shellcheck disable=SC2046
+  mosquitto_pub $(tls 8883 device-1) -i device-1-pub -q 1 -t devices/device-1/hello -m "hello from node 1 ($attempt)" >/dev/null 2>&1
+  sleep 0.5
+  if grep -q "hello from node 1" "$work/sub.log"; then delivered=yes; break; fi
+done
+[ -n "$delivered" ] || fail "a publish on node 1 never reached the subscriber on node 2: $(cat "$work/sub.log")"
+echo "    node 2 delivered: $(grep -m1 'hello from node 1' "$work/sub.log")"
+echo "==> compose-test: revoking device-1 through node 1"
 admin 9443 revoke --certificate "$pki/devices/device-1.pem" --reason keyCompromise --wait >/dev/null
 for _ in $(seq 1 50); do kill -0 "$sub_pid" 2>/dev/null || break; sleep 0.1; done
 kill -0 "$sub_pid" 2>/dev/null && fail "node 2 did not drop device-1 within 5 s of the revocation"
 sub_pid=""
-echo "    node 2 dropped device-1: $(tr '\n' ' ' <"$work/sub.log")"
+echo "    node 2 dropped device-1: $(tail -n 1 "$work/sub.log")"
 # shellcheck disable=SC2046
 if mosquitto_pub $(tls 8885 device-1) -i device-1 -t devices/device-1/x -m revoked >"$work/pub.log" 2>&1; then
   fail "node 3 accepted the revoked device-1"

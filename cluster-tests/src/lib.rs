@@ -35,6 +35,10 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port()
 }
 
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).expect("free UDP port").port()
+}
+
 /// Ports of one node.
 #[derive(Debug, Clone, Copy)]
 pub struct Ports {
@@ -43,6 +47,8 @@ pub struct Ports {
     pub admin: u16,
     /// Metrics and health (`/readyz`).
     pub http: u16,
+    /// QUIC forwarding (UDP).
+    pub quic: u16,
 }
 
 pub struct Node {
@@ -83,10 +89,14 @@ impl TestCluster {
         rampart_node::tls::install_crypto_provider();
         let dir = tempfile::tempdir()?;
         let pki = rampart_node::pki::ensure_dev_pki(&dir.path().join("pki"), options.nodes as usize)?;
-        let ports: Vec<Ports> =
-            (0..options.nodes).map(|_| Ports { mtls: free_port(), cluster: free_port(), admin: free_port(), http: free_port() }).collect();
+        let ports: Vec<Ports> = (0..options.nodes)
+            .map(|_| Ports { mtls: free_port(), cluster: free_port(), admin: free_port(), http: free_port(), quic: free_udp_port() })
+            .collect();
         let members: String = (1..=options.initial_members)
-            .map(|id| format!("[[cluster.members]]\nid = {id}\nraft_addr = \"127.0.0.1:{}\"\n", ports[id as usize - 1].cluster))
+            .map(|id| {
+                let p = ports[id as usize - 1];
+                format!("[[cluster.members]]\nid = {id}\nraft_addr = \"127.0.0.1:{}\"\nquic_addr = \"127.0.0.1:{}\"\n", p.cluster, p.quic)
+            })
             .collect();
         let mut nodes = Vec::new();
         for id in 1..=options.nodes {
@@ -115,6 +125,7 @@ ca_file = {ca:?}
 [cluster]
 node_id = {id}
 bind = "127.0.0.1:{cluster}"
+quic_bind = "127.0.0.1:{quic}"
 cert_file = {node_cert:?}
 key_file = {node_key:?}
 ca_file = {ca:?}
@@ -130,6 +141,7 @@ ca_file = {ca:?}
                     auth = pki.auth_state,
                     mtls = p.mtls,
                     cluster = p.cluster,
+                    quic = p.quic,
                     admin = p.admin,
                     http = p.http,
                     server_cert = pki.server_cert,

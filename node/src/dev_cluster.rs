@@ -57,6 +57,7 @@ ca_file = {ca:?}
 [cluster]
 node_id = {n}
 bind = "127.0.0.1:{cluster}"
+quic_bind = "127.0.0.1:{quic}"
 cert_file = {node_cert:?}
 key_file = {node_key:?}
 ca_file = {ca:?}
@@ -72,6 +73,7 @@ ca_file = {ca:?}
         mqtt = p.mqtt,
         mtls = p.mtls,
         cluster = p.cluster,
+        quic = p.quic,
         admin = p.admin,
         server_cert = pki.server_cert.display().to_string(),
         server_key = pki.server_key.display().to_string(),
@@ -193,10 +195,11 @@ fn print_help(pki: &DevPki, children: &[DevNode], leader: u64) {
     for DevNode { n, log, .. } in children {
         let p = ports(*n);
         println!(
-            "  node {n}: MQTT 127.0.0.1:{}  mTLS localhost:{}  admin https://localhost:{}  metrics http://127.0.0.1:{}/metrics  log {}",
+            "  node {n}: MQTT 127.0.0.1:{}  mTLS localhost:{}  admin https://localhost:{}  QUIC udp/{}  metrics http://127.0.0.1:{}/metrics  log {}",
             p.mqtt,
             p.mtls,
             p.admin,
+            p.quic,
             p.http,
             log.display()
         );
@@ -222,9 +225,9 @@ fn print_help(pki: &DevPki, children: &[DevNode], leader: u64) {
                 key.display()
             )
         };
-        println!("\nDevice {id} (any node accepts it; messages are routed within a node):");
-        println!("  mosquitto_sub {} -i {id} -t 'devices/{id}/#' -v", tls(1));
-        println!("  mosquitto_pub {} -i {id}-pub -t devices/{id}/hello -m 'hello from {id}'", tls(1));
+        println!("\nDevice {id}, subscribed on node 2 and publishing on node 1 (one broker across the nodes):");
+        println!("  mosquitto_sub {} -i {id} -t 'devices/{id}/#' -v &", tls(2));
+        println!("  mosquitto_pub {} -i {id}-pub -t devices/{id}/hello -m 'hello from node 1'", tls(1));
         println!("Revoke it everywhere at once (its connections drop on every node):");
         println!("  rampart admin revoke --certificate {} --reason keyCompromise --wait", cert.display());
     }

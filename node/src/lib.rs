@@ -5,6 +5,7 @@ pub mod broker;
 pub mod cluster;
 pub mod config;
 pub mod dev_cluster;
+pub mod forward;
 pub mod listener;
 pub mod mqtt;
 pub mod pki;

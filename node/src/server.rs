@@ -14,6 +14,7 @@ use crate::broker::clients::ConnectedClients;
 use crate::broker::Broker;
 use crate::cluster::Cluster;
 use crate::config::{Config, ListenerKind};
+use crate::forward::Forwarder;
 use crate::listener::{self, connection::ConnectionContext};
 use crate::telemetry;
 
@@ -41,15 +42,16 @@ impl Server {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let clients = Arc::new(ConnectedClients::default());
         let mut tasks = JoinSet::new();
-        let (auth, cluster) = match &config.cluster {
-            None => (Arc::new(AuthStore::open(config.auth.state_file.clone())?), None),
-            Some(cluster_config) => {
+        let (auth, cluster, forwarder) = match (&config.cluster, config.forward_settings()) {
+            (Some(cluster_config), Some(forward)) => {
                 let auth = Arc::new(AuthStore::replicated());
                 let seed = config.auth.state_file.as_deref().map(read_state).transpose()?;
                 let cluster = Cluster::start(cluster_config, &config.node.data_dir, auth.clone(), seed).await?;
                 start_cluster_services(config, &cluster, &auth, &clients, &shutdown_rx, &mut tasks).await?;
-                (auth, Some(cluster))
+                let forwarder = Forwarder::start(forward, broker.clone(), cluster.clone(), auth.clone(), shutdown_rx.clone()).await?;
+                (auth, Some(cluster), Some(forwarder))
             }
+            _ => (Arc::new(AuthStore::open(config.auth.state_file.clone())?), None, None),
         };
         let ctx = Arc::new(ConnectionContext {
             broker: broker.clone(),
@@ -67,7 +69,7 @@ impl Server {
         let http = if config.http.enabled {
             let socket = telemetry::http::bind(config.http.bind).await?;
             let addr = socket.local_addr()?;
-            let status = Arc::new(Status { broker: broker.clone(), listening: ready.clone(), auth: auth.clone() });
+            let status = Arc::new(Status { broker: broker.clone(), forwarder, listening: ready.clone(), auth: auth.clone() });
             tasks.spawn(telemetry::http::serve(socket, status, shutdown_rx.clone()));
             Some(addr)
         } else {
@@ -177,13 +179,16 @@ async fn reap_sessions(broker: Broker, mut shutdown: watch::Receiver<bool>) {
 /// a cluster, while this node is a member that serves clients.
 struct Status {
     broker: Broker,
+    forwarder: Option<Arc<Forwarder>>,
     listening: Arc<AtomicBool>,
     auth: Arc<AuthStore>,
 }
 
 impl telemetry::http::NodeStatus for Status {
     fn gauges(&self) -> telemetry::metrics::Gauges {
-        self.broker.gauges()
+        let mut gauges = self.broker.gauges();
+        gauges.links = self.forwarder.as_ref().map(|f| f.link_gauges()).unwrap_or_default();
+        gauges
     }
 
     fn not_ready(&self) -> Option<String> {

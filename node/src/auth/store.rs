@@ -73,6 +73,11 @@ impl AuthStore {
         self.current().authorize(principal, client_id)
     }
 
+    /// Whether a certificate is revoked, by a CRL file in force or in the state.
+    pub fn is_revoked(&self, cert: &crate::auth::identity::PeerCertificate) -> bool {
+        self.crl_revoked.load().contains(&(cert.issuer.clone(), cert.serial.clone())) || self.current().revocation_of(cert).is_some()
+    }
+
     /// For a cluster node: nothing is allowed until the replicated state is applied, and no
     /// client is served until the node knows it is a member.
     pub fn replicated() -> AuthStore {

@@ -11,8 +11,11 @@ pub mod registry;
 pub mod retained;
 pub mod state;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
 
 use crate::auth::policy::Owner;
 use index::{Subscriber, SubscriptionIndex, SubscriptionOptions};
@@ -79,6 +82,44 @@ pub struct Published {
     pub durable_ticket: Option<u64>,
 }
 
+/// Where messages published here go beyond this node (the cluster's forwarding plane).
+pub trait Remote: Send + Sync + 'static {
+    /// A message published on this node, after it was routed to the local sessions.
+    fn forward(&self, message: &Arc<Message>);
+}
+
+/// The filters this node has local subscribers for (shared subscriptions excepted), with a
+/// version that moves on every change, for announcing routes to other nodes.
+#[derive(Debug)]
+struct LocalRoutes {
+    counts: Mutex<HashMap<String, usize>>,
+    version: watch::Sender<u64>,
+}
+
+impl LocalRoutes {
+    fn change(&self, filter: &str, added: bool) {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = if added {
+            let count = counts.entry(filter.to_string()).or_default();
+            *count += 1;
+            *count == 1
+        } else {
+            match counts.get_mut(filter) {
+                Some(count) if *count > 1 => {
+                    *count -= 1;
+                    false
+                }
+                Some(_) => counts.remove(filter).is_some(),
+                None => false,
+            }
+        };
+        drop(counts);
+        if changed {
+            self.version.send_modify(|v| *v += 1);
+        }
+    }
+}
+
 /// The broker. Cloning is cheap; every clone is the same broker.
 #[derive(Clone)]
 pub struct Broker {
@@ -92,6 +133,9 @@ struct Inner {
     settings: BrokerSettings,
     /// Where durable (APPLICATION) sessions are kept; `None`: all sessions in memory only.
     store: Option<SessionStore>,
+    routes: LocalRoutes,
+    /// Set once when the node is part of a cluster.
+    remote: OnceLock<Arc<dyn Remote>>,
 }
 
 impl Broker {
@@ -103,6 +147,8 @@ impl Broker {
                 registry: Registry::new(settings.max_queued_messages, settings.max_sessions_per_identity),
                 settings,
                 store,
+                routes: LocalRoutes { counts: Mutex::new(HashMap::new()), version: watch::channel(0).0 },
+                remote: OnceLock::new(),
             }),
         };
         broker.restore_sessions();
@@ -204,10 +250,38 @@ impl Broker {
         });
     }
 
-    /// Stores a retained message and hands the message to every matching session. Waits while
-    /// online subscribers' queues are full (flow control towards the publisher), for all of them
-    /// at once, up to one deadline.
+    /// Connects the broker to the cluster's forwarding plane (once, at start).
+    pub fn set_remote(&self, remote: Arc<dyn Remote>) {
+        if self.inner.remote.set(remote).is_err() {
+            tracing::error!("the forwarding plane was connected twice; the first stays");
+        }
+    }
+
+    /// The filters with local subscribers now, for route announcements.
+    pub fn local_routes(&self) -> Vec<String> {
+        self.inner.routes.counts.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect()
+    }
+
+    /// Changes whenever [`Broker::local_routes`] does.
+    pub fn route_changes(&self) -> watch::Receiver<u64> {
+        self.inner.routes.version.subscribe()
+    }
+
+    /// Routes a message published on this node: to the local sessions (see
+    /// [`Broker::publish_forwarded`]), then to the nodes with matching subscribers.
     pub async fn publish(&self, message: Arc<Message>) -> Published {
+        let published = self.publish_forwarded(message.clone()).await;
+        if let Some(remote) = self.inner.remote.get() {
+            remote.forward(&message);
+        }
+        published
+    }
+
+    /// Stores a retained message and hands the message to every matching local session (a
+    /// message forwarded from another node goes no further). Waits while online subscribers'
+    /// queues are full (flow control towards the publisher), for all of them at once, up to one
+    /// deadline.
+    pub async fn publish_forwarded(&self, message: Arc<Message>) -> Published {
         if message.retain {
             self.inner.retained.set(message.clone());
         }
@@ -278,7 +352,11 @@ impl Broker {
         };
         let subscriber = Subscriber { session: session.id, mailbox: session.mailbox.clone(), options: options.clone() };
         self.inner.index.subscribe(parsed.filter, parsed.share_group, subscriber);
-        session.subscriptions.insert(filter.to_string(), options).is_none()
+        let is_new = session.subscriptions.insert(filter.to_string(), options).is_none();
+        if is_new && parsed.share_group.is_none() {
+            self.inner.routes.change(parsed.filter, true);
+        }
+        is_new
     }
 
     /// Removes a subscription of a session. Returns whether it existed.
@@ -286,13 +364,22 @@ impl Broker {
         if session.subscriptions.remove(filter).is_none() {
             return false;
         }
-        remove_from_index(&self.inner.index, session.id, filter);
+        self.remove_subscription(session.id, filter);
         true
     }
 
     fn drop_subscriptions(&self, session: &SessionState) {
         for filter in session.subscriptions.keys() {
-            remove_from_index(&self.inner.index, session.id, filter);
+            self.remove_subscription(session.id, filter);
+        }
+    }
+
+    fn remove_subscription(&self, session: message::SessionId, filter: &str) {
+        if let Ok(parsed) = topic::parse_filter(filter, topic::TopicLimits::UNLIMITED) {
+            self.inner.index.unsubscribe(parsed.filter, parsed.share_group, session);
+            if parsed.share_group.is_none() {
+                self.inner.routes.change(parsed.filter, false);
+            }
         }
     }
 
@@ -316,12 +403,7 @@ impl Broker {
             subscriptions: self.inner.index.len(),
             retained: self.inner.retained.len(),
             retained_bytes: self.inner.retained.bytes(),
+            links: Vec::new(),
         }
-    }
-}
-
-fn remove_from_index(index: &SubscriptionIndex, session: message::SessionId, filter: &str) {
-    if let Ok(parsed) = topic::parse_filter(filter, topic::TopicLimits::UNLIMITED) {
-        index.unsubscribe(parsed.filter, parsed.share_group, session);
     }
 }

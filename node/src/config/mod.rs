@@ -64,6 +64,22 @@ pub struct ClusterConfig {
     /// How long an admin write may wait for a leader and a commit before it fails (Unavailable).
     #[serde(default = "default_write_timeout_ms")]
     pub write_timeout_ms: u64,
+    /// UDP address of this node's QUIC forwarding port (messages to and from other nodes).
+    #[serde(default = "default_quic_bind")]
+    pub quic_bind: SocketAddr,
+    /// Publish streams per forwarding link (a topic always uses the same one: per-topic order).
+    #[serde(default = "default_forward_streams")]
+    pub forward_streams: u8,
+    /// Messages waiting for one peer before QoS 0, then the oldest, are dropped (counted).
+    #[serde(default = "default_forward_queue_messages")]
+    pub forward_queue_messages: usize,
+    /// QoS 1/2 messages sent to one peer and kept until it acknowledges them, for replay after
+    /// a reconnect.
+    #[serde(default = "default_forward_replay_messages")]
+    pub forward_replay_messages: usize,
+    /// A forwarding link without a packet for this long is dead (keep-alives every quarter).
+    #[serde(default = "default_link_idle_timeout_ms")]
+    pub link_idle_timeout_ms: u64,
 }
 
 /// One cluster member: its id and the addresses other nodes reach it at.
@@ -96,6 +112,21 @@ fn default_snapshot_every() -> u64 {
 }
 fn default_write_timeout_ms() -> u64 {
     10_000
+}
+fn default_quic_bind() -> SocketAddr {
+    "0.0.0.0:7071".parse().expect("valid address")
+}
+fn default_forward_streams() -> u8 {
+    4
+}
+fn default_forward_queue_messages() -> usize {
+    100_000
+}
+fn default_forward_replay_messages() -> usize {
+    100_000
+}
+fn default_link_idle_timeout_ms() -> u64 {
+    5_000
 }
 
 /// The admin gRPC API: mutual TLS with admin certificates (OU rampart-admin) only.
@@ -511,9 +542,20 @@ impl Config {
             if m.id == 0 || !ids.insert(m.id) {
                 return err(&format!("cluster.members[{i}].id"), format!("{} is zero or listed twice", m.id));
             }
-            if m.raft_addr.rsplit_once(':').is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err()) {
+            let not_host_port =
+                |addr: &str| addr.rsplit_once(':').is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err());
+            if not_host_port(&m.raft_addr) {
                 return err(&format!("cluster.members[{i}].raft_addr"), format!("{:?} is not host:port", m.raft_addr));
             }
+            if !m.quic_addr.is_empty() && not_host_port(&m.quic_addr) {
+                return err(&format!("cluster.members[{i}].quic_addr"), format!("{:?} is not host:port", m.quic_addr));
+            }
+        }
+        if c.forward_streams == 0 || c.forward_queue_messages == 0 || c.forward_replay_messages == 0 || c.link_idle_timeout_ms < 100 {
+            return err(
+                "cluster.forward_streams / forward_queue_messages / forward_replay_messages / link_idle_timeout_ms",
+                "need at least 1 stream, 1 queued and 1 replayed message, and an idle timeout of at least 100 ms".into(),
+            );
         }
         if c.heartbeat_ms == 0 || c.election_timeout_min_ms <= c.heartbeat_ms || c.election_timeout_max_ms <= c.election_timeout_min_ms {
             return err(
@@ -660,6 +702,22 @@ impl Config {
             max_retained_replay_bytes: l.max_retained_replay_bytes,
             max_outgoing_topic_aliases: l.max_outgoing_topic_aliases,
         }
+    }
+
+    /// The forwarding plane's sizing (cluster members only).
+    pub fn forward_settings(&self) -> Option<crate::forward::ForwardSettings> {
+        let c = self.cluster.as_ref()?;
+        Some(crate::forward::ForwardSettings {
+            node_id: c.node_id,
+            bind: c.quic_bind,
+            cert_file: c.cert_file.clone(),
+            key_file: c.key_file.clone(),
+            ca_file: c.ca_file.clone(),
+            streams: c.forward_streams,
+            queue_messages: c.forward_queue_messages,
+            replay_messages: c.forward_replay_messages,
+            idle_timeout: Duration::from_millis(c.link_idle_timeout_ms),
+        })
     }
 
     pub fn broker_settings(&self) -> BrokerSettings {

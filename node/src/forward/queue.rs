@@ -52,6 +52,11 @@ impl PeerQueue {
         self.readable.notified().await
     }
 
+    /// Wakes the reader again (it left messages behind to give other work a turn).
+    pub fn wake(&self) {
+        self.readable.notify_one();
+    }
+
     pub fn len(&self) -> usize {
         self.messages.lock().unwrap_or_else(|p| p.into_inner()).len()
     }

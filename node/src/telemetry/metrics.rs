@@ -186,13 +186,29 @@ pub fn open_connections() -> i64 {
 }
 
 /// Broker-wide gauges sampled at scrape time.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Gauges {
     pub sessions: usize,
     pub subscriptions: usize,
     pub retained: usize,
     /// Bytes of retained messages stored (topic + payload).
     pub retained_bytes: usize,
+    /// The forwarding links to the other members (empty outside a cluster).
+    pub links: Vec<LinkGauge>,
+}
+
+/// One forwarding link, as the metrics show it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LinkGauge {
+    pub peer: u64,
+    pub up: bool,
+    /// Messages waiting to be sent to the peer.
+    pub queued: usize,
+    pub forwarded: u64,
+    /// Messages dropped for the peer (queue or replay budget exceeded).
+    pub dropped: u64,
+    /// Filters the peer announced.
+    pub routes: usize,
 }
 
 /// Renders every metric in the Prometheus text exposition format.
@@ -236,6 +252,24 @@ pub fn render(gauges: Gauges) -> String {
         "Bytes of retained messages stored (topic + payload).",
         &[("", gauges.retained_bytes as i64)],
     );
+    let per_link = |value: fn(&LinkGauge) -> i64| -> Vec<(String, i64)> {
+        gauges.links.iter().map(|l| (format!("{{peer=\"{}\"}}", l.peer), value(l))).collect()
+    };
+    for (name, kind, help, samples) in [
+        ("rampart_forward_link_up", "gauge", "Whether the forwarding link to a peer is connected.", per_link(|l| i64::from(l.up))),
+        ("rampart_forward_queued_messages", "gauge", "Messages waiting for a peer's link.", per_link(|l| l.queued as i64)),
+        ("rampart_forward_messages_total", "counter", "Messages sent to a peer.", per_link(|l| l.forwarded as i64)),
+        (
+            "rampart_forward_dropped_total",
+            "counter",
+            "Messages dropped for a peer (queue or replay budget exceeded).",
+            per_link(|l| l.dropped as i64),
+        ),
+        ("rampart_forward_peer_routes", "gauge", "Filters a peer announced.", per_link(|l| l.routes as i64)),
+    ] {
+        let samples: Vec<(&str, i64)> = samples.iter().map(|(labels, v)| (labels.as_str(), *v)).collect();
+        metric(name, kind, help, &samples);
+    }
     metric(
         "rampart_client_limit_refusals_total",
         "counter",

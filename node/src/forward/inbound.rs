@@ -1,0 +1,172 @@
+//! The accepting side of links: checks who dials (a node certificate, a current member), learns
+//! the peer's routes from its control stream, and routes each forwarded message to the local
+//! sessions — in order per publish stream, skipping what a replay repeats — acknowledging it
+//! once it is queued for every local subscriber (and on disk for durable ones).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::BytesMut;
+use tokio::io::AsyncReadExt;
+use tokio::sync::{mpsc, watch};
+
+use super::frame::{self, Ack, Control, Forwarded, StreamHeader};
+use super::routes::RouteTable;
+use super::{check_peer, Forwarder, Peer};
+use crate::cluster::Cluster;
+
+/// Accepts links until the node stops.
+pub async fn accept(forwarder: Arc<Forwarder>, cluster: Arc<Cluster>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let incoming = tokio::select! {
+            incoming = forwarder.endpoint.accept() => match incoming {
+                Some(incoming) => incoming,
+                None => return,
+            },
+            _ = shutdown.changed() => return,
+        };
+        let (forwarder, cluster) = (forwarder.clone(), cluster.clone());
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            if let Err(e) = serve(&forwarder, &cluster, incoming).await {
+                tracing::info!(%remote, error = %e, "inbound forwarding link ended");
+            }
+        });
+    }
+}
+
+async fn serve(forwarder: &Arc<Forwarder>, cluster: &Cluster, incoming: quinn::Incoming) -> Result<(), String> {
+    let connection = incoming.await.map_err(|e| e.to_string())?;
+    let refuse = |reason: String| {
+        connection.close(1u32.into(), reason.as_bytes());
+        reason
+    };
+    check_peer(&connection, &forwarder.auth).map_err(|e| refuse(format!("refused: {e}")))?;
+    let (ack_stream, mut control) = connection.accept_bi().await.map_err(|e| e.to_string())?;
+    let mut input = BytesMut::new();
+    let (node_id, incarnation) = loop {
+        if let Some(hello) = frame::decode::<Control>(&mut input).map_err(|e| e.to_string())? {
+            match hello {
+                Control::Hello { node_id, incarnation } => break (node_id, incarnation),
+                other => return Err(refuse(format!("expected Hello, got {other:?}"))),
+            }
+        }
+        if control.read_buf(&mut input).await.map_err(|e| e.to_string())? == 0 {
+            return Err("closed before Hello".into());
+        }
+    };
+    let member = cluster.members().iter().any(|(id, _, _)| *id == node_id) && node_id != forwarder.node_id;
+    let Some(peer) = forwarder.peer(node_id).filter(|_| member) else {
+        return Err(refuse(format!("node {node_id} is not a member of this cluster")));
+    };
+    if peer.incarnation.swap(incarnation, Ordering::Relaxed) != incarnation {
+        // A restarted peer: what it delivered before means nothing now.
+        peer.delivered.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+    tracing::info!(peer = node_id, remote = %connection.remote_address(), "inbound forwarding link up");
+    let (acks, ack_rx) = mpsc::unbounded_channel();
+    tokio::spawn(write_acks(ack_stream, ack_rx));
+    let streams = {
+        let (forwarder, peer, connection) = (forwarder.clone(), peer.clone(), connection.clone());
+        tokio::spawn(async move {
+            while let Ok(stream) = connection.accept_uni().await {
+                let (forwarder, peer, acks) = (forwarder.clone(), peer.clone(), acks.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = deliver_stream(&forwarder, &peer, incarnation, stream, acks).await {
+                        tracing::debug!(peer = peer.node_id, error = %e, "publish stream ended");
+                    }
+                });
+            }
+        })
+    };
+    let result = read_routes(&peer, control, input).await;
+    streams.abort();
+    result
+}
+
+/// Applies the peer's route announcements until the control stream ends.
+async fn read_routes(peer: &Peer, mut control: quinn::RecvStream, mut input: BytesMut) -> Result<(), String> {
+    loop {
+        while let Some(frame) = frame::decode::<Control>(&mut input).map_err(|e| e.to_string())? {
+            let mut routes = peer.routes.write().unwrap_or_else(|p| p.into_inner());
+            match frame {
+                Control::Routes(filters) => *routes = RouteTable::from_filters(filters.iter().map(String::as_str)),
+                Control::RouteAdded(filter) => routes.insert(&filter),
+                Control::RouteRemoved(filter) => routes.remove(&filter),
+                Control::Hello { .. } => return Err("a second Hello".into()),
+            }
+        }
+        if control.read_buf(&mut input).await.map_err(|e| e.to_string())? == 0 {
+            return Ok(());
+        }
+    }
+}
+
+/// Routes the messages of one publish stream to the local sessions, in order.
+async fn deliver_stream(
+    forwarder: &Forwarder,
+    peer: &Peer,
+    incarnation: u64,
+    mut stream: quinn::RecvStream,
+    acks: mpsc::UnboundedSender<Ack>,
+) -> Result<(), String> {
+    let mut input = BytesMut::new();
+    let mut header = None;
+    loop {
+        if header.is_none() {
+            header = frame::decode::<StreamHeader>(&mut input).map_err(|e| e.to_string())?;
+        }
+        if let Some(StreamHeader { stream: index }) = header {
+            while let Some(forwarded) = frame::decode::<Forwarded>(&mut input).map_err(|e| e.to_string())? {
+                deliver(forwarder, peer, incarnation, index, forwarded, &acks).await;
+            }
+        }
+        if stream.read_buf(&mut input).await.map_err(|e| e.to_string())? == 0 {
+            return Ok(());
+        }
+    }
+}
+
+async fn deliver(
+    forwarder: &Forwarder,
+    peer: &Peer,
+    incarnation: u64,
+    stream: u8,
+    forwarded: Forwarded,
+    acks: &mpsc::UnboundedSender<Ack>,
+) {
+    let sequence = forwarded.sequence;
+    let repeated = {
+        let mut delivered = peer.delivered.lock().unwrap_or_else(|p| p.into_inner());
+        let last = delivered.entry((incarnation, stream)).or_default();
+        let repeated = sequence <= *last;
+        *last = (*last).max(sequence);
+        repeated
+    };
+    let acknowledged = forwarded.qos() != mqttbytes::QoS::AtMostOnce;
+    if !repeated {
+        let published = forwarder.broker.publish_forwarded(forwarded.into_message(Instant::now())).await;
+        if let Some(ticket) = published.durable_ticket {
+            forwarder.broker.wait_durable(ticket).await;
+        }
+    }
+    if acknowledged {
+        let _ = acks.send(Ack { stream, sequence });
+    }
+}
+
+/// Writes acknowledgements, coalescing those that are already waiting.
+async fn write_acks(mut stream: quinn::SendStream, mut acks: mpsc::UnboundedReceiver<Ack>) {
+    let mut out = BytesMut::new();
+    while let Some(first) = acks.recv().await {
+        frame::encode(&first, &mut out);
+        while let Ok(more) = acks.try_recv() {
+            frame::encode(&more, &mut out);
+        }
+        if stream.write_all(&out).await.is_err() {
+            return;
+        }
+        out.clear();
+    }
+}

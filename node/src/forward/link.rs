@@ -1,0 +1,245 @@
+//! The dialling side of a link to one peer: connects (and reconnects with backoff and jitter),
+//! announces this node's routes (a snapshot, then changes), sends the peer's queued messages on
+//! a pool of publish streams chosen by hash of topic, and keeps every QoS 1/2 message until the
+//! peer acknowledges it — re-sending what is unacknowledged after a reconnect.
+
+use std::collections::{HashSet, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use mqttbytes::QoS;
+use rand_core::RngCore;
+use tokio::io::AsyncReadExt;
+
+use super::frame::{self, Ack, Control, Forwarded, StreamHeader};
+use super::{check_peer, Forwarder, Peer};
+
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Messages sent per wake-up before acknowledgements and route changes get a turn.
+const BATCH: usize = 256;
+
+/// What survives reconnects: per publish stream, the next sequence number and the messages sent
+/// but not acknowledged.
+struct Outbox {
+    sequences: Vec<u64>,
+    unacked: Vec<VecDeque<(u64, Bytes)>>,
+    capacity: usize,
+}
+
+impl Outbox {
+    fn new(streams: u8, capacity: usize) -> Outbox {
+        Outbox { sequences: vec![0; streams.into()], unacked: vec![VecDeque::new(); streams.into()], capacity }
+    }
+
+    fn len(&self) -> usize {
+        self.unacked.iter().map(VecDeque::len).sum()
+    }
+
+    /// Numbers a message for its stream, encodes it and keeps it until acknowledged (QoS 1/2).
+    /// Returns the stream and the frame; `dropped` is set when the replay budget forced the
+    /// oldest unacknowledged message of that stream out.
+    fn add(&mut self, stream: usize, forwarded: impl FnOnce(u64) -> Forwarded, qos: QoS, dropped: &mut bool) -> Bytes {
+        self.sequences[stream] += 1;
+        let mut out = BytesMut::new();
+        frame::encode(&forwarded(self.sequences[stream]), &mut out);
+        let bytes = out.freeze();
+        if qos != QoS::AtMostOnce {
+            if self.len() >= self.capacity {
+                *dropped = self.unacked[stream].pop_front().is_some();
+            }
+            self.unacked[stream].push_back((self.sequences[stream], bytes.clone()));
+        }
+        bytes
+    }
+
+    fn acknowledge(&mut self, ack: Ack) {
+        if let Some(unacked) = self.unacked.get_mut(usize::from(ack.stream)) {
+            while unacked.front().is_some_and(|(seq, _)| *seq <= ack.sequence) {
+                unacked.pop_front();
+            }
+        }
+    }
+}
+
+/// The stream a topic travels on.
+fn stream_of(topic: &str, streams: usize) -> usize {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    topic.hash(&mut hasher);
+    (hasher.finish() % streams as u64) as usize
+}
+
+/// Keeps a link to `peer` until the peer leaves the membership or the node stops.
+pub async fn run(forwarder: Arc<Forwarder>, peer: Arc<Peer>) {
+    let mut stop = peer.stop.subscribe();
+    let mut outbox = Outbox::new(forwarder.settings.streams.max(1), forwarder.settings.replay_messages);
+    let mut backoff = BACKOFF_MIN;
+    while !*stop.borrow() {
+        match connect(&forwarder, &peer).await {
+            Ok(connection) => {
+                tracing::info!(peer = peer.node_id, addr = %peer.quic_addr, "forwarding link up");
+                peer.up.store(true, Ordering::Relaxed);
+                backoff = BACKOFF_MIN;
+                let ended = serve(&forwarder, &peer, &connection, &mut outbox, &mut stop).await;
+                peer.up.store(false, Ordering::Relaxed);
+                connection.close(0u32.into(), b"link closed");
+                tracing::info!(peer = peer.node_id, reason = %ended, unacknowledged = outbox.len(), "forwarding link down");
+            }
+            Err(e) => tracing::debug!(peer = peer.node_id, addr = %peer.quic_addr, error = %e, "forwarding link not connected"),
+        }
+        let jitter = Duration::from_millis(rand_core::OsRng.next_u64() % (backoff.as_millis() as u64 / 2 + 1));
+        tokio::select! {
+            _ = tokio::time::sleep(backoff + jitter) => {}
+            _ = stop.changed() => {}
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+async fn connect(forwarder: &Forwarder, peer: &Peer) -> Result<quinn::Connection, String> {
+    let addr = tokio::net::lookup_host(&peer.quic_addr).await.map_err(|e| e.to_string())?.next().ok_or("address did not resolve")?;
+    let host = peer.quic_addr.rsplit_once(':').map_or(peer.quic_addr.as_str(), |(host, _)| host).trim_matches(['[', ']']);
+    let connection = forwarder.endpoint.connect(addr, host).map_err(|e| e.to_string())?.await.map_err(|e| e.to_string())?;
+    check_peer(&connection, &forwarder.auth).map_err(|e| {
+        connection.close(1u32.into(), b"not a node certificate");
+        format!("peer refused: {e}")
+    })?;
+    Ok(connection)
+}
+
+/// Runs one connected link until it fails or the peer is stopped; returns why it ended.
+async fn serve(
+    forwarder: &Forwarder,
+    peer: &Peer,
+    connection: &quinn::Connection,
+    outbox: &mut Outbox,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) -> String {
+    match serve_inner(forwarder, peer, connection, outbox, stop).await {
+        Ok(()) => "stopped".into(),
+        Err(e) => e,
+    }
+}
+
+async fn serve_inner(
+    forwarder: &Forwarder,
+    peer: &Peer,
+    connection: &quinn::Connection,
+    outbox: &mut Outbox,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) -> Result<(), String> {
+    let failed = |e: &dyn std::fmt::Display| e.to_string();
+    let (mut control, mut acks) = connection.open_bi().await.map_err(|e| failed(&e))?;
+    let mut routes = forwarder.broker.route_changes();
+    let mut announced: HashSet<String> = forwarder.broker.local_routes().into_iter().collect();
+    routes.borrow_and_update();
+    let mut out = BytesMut::new();
+    frame::encode(&Control::Hello { node_id: forwarder.node_id, incarnation: forwarder.incarnation }, &mut out);
+    frame::encode(&Control::Routes(announced.iter().cloned().collect()), &mut out);
+    control.write_all(&out).await.map_err(|e| failed(&e))?;
+    let mut streams = Vec::with_capacity(outbox.unacked.len());
+    for (index, unacked) in outbox.unacked.iter().enumerate() {
+        let mut stream = connection.open_uni().await.map_err(|e| failed(&e))?;
+        let mut header = BytesMut::new();
+        frame::encode(&StreamHeader { stream: index as u8 }, &mut header);
+        stream.write_all(&header).await.map_err(|e| failed(&e))?;
+        // What the peer has not acknowledged goes again; it drops what it already delivered.
+        for (_, bytes) in unacked {
+            stream.write_all(bytes).await.map_err(|e| failed(&e))?;
+        }
+        streams.push(stream);
+    }
+    let mut ack_input = BytesMut::new();
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return Ok(()),
+            closed = connection.closed() => return Err(closed.to_string()),
+            _ = routes.changed() => {
+                let current: HashSet<String> = forwarder.broker.local_routes().into_iter().collect();
+                let mut out = BytesMut::new();
+                for added in current.difference(&announced) {
+                    frame::encode(&Control::RouteAdded(added.clone()), &mut out);
+                }
+                for removed in announced.difference(&current) {
+                    frame::encode(&Control::RouteRemoved(removed.clone()), &mut out);
+                }
+                announced = current;
+                control.write_all(&out).await.map_err(|e| failed(&e))?;
+            }
+            read = acks.read_buf(&mut ack_input) => {
+                if read.map_err(|e| failed(&e))? == 0 {
+                    return Err("the peer closed the control stream".into());
+                }
+                while let Some(ack) = frame::decode::<Ack>(&mut ack_input).map_err(|e| failed(&e))? {
+                    outbox.acknowledge(ack);
+                }
+            }
+            _ = peer.queue.readable() => {
+                let now = Instant::now();
+                for _ in 0..BATCH {
+                    let Some(message) = peer.queue.pop() else { break };
+                    let stream = stream_of(&message.topic, streams.len());
+                    let mut dropped = false;
+                    let bytes = outbox.add(stream, |seq| Forwarded::new(seq, &message, now), message.qos, &mut dropped);
+                    if dropped {
+                        peer.replay_dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                    streams[stream].write_all(&bytes).await.map_err(|e| failed(&e))?;
+                    peer.forwarded.fetch_add(1, Ordering::Relaxed);
+                }
+                if !peer.queue.is_empty() {
+                    peer.queue.wake();
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::message::Message;
+
+    fn forwarded(seq: u64) -> Forwarded {
+        let message = Message {
+            topic: "t".into(),
+            payload: Bytes::from_static(b"x"),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            properties: None,
+            expires_at: None,
+            publisher: None,
+        };
+        Forwarded::new(seq, &message, Instant::now())
+    }
+
+    #[test]
+    fn unacknowledged_messages_wait_for_their_ack_and_the_budget_is_kept() {
+        let mut outbox = Outbox::new(2, 3);
+        let mut dropped = false;
+        for _ in 0..2 {
+            outbox.add(0, forwarded, QoS::AtLeastOnce, &mut dropped);
+        }
+        outbox.add(1, forwarded, QoS::AtMostOnce, &mut dropped);
+        outbox.add(1, forwarded, QoS::ExactlyOnce, &mut dropped);
+        assert_eq!(outbox.len(), 3, "QoS 0 is never kept");
+        assert_eq!(outbox.sequences, [2, 2]);
+        outbox.add(0, forwarded, QoS::AtLeastOnce, &mut dropped);
+        assert!(dropped, "past the budget the oldest of the stream goes");
+        outbox.acknowledge(Ack { stream: 0, sequence: 3 });
+        outbox.acknowledge(Ack { stream: 1, sequence: 1 });
+        assert_eq!(outbox.len(), 1);
+        outbox.acknowledge(Ack { stream: 9, sequence: 1 });
+    }
+
+    #[test]
+    fn a_topic_always_takes_the_same_stream() {
+        let first = stream_of("plant/line-1", 4);
+        assert!((0..10).all(|_| stream_of("plant/line-1", 4) == first));
+        assert!(first < 4);
+    }
+}

@@ -1,0 +1,258 @@
+//! Cross-node message routing over QUIC: one node-certificate mTLS link from every node to every
+//! other member (the sender dials), each node's announcement of the filters it has local
+//! subscribers for, and the forwarding of a publish to exactly the nodes with a matching route.
+//! Raft is not involved: routes and messages never wait for a leader, and a node cut off from
+//! the majority keeps serving its own clients.
+//!
+//! - [`frame`]: the wire format. [`routes`]: a peer's route table. [`queue`]: a peer's bounded
+//!   outgoing queue.
+//! - `link`: the dialling side of a link (routes out, messages out, acknowledgements in, replay
+//!   after a reconnect). `inbound`: the accepting side (routes in, messages in and routed to the
+//!   local sessions — each passing its subscriber's read check there — acknowledgements out).
+
+pub mod frame;
+mod inbound;
+mod link;
+pub mod queue;
+pub mod routes;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use rand_core::RngCore;
+use rustls::server::WebPkiClientVerifier;
+use rustls::RootCertStore;
+use tokio::sync::watch;
+
+use crate::auth::store::AuthStore;
+use crate::broker::message::Message;
+use crate::broker::{Broker, Remote};
+use crate::cluster::Cluster;
+use crate::telemetry::metrics::LinkGauge;
+use queue::PeerQueue;
+use routes::RouteTable;
+
+/// This node's forwarding port and how the plane is sized (from `[cluster]`).
+#[derive(Debug, Clone)]
+pub struct ForwardSettings {
+    pub node_id: u64,
+    /// UDP address of the QUIC endpoint.
+    pub bind: SocketAddr,
+    /// This node's certificate and key, and the cluster CA (the same as the cluster port's).
+    pub cert_file: std::path::PathBuf,
+    pub key_file: std::path::PathBuf,
+    pub ca_file: std::path::PathBuf,
+    /// Publish streams per link; a topic always travels on the same one (per-topic order).
+    pub streams: u8,
+    /// Messages waiting for one peer before the overflow policy applies.
+    pub queue_messages: usize,
+    /// QoS 1/2 messages sent to one peer and not yet acknowledged, kept for replay.
+    pub replay_messages: usize,
+    /// A link without any packet for this long is considered dead.
+    pub idle_timeout: Duration,
+}
+
+/// One other member, as this node sees it.
+#[derive(Debug)]
+pub struct Peer {
+    pub node_id: u64,
+    /// Where its forwarding port is (`host:port`).
+    pub quic_addr: String,
+    /// Messages waiting to be sent to it.
+    pub queue: PeerQueue,
+    /// The filters it announced on its link to us.
+    routes: RwLock<RouteTable>,
+    /// Its process incarnation, as announced; a new one resets what we know of it.
+    incarnation: AtomicU64,
+    /// The highest sequence delivered here per (incarnation, stream), for de-duplication.
+    delivered: Mutex<HashMap<(u64, u8), u64>>,
+    /// Whether our link to it is connected.
+    up: AtomicBool,
+    /// Messages sent on our link to it.
+    forwarded: AtomicU64,
+    /// QoS 1/2 messages dropped from the replay buffer unacknowledged (replay budget exceeded).
+    replay_dropped: AtomicU64,
+    stop: watch::Sender<bool>,
+}
+
+impl Peer {
+    fn new(node_id: u64, quic_addr: String, settings: &ForwardSettings) -> Peer {
+        Peer {
+            node_id,
+            quic_addr,
+            queue: PeerQueue::new(settings.queue_messages),
+            routes: RwLock::new(RouteTable::default()),
+            incarnation: AtomicU64::new(0),
+            delivered: Mutex::new(HashMap::new()),
+            up: AtomicBool::new(false),
+            forwarded: AtomicU64::new(0),
+            replay_dropped: AtomicU64::new(0),
+            stop: watch::channel(false).0,
+        }
+    }
+
+    fn wants(&self, topic: &str) -> bool {
+        self.routes.read().unwrap_or_else(|p| p.into_inner()).matches(topic)
+    }
+}
+
+/// The forwarding plane of this node.
+pub struct Forwarder {
+    node_id: u64,
+    /// Random per process start, so peers can tell a restart from a reconnect.
+    incarnation: u64,
+    broker: Broker,
+    auth: Arc<AuthStore>,
+    endpoint: quinn::Endpoint,
+    settings: ForwardSettings,
+    peers: RwLock<HashMap<u64, Arc<Peer>>>,
+}
+
+impl Forwarder {
+    /// Binds the QUIC endpoint (`cluster.quic_bind`), accepts links from members, dials every
+    /// member and connects the broker's publishes to the links.
+    pub async fn start(
+        settings: ForwardSettings,
+        broker: Broker,
+        cluster: Arc<Cluster>,
+        auth: Arc<AuthStore>,
+        shutdown: watch::Receiver<bool>,
+    ) -> anyhow::Result<Arc<Forwarder>> {
+        let endpoint = endpoint(&settings)?;
+        tracing::info!(addr = %endpoint.local_addr()?, node_id = settings.node_id, "forwarding port (QUIC)");
+        let forwarder = Arc::new(Forwarder {
+            node_id: settings.node_id,
+            incarnation: rand_core::OsRng.next_u64(),
+            broker: broker.clone(),
+            auth,
+            endpoint,
+            settings,
+            peers: RwLock::new(HashMap::new()),
+        });
+        broker.set_remote(forwarder.clone());
+        tokio::spawn(inbound::accept(forwarder.clone(), cluster.clone(), shutdown.clone()));
+        tokio::spawn(follow_membership(forwarder.clone(), cluster, shutdown));
+        Ok(forwarder)
+    }
+
+    /// The local address of the QUIC endpoint.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    fn peer(&self, node_id: u64) -> Option<Arc<Peer>> {
+        self.peers.read().unwrap_or_else(|p| p.into_inner()).get(&node_id).cloned()
+    }
+
+    /// Link state per peer, for metrics.
+    pub fn link_gauges(&self) -> Vec<LinkGauge> {
+        let peers = self.peers.read().unwrap_or_else(|p| p.into_inner());
+        let mut gauges: Vec<LinkGauge> = (peers.values())
+            .map(|p| LinkGauge {
+                peer: p.node_id,
+                up: p.up.load(Ordering::Relaxed),
+                queued: p.queue.len(),
+                forwarded: p.forwarded.load(Ordering::Relaxed),
+                dropped: p.queue.dropped.load(Ordering::Relaxed) + p.replay_dropped.load(Ordering::Relaxed),
+                routes: p.routes.read().unwrap_or_else(|e| e.into_inner()).len(),
+            })
+            .collect();
+        gauges.sort_by_key(|g| g.peer);
+        gauges
+    }
+}
+
+impl Remote for Forwarder {
+    /// Queues the message for every peer with a matching route; a retained message goes to
+    /// every peer, so each node's retained store holds it.
+    fn forward(&self, message: &Arc<Message>) {
+        for peer in self.peers.read().unwrap_or_else(|p| p.into_inner()).values() {
+            if message.retain || peer.wants(&message.topic) {
+                peer.queue.push(message.clone());
+            }
+        }
+    }
+}
+
+/// Starts a link for every member that has none and stops the links of removed members,
+/// following the Raft membership.
+async fn follow_membership(forwarder: Arc<Forwarder>, cluster: Arc<Cluster>, mut shutdown: watch::Receiver<bool>) {
+    let mut every = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = shutdown.changed() => break,
+        }
+        let members: HashMap<u64, String> =
+            cluster.members().into_iter().filter(|(id, _, _)| *id != forwarder.node_id).map(|(id, node, _)| (id, node.quic_addr)).collect();
+        let mut peers = forwarder.peers.write().unwrap_or_else(|p| p.into_inner());
+        peers.retain(|id, peer| {
+            let keep = members.get(id).is_some_and(|addr| *addr == peer.quic_addr);
+            if !keep {
+                tracing::info!(peer = id, "forwarding link closed: no longer a member (or moved)");
+                peer.stop.send_replace(true);
+            }
+            keep
+        });
+        for (id, addr) in members {
+            if peers.contains_key(&id) {
+                continue;
+            }
+            if addr.is_empty() {
+                tracing::warn!(peer = id, "member has no quic_addr: messages are not forwarded to it");
+                continue;
+            }
+            let peer = Arc::new(Peer::new(id, addr, &forwarder.settings));
+            peers.insert(id, peer.clone());
+            tokio::spawn(link::run(forwarder.clone(), peer));
+        }
+    }
+    for peer in forwarder.peers.read().unwrap_or_else(|p| p.into_inner()).values() {
+        peer.stop.send_replace(true);
+    }
+    forwarder.endpoint.close(0u32.into(), b"shutting down");
+}
+
+/// The QUIC endpoint: accepts and dials with this node's certificate; peers must present a
+/// certificate from the cluster CA (their role and revocation are checked once connected).
+fn endpoint(settings: &ForwardSettings) -> anyhow::Result<quinn::Endpoint> {
+    let certs = crate::tls::load_certs(&settings.cert_file)?;
+    let key = crate::tls::load_key(&settings.key_file)?;
+    let mut roots = RootCertStore::empty();
+    for ca in crate::tls::load_certs(&settings.ca_file)? {
+        roots.add(ca).map_err(|e| anyhow::anyhow!("{}: {e}", settings.ca_file.display()))?;
+    }
+    let roots = Arc::new(roots);
+    let verifier = WebPkiClientVerifier::builder(roots.clone()).build().map_err(|e| anyhow::anyhow!("cluster.ca_file: {e}"))?;
+    let mut server_tls =
+        rustls::ServerConfig::builder().with_client_cert_verifier(verifier).with_single_cert(certs.clone(), key.clone_key())?;
+    server_tls.alpn_protocols = vec![frame::ALPN.to_vec()];
+    let mut client_tls = rustls::ClientConfig::builder().with_root_certificates(roots).with_client_auth_cert(certs, key)?;
+    client_tls.alpn_protocols = vec![frame::ALPN.to_vec()];
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(settings.idle_timeout / 4));
+    transport.max_idle_timeout(Some(settings.idle_timeout.try_into()?));
+    transport.max_concurrent_uni_streams((u32::from(settings.streams) + 4).into());
+    let transport = Arc::new(transport);
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(quinn::crypto::rustls::QuicServerConfig::try_from(server_tls)?));
+    server.transport_config(transport.clone());
+    let mut client = quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(client_tls)?));
+    client.transport_config(transport);
+    let mut endpoint =
+        quinn::Endpoint::server(server, settings.bind).map_err(|e| anyhow::anyhow!("cluster.quic_bind {}: {e}", settings.bind))?;
+    endpoint.set_default_client_config(client);
+    Ok(endpoint)
+}
+
+/// The node certificate a link's peer presented, checked: OU `rampart-node`, not revoked.
+fn check_peer(connection: &quinn::Connection, auth: &AuthStore) -> Result<String, String> {
+    let chain = connection
+        .peer_identity()
+        .and_then(|identity| identity.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>().ok())
+        .ok_or("no peer certificate")?;
+    let leaf = chain.first().ok_or("empty peer certificate chain")?;
+    crate::tls::caller::check_certificate(leaf, crate::pki::NODE_OU, auth).map_err(|e| e.to_string())
+}
