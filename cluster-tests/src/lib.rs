@@ -8,9 +8,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub mod relay;
+
 use rampart_node::pki::{DevPki, Kind, Store};
 use rampart_proto::admin::admin_client::AdminClient;
 use rampart_proto::admin::ClusterStatusRequest;
+pub use relay::UdpRelay;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
@@ -67,17 +70,24 @@ pub struct Options {
     /// added through the admin API.
     pub initial_members: u64,
     pub snapshot_every: u64,
+    /// Put a [`UdpRelay`] in front of this node's QUIC port: every other node reaches it through
+    /// the relay, which the test can cut.
+    pub quic_relay: Option<u64>,
+    /// `cluster.link_idle_timeout_ms` of every node.
+    pub link_idle_timeout_ms: u64,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { nodes: 3, initial_members: 3, snapshot_every: 1000 }
+        Options { nodes: 3, initial_members: 3, snapshot_every: 1000, quic_relay: None, link_idle_timeout_ms: 5000 }
     }
 }
 
 pub struct TestCluster {
     /// Nodes 1..=initial_members are the initial members.
     initial_members: u64,
+    /// The relay in front of `Options::quic_relay`'s QUIC port.
+    pub relay: Option<UdpRelay>,
     pub dir: tempfile::TempDir,
     pub pki: DevPki,
     pub nodes: Vec<Node>,
@@ -92,10 +102,15 @@ impl TestCluster {
         let ports: Vec<Ports> = (0..options.nodes)
             .map(|_| Ports { mtls: free_port(), cluster: free_port(), admin: free_port(), http: free_port(), quic: free_udp_port() })
             .collect();
+        let relay = match options.quic_relay {
+            Some(id) => Some(UdpRelay::start(([127, 0, 0, 1], ports[id as usize - 1].quic).into())?),
+            None => None,
+        };
         let members: String = (1..=options.initial_members)
             .map(|id| {
                 let p = ports[id as usize - 1];
-                format!("[[cluster.members]]\nid = {id}\nraft_addr = \"127.0.0.1:{}\"\nquic_addr = \"127.0.0.1:{}\"\n", p.cluster, p.quic)
+                let quic = relay.as_ref().filter(|_| options.quic_relay == Some(id)).map_or(p.quic, |r| r.port);
+                format!("[[cluster.members]]\nid = {id}\nraft_addr = \"127.0.0.1:{}\"\nquic_addr = \"127.0.0.1:{quic}\"\n", p.cluster)
             })
             .collect();
         let mut nodes = Vec::new();
@@ -126,6 +141,7 @@ ca_file = {ca:?}
 node_id = {id}
 bind = "127.0.0.1:{cluster}"
 quic_bind = "127.0.0.1:{quic}"
+link_idle_timeout_ms = {link_idle_timeout_ms}
 cert_file = {node_cert:?}
 key_file = {node_key:?}
 ca_file = {ca:?}
@@ -148,12 +164,13 @@ ca_file = {ca:?}
                     server_key = pki.server_key,
                     ca = pki.ca_cert,
                     snapshot_every = options.snapshot_every,
+                    link_idle_timeout_ms = options.link_idle_timeout_ms,
                 ),
             )?;
             let log = dir.path().join(format!("node-{id}.log"));
             nodes.push(Node { id, ports: p, config, log, child: None });
         }
-        let mut cluster = TestCluster { initial_members: options.initial_members, dir, pki, nodes };
+        let mut cluster = TestCluster { initial_members: options.initial_members, relay, dir, pki, nodes };
         for id in 1..=options.nodes {
             cluster.start_node(id)?;
         }

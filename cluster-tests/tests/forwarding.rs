@@ -177,3 +177,50 @@ async fn a_restarted_node_gets_its_routes_and_links_back() -> anyhow::Result<()>
     assert_eq!(lines(after), ["devices/device-1/after back"]);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cut_link_loses_no_qos1_message_and_delivers_none_twice() -> anyhow::Result<()> {
+    use std::io::Write;
+    const MESSAGES: usize = 300;
+    // Node 2 is reached through a relay the test cuts for longer than the link's idle timeout:
+    // the link dies, the sender reconnects and re-sends what node 2 did not acknowledge.
+    let options = Options { quic_relay: Some(2), link_idle_timeout_ms: 1000, ..Options::default() };
+    let cluster = TestCluster::start(options)?;
+    cluster.wait_for_leader(LEADER_TIMEOUT).await?;
+    let client = |node, client_id| Client { cluster: &cluster, node, device: "device-1", client_id, version: "mqttv5" };
+    let subscriber = client(2, "device-1-sub").subscribe("devices/device-1/seq", 1, MESSAGES, 90);
+    wait_for_routes(&cluster, 1, 2, 1);
+    let mut publisher = Command::new("mosquitto_pub")
+        .args(client(1, "device-1-pub").args())
+        .args(["-t", "devices/device-1/seq", "-q", "1", "-l"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut lines_in = publisher.stdin.take().expect("stdin");
+    let relay = cluster.relay.as_ref().expect("relay");
+    for n in 1..=MESSAGES {
+        if n == MESSAGES / 3 {
+            relay.cut(true);
+        }
+        if n == 2 * MESSAGES / 3 {
+            // Long enough for the link to be declared dead and for reconnects to fail.
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+            relay.cut(false);
+        }
+        writeln!(lines_in, "{n}")?;
+        if n % 20 == 0 {
+            lines_in.flush()?;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    drop(lines_in);
+    assert!(publisher.wait()?.success(), "mosquitto_pub");
+    let expected: Vec<String> = (1..=MESSAGES).map(|n| format!("devices/device-1/seq {n}")).collect();
+    assert_eq!(lines(subscriber), expected, "every message once, in order");
+    assert!(metric(&cluster, 1, "rampart_forward_dropped_total{peer=\"2\"}") == 0);
+    let log = std::fs::read_to_string(&cluster.node(1).log)?;
+    let downs = log.lines().filter(|l| l.contains("forwarding link down") && l.contains("peer=2")).count();
+    assert!(downs >= 1, "the cut must have killed the link (and the messages come by replay):\n{log}");
+    Ok(())
+}
