@@ -57,30 +57,39 @@ fn relay(public: UdpSocket, target: SocketAddr, cut: Arc<AtomicBool>, stop: Arc<
         if cut.load(Ordering::Relaxed) {
             continue;
         }
-        if !upstreams.contains_key(&client) {
-            let Ok(upstream) = UdpSocket::bind("127.0.0.1:0").and_then(|s| s.connect(target).map(|_| s)) else { continue };
-            let _ = upstream.set_read_timeout(Some(POLL));
-            let (back, public, cut, stop) = (
-                upstream.try_clone().expect("clone a UDP socket"),
-                public.try_clone().expect("clone a UDP socket"),
-                cut.clone(),
-                stop.clone(),
-            );
-            returns.push(std::thread::spawn(move || {
-                let mut buf = vec![0u8; 65_536];
-                while !stop.load(Ordering::Relaxed) {
-                    if let Ok(n) = back.recv(&mut buf) {
-                        if !cut.load(Ordering::Relaxed) {
-                            let _ = public.send_to(&buf[..n], client);
-                        }
-                    }
-                }
-            }));
-            upstreams.insert(client, upstream);
-        }
-        let _ = upstreams[&client].send(&buf[..n]);
+        let upstream = match upstreams.entry(client) {
+            std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+            std::collections::hash_map::Entry::Vacant(entry) => {
+                let Ok(upstream) = UdpSocket::bind("127.0.0.1:0").and_then(|s| s.connect(target).map(|_| s)) else { continue };
+                let _ = upstream.set_read_timeout(Some(POLL));
+                returns.push(spawn_return(&upstream, &public, client, cut.clone(), stop.clone()));
+                entry.insert(upstream)
+            }
+        };
+        let _ = upstream.send(&buf[..n]);
     }
     for thread in returns {
         let _ = thread.join();
     }
+}
+
+/// Forwards what the node answers on `upstream` back to `client`.
+fn spawn_return(
+    upstream: &UdpSocket,
+    public: &UdpSocket,
+    client: SocketAddr,
+    cut: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+) -> JoinHandle<()> {
+    let (back, public) = (upstream.try_clone().expect("clone a UDP socket"), public.try_clone().expect("clone a UDP socket"));
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 65_536];
+        while !stop.load(Ordering::Relaxed) {
+            if let Ok(n) = back.recv(&mut buf) {
+                if !cut.load(Ordering::Relaxed) {
+                    let _ = public.send_to(&buf[..n], client);
+                }
+            }
+        }
+    })
 }
