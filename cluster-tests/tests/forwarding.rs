@@ -196,7 +196,8 @@ async fn a_cut_link_loses_no_qos1_message_and_delivers_none_twice() -> anyhow::R
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .spawn()?;
+        .spawn()
+        .expect("mosquitto_pub");
     let mut lines_in = publisher.stdin.take().expect("stdin");
     let relay = cluster.relay.as_ref().expect("relay");
     for n in 1..=MESSAGES {
@@ -208,14 +209,14 @@ async fn a_cut_link_loses_no_qos1_message_and_delivers_none_twice() -> anyhow::R
             tokio::time::sleep(Duration::from_millis(2500)).await;
             relay.cut(false);
         }
-        writeln!(lines_in, "{n}")?;
+        writeln!(lines_in, "{n}").expect("mosquitto_pub reads its input");
         if n % 20 == 0 {
-            lines_in.flush()?;
+            lines_in.flush().expect("mosquitto_pub reads its input");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
     drop(lines_in);
-    assert!(publisher.wait()?.success(), "mosquitto_pub");
+    assert!(publisher.wait().expect("mosquitto_pub ends").success(), "mosquitto_pub");
     let expected: Vec<String> = (1..=MESSAGES).map(|n| format!("devices/device-1/seq {n}")).collect();
     assert_eq!(lines(subscriber), expected, "every message once, in order");
     assert!(metric(&cluster, 1, "rampart_forward_dropped_total{peer=\"2\"}") == 0);
