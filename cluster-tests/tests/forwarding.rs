@@ -225,3 +225,57 @@ async fn a_cut_link_loses_no_qos1_message_and_delivers_none_twice() -> anyhow::R
     assert!(downs >= 1, "the cut must have killed the link (and the messages come by replay):\n{log}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_id_is_unique_across_the_cluster() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(Options::default())?;
+    cluster.wait_for_leader(LEADER_TIMEOUT).await?;
+    let (_, cert, key) = cluster.pki.devices.iter().find(|(n, _, _)| n == "device-1").expect("device-1");
+    let (code, on_node_1) =
+        rampart_cluster_tests::mqtt_connect(cluster.node(1).ports.mtls, &cluster.pki.ca_cert, cert, key, "device-1").await?;
+    assert_eq!(code, 0);
+    // The same client id on node 2: node 1's connection is taken over (MQTT 5 DISCONNECT 0x8E).
+    let client = Client { cluster: &cluster, node: 2, device: "device-1", client_id: "device-1", version: "mqttv5" };
+    client.publish("devices/device-1/here", 0, "node 2 now");
+    let (_, reason) = on_node_1.wait_disconnect(Duration::from_secs(10)).await?;
+    assert_eq!(reason, Some(0x8E), "taken over from node 2");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_persistent_session_moves_to_the_node_its_client_reconnects_to() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(Options::default())?;
+    cluster.wait_for_leader(LEADER_TIMEOUT).await?;
+    let persistent = |node| {
+        let client = Client { cluster: &cluster, node, device: "device-1", client_id: "device-1", version: "mqttv5" };
+        let mut args = client.args();
+        args.extend(["-c", "-x", "3600", "-q", "1", "-t", "devices/device-1/jobs/#", "-v"].map(String::from));
+        args
+    };
+    // Subscribe on node 1, leave the session behind (-W ends the client normally).
+    let setup = Command::new("mosquitto_sub").args(persistent(1)).args(["-W", "1"]).output()?;
+    assert!(setup.stdout.is_empty(), "{}", String::from_utf8_lossy(&setup.stderr));
+    for n in 1..=3 {
+        Client { cluster: &cluster, node: 1, device: "device-1", client_id: "device-1-pub", version: "mqttv5" }.publish(
+            &format!("devices/device-1/jobs/{n}"),
+            1,
+            &format!("job {n}"),
+        );
+    }
+    // Reconnect on node 2: the session, with its three queued messages, comes along.
+    let resumed = Command::new("mosquitto_sub").args(persistent(2)).args(["-C", "3", "-W", "20"]).output()?;
+    let got: Vec<String> = String::from_utf8_lossy(&resumed.stdout).lines().map(str::to_string).collect();
+    assert_eq!(got, ["devices/device-1/jobs/1 job 1", "devices/device-1/jobs/2 job 2", "devices/device-1/jobs/3 job 3"]);
+    // Now subscribed on node 2, the session receives what node 1 publishes through the link.
+    let live = Command::new("mosquitto_sub").args(persistent(2)).args(["-C", "1", "-W", "20"]).stdout(Stdio::piped()).spawn()?;
+    wait_for_routes(&cluster, 1, 2, 1);
+    Client { cluster: &cluster, node: 1, device: "device-1", client_id: "device-1-pub", version: "mqttv5" }.publish(
+        "devices/device-1/jobs/4",
+        1,
+        "job 4",
+    );
+    assert_eq!(lines(live), ["devices/device-1/jobs/4 job 4"]);
+    let log = std::fs::read_to_string(&cluster.node(1).log)?;
+    assert!(log.contains("session handed to another node"), "node 1 gave the session up:\n{log}");
+    Ok(())
+}

@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use crate::auth::policy::Owner;
 use index::{Subscriber, SubscriptionIndex, SubscriptionOptions};
 use message::{min_qos, Delivery, Message, Will};
-use persist::{SessionStore, StoredSession};
+use persist::{MovedSession, SessionStore, StoredMessage, StoredSession};
 use registry::Registry;
 pub use registry::{AttachError, Attached, Attachment};
 use retained::RetainedStore;
@@ -82,10 +82,18 @@ pub struct Published {
     pub durable_ticket: Option<u64>,
 }
 
-/// Where messages published here go beyond this node (the cluster's forwarding plane).
+/// What a remote claim on a client id yields: the session moved from the node that held it.
+pub type ClaimFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Option<MovedSession>, AttachError>> + Send + 'a>>;
+
+/// The other nodes of the cluster, as the broker needs them (the forwarding plane).
 pub trait Remote: Send + Sync + 'static {
     /// A message published on this node, after it was routed to the local sessions.
     fn forward(&self, message: &Arc<Message>);
+
+    /// Makes `client_id` this node's, cluster-wide, before a client of `owner` attaches here:
+    /// refused when another node holds it for another principal; a live connection elsewhere is
+    /// taken over, and a persistent session there moves here (unless `clean_start`).
+    fn claim<'a>(&'a self, client_id: &'a str, owner: &'a Owner, clean_start: bool) -> ClaimFuture<'a>;
 }
 
 /// The filters this node has local subscribers for (shared subscriptions excepted), with a
@@ -198,6 +206,10 @@ impl Broker {
     /// Hands a connection the session of its client id (see [`Registry::attach`]): taken over
     /// from a live connection of the same owner, resumed, or fresh.
     pub async fn attach(&self, request: AttachRequest<'_>, now: Instant) -> Result<Attached, AttachError> {
+        let moved = match self.inner.remote.get() {
+            Some(remote) => remote.claim(request.client_id, request.owner, request.clean_start).await?,
+            None => None,
+        };
         let registry = &self.inner.registry;
         let mut attached =
             registry.attach(request.client_id, request.owner, request.clean_start, now, self.inner.settings.takeover_timeout).await?;
@@ -206,7 +218,46 @@ impl Broker {
         }
         attached.session.durable = request.durable && self.inner.store.is_some();
         attached.session.mailbox.set_capacity(request.queue_capacity);
+        if let Some(moved) = moved {
+            if attached.present {
+                tracing::warn!(client_id = request.client_id, "a session existed here and on another node; the one here is kept");
+            } else {
+                self.install_moved(&mut attached.session, moved);
+                attached.present = true;
+            }
+        }
         Ok(attached)
+    }
+
+    /// Takes over the state of a session that moved here from another node.
+    fn install_moved(&self, session: &mut SessionState, mut moved: MovedSession) {
+        session.expiry = moved.session.expiry();
+        session.awaiting_pubrel = moved.session.awaiting_pubrel.iter().copied().collect();
+        session.inflight = moved.session.take_inflight().map(|(id, seq, f)| (id, (seq, f))).collect();
+        for (filter, options) in moved.session.subscriptions() {
+            self.add_subscription(session, filter, options);
+        }
+        for message in moved.queued {
+            session.mailbox.push_congested(message.into_delivery());
+        }
+    }
+
+    /// Gives up this node's session of `client_id` to another node where a client of `owner`
+    /// connects (see [`registry::Registry::release`]); returns its state unless `clean_start`.
+    pub async fn release(&self, client_id: &str, owner: &Owner, clean_start: bool) -> Result<Option<MovedSession>, AttachError> {
+        let now = Instant::now();
+        let Some(session) = self.inner.registry.release(client_id, owner, now, self.inner.settings.takeover_timeout).await? else {
+            return Ok(None);
+        };
+        // No new message reaches the session from here on; what it queued moves with it.
+        self.drop_subscriptions(&session);
+        let moved = (!clean_start && !session.expiry.is_zero()).then(|| MovedSession {
+            session: StoredSession::capture(&session, now + session.expiry),
+            queued: std::iter::from_fn(|| session.mailbox.pop()).map(|d| StoredMessage::from_delivery(&d)).collect(),
+        });
+        session.mailbox.close();
+        tracing::info!(%client_id, moved = moved.is_some(), "session handed to another node");
+        Ok(moved)
     }
 
     /// The default offline queue limit of a client type (durable: APPLICATION).

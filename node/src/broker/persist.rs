@@ -211,6 +211,14 @@ impl StoredSession {
     }
 }
 
+/// A session handed from one node to another when its client reconnects elsewhere: its state
+/// and its queued messages, oldest first.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MovedSession {
+    pub session: StoredSession,
+    pub queued: Vec<StoredMessage>,
+}
+
 /// A session read back from the store: its state and its queue in order (sequence, message).
 pub struct LoadedSession {
     pub client_id: String,

@@ -99,6 +99,8 @@ pub enum AttachError {
     Superseded,
     #[error("{owner} already holds {limit} sessions (max_sessions_per_identity)")]
     TooManySessions { owner: Owner, limit: usize },
+    #[error("nodes {0:?} did not answer whether they hold this client id's session (cluster.remote_session_unreachable = \"refuse\")")]
+    PeersUnreachable(Vec<u64>),
 }
 
 /// A session handed to a connection.
@@ -247,6 +249,54 @@ impl Registry {
         }
     }
 
+    /// Gives up the session of `client_id` to another node where `requester` connects: refused
+    /// when a live session belongs to another principal; otherwise a connected holder is told to
+    /// close (taken over), its state awaited (up to `wait`) and the session removed from this
+    /// node. `None`: no live session here.
+    pub async fn release(
+        &self,
+        client_id: &str,
+        requester: &Owner,
+        now: Instant,
+        wait: Duration,
+    ) -> Result<Option<SessionState>, AttachError> {
+        let (slot, generation) = {
+            let slots = self.slots();
+            let Some(slot) = slots.by_client_id.get(client_id).cloned() else { return Ok(None) };
+            {
+                let state = slot.lock();
+                let live = state.started && state.expires_at.is_none_or(|at| at > now);
+                if !live {
+                    return Ok(None);
+                }
+                if state.owner != *requester {
+                    return Err(AttachError::NotOwner { owner: state.owner.clone(), requester: requester.clone() });
+                }
+            }
+            let mut generation = 0;
+            slot.generation.send_modify(|g| {
+                *g += 1;
+                generation = *g;
+            });
+            (slot, generation)
+        };
+        let session = self.wait_for_hand_back(&slot, generation, wait).await?;
+        let mut slots = self.slots();
+        {
+            let mut state = slot.lock();
+            state.session = Some(self.blank(Owner::Anonymous));
+            state.owner = Owner::Anonymous;
+            state.started = false;
+            state.expires_at = None;
+        }
+        slots.count(&session.owner, -1);
+        if slots.by_client_id.get(client_id).is_some_and(|current| Arc::ptr_eq(current, &slot)) && *slot.generation.borrow() == generation {
+            slots.by_client_id.remove(client_id);
+        }
+        slot.handed_back.notify_waiters();
+        Ok(Some(session))
+    }
+
     /// Takes a session back from a connection that ended. A session with expiry zero ends now
     /// and is returned (its subscriptions must be dropped); otherwise it stays, offline, until it
     /// expires.
@@ -392,6 +442,29 @@ mod tests {
         assert!(registry.expire(now + Duration::from_secs(4)).is_empty());
         assert_eq!(registry.expire(now + Duration::from_secs(6)).len(), 1);
         assert!(registry.is_empty());
+    }
+
+    #[tokio::test]
+    async fn release_gives_a_session_to_its_owner_on_another_node_only() {
+        let registry = Arc::new(Registry::new(10, 100));
+        let now = Instant::now();
+        let mut live = registry.attach("device-1", &cert("device-1"), false, now, WAIT).await.unwrap();
+        live.session.expiry = Duration::from_secs(60);
+        let refused = registry.release("device-1", &Owner::Anonymous, now, WAIT).await.unwrap_err();
+        assert!(matches!(refused, AttachError::NotOwner { .. }));
+        assert!(registry.release("nobody", &Owner::Anonymous, now, WAIT).await.unwrap().is_none());
+        let releasing = tokio::spawn({
+            let registry = registry.clone();
+            async move { registry.release("device-1", &cert("device-1"), Instant::now(), WAIT).await }
+        });
+        while !live.attachment.is_taken_over() {
+            tokio::task::yield_now().await;
+        }
+        let id = live.session.id;
+        registry.detach(live.attachment, live.session, now);
+        let released = releasing.await.unwrap().unwrap().expect("the session");
+        assert_eq!(released.id, id);
+        assert!(registry.is_empty(), "the session is no longer here");
     }
 
     #[tokio::test]

@@ -80,6 +80,25 @@ pub struct ClusterConfig {
     /// A forwarding link without a packet for this long is dead (keep-alives every quarter).
     #[serde(default = "default_link_idle_timeout_ms")]
     pub link_idle_timeout_ms: u64,
+    /// How long a CONNECT waits for the other nodes to give up its client id (take over a live
+    /// connection, hand over a persistent session).
+    #[serde(default = "default_claim_timeout_ms")]
+    pub claim_timeout_ms: u64,
+    /// What a CONNECT does when some node cannot be asked about its client id.
+    #[serde(default)]
+    pub remote_session_unreachable: RemoteSessionUnreachable,
+}
+
+/// What a CONNECT does when a node that may hold the client's session cannot be asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RemoteSessionUnreachable {
+    /// Accept the client (availability first): its session elsewhere, if any, stays there until
+    /// that node is reachable again and the client reconnects.
+    #[default]
+    Proceed,
+    /// Refuse the client with CONNACK server unavailable (0x88 / rc 3) until every node answers.
+    Refuse,
 }
 
 /// One cluster member: its id and the addresses other nodes reach it at.
@@ -127,6 +146,9 @@ fn default_forward_replay_messages() -> usize {
 }
 fn default_link_idle_timeout_ms() -> u64 {
     5_000
+}
+fn default_claim_timeout_ms() -> u64 {
+    3_000
 }
 
 /// The admin gRPC API: mutual TLS with admin certificates (OU rampart-admin) only.
@@ -717,6 +739,8 @@ impl Config {
             queue_messages: c.forward_queue_messages,
             replay_messages: c.forward_replay_messages,
             idle_timeout: Duration::from_millis(c.link_idle_timeout_ms),
+            claim_timeout: Duration::from_millis(c.claim_timeout_ms),
+            refuse_when_unreachable: c.remote_session_unreachable == RemoteSessionUnreachable::Refuse,
         })
     }
 

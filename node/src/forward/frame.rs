@@ -12,7 +12,9 @@ use mqttbytes::v5::PublishProperties;
 use mqttbytes::QoS;
 use serde::{Deserialize, Serialize};
 
+use crate::auth::policy::Owner;
 use crate::broker::message::Message;
+use crate::broker::persist::MovedSession;
 
 /// The ALPN protocol of a forwarding link; a peer speaking another version is refused.
 pub const ALPN: &[u8] = b"rampart-fwd/1";
@@ -31,10 +33,34 @@ pub enum Control {
     RouteAdded(String),
     /// A filter lost its last local subscriber.
     RouteRemoved(String),
+    /// A client of `owner` connects with `client_id` on the dialling node: the accepting node
+    /// gives up its session of that client id (answered by [`Reply::Claimed`]).
+    Claim { request: u64, client_id: String, owner: Owner, clean_start: bool },
 }
 
-/// From the accepting node, on the control stream: every message of publish stream `stream` up
-/// to `sequence` is queued for its local subscribers.
+/// From the accepting node, on the control stream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Reply {
+    Ack(Ack),
+    Claimed { request: u64, outcome: ClaimOutcome },
+}
+
+/// How a node answered a [`Control::Claim`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ClaimOutcome {
+    /// It holds no live session of that client id.
+    NotHere,
+    /// Its session belongs to another principal.
+    Refused { owner: Owner },
+    /// Its session (and connection) is gone; here is its state, unless clean start was asked
+    /// or it was not persistent.
+    Released(Option<Box<MovedSession>>),
+    /// It could not decide (the hand-over timed out).
+    Failed(String),
+}
+
+/// Every message of publish stream `stream` up to `sequence` is queued for the accepting node's
+/// local subscribers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ack {
     pub stream: u8,

@@ -1,7 +1,8 @@
 //! The accepting side of links: checks who dials (a node certificate, a current member), learns
-//! the peer's routes from its control stream, and routes each forwarded message to the local
-//! sessions — in order per publish stream, skipping what a replay repeats — acknowledging it
-//! once it is queued for every local subscriber (and on disk for durable ones).
+//! the peer's routes and answers its client-id claims from its control stream, and routes each
+//! forwarded message to the local sessions — in order per publish stream, skipping what a replay
+//! repeats — acknowledging it once it is queued for every local subscriber (and on disk for
+//! durable ones).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -11,7 +12,7 @@ use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, watch};
 
-use super::frame::{self, Ack, Control, Forwarded, StreamHeader};
+use super::frame::{self, Ack, ClaimOutcome, Control, Forwarded, Reply, StreamHeader};
 use super::routes::RouteTable;
 use super::{check_peer, Forwarder, Peer};
 use crate::cluster::Cluster;
@@ -65,28 +66,34 @@ async fn serve(forwarder: &Arc<Forwarder>, cluster: &Cluster, incoming: quinn::I
         peer.delivered.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
     tracing::info!(peer = node_id, remote = %connection.remote_address(), "inbound forwarding link up");
-    let (acks, ack_rx) = mpsc::unbounded_channel();
-    tokio::spawn(write_acks(ack_stream, ack_rx));
+    let (replies, reply_rx) = mpsc::unbounded_channel();
+    tokio::spawn(write_replies(ack_stream, reply_rx));
     let streams = {
-        let (forwarder, peer, connection) = (forwarder.clone(), peer.clone(), connection.clone());
+        let (forwarder, peer, connection, replies) = (forwarder.clone(), peer.clone(), connection.clone(), replies.clone());
         tokio::spawn(async move {
             while let Ok(stream) = connection.accept_uni().await {
-                let (forwarder, peer, acks) = (forwarder.clone(), peer.clone(), acks.clone());
+                let (forwarder, peer, replies) = (forwarder.clone(), peer.clone(), replies.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = deliver_stream(&forwarder, &peer, incarnation, stream, acks).await {
+                    if let Err(e) = deliver_stream(&forwarder, &peer, incarnation, stream, replies).await {
                         tracing::debug!(peer = peer.node_id, error = %e, "publish stream ended");
                     }
                 });
             }
         })
     };
-    let result = read_routes(&peer, control, input).await;
+    let result = read_control(forwarder, &peer, control, input, replies).await;
     streams.abort();
     result
 }
 
-/// Applies the peer's route announcements until the control stream ends.
-async fn read_routes(peer: &Peer, mut control: quinn::RecvStream, mut input: BytesMut) -> Result<(), String> {
+/// Applies the peer's route announcements and answers its claims until the control stream ends.
+async fn read_control(
+    forwarder: &Arc<Forwarder>,
+    peer: &Peer,
+    mut control: quinn::RecvStream,
+    mut input: BytesMut,
+    replies: mpsc::UnboundedSender<Reply>,
+) -> Result<(), String> {
     loop {
         while let Some(frame) = frame::decode::<Control>(&mut input).map_err(|e| e.to_string())? {
             let mut routes = peer.routes.write().unwrap_or_else(|p| p.into_inner());
@@ -95,6 +102,18 @@ async fn read_routes(peer: &Peer, mut control: quinn::RecvStream, mut input: Byt
                 Control::RouteAdded(filter) => routes.insert(&filter),
                 Control::RouteRemoved(filter) => routes.remove(&filter),
                 Control::Hello { .. } => return Err("a second Hello".into()),
+                Control::Claim { request, client_id, owner, clean_start } => {
+                    let (forwarder, replies) = (forwarder.clone(), replies.clone());
+                    tokio::spawn(async move {
+                        let outcome = match forwarder.broker.release(&client_id, &owner, clean_start).await {
+                            Ok(None) => ClaimOutcome::NotHere,
+                            Ok(Some(moved)) => ClaimOutcome::Released(Some(Box::new(moved))),
+                            Err(crate::broker::AttachError::NotOwner { owner, .. }) => ClaimOutcome::Refused { owner },
+                            Err(e) => ClaimOutcome::Failed(e.to_string()),
+                        };
+                        let _ = replies.send(Reply::Claimed { request, outcome });
+                    });
+                }
             }
         }
         if control.read_buf(&mut input).await.map_err(|e| e.to_string())? == 0 {
@@ -109,7 +128,7 @@ async fn deliver_stream(
     peer: &Peer,
     incarnation: u64,
     mut stream: quinn::RecvStream,
-    acks: mpsc::UnboundedSender<Ack>,
+    replies: mpsc::UnboundedSender<Reply>,
 ) -> Result<(), String> {
     let mut input = BytesMut::new();
     let mut header = None;
@@ -119,7 +138,7 @@ async fn deliver_stream(
         }
         if let Some(StreamHeader { stream: index }) = header {
             while let Some(forwarded) = frame::decode::<Forwarded>(&mut input).map_err(|e| e.to_string())? {
-                deliver(forwarder, peer, incarnation, index, forwarded, &acks).await;
+                deliver(forwarder, peer, incarnation, index, forwarded, &replies).await;
             }
         }
         if stream.read_buf(&mut input).await.map_err(|e| e.to_string())? == 0 {
@@ -134,7 +153,7 @@ async fn deliver(
     incarnation: u64,
     stream: u8,
     forwarded: Forwarded,
-    acks: &mpsc::UnboundedSender<Ack>,
+    replies: &mpsc::UnboundedSender<Reply>,
 ) {
     let sequence = forwarded.sequence;
     let repeated = {
@@ -152,16 +171,16 @@ async fn deliver(
         }
     }
     if acknowledged {
-        let _ = acks.send(Ack { stream, sequence });
+        let _ = replies.send(Reply::Ack(Ack { stream, sequence }));
     }
 }
 
-/// Writes acknowledgements, coalescing those that are already waiting.
-async fn write_acks(mut stream: quinn::SendStream, mut acks: mpsc::UnboundedReceiver<Ack>) {
+/// Writes acknowledgements and claim answers, together with those already waiting.
+async fn write_replies(mut stream: quinn::SendStream, mut replies: mpsc::UnboundedReceiver<Reply>) {
     let mut out = BytesMut::new();
-    while let Some(first) = acks.recv().await {
+    while let Some(first) = replies.recv().await {
         frame::encode(&first, &mut out);
-        while let Ok(more) = acks.try_recv() {
+        while let Ok(more) = replies.try_recv() {
             frame::encode(&more, &mut out);
         }
         if stream.write_all(&out).await.is_err() {

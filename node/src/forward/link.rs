@@ -14,7 +14,7 @@ use mqttbytes::QoS;
 use rand_core::RngCore;
 use tokio::io::AsyncReadExt;
 
-use super::frame::{self, Ack, Control, Forwarded, StreamHeader};
+use super::frame::{self, Ack, Control, Forwarded, Reply, StreamHeader};
 use super::{check_peer, Forwarder, Peer};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -86,6 +86,8 @@ pub async fn run(forwarder: Arc<Forwarder>, peer: Arc<Peer>) {
                 backoff = BACKOFF_MIN;
                 let ended = serve(&forwarder, &peer, &connection, &mut outbox, &mut stop).await;
                 peer.up.store(false, Ordering::Relaxed);
+                // Claims waiting for an answer on this link get none: their senders learn it now.
+                peer.pending.lock().unwrap_or_else(|p| p.into_inner()).clear();
                 connection.close(0u32.into(), b"link closed");
                 tracing::info!(peer = peer.node_id, reason = %ended, unacknowledged = outbox.len(), "forwarding link down");
             }
@@ -174,9 +176,20 @@ async fn serve_inner(
                 if read.map_err(|e| failed(&e))? == 0 {
                     return Err("the peer closed the control stream".into());
                 }
-                while let Some(ack) = frame::decode::<Ack>(&mut ack_input).map_err(|e| failed(&e))? {
-                    outbox.acknowledge(ack);
+                while let Some(reply) = frame::decode::<Reply>(&mut ack_input).map_err(|e| failed(&e))? {
+                    match reply {
+                        Reply::Ack(ack) => outbox.acknowledge(ack),
+                        Reply::Claimed { request, outcome } => peer.answered(request, outcome),
+                    }
                 }
+            }
+            _ = peer.claims_ready.notified() => {
+                let claims = std::mem::take(&mut *peer.claims.lock().unwrap_or_else(|p| p.into_inner()));
+                let mut out = BytesMut::new();
+                for claim in &claims {
+                    frame::encode(claim, &mut out);
+                }
+                control.write_all(&out).await.map_err(|e| failed(&e))?;
             }
             _ = peer.queue.readable() => {
                 let now = Instant::now();

@@ -27,13 +27,17 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::RootCertStore;
 use tokio::sync::watch;
 
+use crate::auth::policy::Owner;
 use crate::auth::store::AuthStore;
 use crate::broker::message::Message;
-use crate::broker::{Broker, Remote};
+use crate::broker::persist::MovedSession;
+use crate::broker::{AttachError, Broker, ClaimFuture, Remote};
 use crate::cluster::Cluster;
 use crate::telemetry::metrics::LinkGauge;
+use frame::{ClaimOutcome, Control};
 use queue::PeerQueue;
 use routes::RouteTable;
+use tokio::sync::oneshot;
 
 /// This node's forwarding port and how the plane is sized (from `[cluster]`).
 #[derive(Debug, Clone)]
@@ -53,6 +57,10 @@ pub struct ForwardSettings {
     pub replay_messages: usize,
     /// A link without any packet for this long is considered dead.
     pub idle_timeout: Duration,
+    /// How long a CONNECT waits for the other nodes to give up the client id.
+    pub claim_timeout: Duration,
+    /// Refuse a CONNECT when some node could not be asked (`true`), or accept it (`false`).
+    pub refuse_when_unreachable: bool,
 }
 
 /// One other member, as this node sees it.
@@ -75,6 +83,10 @@ pub struct Peer {
     forwarded: AtomicU64,
     /// QoS 1/2 messages dropped from the replay buffer unacknowledged (replay budget exceeded).
     replay_dropped: AtomicU64,
+    /// Claims waiting to go out on our link, and the answers awaited by request.
+    claims: Mutex<Vec<Control>>,
+    claims_ready: tokio::sync::Notify,
+    pending: Mutex<HashMap<u64, oneshot::Sender<ClaimOutcome>>>,
     stop: watch::Sender<bool>,
 }
 
@@ -90,12 +102,31 @@ impl Peer {
             up: AtomicBool::new(false),
             forwarded: AtomicU64::new(0),
             replay_dropped: AtomicU64::new(0),
+            claims: Mutex::new(Vec::new()),
+            claims_ready: tokio::sync::Notify::new(),
+            pending: Mutex::new(HashMap::new()),
             stop: watch::channel(false).0,
         }
     }
 
     fn wants(&self, topic: &str) -> bool {
         self.routes.read().unwrap_or_else(|p| p.into_inner()).matches(topic)
+    }
+
+    /// Sends a claim on our link; the answer comes through the returned channel (closed if the
+    /// link goes down first).
+    fn claim(&self, request: u64, claim: Control) -> oneshot::Receiver<ClaimOutcome> {
+        let (answer, answered) = oneshot::channel();
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(request, answer);
+        self.claims.lock().unwrap_or_else(|p| p.into_inner()).push(claim);
+        self.claims_ready.notify_one();
+        answered
+    }
+
+    fn answered(&self, request: u64, outcome: ClaimOutcome) {
+        if let Some(answer) = self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&request) {
+            let _ = answer.send(outcome);
+        }
     }
 }
 
@@ -109,6 +140,7 @@ pub struct Forwarder {
     endpoint: quinn::Endpoint,
     settings: ForwardSettings,
     peers: RwLock<HashMap<u64, Arc<Peer>>>,
+    next_claim: AtomicU64,
 }
 
 impl Forwarder {
@@ -131,6 +163,7 @@ impl Forwarder {
             endpoint,
             settings,
             peers: RwLock::new(HashMap::new()),
+            next_claim: AtomicU64::new(1),
         });
         broker.set_remote(forwarder.clone());
         tokio::spawn(inbound::accept(forwarder.clone(), cluster.clone(), shutdown.clone()));
@@ -165,7 +198,55 @@ impl Forwarder {
     }
 }
 
+impl Forwarder {
+    /// Asks every peer to give up `client_id`; see [`Remote::claim`].
+    async fn claim_everywhere(&self, client_id: &str, owner: &Owner, clean_start: bool) -> Result<Option<MovedSession>, AttachError> {
+        let peers: Vec<Arc<Peer>> = self.peers.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        let mut unreachable = Vec::new();
+        let mut asked = Vec::new();
+        for peer in peers {
+            if !peer.up.load(Ordering::Relaxed) {
+                unreachable.push(peer.node_id);
+                continue;
+            }
+            let request = self.next_claim.fetch_add(1, Ordering::Relaxed);
+            let claim = Control::Claim { request, client_id: client_id.into(), owner: owner.clone(), clean_start };
+            asked.push((peer.clone(), request, peer.claim(request, claim)));
+        }
+        let deadline = tokio::time::Instant::now() + self.settings.claim_timeout;
+        let mut moved = None;
+        for (peer, request, answered) in asked {
+            match tokio::time::timeout_at(deadline, answered).await {
+                Ok(Ok(ClaimOutcome::NotHere)) => {}
+                Ok(Ok(ClaimOutcome::Released(session))) => moved = moved.or(session.map(|s| *s)),
+                Ok(Ok(ClaimOutcome::Refused { owner: existing })) => {
+                    return Err(AttachError::NotOwner { owner: existing, requester: owner.clone() });
+                }
+                Ok(Ok(ClaimOutcome::Failed(reason))) => {
+                    tracing::warn!(peer = peer.node_id, %client_id, %reason, "a node could not give up the client id");
+                    unreachable.push(peer.node_id);
+                }
+                Ok(Err(_)) | Err(_) => {
+                    peer.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&request);
+                    unreachable.push(peer.node_id);
+                }
+            }
+        }
+        if !unreachable.is_empty() {
+            if self.settings.refuse_when_unreachable {
+                return Err(AttachError::PeersUnreachable(unreachable));
+            }
+            tracing::info!(%client_id, nodes = ?unreachable, "client id claimed without the nodes that did not answer");
+        }
+        Ok(moved)
+    }
+}
+
 impl Remote for Forwarder {
+    fn claim<'a>(&'a self, client_id: &'a str, owner: &'a Owner, clean_start: bool) -> ClaimFuture<'a> {
+        Box::pin(self.claim_everywhere(client_id, owner, clean_start))
+    }
+
     /// Queues the message for every peer with a matching route; a retained message goes to
     /// every peer, so each node's retained store holds it.
     fn forward(&self, message: &Arc<Message>) {

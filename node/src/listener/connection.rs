@@ -97,6 +97,7 @@ where
                     v5::ConnectReturnCode::QuotaExceeded
                 }
                 AttachError::TakeoverTimeout(_) | AttachError::Superseded => v5::ConnectReturnCode::ServerBusy,
+                AttachError::PeersUnreachable(_) => v5::ConnectReturnCode::ServerUnavailable,
             };
             let reason = format!("client id {:?}: {e}", request.client_id);
             return refuse(&mut writer, &connect::refusal_reply(version, code), peer, &reason).await;
