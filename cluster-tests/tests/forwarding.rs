@@ -80,6 +80,26 @@ fn metric(cluster: &TestCluster, node: u64, series: &str) -> i64 {
     text.lines().filter_map(|l| l.strip_prefix(series)).filter_map(|rest| rest.trim().parse::<i64>().ok()).sum()
 }
 
+/// Waits for a leader and until every node serves devices (the seeded authorization state is
+/// applied everywhere).
+async fn wait_until_serving(cluster: &TestCluster) -> anyhow::Result<()> {
+    cluster.wait_for_leader(LEADER_TIMEOUT).await?;
+    let (_, cert, key) = cluster.pki.devices.iter().find(|(n, _, _)| n == "device-1").expect("device-1");
+    let deadline = Instant::now() + LEADER_TIMEOUT;
+    for node in cluster.nodes.iter().filter(|n| cluster.is_running(n.id)) {
+        loop {
+            let connected = rampart_cluster_tests::mqtt_connect(node.ports.mtls, &cluster.pki.ca_cert, cert, key, "device-1-probe").await;
+            if matches!(connected, Ok((0, _))) {
+                break;
+            }
+            let answer = connected.map(|(code, _)| code).map_err(|e| e.to_string());
+            anyhow::ensure!(Instant::now() < deadline, "node {} does not serve device-1: {answer:?}", node.id);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(())
+}
+
 /// Waits until `node` has learned at least `routes` filters from `peer` (the route barrier a
 /// test needs before it publishes: a subscription is announced asynchronously).
 fn wait_for_routes(cluster: &TestCluster, node: u64, peer: u64, routes: i64) {
@@ -94,7 +114,7 @@ fn wait_for_routes(cluster: &TestCluster, node: u64, peer: u64, routes: i64) {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_publish_on_node_1_reaches_subscribers_on_nodes_2_and_3() -> anyhow::Result<()> {
     let cluster = TestCluster::start(Options::default())?;
-    cluster.wait_for_leader(LEADER_TIMEOUT).await?;
+    wait_until_serving(&cluster).await?;
     let mut subscribers = Vec::new();
     for (node, version) in [(2, "mqttv5"), (3, "mqttv311")] {
         for qos in 0..=2u8 {
@@ -130,7 +150,7 @@ async fn a_publish_on_node_1_reaches_subscribers_on_nodes_2_and_3() -> anyhow::R
 #[tokio::test(flavor = "multi_thread")]
 async fn the_receiving_node_checks_each_subscribers_read_permission() -> anyhow::Result<()> {
     let cluster = TestCluster::start(Options::default())?;
-    cluster.wait_for_leader(LEADER_TIMEOUT).await?;
+    wait_until_serving(&cluster).await?;
     // device-2 may read devices/device-2/# only; its wildcard is granted (one topic under it is
     // readable) and everything else is withheld where it is delivered: on node 2.
     let client = |node, device, client_id| Client { cluster: &cluster, node, device, client_id, version: "mqttv5" };
@@ -147,7 +167,7 @@ async fn the_receiving_node_checks_each_subscribers_read_permission() -> anyhow:
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restarted_node_gets_its_routes_and_links_back() -> anyhow::Result<()> {
     let mut cluster = TestCluster::start(Options::default())?;
-    cluster.wait_for_leader(LEADER_TIMEOUT).await?;
+    wait_until_serving(&cluster).await?;
     let before = Client { cluster: &cluster, node: 2, device: "device-1", client_id: "device-1-before", version: "mqttv5" };
     let mut first = before.subscribe("devices/device-1/before", 1, 1, 20);
     wait_for_routes(&cluster, 1, 2, 1);
@@ -186,7 +206,7 @@ async fn a_cut_link_loses_no_qos1_message_and_delivers_none_twice() -> anyhow::R
     // the link dies, the sender reconnects and re-sends what node 2 did not acknowledge.
     let options = Options { quic_relay: Some(2), link_idle_timeout_ms: 1000, ..Options::default() };
     let cluster = TestCluster::start(options)?;
-    cluster.wait_for_leader(LEADER_TIMEOUT).await?;
+    wait_until_serving(&cluster).await?;
     let client = |node, client_id| Client { cluster: &cluster, node, device: "device-1", client_id, version: "mqttv5" };
     let subscriber = client(2, "device-1-sub").subscribe("devices/device-1/seq", 1, MESSAGES, 90);
     wait_for_routes(&cluster, 1, 2, 1);
@@ -229,7 +249,7 @@ async fn a_cut_link_loses_no_qos1_message_and_delivers_none_twice() -> anyhow::R
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_id_is_unique_across_the_cluster() -> anyhow::Result<()> {
     let cluster = TestCluster::start(Options::default())?;
-    cluster.wait_for_leader(LEADER_TIMEOUT).await?;
+    wait_until_serving(&cluster).await?;
     let (_, cert, key) = cluster.pki.devices.iter().find(|(n, _, _)| n == "device-1").expect("device-1");
     let (code, on_node_1) =
         rampart_cluster_tests::mqtt_connect(cluster.node(1).ports.mtls, &cluster.pki.ca_cert, cert, key, "device-1").await?;
@@ -245,7 +265,7 @@ async fn a_client_id_is_unique_across_the_cluster() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_persistent_session_moves_to_the_node_its_client_reconnects_to() -> anyhow::Result<()> {
     let cluster = TestCluster::start(Options::default())?;
-    cluster.wait_for_leader(LEADER_TIMEOUT).await?;
+    wait_until_serving(&cluster).await?;
     let persistent = |node| {
         let client = Client { cluster: &cluster, node, device: "device-1", client_id: "device-1", version: "mqttv5" };
         let mut args = client.args();
