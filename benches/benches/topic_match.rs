@@ -44,7 +44,7 @@ fn route(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::from_parameter(topic), topic, |b, topic| {
             b.iter(|| {
                 let mut n = 0usize;
-                index.route(topic, None, |_| n += 1);
+                index.route(topic, None, true, |_| n += 1);
                 n
             })
         });

@@ -157,15 +157,17 @@ impl SubscriptionIndex {
 
     /// Calls `visit` once per session with a subscription matching `topic`, with the
     /// subscriptions of that session merged (highest QoS, all subscription identifiers), and
-    /// once per shared group for the member chosen to receive the message.
-    /// `publisher` is used to honour No Local.
-    pub fn route(&self, topic: &str, publisher: Option<SessionId>, mut visit: impl FnMut(Route)) {
+    /// once per shared group (when `shared_groups`) for the member chosen to receive the
+    /// message. `publisher` is used to honour No Local.
+    pub fn route(&self, topic: &str, publisher: Option<SessionId>, shared_groups: bool, mut visit: impl FnMut(Route)) {
         let root = self.published.load();
         let mut matched: Vec<&Subscriber> = Vec::new();
         let mut shared: Vec<&Subscriber> = Vec::new();
         collect(&root, topic.split('/'), topic.starts_with('$'), &mut |node| {
             matched.extend(node.subscribers.iter().filter(|s| !(s.options.no_local && Some(s.session) == publisher)));
-            shared.extend(node.groups.values().filter_map(ShareGroup::pick));
+            if shared_groups {
+                shared.extend(node.groups.values().filter_map(ShareGroup::pick));
+            }
         });
         matched.sort_unstable_by_key(|s| s.session);
         let mut iter = matched.into_iter().peekable();
@@ -245,7 +247,7 @@ mod tests {
 
     fn sessions(index: &SubscriptionIndex, topic: &str) -> Vec<(SessionId, QoS)> {
         let mut out = Vec::new();
-        index.route(topic, None, |r| out.push((r.session, r.qos)));
+        index.route(topic, None, true, |r| out.push((r.session, r.qos)));
         out.sort_by_key(|r| r.0);
         out
     }
@@ -274,7 +276,7 @@ mod tests {
         s.options.subscription_id = Some(9);
         index.subscribe("x/+", None, s);
         let mut routes = Vec::new();
-        index.route("x/y", None, |r| routes.push(r));
+        index.route("x/y", None, true, |r| routes.push(r));
         assert_eq!(routes.len(), 1);
         assert_eq!(routes[0].qos, QoS::ExactlyOnce);
         assert_eq!(routes[0].subscription_ids, vec![9]);
@@ -299,9 +301,9 @@ mod tests {
         s.options.no_local = true;
         index.subscribe("t", None, s);
         let mut n = 0;
-        index.route("t", Some(1), |_| n += 1);
+        index.route("t", Some(1), true, |_| n += 1);
         assert_eq!(n, 0);
-        index.route("t", Some(2), |_| n += 1);
+        index.route("t", Some(2), true, |_| n += 1);
         assert_eq!(n, 1);
     }
 
@@ -315,10 +317,20 @@ mod tests {
         }
         let mut got = Vec::new();
         for _ in 0..6 {
-            index.route("job/1", None, |r| got.push(r.session));
+            index.route("job/1", None, true, |r| got.push(r.session));
         }
         got.sort();
         assert_eq!(got, vec![1, 1, 2, 2, 3, 3]);
+    }
+
+    #[test]
+    fn shared_groups_can_be_left_out() {
+        let index = SubscriptionIndex::new();
+        index.subscribe("job/+", Some("g"), sub(1, QoS::AtMostOnce));
+        index.subscribe("job/+", None, sub(2, QoS::AtMostOnce));
+        let mut got = Vec::new();
+        index.route("job/1", None, false, |r| got.push(r.session));
+        assert_eq!(got, [2], "a message forwarded from another node skips the groups here");
     }
 
     #[test]

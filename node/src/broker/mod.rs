@@ -321,18 +321,24 @@ impl Broker {
     /// Routes a message published on this node: to the local sessions (see
     /// [`Broker::publish_forwarded`]), then to the nodes with matching subscribers.
     pub async fn publish(&self, message: Arc<Message>) -> Published {
-        let published = self.publish_forwarded(message.clone()).await;
+        let published = self.route_locally(message.clone(), true).await;
         if let Some(remote) = self.inner.remote.get() {
             remote.forward(&message);
         }
         published
     }
 
-    /// Stores a retained message and hands the message to every matching local session (a
-    /// message forwarded from another node goes no further). Waits while online subscribers'
-    /// queues are full (flow control towards the publisher), for all of them at once, up to one
-    /// deadline.
+    /// Routes a message forwarded from another node to the local sessions; it goes no further,
+    /// and shared subscription groups here do not get it (a group receives what is published on
+    /// its members' nodes, once).
     pub async fn publish_forwarded(&self, message: Arc<Message>) -> Published {
+        self.route_locally(message, false).await
+    }
+
+    /// Stores a retained message and hands the message to every matching local session (and
+    /// shared group, with `shared_groups`). Waits while online subscribers' queues are full (flow
+    /// control towards the publisher), for all of them at once, up to one deadline.
+    async fn route_locally(&self, message: Arc<Message>, shared_groups: bool) -> Published {
         if message.retain {
             self.inner.retained.set(message.clone());
         }
@@ -343,7 +349,7 @@ impl Broker {
             published.durable_ticket = published.durable_ticket.max(pushed.ticket());
         };
         let publisher = message.publisher;
-        self.inner.index.route(&message.topic, publisher, |route| {
+        self.inner.index.route(&message.topic, publisher, shared_groups, |route| {
             let delivery = Delivery {
                 message: message.clone(),
                 qos: min_qos(message.qos, route.qos),
