@@ -24,6 +24,13 @@ struct Args {
     host: String,
     #[arg(long, default_value_t = 1883)]
     port: u16,
+    /// Port the subscribers connect to (another node of a cluster); default: `--port`.
+    #[arg(long)]
+    subscriber_port: Option<u16>,
+    /// Pause between the subscriptions and the first publish, in milliseconds (lets a cluster
+    /// announce the new routes).
+    #[arg(long, default_value_t = 0)]
+    settle_ms: u64,
     #[arg(long, value_enum, default_value_t = Transport::Tcp)]
     transport: Transport,
     /// PEM CA that signed the broker's certificate (tls, mtls).
@@ -89,6 +96,11 @@ enum Scenario {
     FanIn,
     FanOut,
     ConnectStorm,
+    /// `--messages` times: subscribe to a fresh topic (through `--subscriber-port`), then
+    /// publish to it (through `--port`) every millisecond until the subscriber receives it.
+    /// Reports the time from SUBACK to the first delivery: how soon a new subscription is
+    /// routable from another node.
+    RouteLatency,
 }
 
 /// What one run measured.
@@ -128,20 +140,29 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: &Args) -> anyhow::Result<Report> {
-    let connectors = connectors(args)?;
+    let connectors = connectors_to(args, args.port)?;
     let rss_before = args.broker_pid.and_then(rss_kib);
     let mut report = match args.scenario {
         Scenario::ConnectStorm => connect_storm(args, &connectors).await?,
-        Scenario::FanIn | Scenario::FanOut => messaging(args, &connectors).await?,
+        Scenario::FanIn | Scenario::FanOut | Scenario::RouteLatency => {
+            let subscriber_connectors = match args.subscriber_port {
+                Some(port) => connectors_to(args, port)?,
+                None => connectors.clone(),
+            };
+            match args.scenario {
+                Scenario::RouteLatency => route_latency(args, &subscriber_connectors, &connectors).await?,
+                _ => messaging(args, &subscriber_connectors, &connectors).await?,
+            }
+        }
     };
     report.rss_before_kib = rss_before;
     report.rss_after_kib = report.rss_after_kib.or_else(|| args.broker_pid.and_then(rss_kib));
     Ok(report)
 }
 
-/// One connector per client identity (a single one unless mTLS).
-fn connectors(args: &Args) -> anyhow::Result<Vec<Connector>> {
-    let addr = format!("{}:{}", args.host, args.port);
+/// One connector per client identity (a single one unless mTLS), to `port`.
+fn connectors_to(args: &Args, port: u16) -> anyhow::Result<Vec<Connector>> {
+    let addr = format!("{}:{}", args.host, port);
     let ca = || args.ca.as_deref().context("--ca is required for tls and mtls");
     Ok(match args.transport {
         Transport::Tcp => vec![Connector::tcp(addr)],
@@ -214,9 +235,13 @@ impl Conn {
         let mut subscribe = v4::Subscribe::new(filter, qos);
         subscribe.pkid = 1;
         self.send(|out| subscribe.write(out)).await?;
-        match self.next().await? {
-            Packet::SubAck(ack) if ack.return_codes.iter().all(|c| *c != v4::SubscribeReasonCode::Failure) => Ok(()),
-            other => bail!("subscription to {filter} refused: {other:?}"),
+        loop {
+            match self.next().await? {
+                Packet::SubAck(ack) if ack.return_codes.iter().all(|c| *c != v4::SubscribeReasonCode::Failure) => return Ok(()),
+                // A late message of an earlier subscription.
+                Packet::Publish(_) => {}
+                other => bail!("subscription to {filter} refused: {other:?}"),
+            }
         }
     }
 }
@@ -229,7 +254,43 @@ fn qos_of(args: &Args) -> QoS {
     }
 }
 
-async fn messaging(args: &Args, connectors: &[Connector]) -> anyhow::Result<Report> {
+/// See [`Scenario::RouteLatency`].
+async fn route_latency(args: &Args, subscriber_connectors: &[Connector], connectors: &[Connector]) -> anyhow::Result<Report> {
+    let run_id = format!("{:x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_micros());
+    let mut subscriber = Conn::open(&subscriber_connectors[0], &format!("lg-{run_id}-sub")).await?;
+    let Conn { writer: mut publisher, .. } = Conn::open(&connectors[0], &format!("lg-{run_id}-pub")).await?;
+    let mut report = Report { expected: args.messages, ..Report::default() };
+    let mut samples = Vec::with_capacity(args.messages as usize);
+    for n in 0..args.messages {
+        let topic = format!("bench/{run_id}/route/{n}");
+        subscriber.subscribe(&topic, QoS::AtMostOnce).await?;
+        let subscribed = Instant::now();
+        let mut out = BytesMut::new();
+        v4::Publish::new(topic.as_str(), QoS::AtMostOnce, vec![0u8; 8]).write(&mut out).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        let received = loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    publisher.write_all(&out).await?;
+                    report.sent += 1;
+                }
+                packet = subscriber.next() => if let Packet::Publish(_) = packet? { break Instant::now() },
+            }
+        };
+        samples.push(received.duration_since(subscribed).as_micros() as u64);
+        report.received += 1;
+        // Leave the subscription, and drain what was still in flight for it.
+        let mut unsubscribe = v4::Unsubscribe::new(topic.as_str());
+        unsubscribe.pkid = 2;
+        subscriber.send(|out| unsubscribe.write(out)).await?;
+        while !matches!(subscriber.next().await?, Packet::UnsubAck(_)) {}
+    }
+    report.latency_us = stats::percentiles(&mut samples);
+    Ok(report)
+}
+
+/// Subscribers connect through `subscriber_connectors`, publishers through `connectors`.
+async fn messaging(args: &Args, subscriber_connectors: &[Connector], connectors: &[Connector]) -> anyhow::Result<Report> {
     let qos = qos_of(args);
     let run_id = format!("{:x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_micros());
     let (publishers, subscribers) = match args.scenario {
@@ -247,7 +308,7 @@ async fn messaging(args: &Args, connectors: &[Connector]) -> anyhow::Result<Repo
     let offline = args.offline_subscriber && args.scenario == Scenario::FanIn;
     let subscriber_id = |i: usize| format!("lg-{run_id}-sub-{i}");
     for i in 0..subscribers {
-        let mut conn = Conn::open_session(&connectors[i % connectors.len()], &subscriber_id(i), !offline).await?;
+        let mut conn = Conn::open_session(&subscriber_connectors[i % subscriber_connectors.len()], &subscriber_id(i), !offline).await?;
         let filter = match args.scenario {
             Scenario::FanIn => format!("bench/{run_id}/+/data"),
             _ => format!("bench/{run_id}/fanout"),
@@ -260,6 +321,7 @@ async fn messaging(args: &Args, connectors: &[Connector]) -> anyhow::Result<Repo
             subs.push(tokio::spawn(subscribe_loop(conn, per_subscriber, base, received.clone(), stop_rx.clone())));
         }
     }
+    tokio::time::sleep(Duration::from_millis(args.settle_ms)).await;
     let start = Arc::new(Barrier::new(publishers));
     let rate = args.rate as f64 / publishers as f64;
     let mut pubs = Vec::new();
@@ -283,7 +345,7 @@ async fn messaging(args: &Args, connectors: &[Connector]) -> anyhow::Result<Repo
     let acknowledged_per_sec = report.acked as f64 / publishing.elapsed().as_secs_f64().max(1e-6);
     if offline {
         for i in 0..subscribers {
-            let conn = Conn::open_session(&connectors[i % connectors.len()], &subscriber_id(i), false).await?;
+            let conn = Conn::open_session(&subscriber_connectors[i % subscriber_connectors.len()], &subscriber_id(i), false).await?;
             subs.push(tokio::spawn(subscribe_loop(conn, per_subscriber, base, received.clone(), stop_rx.clone())));
         }
     }
