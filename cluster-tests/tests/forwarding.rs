@@ -299,3 +299,46 @@ async fn a_persistent_session_moves_to_the_node_its_client_reconnects_to() -> an
     assert!(log.contains("session handed to another node"), "node 1 gave the session up:\n{log}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retained_messages_reach_every_node_and_a_restarted_one_gets_them_back() -> anyhow::Result<()> {
+    let mut cluster = TestCluster::start(Options::default())?;
+    wait_until_serving(&cluster).await?;
+    let publisher = Client { cluster: &cluster, node: 1, device: "device-1", client_id: "device-1-pub", version: "mqttv5" };
+    let retain = |topic: &str, payload: &str| {
+        let out = Command::new("mosquitto_pub").args(publisher.args()).args(["-t", topic, "-q", "1", "-r", "-m", payload]).output();
+        assert!(out.is_ok_and(|o| o.status.success()), "retained publish on {topic}");
+    };
+    retain("devices/device-1/status", "on");
+    retain("devices/device-1/cleared", "soon gone");
+    retain("devices/device-1/cleared", "");
+    let read_retained = |cluster: &TestCluster, node: u64| {
+        let reader = Client { cluster, node, device: "device-1", client_id: "device-1-reader", version: "mqttv5" };
+        lines(reader.subscribe("devices/device-1/#", 1, 2, 3))
+    };
+    // No subscriber anywhere: a retained message still reaches every node's store.
+    for node in [2, 3] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = read_retained(&cluster, node);
+            if got == ["devices/device-1/status on"] {
+                break;
+            }
+            assert!(Instant::now() < deadline, "node {node} has {got:?}");
+        }
+    }
+    cluster.kill(2);
+    cluster.start_node(2)?;
+    wait_until_serving(&cluster).await?;
+    // Node 2 lost its memory; the links' retained snapshots bring the message back (and not the
+    // cleared one).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = read_retained(&cluster, 2);
+        if got == ["devices/device-1/status on"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the restarted node 2 has {got:?}");
+    }
+    Ok(())
+}

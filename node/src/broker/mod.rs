@@ -23,7 +23,7 @@ use message::{min_qos, Delivery, Message, Will};
 use persist::{MovedSession, SessionStore, StoredMessage, StoredSession};
 use registry::Registry;
 pub use registry::{AttachError, Attached, Attachment};
-use retained::RetainedStore;
+use retained::{RetainedEntry, RetainedStore, Stamp};
 pub use state::{Inflight, SessionState};
 
 use crate::telemetry::metrics::Gauges;
@@ -87,8 +87,9 @@ pub type ClaimFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Re
 
 /// The other nodes of the cluster, as the broker needs them (the forwarding plane).
 pub trait Remote: Send + Sync + 'static {
-    /// A message published on this node, after it was routed to the local sessions.
-    fn forward(&self, message: &Arc<Message>);
+    /// A message published on this node, after it was routed to the local sessions; a retained
+    /// one with the stamp it got in the retained store.
+    fn forward(&self, message: &Arc<Message>, retained: Option<Stamp>);
 
     /// Makes `client_id` this node's, cluster-wide, before a client of `owner` attaches here:
     /// refused when another node holds it for another principal; a live connection elsewhere is
@@ -301,8 +302,10 @@ impl Broker {
         });
     }
 
-    /// Connects the broker to the cluster's forwarding plane (once, at start).
-    pub fn set_remote(&self, remote: Arc<dyn Remote>) {
+    /// Connects the broker to the cluster's forwarding plane (once, at start); `node_id` goes
+    /// into the stamps of retained messages published here.
+    pub fn set_remote(&self, remote: Arc<dyn Remote>, node_id: u64) {
+        self.inner.retained.set_node(node_id);
         if self.inner.remote.set(remote).is_err() {
             tracing::error!("the forwarding plane was connected twice; the first stays");
         }
@@ -321,9 +324,10 @@ impl Broker {
     /// Routes a message published on this node: to the local sessions (see
     /// [`Broker::publish_forwarded`]), then to the nodes with matching subscribers.
     pub async fn publish(&self, message: Arc<Message>) -> Published {
+        let stamp = message.retain.then(|| self.inner.retained.set_local(message.clone()).1);
         let published = self.route_locally(message.clone(), true).await;
         if let Some(remote) = self.inner.remote.get() {
-            remote.forward(&message);
+            remote.forward(&message, stamp);
         }
         published
     }
@@ -331,17 +335,30 @@ impl Broker {
     /// Routes a message forwarded from another node to the local sessions; it goes no further,
     /// and shared subscription groups here do not get it (a group receives what is published on
     /// its members' nodes, once).
-    pub async fn publish_forwarded(&self, message: Arc<Message>) -> Published {
+    pub async fn publish_forwarded(&self, message: Arc<Message>, retained: Option<Stamp>) -> Published {
+        if let (true, Some(stamp)) = (message.retain, retained) {
+            self.inner.retained.merge(RetainedEntry { topic: message.topic.clone(), message: Some(message.clone()), stamp });
+        }
         self.route_locally(message, false).await
     }
 
-    /// Stores a retained message and hands the message to every matching local session (and
-    /// shared group, with `shared_groups`). Waits while online subscribers' queues are full (flow
-    /// control towards the publisher), for all of them at once, up to one deadline.
-    async fn route_locally(&self, message: Arc<Message>, shared_groups: bool) -> Published {
-        if message.retain {
-            self.inner.retained.set(message.clone());
+    /// Every retained message here (and every recently cleared topic), for another node.
+    pub fn retained_entries(&self) -> Vec<RetainedEntry> {
+        self.inner.retained.entries()
+    }
+
+    /// Takes another node's retained messages where they are newer than ours (after a link to it
+    /// connects, e.g. when a partition heals).
+    pub fn merge_retained(&self, entries: Vec<RetainedEntry>) {
+        for entry in entries {
+            self.inner.retained.merge(entry);
         }
+    }
+
+    /// Hands the message to every matching local session (and shared group, with
+    /// `shared_groups`). Waits while online subscribers' queues are full (flow control towards
+    /// the publisher), for all of them at once, up to one deadline.
+    async fn route_locally(&self, message: Arc<Message>, shared_groups: bool) -> Published {
         let mut waiting: Vec<(Arc<mailbox::Mailbox>, Delivery)> = Vec::new();
         let mut published = Published::default();
         let mut count = |pushed: mailbox::Pushed| {

@@ -1,9 +1,17 @@
 //! Retained messages: the last retained message of each topic, handed to new subscribers, kept
 //! within this node's bounds (`limits.max_retained_messages`, `limits.max_retained_bytes`).
+//!
+//! In a cluster every node keeps every retained message. Each change carries a [`Stamp`] (wall
+//! clock milliseconds, then node id) and the latest stamp of a topic wins, whatever order changes
+//! arrive in; a cleared topic keeps its stamp as a tombstone (up to [`MAX_TOMBSTONES`]), so a
+//! node returning from a partition cannot bring an older message back.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Instant;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
 
 use super::message::Message;
 use crate::telemetry::metrics::{self, RetainedLimit};
@@ -35,11 +43,35 @@ pub enum SetOutcome {
     Cleared,
     /// A new topic while the store is full: not stored (the message itself is still routed).
     Refused(RetainedLimit),
+    /// Older than what the store has for the topic (a change from another node arriving late).
+    Stale,
+}
+
+/// When and where a retained message was set or cleared; later stamps win.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Stamp {
+    pub millis: u64,
+    pub node: u64,
+}
+
+/// Cleared topics remembered, oldest forgotten first.
+pub const MAX_TOMBSTONES: usize = 100_000;
+
+/// One topic of the store, for synchronising another node: its message, or `None` when cleared.
+#[derive(Debug, Clone)]
+pub struct RetainedEntry {
+    pub topic: String,
+    pub message: Option<Arc<Message>>,
+    pub stamp: Stamp,
 }
 
 #[derive(Debug, Default)]
 struct Inner {
     messages: HashMap<String, Arc<Message>>,
+    /// The stamp of every stored message and of every tombstone.
+    stamps: HashMap<String, Stamp>,
+    /// Cleared topics, oldest first (their stamps are in `stamps`).
+    tombstones: std::collections::VecDeque<(String, Stamp)>,
     /// Sum of [`size`] over `messages`.
     bytes: usize,
     /// No stored message expires before this (it may be earlier than the true earliest expiry:
@@ -50,6 +82,7 @@ struct Inner {
 impl Inner {
     fn remove(&mut self, topic: &str) -> Option<Arc<Message>> {
         let removed = self.messages.remove(topic)?;
+        self.stamps.remove(topic);
         self.bytes -= size(&removed);
         Some(removed)
     }
@@ -60,10 +93,12 @@ impl Inner {
             return;
         }
         let mut freed = 0;
-        self.messages.retain(|_, m| {
+        let stamps = &mut self.stamps;
+        self.messages.retain(|topic, m| {
             let keep = !m.is_expired(now);
             if !keep {
                 freed += size(m);
+                stamps.remove(topic);
             }
             keep
         });
@@ -84,6 +119,26 @@ impl Inner {
 }
 
 /// Bytes a retained message counts for: its topic and payload.
+impl Inner {
+    /// Whether a change stamped `stamp` is older than what the topic has.
+    fn is_stale(&self, topic: &str, stamp: Stamp) -> bool {
+        self.stamps.get(topic).is_some_and(|current| *current >= stamp)
+    }
+
+    fn clear(&mut self, topic: &str, stamp: Stamp) {
+        self.remove(topic);
+        self.stamps.insert(topic.to_string(), stamp);
+        self.tombstones.push_back((topic.to_string(), stamp));
+        while self.tombstones.len() > MAX_TOMBSTONES {
+            if let Some((old, old_stamp)) = self.tombstones.pop_front() {
+                if self.stamps.get(&old) == Some(&old_stamp) && !self.messages.contains_key(&old) {
+                    self.stamps.remove(&old);
+                }
+            }
+        }
+    }
+}
+
 fn size(message: &Message) -> usize {
     message.topic.len() + message.payload.len()
 }
@@ -92,20 +147,75 @@ fn size(message: &Message) -> usize {
 pub struct RetainedStore {
     limits: RetainedLimits,
     inner: RwLock<Inner>,
+    /// This node's id in stamps (0 outside a cluster).
+    node: AtomicU64,
+    /// The last millisecond stamped here, so this node's stamps always increase.
+    last_millis: AtomicU64,
 }
 
 impl RetainedStore {
     pub fn new(limits: RetainedLimits) -> RetainedStore {
-        RetainedStore { limits, inner: RwLock::default() }
+        RetainedStore { limits, ..RetainedStore::default() }
+    }
+
+    /// The node id this store's stamps carry.
+    pub fn set_node(&self, node: u64) {
+        self.node.store(node, Ordering::Relaxed);
+    }
+
+    /// A stamp for a change made here now.
+    fn next_stamp(&self) -> Stamp {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let mut last = self.last_millis.load(Ordering::Relaxed);
+        loop {
+            let millis = now.max(last + 1);
+            match self.last_millis.compare_exchange_weak(last, millis, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return Stamp { millis, node: self.node.load(Ordering::Relaxed) },
+                Err(actual) => last = actual,
+            }
+        }
+    }
+
+    /// Stores (or clears) a retained message published on this node; returns what happened and
+    /// the stamp it got.
+    pub fn set_local(&self, message: Arc<Message>) -> (SetOutcome, Stamp) {
+        let stamp = self.next_stamp();
+        (self.set(message, stamp), stamp)
+    }
+
+    /// Everything the store holds, tombstones included, for another node to merge.
+    pub fn entries(&self) -> Vec<RetainedEntry> {
+        let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        (inner.stamps.iter())
+            .map(|(topic, stamp)| RetainedEntry { topic: topic.clone(), message: inner.messages.get(topic).cloned(), stamp: *stamp })
+            .collect()
+    }
+
+    /// Applies a topic's state from another node, if it is newer than ours.
+    pub fn merge(&self, entry: RetainedEntry) -> SetOutcome {
+        match entry.message {
+            Some(message) => self.set(message, entry.stamp),
+            None => {
+                let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
+                if inner.is_stale(&entry.topic, entry.stamp) {
+                    return SetOutcome::Stale;
+                }
+                inner.clear(&entry.topic, entry.stamp);
+                SetOutcome::Cleared
+            }
+        }
     }
 
     /// Stores `message` as the retained message of its topic; an empty payload clears it.
     /// Replacing or clearing always works; a new topic is refused when the store is full (after
     /// expired messages are dropped), counted in `rampart_retained_refused_total`.
-    pub fn set(&self, message: Arc<Message>) -> SetOutcome {
+    fn set(&self, message: Arc<Message>, stamp: Stamp) -> SetOutcome {
         let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        if inner.is_stale(&message.topic, stamp) {
+            return SetOutcome::Stale;
+        }
         if message.payload.is_empty() {
-            inner.remove(&message.topic);
+            inner.clear(&message.topic, stamp);
             return SetOutcome::Cleared;
         }
         let added = size(&message);
@@ -127,6 +237,7 @@ impl RetainedStore {
             inner.earliest_expiry = Some(inner.earliest_expiry.map_or(at, |e| e.min(at)));
         }
         inner.bytes += added;
+        inner.stamps.insert(message.topic.clone(), stamp);
         inner.messages.insert(message.topic.clone(), message);
         outcome
     }
@@ -186,24 +297,58 @@ mod tests {
         RetainedStore::new(RetainedLimits { max_messages, max_bytes })
     }
 
+    fn entry(topic: &str, payload: &'static [u8], millis: u64, node: u64) -> RetainedEntry {
+        let message = (!payload.is_empty()).then(|| msg(topic, payload, None));
+        RetainedEntry { topic: topic.into(), message, stamp: Stamp { millis, node } }
+    }
+
+    #[test]
+    fn the_latest_stamp_wins_whatever_the_order() {
+        let (a, b) = (RetainedStore::default(), RetainedStore::default());
+        let changes = [entry("t", b"1", 10, 1), entry("t", b"2", 20, 2), entry("t", b"", 30, 1), entry("u", b"x", 5, 3)];
+        for e in changes.iter().cloned() {
+            a.merge(e);
+        }
+        for e in changes.iter().rev().cloned() {
+            b.merge(e);
+        }
+        for store in [&a, &b] {
+            assert!(store.matching("t").is_empty(), "the clear at 30 wins and stays as a tombstone");
+            assert_eq!(store.matching("u").len(), 1);
+        }
+        assert_eq!(a.merge(entry("t", b"old", 25, 9)), SetOutcome::Stale);
+        assert_eq!(a.merge(entry("t", b"new", 31, 0)), SetOutcome::Stored);
+        let mut synced: Vec<(String, bool, Stamp)> = a.entries().into_iter().map(|e| (e.topic, e.message.is_some(), e.stamp)).collect();
+        synced.sort_by(|x, y| x.0.cmp(&y.0));
+        assert_eq!(synced, [("t".into(), true, Stamp { millis: 31, node: 0 }), ("u".into(), true, Stamp { millis: 5, node: 3 })]);
+    }
+
+    #[test]
+    fn local_stamps_always_increase() {
+        let store = RetainedStore::default();
+        store.set_node(7);
+        let stamps: Vec<Stamp> = (0..100).map(|i| store.set_local(msg("t", if i % 2 == 0 { b"x" } else { b"" }, None)).1).collect();
+        assert!(stamps.windows(2).all(|w| w[0] < w[1] && w[1].node == 7));
+    }
+
     #[test]
     fn store_replace_clear() {
         let store = RetainedStore::default();
-        assert_eq!(store.set(msg("a/b", b"1", None)), SetOutcome::Stored);
-        assert_eq!(store.set(msg("a/b", b"2", None)), SetOutcome::Replaced);
-        store.set(msg("a/c", b"3", None));
+        assert_eq!(store.set_local(msg("a/b", b"1", None)).0, SetOutcome::Stored);
+        assert_eq!(store.set_local(msg("a/b", b"2", None)).0, SetOutcome::Replaced);
+        store.set_local(msg("a/c", b"3", None)).0;
         assert_eq!(store.len(), 2);
         let got = store.matching("a/b");
         assert_eq!(got[0].payload, Bytes::from_static(b"2"));
         assert_eq!(store.matching("a/+").len(), 2);
-        assert_eq!(store.set(msg("a/b", b"", None)), SetOutcome::Cleared);
+        assert_eq!(store.set_local(msg("a/b", b"", None)).0, SetOutcome::Cleared);
         assert_eq!(store.matching("#").len(), 1);
     }
 
     #[test]
     fn expired_messages_are_not_delivered() {
         let store = RetainedStore::default();
-        store.set(msg("x", b"old", Some(Instant::now() - Duration::from_secs(1))));
+        store.set_local(msg("x", b"old", Some(Instant::now() - Duration::from_secs(1))));
         assert!(store.matching("x").is_empty());
         assert!(store.is_empty());
         assert_eq!(store.bytes(), 0);
@@ -212,7 +357,7 @@ mod tests {
     #[test]
     fn dollar_topics_need_explicit_filters() {
         let store = RetainedStore::default();
-        store.set(msg("$SYS/uptime", b"1", None));
+        store.set_local(msg("$SYS/uptime", b"1", None)).0;
         assert!(store.matching("#").is_empty());
         assert_eq!(store.matching("$SYS/#").len(), 1);
     }
@@ -220,45 +365,45 @@ mod tests {
     #[test]
     fn bytes_count_topic_and_payload_through_replace_clear_and_expiry() {
         let store = RetainedStore::default();
-        store.set(msg("a/b", b"12345", None));
+        store.set_local(msg("a/b", b"12345", None)).0;
         assert_eq!(store.bytes(), 3 + 5);
-        store.set(msg("a/b", b"1", None));
+        store.set_local(msg("a/b", b"1", None)).0;
         assert_eq!(store.bytes(), 3 + 1);
-        store.set(msg("c", b"xy", Some(Instant::now() - Duration::from_secs(1))));
+        store.set_local(msg("c", b"xy", Some(Instant::now() - Duration::from_secs(1))));
         assert_eq!(store.bytes(), 4 + 3);
         assert!(store.matching("c").is_empty());
         assert_eq!(store.bytes(), 4);
-        store.set(msg("a/b", b"", None));
-        store.set(msg("never/stored", b"", None));
+        store.set_local(msg("a/b", b"", None)).0;
+        store.set_local(msg("never/stored", b"", None)).0;
         assert_eq!(store.bytes(), 0);
     }
 
     #[test]
     fn a_new_topic_past_the_message_limit_is_refused_and_replacing_still_works() {
         let store = bounded(2, 1000);
-        store.set(msg("a", b"1", None));
-        store.set(msg("b", b"1", None));
-        assert_eq!(store.set(msg("c", b"1", None)), SetOutcome::Refused(RetainedLimit::Messages));
+        store.set_local(msg("a", b"1", None)).0;
+        store.set_local(msg("b", b"1", None)).0;
+        assert_eq!(store.set_local(msg("c", b"1", None)).0, SetOutcome::Refused(RetainedLimit::Messages));
         assert!(store.matching("c").is_empty());
         assert_eq!(store.len(), 2);
-        assert_eq!(store.set(msg("a", b"2", None)), SetOutcome::Replaced);
+        assert_eq!(store.set_local(msg("a", b"2", None)).0, SetOutcome::Replaced);
         assert_eq!(store.matching("a")[0].payload, Bytes::from_static(b"2"));
-        assert_eq!(store.set(msg("b", b"", None)), SetOutcome::Cleared);
-        assert_eq!(store.set(msg("c", b"1", None)), SetOutcome::Stored);
+        assert_eq!(store.set_local(msg("b", b"", None)).0, SetOutcome::Cleared);
+        assert_eq!(store.set_local(msg("c", b"1", None)).0, SetOutcome::Stored);
     }
 
     #[test]
     fn a_new_topic_past_the_byte_limit_is_refused_and_a_bigger_replacement_still_works() {
         let store = bounded(100, 10);
-        assert_eq!(store.set(msg("a", b"1234", None)), SetOutcome::Stored); // 5 bytes
-        assert_eq!(store.set(msg("b", b"1234", None)), SetOutcome::Stored); // 10 bytes: exactly full
-        assert_eq!(store.set(msg("c", b"", None)), SetOutcome::Cleared);
-        assert_eq!(store.set(msg("c", b"1", None)), SetOutcome::Refused(RetainedLimit::Bytes));
-        assert_eq!(store.set(msg("a", b"123456789", None)), SetOutcome::Replaced);
+        assert_eq!(store.set_local(msg("a", b"1234", None)).0, SetOutcome::Stored); // 5 bytes
+        assert_eq!(store.set_local(msg("b", b"1234", None)).0, SetOutcome::Stored); // 10 bytes: exactly full
+        assert_eq!(store.set_local(msg("c", b"", None)).0, SetOutcome::Cleared);
+        assert_eq!(store.set_local(msg("c", b"1", None)).0, SetOutcome::Refused(RetainedLimit::Bytes));
+        assert_eq!(store.set_local(msg("a", b"123456789", None)).0, SetOutcome::Replaced);
         assert_eq!(store.bytes(), 15);
-        assert_eq!(store.set(msg("a", b"", None)), SetOutcome::Cleared);
+        assert_eq!(store.set_local(msg("a", b"", None)).0, SetOutcome::Cleared);
         assert_eq!(store.bytes(), 5);
-        assert_eq!(store.set(msg("c", b"1234", None)), SetOutcome::Stored);
+        assert_eq!(store.set_local(msg("c", b"1234", None)).0, SetOutcome::Stored);
     }
 
     #[test]
@@ -266,11 +411,11 @@ mod tests {
         let store = bounded(2, 1000);
         let past = Instant::now() - Duration::from_secs(1);
         let future = Instant::now() + Duration::from_secs(3600);
-        store.set(msg("gone", b"1", Some(past)));
-        store.set(msg("later", b"1", Some(future)));
-        assert_eq!(store.set(msg("new", b"1", None)), SetOutcome::Stored);
+        store.set_local(msg("gone", b"1", Some(past)));
+        store.set_local(msg("later", b"1", Some(future)));
+        assert_eq!(store.set_local(msg("new", b"1", None)).0, SetOutcome::Stored);
         assert_eq!(store.len(), 2);
         assert_eq!(store.bytes(), 6 + 4);
-        assert_eq!(store.set(msg("next", b"1", None)), SetOutcome::Refused(RetainedLimit::Messages));
+        assert_eq!(store.set_local(msg("next", b"1", None)).0, SetOutcome::Refused(RetainedLimit::Messages));
     }
 }

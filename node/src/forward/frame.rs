@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::auth::policy::Owner;
 use crate::broker::message::Message;
 use crate::broker::persist::MovedSession;
+use crate::broker::retained::{RetainedEntry, Stamp};
 
 /// The ALPN protocol of a forwarding link; a peer speaking another version is refused.
 pub const ALPN: &[u8] = b"rampart-fwd/1";
@@ -33,6 +34,9 @@ pub enum Control {
     RouteAdded(String),
     /// A filter lost its last local subscriber.
     RouteRemoved(String),
+    /// Retained messages (and cleared topics) of the dialling node, sent after each connect; the
+    /// accepting node keeps those newer than its own.
+    Retained(Vec<WireRetained>),
     /// A client of `owner` connects with `client_id` on the dialling node: the accepting node
     /// gives up its session of that client id (answered by [`Reply::Claimed`]).
     Claim { request: u64, client_id: String, owner: Owner, clean_start: bool },
@@ -73,6 +77,28 @@ pub struct StreamHeader {
     pub stream: u8,
 }
 
+/// A topic of a retained store on the wire: its message (`None`: cleared) and stamp.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireRetained {
+    pub topic: String,
+    pub stamp: Stamp,
+    pub message: Option<Forwarded>,
+}
+
+impl WireRetained {
+    pub fn new(entry: &RetainedEntry, now: Instant) -> WireRetained {
+        WireRetained {
+            topic: entry.topic.clone(),
+            stamp: entry.stamp,
+            message: entry.message.as_ref().map(|m| Forwarded::new(0, m, None, now)),
+        }
+    }
+
+    pub fn into_entry(self, now: Instant) -> RetainedEntry {
+        RetainedEntry { topic: self.topic, stamp: self.stamp, message: self.message.map(|m| m.into_message(now)) }
+    }
+}
+
 /// One published message crossing the link, numbered per stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Forwarded {
@@ -88,6 +114,8 @@ pub struct Forwarded {
     pub response_topic: Option<String>,
     pub correlation_data: Option<Vec<u8>>,
     pub user_properties: Vec<(String, String)>,
+    /// The stamp of a retained message in its node's retained store.
+    pub retained_stamp: Option<Stamp>,
 }
 
 fn qos_of(n: u8) -> QoS {
@@ -99,7 +127,7 @@ fn qos_of(n: u8) -> QoS {
 }
 
 impl Forwarded {
-    pub fn new(sequence: u64, m: &Message, now: Instant) -> Forwarded {
+    pub fn new(sequence: u64, m: &Message, retained_stamp: Option<Stamp>, now: Instant) -> Forwarded {
         let p = m.properties.as_ref();
         Forwarded {
             sequence,
@@ -113,6 +141,7 @@ impl Forwarded {
             response_topic: p.and_then(|p| p.response_topic.clone()),
             correlation_data: p.and_then(|p| p.correlation_data.as_ref().map(|c| c.to_vec())),
             user_properties: p.map(|p| p.user_properties.clone()).unwrap_or_default(),
+            retained_stamp,
         }
     }
 
@@ -222,7 +251,7 @@ mod tests {
             publisher: Some(4),
         };
         let mut out = BytesMut::new();
-        encode(&Forwarded::new(9, &message, now), &mut out);
+        encode(&Forwarded::new(9, &message, None, now), &mut out);
         let back: Forwarded = decode(&mut out).unwrap().unwrap();
         assert_eq!((back.sequence, back.qos()), (9, QoS::AtLeastOnce));
         let copy = back.into_message(now);

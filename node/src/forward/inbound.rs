@@ -96,12 +96,16 @@ async fn read_control(
 ) -> Result<(), String> {
     loop {
         while let Some(frame) = frame::decode::<Control>(&mut input).map_err(|e| e.to_string())? {
-            let mut routes = peer.routes.write().unwrap_or_else(|p| p.into_inner());
+            let routes = || peer.routes.write().unwrap_or_else(|p| p.into_inner());
             match frame {
-                Control::Routes(filters) => *routes = RouteTable::from_filters(filters.iter().map(String::as_str)),
-                Control::RouteAdded(filter) => routes.insert(&filter),
-                Control::RouteRemoved(filter) => routes.remove(&filter),
+                Control::Routes(filters) => *routes() = RouteTable::from_filters(filters.iter().map(String::as_str)),
+                Control::RouteAdded(filter) => routes().insert(&filter),
+                Control::RouteRemoved(filter) => routes().remove(&filter),
                 Control::Hello { .. } => return Err("a second Hello".into()),
+                Control::Retained(entries) => {
+                    let now = Instant::now();
+                    forwarder.broker.merge_retained(entries.into_iter().map(|e| e.into_entry(now)).collect());
+                }
                 Control::Claim { request, client_id, owner, clean_start } => {
                     let (forwarder, replies) = (forwarder.clone(), replies.clone());
                     tokio::spawn(async move {
@@ -165,7 +169,8 @@ async fn deliver(
     };
     let acknowledged = forwarded.qos() != mqttbytes::QoS::AtMostOnce;
     if !repeated {
-        let published = forwarder.broker.publish_forwarded(forwarded.into_message(Instant::now())).await;
+        let stamp = forwarded.retained_stamp;
+        let published = forwarder.broker.publish_forwarded(forwarded.into_message(Instant::now()), stamp).await;
         if let Some(ticket) = published.durable_ticket {
             forwarder.broker.wait_durable(ticket).await;
         }

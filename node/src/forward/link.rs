@@ -14,7 +14,7 @@ use mqttbytes::QoS;
 use rand_core::RngCore;
 use tokio::io::AsyncReadExt;
 
-use super::frame::{self, Ack, Control, Forwarded, Reply, StreamHeader};
+use super::frame::{self, Ack, Control, Forwarded, Reply, StreamHeader, WireRetained};
 use super::{check_peer, Forwarder, Peer};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -22,6 +22,9 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// Messages sent per wake-up before acknowledgements and route changes get a turn.
 const BATCH: usize = 256;
+
+/// Retained messages per frame of the retained snapshot sent after a connect.
+const RETAINED_CHUNK: usize = 1000;
 
 /// What survives reconnects: per publish stream, the next sequence number and the messages sent
 /// but not acknowledged.
@@ -143,6 +146,13 @@ async fn serve_inner(
     frame::encode(&Control::Hello { node_id: forwarder.node_id, incarnation: forwarder.incarnation }, &mut out);
     frame::encode(&Control::Routes(announced.iter().cloned().collect()), &mut out);
     control.write_all(&out).await.map_err(|e| failed(&e))?;
+    // The retained store, so the peer converges with it after a partition (newest stamp wins).
+    let now = Instant::now();
+    for chunk in forwarder.broker.retained_entries().chunks(RETAINED_CHUNK) {
+        let mut out = BytesMut::new();
+        frame::encode(&Control::Retained(chunk.iter().map(|e| WireRetained::new(e, now)).collect()), &mut out);
+        control.write_all(&out).await.map_err(|e| failed(&e))?;
+    }
     let mut streams = Vec::with_capacity(outbox.unacked.len());
     for (index, unacked) in outbox.unacked.iter().enumerate() {
         let mut stream = connection.open_uni().await.map_err(|e| failed(&e))?;
@@ -194,10 +204,11 @@ async fn serve_inner(
             _ = peer.queue.readable() => {
                 let now = Instant::now();
                 for _ in 0..BATCH {
-                    let Some(message) = peer.queue.pop() else { break };
+                    let Some(outgoing) = peer.queue.pop() else { break };
+                    let message = &outgoing.message;
                     let stream = stream_of(&message.topic, streams.len());
                     let mut dropped = false;
-                    let bytes = outbox.add(stream, |seq| Forwarded::new(seq, &message, now), message.qos, &mut dropped);
+                    let bytes = outbox.add(stream, |seq| Forwarded::new(seq, message, outgoing.retained, now), message.qos, &mut dropped);
                     if dropped {
                         peer.replay_dropped.fetch_add(1, Ordering::Relaxed);
                     }
@@ -227,7 +238,7 @@ mod tests {
             expires_at: None,
             publisher: None,
         };
-        Forwarded::new(seq, &message, Instant::now())
+        Forwarded::new(seq, &message, None, Instant::now())
     }
 
     #[test]

@@ -31,11 +31,12 @@ use crate::auth::policy::Owner;
 use crate::auth::store::AuthStore;
 use crate::broker::message::Message;
 use crate::broker::persist::MovedSession;
+use crate::broker::retained::Stamp;
 use crate::broker::{AttachError, Broker, ClaimFuture, Remote};
 use crate::cluster::Cluster;
 use crate::telemetry::metrics::LinkGauge;
 use frame::{ClaimOutcome, Control};
-use queue::PeerQueue;
+use queue::{Outgoing, PeerQueue};
 use routes::RouteTable;
 use tokio::sync::oneshot;
 
@@ -154,6 +155,7 @@ impl Forwarder {
         shutdown: watch::Receiver<bool>,
     ) -> anyhow::Result<Arc<Forwarder>> {
         let endpoint = endpoint(&settings)?;
+        let settings_node_id = settings.node_id;
         tracing::info!(addr = %endpoint.local_addr()?, node_id = settings.node_id, "forwarding port (QUIC)");
         let forwarder = Arc::new(Forwarder {
             node_id: settings.node_id,
@@ -165,7 +167,7 @@ impl Forwarder {
             peers: RwLock::new(HashMap::new()),
             next_claim: AtomicU64::new(1),
         });
-        broker.set_remote(forwarder.clone());
+        broker.set_remote(forwarder.clone(), settings_node_id);
         tokio::spawn(inbound::accept(forwarder.clone(), cluster.clone(), shutdown.clone()));
         tokio::spawn(follow_membership(forwarder.clone(), cluster, shutdown));
         Ok(forwarder)
@@ -249,10 +251,10 @@ impl Remote for Forwarder {
 
     /// Queues the message for every peer with a matching route; a retained message goes to
     /// every peer, so each node's retained store holds it.
-    fn forward(&self, message: &Arc<Message>) {
+    fn forward(&self, message: &Arc<Message>, retained: Option<Stamp>) {
         for peer in self.peers.read().unwrap_or_else(|p| p.into_inner()).values() {
             if message.retain || peer.wants(&message.topic) {
-                peer.queue.push(message.clone());
+                peer.queue.push(Outgoing { message: message.clone(), retained });
             }
         }
     }

@@ -10,10 +10,18 @@ use mqttbytes::QoS;
 use tokio::sync::Notify;
 
 use crate::broker::message::Message;
+use crate::broker::retained::Stamp;
+
+/// A message waiting for a peer, with its retained-store stamp when it is retained.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub message: Arc<Message>,
+    pub retained: Option<Stamp>,
+}
 
 #[derive(Debug)]
 pub struct PeerQueue {
-    messages: Mutex<VecDeque<Arc<Message>>>,
+    messages: Mutex<VecDeque<Outgoing>>,
     capacity: usize,
     readable: Notify,
     /// Messages dropped because the queue was full.
@@ -26,14 +34,14 @@ impl PeerQueue {
     }
 
     /// Queues a message without waiting, applying the overflow policy.
-    pub fn push(&self, message: Arc<Message>) {
+    pub fn push(&self, message: Outgoing) {
         let mut messages = self.messages.lock().unwrap_or_else(|p| p.into_inner());
         if messages.len() >= self.capacity {
             self.dropped.fetch_add(1, Ordering::Relaxed);
-            if message.qos == QoS::AtMostOnce {
+            if message.message.qos == QoS::AtMostOnce {
                 return;
             }
-            match messages.iter().position(|m| m.qos == QoS::AtMostOnce) {
+            match messages.iter().position(|m| m.message.qos == QoS::AtMostOnce) {
                 Some(i) => drop(messages.remove(i)),
                 None => drop(messages.pop_front()),
             }
@@ -43,7 +51,7 @@ impl PeerQueue {
         self.readable.notify_one();
     }
 
-    pub fn pop(&self) -> Option<Arc<Message>> {
+    pub fn pop(&self) -> Option<Outgoing> {
         self.messages.lock().unwrap_or_else(|p| p.into_inner()).pop_front()
     }
 
@@ -71,8 +79,8 @@ mod tests {
     use super::*;
     use bytes::Bytes;
 
-    fn message(qos: QoS, n: u8) -> Arc<Message> {
-        Arc::new(Message {
+    fn message(qos: QoS, n: u8) -> Outgoing {
+        let message = Arc::new(Message {
             topic: "t".into(),
             payload: Bytes::from(vec![n]),
             qos,
@@ -80,11 +88,12 @@ mod tests {
             properties: None,
             expires_at: None,
             publisher: None,
-        })
+        });
+        Outgoing { message, retained: None }
     }
 
     fn drain(queue: &PeerQueue) -> Vec<u8> {
-        std::iter::from_fn(|| queue.pop()).map(|m| m.payload[0]).collect()
+        std::iter::from_fn(|| queue.pop()).map(|m| m.message.payload[0]).collect()
     }
 
     #[test]
