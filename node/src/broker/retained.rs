@@ -336,7 +336,7 @@ mod tests {
         let store = RetainedStore::default();
         assert_eq!(store.set_local(msg("a/b", b"1", None)).0, SetOutcome::Stored);
         assert_eq!(store.set_local(msg("a/b", b"2", None)).0, SetOutcome::Replaced);
-        store.set_local(msg("a/c", b"3", None)).0;
+        store.set_local(msg("a/c", b"3", None));
         assert_eq!(store.len(), 2);
         let got = store.matching("a/b");
         assert_eq!(got[0].payload, Bytes::from_static(b"2"));
@@ -357,7 +357,7 @@ mod tests {
     #[test]
     fn dollar_topics_need_explicit_filters() {
         let store = RetainedStore::default();
-        store.set_local(msg("$SYS/uptime", b"1", None)).0;
+        store.set_local(msg("$SYS/uptime", b"1", None));
         assert!(store.matching("#").is_empty());
         assert_eq!(store.matching("$SYS/#").len(), 1);
     }
@@ -365,24 +365,24 @@ mod tests {
     #[test]
     fn bytes_count_topic_and_payload_through_replace_clear_and_expiry() {
         let store = RetainedStore::default();
-        store.set_local(msg("a/b", b"12345", None)).0;
+        store.set_local(msg("a/b", b"12345", None));
         assert_eq!(store.bytes(), 3 + 5);
-        store.set_local(msg("a/b", b"1", None)).0;
+        store.set_local(msg("a/b", b"1", None));
         assert_eq!(store.bytes(), 3 + 1);
         store.set_local(msg("c", b"xy", Some(Instant::now() - Duration::from_secs(1))));
         assert_eq!(store.bytes(), 4 + 3);
         assert!(store.matching("c").is_empty());
         assert_eq!(store.bytes(), 4);
-        store.set_local(msg("a/b", b"", None)).0;
-        store.set_local(msg("never/stored", b"", None)).0;
+        store.set_local(msg("a/b", b"", None));
+        store.set_local(msg("never/stored", b"", None));
         assert_eq!(store.bytes(), 0);
     }
 
     #[test]
     fn a_new_topic_past_the_message_limit_is_refused_and_replacing_still_works() {
         let store = bounded(2, 1000);
-        store.set_local(msg("a", b"1", None)).0;
-        store.set_local(msg("b", b"1", None)).0;
+        store.set_local(msg("a", b"1", None));
+        store.set_local(msg("b", b"1", None));
         assert_eq!(store.set_local(msg("c", b"1", None)).0, SetOutcome::Refused(RetainedLimit::Messages));
         assert!(store.matching("c").is_empty());
         assert_eq!(store.len(), 2);
