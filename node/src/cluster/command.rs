@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::auth::index::{check_rules, compile_revocation, validate_credential};
-use crate::auth::state::{AuthState, ClientTypes, Credential, Defaults, Revocation, Role};
+use crate::auth::index::{check_rules, compile_providers, compile_revocation, validate_credential};
+use crate::auth::state::{AuthState, ClientTypes, Credential, Defaults, PasswordMatch, Providers, Revocation, Role};
 
 /// Audit entries kept in the replicated state (older ones are dropped).
 pub const AUDIT_KEEP: usize = 10_000;
@@ -66,6 +66,8 @@ pub enum Op {
     RecordMembership {
         change: String,
     },
+    /// Replaces the provider chain and its settings.
+    SetProviders(Providers),
 }
 
 impl Op {
@@ -84,6 +86,7 @@ impl Op {
             Op::ImportCrl { .. } => "import_crl",
             Op::Unrevoke { .. } => "unrevoke",
             Op::RecordMembership { .. } => "membership",
+            Op::SetProviders(_) => "set_providers",
         }
     }
 }
@@ -266,6 +269,12 @@ impl Replicated {
                 Ok((format!("CRL of {issuer}: {} entries (replacing {dropped})", ids.len()), ids))
             }
             Op::RecordMembership { change } => Ok((change.clone(), vec![])),
+            Op::SetProviders(providers) => {
+                compile_providers(providers).or_else(invalid)?;
+                auth.providers = providers.clone();
+                let order: Vec<String> = providers.order.iter().map(ToString::to_string).collect();
+                Ok((format!("providers set: {}", order.join(", ")), vec![]))
+            }
             Op::Unrevoke { ids } => {
                 let wanted: HashSet<u64> = ids.iter().copied().collect();
                 let present: HashSet<u64> = auth.revocations.iter().map(|r| r.id).filter(|id| wanted.contains(id)).collect();
@@ -310,7 +319,8 @@ fn check_new_credentials(auth: &AuthState, new: &[Credential]) -> Result<(), (Re
     let replaced: HashSet<&str> = new.iter().map(|c| c.name.as_str()).collect();
     let key = |c: &Credential| match (&c.x509, &c.password) {
         (Some(x), _) => x.identity.as_ref().map(|i| format!("identity {i:?}")),
-        (_, Some(p)) => Some(format!("user name {:?}", p.username)),
+        (_, Some(PasswordMatch { username: Some(u), .. })) => Some(format!("user name {u:?}")),
+        (_, Some(PasswordMatch { client_id: Some(id), .. })) => Some(format!("client id {id:?}")),
         _ => None,
     };
     let mut taken: HashMap<String, String> =
@@ -343,7 +353,7 @@ fn describe_request(op: &Op) -> String {
         Op::ImportCrl { issuer, .. } => format!("CRL of {issuer}"),
         Op::Unrevoke { ids } => format!("revocations {ids:?}"),
         Op::RecordMembership { change } => change.clone(),
-        Op::Seed(_) | Op::SetDefaults(_) | Op::SetClientTypes(_) => String::new(),
+        Op::Seed(_) | Op::SetDefaults(_) | Op::SetClientTypes(_) | Op::SetProviders(_) => String::new(),
     }
 }
 
