@@ -213,6 +213,8 @@ impl AuthIndex {
         check: PasswordCheck,
     ) -> Result<Option<PasswordKey>, Refusal> {
         let Some(state) = &self.state else { return Ok(None) };
+        // An MQTT 5 CONNECT may carry a password without a user name (decoded as empty).
+        let username = username.filter(|u| !u.is_empty());
         let c = &self.credentials;
         let (key, at) = match (username.and_then(|u| c.passwords.get(u).map(|&i| (u, i))), c.password_client_ids.get(client_id)) {
             (Some((u, i)), _) => (PasswordKey::Username(u.to_string()), Some(i)),

@@ -148,7 +148,7 @@ impl JwtVerifier {
                 None
             }
         });
-        let claims = claims.ok_or_else(|| bad_token(format!("{}", last_error.map(|e| e.to_string()).unwrap_or_default())))?;
+        let claims = claims.ok_or_else(|| bad_token(last_error.map(|e| e.to_string()).unwrap_or_default()))?;
         self.check_claims(&claims, client_id, username, now)?;
         let mut verified = self.grant_of(&claims)?;
         verified.token = token.to_string();

@@ -360,7 +360,7 @@ fn describe_request(op: &Op) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::state::{ClientType, X509Match};
+    use crate::auth::state::{ClientType, ProviderKind, X509Match};
 
     fn device(name: &str, identity: &str) -> Credential {
         Credential {
@@ -405,6 +405,20 @@ mod tests {
         assert_eq!(first, again);
         assert_eq!(state.auth.revocations.len(), 1);
         assert_eq!(state.auth.revocations[0].serial.as_deref(), Some("0A"), "serials are normalized");
+    }
+
+    #[test]
+    fn providers_are_checked_at_apply() {
+        let mut state = Replicated::default();
+        let jwt_without_settings = Providers { order: vec![ProviderKind::Jwt], jwt: None };
+        let (resp, changed) = state.apply(1, &cmd(1, Op::SetProviders(jwt_without_settings)));
+        assert!(!changed && resp.error.unwrap().1.contains("providers.jwt: required"));
+        let settings: crate::auth::state::JwtSettings = toml::from_str("hmac_secret = \"0123456789abcdef0123456789abcdef\"").unwrap();
+        let providers = Providers { order: vec![ProviderKind::Basic, ProviderKind::Jwt], jwt: Some(settings) };
+        let (resp, changed) = state.apply(2, &cmd(2, Op::SetProviders(providers.clone())));
+        assert!(changed, "{resp:?}");
+        assert_eq!(resp.detail, "providers set: basic, jwt");
+        assert_eq!(state.auth.providers, providers);
     }
 
     #[test]
