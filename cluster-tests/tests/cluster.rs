@@ -482,6 +482,43 @@ async fn the_admin_cli_reads_as_documented() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn providers_are_set_through_the_admin_cli_and_check_access_verifies_tokens() -> anyhow::Result<()> {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
+    let cluster = TestCluster::start(Options { nodes: 1, initial_members: 1, ..Options::default() })?;
+    cluster.wait_for_leader(LEADER_TIMEOUT).await?;
+    let secret = "cluster-test-secret-cluster-test-secret";
+    let file = cluster.dir.path().join("providers.toml");
+    let broken = "[providers]\norder = [\"x509\", \"jwt\"]\n[providers.jwt]\npublic_keys = [\"junk\"]\n";
+    std::fs::write(&file, broken)?;
+    let refused = cluster.cli(1, &["providers", "set", file.to_str().unwrap_or_default()]);
+    assert!(!refused.status.success(), "{}", text(&refused));
+    assert!(text(&refused).contains("providers.jwt.public_keys[0]"), "{}", text(&refused));
+    let good = format!(
+        "[providers]\norder = [\"x509\", \"jwt\"]\n[providers.jwt]\nhmac_secret = \"{secret}\"\nrules = [{{ access = \"write\", pattern = \"apps/%u/#\" }}]\n"
+    );
+    std::fs::write(&file, good)?;
+    let set = cluster.cli(1, &["--wait", "providers", "set", file.to_str().unwrap_or_default()]);
+    assert!(set.status.success(), "{}", text(&set));
+    let got = cluster.cli(1, &["--output", "json", "providers", "get"]);
+    let got: serde_json::Value = serde_json::from_slice(&got.stdout)?;
+    assert_eq!(got["order"], serde_json::json!(["x509", "jwt"]), "{got}");
+
+    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() + 600;
+    let claims = serde_json::json!({"sub": "app-9", "exp": exp});
+    let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes());
+    let token = jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key)?;
+    let check = |token: &str, topic: &str| {
+        let args = ["--output", "json", "check-access", "--token", token, "--client-id", "c1", "--action", "publish", "--topic", topic];
+        serde_json::from_slice::<serde_json::Value>(&cluster.cli(1, &args).stdout).unwrap_or_default()
+    };
+    assert_eq!(check(&token, "apps/app-9/x")["allowed"], true);
+    assert_eq!(check(&token, "apps/app-8/x")["allowed"], false);
+    let forged = check(&format!("{token}x"), "apps/app-9/x");
+    assert!(forged["decided_by"].as_str().unwrap_or_default().contains("CONNECT refused: jwt: token:"), "{forged}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clean_start_logs_no_warnings() -> anyhow::Result<()> {
     let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
     let cluster = TestCluster::start(Options::default())?;

@@ -59,6 +59,9 @@ pub enum AdminCommand {
     /// Rules for certificates without a credential and for anonymous clients.
     #[command(subcommand)]
     Defaults(StateFileCommand),
+    /// The authentication provider chain: order, enabled providers, JWT settings.
+    #[command(subcommand)]
+    Providers(StateFileCommand),
     /// Offline queue limits per client type.
     #[command(subcommand)]
     ClientTypes(ClientTypesCommand),
@@ -208,11 +211,12 @@ pub struct CredentialArgs {
     /// User name of a password credential (with --hash from `rampart passwd`).
     #[arg(long, group = "kind", requires = "hash")]
     username: Option<String>,
-    /// argon2id hash of the password (`rampart passwd`).
+    /// argon2id hash of the password (`rampart passwd`): a password credential, matched by
+    /// --username, --client-id or both.
     #[arg(long)]
     hash: Option<String>,
-    /// With --username: the only client id it may connect with.
-    #[arg(long)]
+    /// With --hash: the only client id it may connect with (alone: the credential of that client id).
+    #[arg(long, requires = "hash")]
     client_id: Option<String>,
     /// Queue limits and persistence of its sessions.
     #[arg(long, value_enum, default_value = "device")]
@@ -253,7 +257,7 @@ pub enum RoleCommand {
 pub enum StateFileCommand {
     /// Show them.
     Get,
-    /// Replace them with the `[defaults]` table of a state file.
+    /// Replace them with the table of the same name (`[defaults]`, `[providers]`) of a state file.
     Set {
         /// The state file (TOML).
         file: PathBuf,
@@ -305,8 +309,8 @@ fn parse_reason(text: &str) -> Result<String, String> {
 
 #[derive(Debug, Args)]
 pub struct CheckAccessArgs {
-    /// Certificate identity (or, with --password-user, user name) of the client.
-    #[arg(long)]
+    /// Certificate identity (or, with --password-user or --token, user name) of the client.
+    #[arg(long, default_value = "", required_unless_present = "token")]
     identity: String,
     /// Issuer DN of its certificate (for revocations and issuer-bound credentials).
     #[arg(long, default_value = "")]
@@ -317,6 +321,9 @@ pub struct CheckAccessArgs {
     /// The identity is the user name of a password credential.
     #[arg(long)]
     password_user: bool,
+    /// A JSON Web Token sent as the password (checked by the jwt provider as the broker would).
+    #[arg(long)]
+    token: Option<String>,
     /// Client id of the CONNECT (default: the identity).
     #[arg(long, default_value = "")]
     client_id: String,
@@ -429,6 +436,14 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
             let defaults = Some(convert::defaults_to_pb(&read_state(&file)?.defaults));
             print(out, &client.set_defaults(SetDefaultsRequest { defaults, options }).await?.into_inner())
         }
+        AdminCommand::Providers(StateFileCommand::Get) => {
+            let document = client.get_providers(GetProvidersRequest {}).await?.into_inner();
+            print(out, &serde_json::from_str::<serde_json::Value>(&document.json)?)
+        }
+        AdminCommand::Providers(StateFileCommand::Set { file }) => {
+            let providers = Some(ProvidersDocument { json: serde_json::to_string(&read_state(&file)?.providers)? });
+            print(out, &client.set_providers(SetProvidersRequest { providers, options }).await?.into_inner())
+        }
         AdminCommand::ClientTypes(ClientTypesCommand::Get) => {
             print(out, &client.get_client_types(GetClientTypesRequest {}).await?.into_inner())
         }
@@ -487,6 +502,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
                 client_id: c.client_id,
                 action: action as i32,
                 topic: c.topic,
+                token: c.token.unwrap_or_default(),
             };
             print(out, &client.check_access(request).await?.into_inner())
         }
@@ -612,8 +628,12 @@ fn credential(c: CredentialArgs) -> anyhow::Result<Credential> {
         priority: c.priority,
         issuer: c.issuer.clone(),
     });
-    let password = c.username.map(|username| PasswordMatch { username, client_id: c.client_id, hash: c.hash.unwrap_or_default() });
-    anyhow::ensure!(x509.is_some() || password.is_some(), "give --identity, --identity-regex or --username");
+    anyhow::ensure!(x509.is_none() || c.hash.is_none(), "--hash belongs to a password credential, not to --identity or --identity-regex");
+    let password = c.hash.map(|hash| PasswordMatch { username: c.username.unwrap_or_default(), client_id: c.client_id, hash });
+    anyhow::ensure!(
+        x509.is_some() || password.is_some(),
+        "give --identity, --identity-regex, or --hash with --username and/or --client-id"
+    );
     Ok(Credential {
         name: c.name,
         enabled: !c.disabled,

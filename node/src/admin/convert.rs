@@ -57,7 +57,7 @@ pub fn credential_to_pb(c: &Credential) -> pb::Credential {
             issuer: x.issuer.clone(),
         }),
         password: c.password.as_ref().map(|p| pb::PasswordMatch {
-            username: p.username.clone(),
+            username: p.username.clone().unwrap_or_default(),
             client_id: p.client_id.clone(),
             hash: p.hash.clone(),
         }),
@@ -73,7 +73,11 @@ pub fn credential_from_pb(c: pb::Credential) -> Result<Credential, String> {
         client_type: client_type(c.client_type),
         roles: c.roles,
         x509: c.x509.map(|x| X509Match { identity: x.identity, identity_regex: x.identity_regex, priority: x.priority, issuer: x.issuer }),
-        password: c.password.map(|p| PasswordMatch { username: p.username, client_id: p.client_id, hash: p.hash }),
+        password: c.password.map(|p| PasswordMatch {
+            username: Some(p.username).filter(|u| !u.is_empty()),
+            client_id: p.client_id,
+            hash: p.hash,
+        }),
     })
 }
 

@@ -9,9 +9,12 @@ use regex::Regex;
 
 use super::acl::{self, Acl};
 use super::identity::PeerCertificate;
+use super::jwt::{JwtVerifier, VerifiedToken};
 use super::password;
-use super::policy::Principal;
-use super::state::{AuthState, ClientType, Credential, Revocation, Rule, UnknownCertificate, X509Match};
+use super::policy::{PasswordKey, Principal, Verified};
+use super::state::{
+    AuthState, ClientType, Credential, PasswordMatch, ProviderKind, Providers, Revocation, Rule, UnknownCertificate, X509Match,
+};
 use crate::auth::Refusal;
 
 /// What a client was granted at CONNECT.
@@ -23,6 +26,17 @@ pub struct Grant {
     pub acl: Acl,
     /// Offline queue limit set for the client type in the state, if any.
     pub max_queued_messages: Option<usize>,
+    /// When the client's token expires, if it authenticated with one and the `jwt` provider
+    /// disconnects at expiry (seconds since the epoch).
+    pub expires_at: Option<i64>,
+}
+
+/// How the `basic` provider treats the password: verify it (the broker), or take it as right
+/// or wrong (`rampart admin check-access`, which knows no password).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PasswordCheck {
+    Verify,
+    Assume(bool),
 }
 
 /// The credential list compiled for lookups. Shared by successive indexes while the list itself
@@ -35,6 +49,8 @@ struct CredentialIndex {
     regexes: Vec<(Regex, i32, usize)>,
     /// Password credentials by user name.
     passwords: HashMap<String, usize>,
+    /// Password credentials without user name, by the client id they are bound to.
+    password_client_ids: HashMap<String, usize>,
 }
 
 impl CredentialIndex {
@@ -60,9 +76,14 @@ impl CredentialIndex {
                         return Err(at(format!("identity {identity:?} is already used by another credential")));
                     }
                 }
-                (_, Some(pw), None) => {
-                    if index.passwords.insert(pw.username.clone(), i).is_some() {
-                        return Err(at(format!("user name {:?} is already used by another credential", pw.username)));
+                (_, Some(PasswordMatch { username: Some(username), .. }), None) => {
+                    if index.passwords.insert(username.clone(), i).is_some() {
+                        return Err(at(format!("user name {username:?} is already used by another credential")));
+                    }
+                }
+                (_, Some(PasswordMatch { username: None, client_id: Some(client_id), .. }), None) => {
+                    if index.password_client_ids.insert(client_id.clone(), i).is_some() {
+                        return Err(at(format!("client id {client_id:?} is already used by another credential")));
                     }
                 }
                 _ => return Err(at("a credential needs exactly one of x509 and password".into())),
@@ -83,6 +104,8 @@ pub struct AuthIndex {
     revoked_serials: HashMap<(String, String), usize>,
     /// The other revocations: (identity regex, revocation index).
     revocation_rules: Vec<(Option<Regex>, usize)>,
+    /// The `jwt` provider, when enabled.
+    jwt: Option<Arc<JwtVerifier>>,
 }
 
 impl AuthIndex {
@@ -128,8 +151,24 @@ impl AuthIndex {
                 _ => index.revocation_rules.push((regex, i)),
             }
         }
+        index.jwt = compile_providers(&state.providers)?;
         index.state = Some(state);
         Ok(index)
+    }
+
+    /// The enabled providers in the order they are tried.
+    pub fn provider_order(&self) -> &[ProviderKind] {
+        static DEFAULT: std::sync::LazyLock<Providers> = std::sync::LazyLock::new(Providers::default);
+        &self.state.as_ref().map_or(&*DEFAULT, |s| &s.providers).order
+    }
+
+    /// The `jwt` provider: verifies a token from the CONNECT password field (see [`JwtVerifier::verify`]).
+    pub fn verify_token(&self, token: &str, client_id: &str, username: Option<&str>, now: Option<i64>) -> Result<VerifiedToken, Refusal> {
+        let jwt = self
+            .jwt
+            .as_ref()
+            .ok_or_else(|| Refusal { code: ConnectReturnCode::NotAuthorized, reason: "the jwt provider is disabled".into() })?;
+        jwt.verify(token, client_id, username, now)
     }
 
     /// The revocation that covers a certificate, if any.
@@ -162,21 +201,43 @@ impl AuthIndex {
             .or_else(|| c.regexes.iter().filter(|(r, _, _)| r.is_match(identity)).map(|(_, _, i)| &c.list[*i]).find(issuer_ok))
     }
 
-    /// Checks a user name and password against the password credentials. `Ok(false)`: no
-    /// authorization is configured, the client stays anonymous. Slow by design (argon2id): call
-    /// it off the async threads.
-    pub fn check_password(&self, username: &str, password: Option<&str>) -> Result<bool, Refusal> {
-        let Some(state) = &self.state else { return Ok(false) };
-        let hash = self.credentials.passwords.get(username).and_then(|&i| state.credentials[i].password.as_ref()).map(|p| p.hash.as_str());
-        // Without a credential, verify against a fixed hash anyway, so timing does not tell which user names exist.
-        let known = password::verify(password.unwrap_or_default(), hash.unwrap_or(&TIMING_HASH)) && hash.is_some();
-        if !known {
-            return Err(Refusal {
-                code: ConnectReturnCode::BadUserNamePassword,
-                reason: format!("unknown user name or wrong password for {username:?}"),
-            });
+    /// The `basic` provider: checks a password against the password credentials — the one of
+    /// the user name, else the one bound to the client id alone. `Ok(None)`: not for this
+    /// provider (no authorization configured, or neither a user name nor a credential for the
+    /// client id). Slow by design (argon2id): call it off the async threads.
+    pub fn check_password(
+        &self,
+        username: Option<&str>,
+        client_id: &str,
+        password: Option<&str>,
+        check: PasswordCheck,
+    ) -> Result<Option<PasswordKey>, Refusal> {
+        let Some(state) = &self.state else { return Ok(None) };
+        // An MQTT 5 CONNECT may carry a password without a user name (decoded as empty).
+        let username = username.filter(|u| !u.is_empty());
+        let c = &self.credentials;
+        let (key, at) = match (username.and_then(|u| c.passwords.get(u).map(|&i| (u, i))), c.password_client_ids.get(client_id)) {
+            (Some((u, i)), _) => (PasswordKey::Username(u.to_string()), Some(i)),
+            (None, Some(&i)) => (PasswordKey::ClientId(client_id.to_string()), Some(i)),
+            (None, None) => match username {
+                Some(u) => (PasswordKey::Username(u.to_string()), None),
+                None => return Ok(None),
+            },
+        };
+        let hash = at.and_then(|i| state.credentials[i].password.as_ref()).map(|p| p.hash.as_str());
+        let right = match check {
+            // Without a credential, verify against a fixed hash anyway, so timing does not tell which user names exist.
+            PasswordCheck::Verify => password::verify(password.unwrap_or_default(), hash.unwrap_or(&TIMING_HASH)),
+            PasswordCheck::Assume(right) => right,
+        };
+        if !(right && hash.is_some()) {
+            let who = match &key {
+                PasswordKey::Username(u) => format!("user name {u:?}"),
+                PasswordKey::ClientId(id) => format!("client id {id:?}"),
+            };
+            return Err(Refusal { code: ConnectReturnCode::BadUserNamePassword, reason: format!("unknown {who} or wrong password") });
         }
-        Ok(true)
+        Ok(Some(key))
     }
 
     /// The CONNECT decision for an authenticated principal.
@@ -187,10 +248,18 @@ impl AuthIndex {
                 return Ok(Grant::allow_all());
             };
             let username = principal.username.as_deref().unwrap_or_default();
-            if principal.password_verified {
-                let credential = self.credentials.passwords.get(username).map(|&i| &state.credentials[i]);
+            if let Some(Verified::Token(token)) = &principal.verified {
+                return self.authorize_token(state, token, client_id);
+            }
+            if let Some(Verified::Password(key)) = &principal.verified {
+                let credential = match key {
+                    PasswordKey::Username(u) => self.credentials.passwords.get(u),
+                    PasswordKey::ClientId(id) => self.credentials.password_client_ids.get(id).filter(|_| id == client_id),
+                };
+                let credential = credential.map(|&i| &state.credentials[i]);
                 return match credential {
-                    None => Err(refuse(format!("the password credential of {username:?} no longer exists"))),
+                    _ if !self.provider_order().contains(&ProviderKind::Basic) => Err(refuse("the basic provider is disabled".into())),
+                    None => Err(refuse(format!("the password credential of {key:?} no longer exists"))),
                     Some(c) if !c.enabled => Err(refuse(format!("credential {:?} is disabled", c.name))),
                     Some(c) if c.password.as_ref().and_then(|p| p.client_id.as_deref()).is_some_and(|bound| bound != client_id) => {
                         Err(refuse(format!("credential {:?} is bound to another client id", c.name)))
@@ -211,6 +280,9 @@ impl AuthIndex {
         let Some(state) = &self.state else {
             return Ok(Grant::allow_all());
         };
+        if !self.provider_order().contains(&ProviderKind::X509) {
+            return Err(refuse("the x509 provider is disabled".into()));
+        }
         // A certificate client's `%u` is always its identity, whatever user name it sent.
         let username = cert.identity.as_str();
         let compile = |rules: Vec<&Rule>| Acl::compile(rules, username, client_id).map_err(|e| refuse(format!("permissions: {e}")));
@@ -226,6 +298,20 @@ impl AuthIndex {
 }
 
 impl AuthIndex {
+    /// A token client: the token verified again against the keys and settings in force (not its
+    /// time: expiry during a session is the connection's timer's business); permissions from its
+    /// claims, else the provider's rules.
+    fn authorize_token(&self, state: &AuthState, token: &VerifiedToken, client_id: &str) -> Result<Grant, Refusal> {
+        let again = self.verify_token(&token.token, client_id, token.username.as_deref(), None)?;
+        let settings = self.jwt.as_ref().map(|j| j.settings()).expect("verified above");
+        let rules = again.rules.as_ref().unwrap_or(&settings.rules);
+        let acl = Acl::compile(rules, &again.subject, client_id)
+            .map_err(|e| Refusal { code: ConnectReturnCode::NotAuthorized, reason: format!("permissions: {e}") })?;
+        let mut grant = self.grant_for(state, None, again.client_type.unwrap_or(settings.client_type), acl);
+        grant.expires_at = settings.disconnect_at_expiry.then_some(token.expires_at);
+        Ok(grant)
+    }
+
     /// The permissions of a matched credential: its own rules and those of its roles.
     fn grant(&self, state: &AuthState, c: &Credential, username: &str, client_id: &str) -> Result<Grant, Refusal> {
         let role_rules = c.roles.iter().flat_map(|r| state.roles[self.roles[r]].rules.iter());
@@ -235,14 +321,20 @@ impl AuthIndex {
     }
 
     fn grant_for(&self, state: &AuthState, credential: Option<String>, client_type: ClientType, acl: Acl) -> Grant {
-        Grant { credential, client_type, acl, max_queued_messages: state.client_types.of(client_type).max_queued_messages }
+        Grant {
+            credential,
+            client_type,
+            acl,
+            max_queued_messages: state.client_types.of(client_type).max_queued_messages,
+            expires_at: None,
+        }
     }
 }
 
 impl Grant {
     /// No authorization configured: any authenticated client may do anything.
     fn allow_all() -> Grant {
-        Grant { credential: None, client_type: ClientType::Device, acl: Acl::allow_all(), max_queued_messages: None }
+        Grant { credential: None, client_type: ClientType::Device, acl: Acl::allow_all(), max_queued_messages: None, expires_at: None }
     }
 }
 
@@ -263,9 +355,27 @@ pub fn validate_credential(c: &Credential, role_exists: impl Fn(&str) -> bool) -
             (None, Some(pattern)) => Regex::new(&format!("^(?:{pattern})$")).map(Some).map_err(|e| format!("identity_regex: {e}")),
             _ => Err("x509 needs exactly one of identity and identity_regex".into()),
         },
-        (None, Some(pw)) if pw.username.is_empty() => Err("password.username: must not be empty".into()),
+        (None, Some(pw)) if pw.username.as_ref().is_some_and(String::is_empty) => Err("password.username: must not be empty".into()),
+        (None, Some(pw)) if pw.client_id.as_ref().is_some_and(String::is_empty) => Err("password.client_id: must not be empty".into()),
+        (None, Some(pw)) if pw.username.is_none() && pw.client_id.is_none() => Err("password needs a username, a client_id or both".into()),
         (None, Some(pw)) => password::check_hash(&pw.hash).map(|_| None).map_err(|e| format!("password.hash: {e}")),
         _ => Err("a credential needs exactly one of x509 and password".into()),
+    }
+}
+
+/// Checks the provider chain (each provider at most once; settings for `jwt` when enabled) and
+/// compiles the `jwt` provider.
+pub fn compile_providers(p: &Providers) -> Result<Option<Arc<JwtVerifier>>, String> {
+    for (i, kind) in p.order.iter().enumerate() {
+        if p.order[..i].contains(kind) {
+            return Err(format!("providers.order: {kind} is listed twice"));
+        }
+    }
+    match (&p.jwt, p.order.contains(&ProviderKind::Jwt)) {
+        (None, true) => Err("providers.jwt: required when jwt is in providers.order".into()),
+        (Some(settings), true) => JwtVerifier::new(settings).map(|v| Some(Arc::new(v))),
+        (Some(settings), false) => JwtVerifier::new(settings).map(|_| None),
+        (None, false) => Ok(None),
     }
 }
 
@@ -337,7 +447,7 @@ mod tests {
     fn principal(identity: &str, serial: &str) -> Principal {
         let cert =
             PeerCertificate { identity: identity.into(), serial: serial.into(), issuer: "CN=Fleet CA".into(), not_before: 0, not_after: 0 };
-        Principal { identity: Some(identity.into()), username: Some(identity.into()), certificate: Some(cert), password_verified: false }
+        Principal { identity: Some(identity.into()), username: Some(identity.into()), certificate: Some(cert), verified: None }
     }
 
     #[test]
@@ -417,6 +527,11 @@ mod tests {
             password = {{ username = "bound", client_id = "bound-1", hash = "{hash}" }}
 
             [[credentials]]
+            name = "kiosk"
+            password = {{ client_id = "kiosk-1", hash = "{hash}" }}
+            rules = [{{ access = "write", pattern = "kiosk/%c" }}]
+
+            [[credentials]]
             name = "plc-1"
             x509 = {{ identity = "plc-1" }}
             "#
@@ -424,20 +539,37 @@ mod tests {
     }
 
     fn password_principal(username: &str) -> Principal {
-        Principal { identity: None, username: Some(username.into()), certificate: None, password_verified: true }
+        let verified = Some(Verified::Password(PasswordKey::Username(username.into())));
+        Principal { identity: None, username: Some(username.into()), certificate: None, verified }
     }
 
     #[test]
     fn password_credentials() {
         let index = password_state();
-        assert_eq!(index.check_password("dashboard", Some("s3cret")), Ok(true));
+        let check =
+            |user: Option<&str>, client_id: &str, pw: Option<&str>| index.check_password(user, client_id, pw, PasswordCheck::Verify);
+        assert_eq!(check(Some("dashboard"), "x", Some("s3cret")), Ok(Some(PasswordKey::Username("dashboard".into()))));
         let grant = index.authorize(&password_principal("dashboard"), "any-id").unwrap();
         assert_eq!(grant.client_type, ClientType::Application);
         assert!(grant.acl.may_subscribe("devices/#"));
         for (user, pw) in [("dashboard", Some("wrong")), ("dashboard", None), ("nobody", Some("s3cret")), ("plc-1", Some("s3cret"))] {
-            let err = index.check_password(user, pw).unwrap_err();
+            let err = check(Some(user), "x", pw).unwrap_err();
             assert_eq!(err.code, ConnectReturnCode::BadUserNamePassword, "{user}");
         }
+        assert_eq!(check(None, "x", Some("s3cret")), Ok(None), "no user name, no client id credential: not for basic");
+        // A credential bound to a client id only.
+        assert_eq!(check(None, "kiosk-1", Some("s3cret")), Ok(Some(PasswordKey::ClientId("kiosk-1".into()))));
+        assert_eq!(check(Some("anyone"), "kiosk-1", Some("s3cret")), Ok(Some(PasswordKey::ClientId("kiosk-1".into()))));
+        assert_eq!(check(None, "kiosk-1", Some("wrong")).unwrap_err().code, ConnectReturnCode::BadUserNamePassword);
+        let kiosk = Principal { verified: Some(Verified::Password(PasswordKey::ClientId("kiosk-1".into()))), ..Principal::default() };
+        assert_eq!(kiosk.owner(), crate::auth::policy::Owner::PasswordClientId { client_id: "kiosk-1".into() });
+        assert!(index.authorize(&kiosk, "kiosk-1").unwrap().acl.may_publish("kiosk/kiosk-1"));
+        assert!(index.authorize(&kiosk, "kiosk-2").is_err(), "bound to its client id");
+        assert_eq!(
+            index.check_password(Some("nobody"), "x", None, PasswordCheck::Assume(true)).unwrap_err().code,
+            ConnectReturnCode::BadUserNamePassword
+        );
+        assert!(index.check_password(Some("dashboard"), "x", None, PasswordCheck::Assume(true)).is_ok());
         assert!(index.authorize(&password_principal("bound"), "bound-1").is_ok());
         assert_eq!(index.authorize(&password_principal("bound"), "other").unwrap_err().code, ConnectReturnCode::NotAuthorized);
     }
@@ -449,7 +581,7 @@ mod tests {
         let open = index("[defaults]\nanonymous = true\nanonymous_rules = [{ access = \"readWrite\", pattern = \"demo/#\" }]\n");
         let grant = open.authorize(&anonymous, "x").unwrap();
         assert!(grant.acl.may_publish("demo/a") && !grant.acl.may_publish("devices/a"));
-        assert_eq!(AuthIndex::open().check_password("u", Some("p")), Ok(false));
+        assert_eq!(AuthIndex::open().check_password(Some("u"), "x", Some("p"), PasswordCheck::Verify), Ok(None));
     }
 
     #[test]
@@ -458,6 +590,9 @@ mod tests {
             ("[[credentials]]\nname = \"a\"\nx509 = {}\n", "exactly one"),
             ("[[credentials]]\nname = \"a\"\n", "exactly one of x509 and password"),
             ("[[credentials]]\nname = \"a\"\npassword = { username = \"a\", hash = \"plain\" }\n", "password.hash"),
+            ("[[credentials]]\nname = \"a\"\npassword = { hash = \"plain\" }\n", "a username, a client_id or both"),
+            ("[providers]\norder = [\"jwt\"]\n", "providers.jwt: required"),
+            ("[providers]\norder = [\"x509\", \"x509\"]\n", "listed twice"),
             ("[[credentials]]\nname = \"a\"\nroles = [\"nope\"]\nx509 = { identity = \"a\" }\n", "unknown role"),
             ("[[credentials]]\nname = \"a\"\nx509 = { identity_regex = \"(\" }\n", "identity_regex"),
             (

@@ -1,9 +1,12 @@
-//! Authentication: who a client is (certificate identity) and the CONNECT policy built on it.
-//! Reads only in-memory state; never blocks on disk or network.
+//! Authentication: who a client is (certificate identity, password, token — the provider
+//! chain) and the CONNECT policy built on it. Reads only in-memory state; never blocks on disk
+//! or network.
 
 pub mod acl;
+pub mod chain;
 pub mod identity;
 pub mod index;
+pub mod jwt;
 pub mod password;
 pub mod password_gate;
 pub mod policy;

@@ -5,6 +5,7 @@ use mqttbytes::v5::ConnectReturnCode;
 use serde::{Deserialize, Serialize};
 
 use super::identity::PeerCertificate;
+use super::jwt::VerifiedToken;
 use super::Refusal;
 
 /// Which client ids a certificate identity may use.
@@ -95,6 +96,10 @@ pub enum Owner {
     Password { username: String },
     /// A client that did not authenticate.
     Anonymous,
+    /// A password credential bound to a client id only (no user name), by that client id.
+    PasswordClientId { client_id: String },
+    /// A JSON Web Token, by issuer (`iss`, empty when absent) and subject (`sub`).
+    Token { issuer: String, subject: String },
 }
 
 impl std::fmt::Display for Owner {
@@ -103,30 +108,51 @@ impl std::fmt::Display for Owner {
             Owner::Certificate { identity, issuer } => write!(f, "certificate {identity:?} issued by {issuer:?}"),
             Owner::Password { username } => write!(f, "password credential {username:?}"),
             Owner::Anonymous => f.write_str("anonymous"),
+            Owner::PasswordClientId { client_id } => write!(f, "password credential of client id {client_id:?}"),
+            Owner::Token { issuer, subject } => write!(f, "token subject {subject:?} issued by {issuer:?}"),
         }
     }
 }
 
 /// Who a connected client is.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Principal {
     /// The certificate identity, if the client presented a certificate.
     pub identity: Option<String>,
     /// The user name in force (the identity when `use_identity_as_username`).
     pub username: Option<String>,
     pub certificate: Option<PeerCertificate>,
-    /// Set once a password credential accepted the client's password.
-    pub password_verified: bool,
+    /// How a client without certificate proved who it is, if it did.
+    pub verified: Option<Verified>,
+}
+
+/// What a provider other than `x509` verified.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verified {
+    /// A password credential accepted the password.
+    Password(PasswordKey),
+    /// A JSON Web Token passed every check.
+    Token(std::sync::Arc<VerifiedToken>),
+}
+
+/// How a password credential is found again (on every re-check of a live connection).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PasswordKey {
+    Username(String),
+    /// A credential bound to a client id only.
+    ClientId(String),
 }
 
 impl Principal {
     /// The owner of the sessions this principal creates: its certificate (identity and
-    /// issuer), its password credential, or anonymous.
+    /// issuer), its password credential, its token's issuer and subject, or anonymous.
     pub fn owner(&self) -> Owner {
-        match (&self.certificate, &self.username) {
+        match (&self.certificate, &self.verified) {
             (Some(cert), _) => Owner::Certificate { identity: cert.identity.clone(), issuer: cert.issuer.clone() },
-            (None, Some(username)) if self.password_verified => Owner::Password { username: username.clone() },
-            _ => Owner::Anonymous,
+            (None, Some(Verified::Password(PasswordKey::Username(username)))) => Owner::Password { username: username.clone() },
+            (None, Some(Verified::Password(PasswordKey::ClientId(client_id)))) => Owner::PasswordClientId { client_id: client_id.clone() },
+            (None, Some(Verified::Token(t))) => Owner::Token { issuer: t.issuer.clone(), subject: t.subject.clone() },
+            (None, None) => Owner::Anonymous,
         }
     }
 }
@@ -149,7 +175,7 @@ pub struct ClaimedIdentity<'a> {
 pub fn authenticate(peer: &PeerAuth, request: ClaimedIdentity<'_>, policy: &AuthPolicy) -> Result<Principal, Refusal> {
     let cert = match peer {
         PeerAuth::Anonymous => {
-            return Ok(Principal { identity: None, username: request.username.clone(), certificate: None, password_verified: false })
+            return Ok(Principal { identity: None, username: request.username.clone(), certificate: None, verified: None })
         }
         PeerAuth::Rejected(reason) => return Err(not_authorized(reason.clone())),
         PeerAuth::Certificate(cert) => cert,
@@ -187,7 +213,7 @@ pub fn authenticate(peer: &PeerAuth, request: ClaimedIdentity<'_>, policy: &Auth
         )));
     }
     *request.username = username.clone();
-    Ok(Principal { identity: Some(identity.clone()), username, certificate: Some(cert.clone()), password_verified: false })
+    Ok(Principal { identity: Some(identity.clone()), username, certificate: Some(cert.clone()), verified: None })
 }
 
 #[cfg(test)]

@@ -24,6 +24,110 @@ pub struct AuthState {
     pub revocations: Vec<Revocation>,
     #[serde(default)]
     pub client_types: ClientTypes,
+    /// Which authentication providers are enabled, in which order, and their settings.
+    #[serde(default)]
+    pub providers: Providers,
+}
+
+/// An authentication provider: what proves who a client is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    /// The verified client certificate (mutual TLS).
+    X509,
+    /// A password credential, matched by user name, client id or both.
+    Basic,
+    /// A JSON Web Token in the CONNECT password field.
+    Jwt,
+}
+
+impl std::fmt::Display for ProviderKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ProviderKind::X509 => "x509",
+            ProviderKind::Basic => "basic",
+            ProviderKind::Jwt => "jwt",
+        })
+    }
+}
+
+fn default_order() -> Vec<ProviderKind> {
+    vec![ProviderKind::X509, ProviderKind::Basic]
+}
+
+/// The provider chain: the enabled providers in the order they are tried (a provider not
+/// listed is disabled); the first that authenticates the client wins.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Providers {
+    #[serde(default = "default_order")]
+    pub order: Vec<ProviderKind>,
+    /// Settings of the `jwt` provider; required when it is enabled.
+    pub jwt: Option<JwtSettings>,
+}
+
+impl Default for Providers {
+    fn default() -> Self {
+        Providers { order: default_order(), jwt: None }
+    }
+}
+
+/// How JSON Web Tokens are verified and what they grant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtSettings {
+    /// Shared secret for HS256/HS384/HS512 tokens (UTF-8 bytes as written).
+    pub hmac_secret: Option<String>,
+    /// PEM public keys (RSA, EC P-256/P-384 or Ed25519) for RS*/PS*, ES256/ES384 and EdDSA tokens.
+    #[serde(default)]
+    pub public_keys: Vec<String>,
+    /// A JWKS document (JSON); a token naming a `kid` is checked only against that key.
+    pub jwks: Option<String>,
+    /// Required `iss`, if set.
+    pub issuer: Option<String>,
+    /// Required `aud` (one of the token's audiences), if set.
+    pub audience: Option<String>,
+    /// Tolerated clock difference for `exp` and `nbf`, in seconds.
+    #[serde(default = "default_leeway")]
+    pub leeway_secs: u64,
+    /// A claim whose (string) value must equal the client id, if set.
+    pub client_id_claim: Option<String>,
+    /// A claim whose (string) value must equal the CONNECT user name, if set.
+    pub username_claim: Option<String>,
+    /// A claim holding `DEVICE` or `APPLICATION`; absent: `client_type`.
+    #[serde(default = "default_client_type_claim")]
+    pub client_type_claim: String,
+    /// A claim holding a list of topic filters the client may publish to.
+    #[serde(default = "default_publish_claim")]
+    pub publish_claim: String,
+    /// A claim holding a list of topic filters the client may read (subscribe to).
+    #[serde(default = "default_subscribe_claim")]
+    pub subscribe_claim: String,
+    /// Client type when the token has no client type claim.
+    #[serde(default)]
+    pub client_type: ClientType,
+    /// Rules when the token has neither a publish nor a subscribe claim.
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+    /// Close the connection when the token expires (MQTT 5 DISCONNECT 0xA0).
+    #[serde(default)]
+    pub disconnect_at_expiry: bool,
+}
+
+fn default_leeway() -> u64 {
+    60
+}
+
+fn default_client_type_claim() -> String {
+    "client_type".into()
+}
+
+fn default_publish_claim() -> String {
+    "mqtt_pub".into()
+}
+
+fn default_subscribe_claim() -> String {
+    "mqtt_sub".into()
 }
 
 /// Settings per client type; unset values fall back to the node's `[limits]`.
@@ -72,12 +176,12 @@ pub struct Credential {
     pub password: Option<PasswordMatch>,
 }
 
-/// A user name and an argon2id password hash (as printed by `rampart passwd`), optionally bound
-/// to one client id.
+/// An argon2id password hash (as printed by `rampart passwd`) for a user name, a client id, or
+/// both (then both must match).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PasswordMatch {
-    pub username: String,
+    pub username: Option<String>,
     pub client_id: Option<String>,
     pub hash: String,
 }

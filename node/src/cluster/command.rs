@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::auth::index::{check_rules, compile_revocation, validate_credential};
-use crate::auth::state::{AuthState, ClientTypes, Credential, Defaults, Revocation, Role};
+use crate::auth::index::{check_rules, compile_providers, compile_revocation, validate_credential};
+use crate::auth::state::{AuthState, ClientTypes, Credential, Defaults, PasswordMatch, Providers, Revocation, Role};
 
 /// Audit entries kept in the replicated state (older ones are dropped).
 pub const AUDIT_KEEP: usize = 10_000;
@@ -66,6 +66,8 @@ pub enum Op {
     RecordMembership {
         change: String,
     },
+    /// Replaces the provider chain and its settings.
+    SetProviders(Providers),
 }
 
 impl Op {
@@ -84,6 +86,7 @@ impl Op {
             Op::ImportCrl { .. } => "import_crl",
             Op::Unrevoke { .. } => "unrevoke",
             Op::RecordMembership { .. } => "membership",
+            Op::SetProviders(_) => "set_providers",
         }
     }
 }
@@ -266,6 +269,12 @@ impl Replicated {
                 Ok((format!("CRL of {issuer}: {} entries (replacing {dropped})", ids.len()), ids))
             }
             Op::RecordMembership { change } => Ok((change.clone(), vec![])),
+            Op::SetProviders(providers) => {
+                compile_providers(providers).or_else(invalid)?;
+                auth.providers = providers.clone();
+                let order: Vec<String> = providers.order.iter().map(ToString::to_string).collect();
+                Ok((format!("providers set: {}", order.join(", ")), vec![]))
+            }
             Op::Unrevoke { ids } => {
                 let wanted: HashSet<u64> = ids.iter().copied().collect();
                 let present: HashSet<u64> = auth.revocations.iter().map(|r| r.id).filter(|id| wanted.contains(id)).collect();
@@ -310,7 +319,8 @@ fn check_new_credentials(auth: &AuthState, new: &[Credential]) -> Result<(), (Re
     let replaced: HashSet<&str> = new.iter().map(|c| c.name.as_str()).collect();
     let key = |c: &Credential| match (&c.x509, &c.password) {
         (Some(x), _) => x.identity.as_ref().map(|i| format!("identity {i:?}")),
-        (_, Some(p)) => Some(format!("user name {:?}", p.username)),
+        (_, Some(PasswordMatch { username: Some(u), .. })) => Some(format!("user name {u:?}")),
+        (_, Some(PasswordMatch { client_id: Some(id), .. })) => Some(format!("client id {id:?}")),
         _ => None,
     };
     let mut taken: HashMap<String, String> =
@@ -343,14 +353,14 @@ fn describe_request(op: &Op) -> String {
         Op::ImportCrl { issuer, .. } => format!("CRL of {issuer}"),
         Op::Unrevoke { ids } => format!("revocations {ids:?}"),
         Op::RecordMembership { change } => change.clone(),
-        Op::Seed(_) | Op::SetDefaults(_) | Op::SetClientTypes(_) => String::new(),
+        Op::Seed(_) | Op::SetDefaults(_) | Op::SetClientTypes(_) | Op::SetProviders(_) => String::new(),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::state::{ClientType, X509Match};
+    use crate::auth::state::{ClientType, ProviderKind, X509Match};
 
     fn device(name: &str, identity: &str) -> Credential {
         Credential {
@@ -395,6 +405,20 @@ mod tests {
         assert_eq!(first, again);
         assert_eq!(state.auth.revocations.len(), 1);
         assert_eq!(state.auth.revocations[0].serial.as_deref(), Some("0A"), "serials are normalized");
+    }
+
+    #[test]
+    fn providers_are_checked_at_apply() {
+        let mut state = Replicated::default();
+        let jwt_without_settings = Providers { order: vec![ProviderKind::Jwt], jwt: None };
+        let (resp, changed) = state.apply(1, &cmd(1, Op::SetProviders(jwt_without_settings)));
+        assert!(!changed && resp.error.unwrap().1.contains("providers.jwt: required"));
+        let settings: crate::auth::state::JwtSettings = toml::from_str("hmac_secret = \"0123456789abcdef0123456789abcdef\"").unwrap();
+        let providers = Providers { order: vec![ProviderKind::Basic, ProviderKind::Jwt], jwt: Some(settings) };
+        let (resp, changed) = state.apply(2, &cmd(2, Op::SetProviders(providers.clone())));
+        assert!(changed, "{resp:?}");
+        assert_eq!(resp.detail, "providers set: basic, jwt");
+        assert_eq!(state.auth.providers, providers);
     }
 
     #[test]

@@ -14,6 +14,8 @@ use mqttbytes::v5::{self, DisconnectReasonCode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
+use crate::auth::chain::{self, Presented};
+use crate::auth::index::{AuthIndex, PasswordCheck};
 use crate::auth::policy::{self, AuthPolicy, PeerAuth};
 use crate::auth::state::ClientType;
 use crate::auth::store::AuthStore;
@@ -124,6 +126,7 @@ where
     });
     let mut session = Session::start(request, attached.session, present, ctx.limits.clone(), grant.acl, Instant::now());
     let mut shutdown = ctx.shutdown.clone();
+    let mut expires_at = grant.expires_at;
 
     loop {
         run_actions(&mut session, broker).await;
@@ -163,8 +166,12 @@ where
             _ = sleep_until(deadline) => session.tick(Instant::now()),
             _ = attachment.taken_over.changed() => session.kick(DisconnectReasonCode::SessionTakenOver, "another connection took over this client id"),
             _ = shutdown.changed() => session.kick(DisconnectReasonCode::ServerShuttingDown, "broker shutting down"),
+            _ = sleep_until_unix(expires_at) => session.kick(DisconnectReasonCode::MaximumConnectTime, "the client's token expired"),
             _ = auth_changes.changed() => match ctx.auth_store.authorize(&principal, session.client_id()) {
-                Ok(grant) => session.set_acl(grant.acl),
+                Ok(grant) => {
+                    expires_at = grant.expires_at;
+                    session.set_acl(grant.acl);
+                }
                 Err(refusal) => session.kick(DisconnectReasonCode::AdministrativeAction, refusal.reason),
             },
             _ = registration.kicked.changed() => {
@@ -212,17 +219,23 @@ where
     let _ = tokio::time::timeout(CLOSE_DRAIN, drain).await;
 }
 
-/// Authenticates and authorizes a validated CONNECT: certificate identity, else user name and
-/// password (checked on a blocking thread: argon2id is slow by design), else anonymous.
+/// Authenticates (the provider chain: certificate, password, token, in the configured order) and
+/// authorizes a validated CONNECT. A CONNECT with a user name or password is checked on a
+/// blocking thread behind the password gate (argon2id is slow by design, signatures cost too).
 async fn authorize(
     mut request: connect::ConnectRequest,
     peer: SocketAddr,
     peer_auth: &PeerAuth,
     ctx: &ConnectionContext,
 ) -> Result<(connect::ConnectRequest, policy::Principal, crate::auth::index::Grant), crate::auth::Refusal> {
-    let mut principal = policy::authenticate(peer_auth, request.claimed_identity(), &ctx.auth)?;
     let index = ctx.auth_store.current();
-    if let (None, Some(username), Some(_)) = (&principal.certificate, request.username.clone(), index.state()) {
+    let now = crate::cluster::unix_now();
+    let run = move |index: &AuthIndex, request: &mut connect::ConnectRequest, peer_auth: &PeerAuth, policy: &AuthPolicy| {
+        let password = request.password.clone();
+        let presented = Presented { password: password.as_deref(), now, password_check: PasswordCheck::Verify };
+        chain::authenticate(index, peer_auth, request.claimed_identity(), policy, presented)
+    };
+    let principal = if index.state().is_some() && chain::is_costly(request.username.as_deref(), request.password.as_deref()) {
         let refusal = |code, reason: String| crate::auth::Refusal { code, reason };
         ctx.password_gate
             .admit(peer.ip(), Instant::now())
@@ -230,17 +243,22 @@ async fn authorize(
         let permit = tokio::time::timeout(ctx.connect_timeout, ctx.password_gate.permit())
             .await
             .map_err(|_| refusal(v5::ConnectReturnCode::ServerBusy, "no free password check slot".into()))?;
-        let (checker, password) = (index.clone(), request.password.clone());
+        let (peer_auth, policy) = (peer_auth.clone(), ctx.auth);
         // The permit moves into the check, so the slot stays taken until argon2 is done even
         // if this connection goes away first.
         let check = move || {
             let _permit = permit;
-            checker.check_password(&username, password.as_deref())
+            let principal = run(&index, &mut request, &peer_auth, &policy);
+            (request, principal)
         };
-        principal.password_verified = tokio::task::spawn_blocking(check)
+        let (checked, principal) = tokio::task::spawn_blocking(check)
             .await
-            .map_err(|e| refusal(v5::ConnectReturnCode::ServerUnavailable, format!("password check failed: {e}")))??;
-    }
+            .map_err(|e| refusal(v5::ConnectReturnCode::ServerUnavailable, format!("credential check failed: {e}")))?;
+        request = checked;
+        principal?
+    } else {
+        run(&index, &mut request, peer_auth, &ctx.auth)?
+    };
     let grant = ctx.auth_store.authorize(&principal, &request.client_id)?;
     Ok((request, principal, grant))
 }
@@ -335,6 +353,14 @@ fn fill_from_queues(session: &mut Session, mailbox: &crate::broker::mailbox::Mai
 async fn write_flush<W: AsyncWrite + Unpin>(writer: &mut W, data: &[u8]) -> std::io::Result<()> {
     writer.write_all(data).await?;
     writer.flush().await
+}
+
+/// Sleeps until a time in seconds since the epoch (forever for `None`).
+async fn sleep_until_unix(at: Option<i64>) {
+    match at {
+        Some(at) => tokio::time::sleep(Duration::from_secs(at.saturating_sub(crate::cluster::unix_now()).max(0) as u64)).await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {

@@ -1,0 +1,191 @@
+//! The provider chain: the enabled providers (`x509`, `basic`, `jwt`) tried in the configured
+//! order on what a CONNECT presents; the first that authenticates the client makes its
+//! [`Principal`]. Shared by the listeners and `rampart admin check-access`, so both decide alike.
+//! CPU only (argon2id, signature checks): the listeners call it off the async threads.
+
+use mqttbytes::v5::ConnectReturnCode;
+
+use super::index::{AuthIndex, PasswordCheck};
+use super::policy::{self, AuthPolicy, ClaimedIdentity, PeerAuth, Principal, Verified};
+use super::state::ProviderKind;
+use super::Refusal;
+
+/// What a CONNECT presents beyond its claimed identity.
+#[derive(Debug, Clone, Copy)]
+pub struct Presented<'a> {
+    pub password: Option<&'a str>,
+    /// Seconds since the epoch, for token expiry.
+    pub now: i64,
+    pub password_check: PasswordCheck,
+}
+
+/// Whether anything in the CONNECT needs a provider that costs CPU (a password or a user name
+/// to check): if not, the chain is cheap enough to run on the async threads.
+pub fn is_costly(username: Option<&str>, password: Option<&str>) -> bool {
+    username.is_some() || password.is_some()
+}
+
+/// Runs the chain. A provider that does not apply (no certificate for `x509`; neither user name
+/// nor client-id credential for `basic`; no password for `jwt`) is skipped; one that applies
+/// and fails is remembered and the next is tried. No provider applied: an anonymous principal
+/// (the authorization state decides whether anonymous clients may connect). Every provider that
+/// applied failed: the refusal names each reason, with 0x86 (bad user name or password) when a
+/// password or token was wrong, else 0x87.
+pub fn authenticate(
+    index: &AuthIndex,
+    peer: &PeerAuth,
+    request: ClaimedIdentity<'_>,
+    policy: &AuthPolicy,
+    presented: Presented<'_>,
+) -> Result<Principal, Refusal> {
+    let mut failures: Vec<(ProviderKind, Refusal)> = Vec::new();
+    for &provider in index.provider_order() {
+        let outcome = match provider {
+            ProviderKind::X509 if *peer == PeerAuth::Anonymous => continue,
+            ProviderKind::X509 => {
+                let claim = ClaimedIdentity {
+                    client_id: &mut *request.client_id,
+                    assigned_client_id: request.assigned_client_id,
+                    username: &mut *request.username,
+                };
+                policy::authenticate(peer, claim, policy)
+            }
+            ProviderKind::Basic => {
+                match index.check_password(request.username.as_deref(), request.client_id, presented.password, presented.password_check) {
+                    Ok(None) => continue,
+                    Ok(Some(key)) => Ok(Principal {
+                        identity: None,
+                        username: request.username.clone(),
+                        certificate: None,
+                        verified: Some(Verified::Password(key)),
+                    }),
+                    Err(e) => Err(e),
+                }
+            }
+            ProviderKind::Jwt => {
+                let Some(token) = presented.password else { continue };
+                index.verify_token(token, request.client_id, request.username.as_deref(), Some(presented.now)).map(|t| Principal {
+                    identity: None,
+                    username: Some(t.subject.clone()),
+                    certificate: None,
+                    verified: Some(Verified::Token(std::sync::Arc::new(t))),
+                })
+            }
+        };
+        match outcome {
+            Ok(principal) => return Ok(principal),
+            Err(refusal) => failures.push((provider, refusal)),
+        }
+    }
+    if failures.is_empty() {
+        return Ok(Principal { identity: None, username: request.username.clone(), certificate: None, verified: None });
+    }
+    let code = if failures.iter().any(|(_, r)| r.code == ConnectReturnCode::BadUserNamePassword) {
+        ConnectReturnCode::BadUserNamePassword
+    } else {
+        failures[0].1.code
+    };
+    let reason = failures.iter().map(|(p, r)| format!("{p}: {}", r.reason)).collect::<Vec<_>>().join("; ");
+    Err(Refusal { code, reason })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::identity::PeerCertificate;
+    use crate::auth::policy::{Owner, PasswordKey};
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+
+    const SECRET: &str = "chain-test-secret-chain-test-secret";
+    const NOW: i64 = 1_800_000_000;
+
+    fn index(order: &str) -> AuthIndex {
+        let hash = crate::auth::password::hash("pw").unwrap();
+        let text = format!(
+            r#"
+            [providers]
+            order = {order}
+            [providers.jwt]
+            hmac_secret = "{SECRET}"
+            rules = [{{ access = "write", pattern = "jwt/%u" }}]
+
+            [[credentials]]
+            name = "plc-1"
+            x509 = {{ identity = "plc-1" }}
+
+            [[credentials]]
+            name = "plc-1-password"
+            password = {{ username = "plc-1", hash = "{hash}" }}
+            "#
+        );
+        AuthIndex::build(toml::from_str(&text).unwrap()).unwrap()
+    }
+
+    fn cert() -> PeerAuth {
+        PeerAuth::Certificate(PeerCertificate {
+            identity: "plc-1".into(),
+            serial: "01".into(),
+            issuer: "CN=CA".into(),
+            not_before: 0,
+            not_after: 0,
+        })
+    }
+
+    fn run(index: &AuthIndex, peer: &PeerAuth, username: Option<&str>, password: Option<&str>) -> Result<Principal, Refusal> {
+        let (mut client_id, mut username) = ("plc-1".to_string(), username.map(str::to_string));
+        let claim = ClaimedIdentity { client_id: &mut client_id, assigned_client_id: false, username: &mut username };
+        let presented = Presented { password, now: NOW, password_check: PasswordCheck::Verify };
+        authenticate(index, peer, claim, &AuthPolicy::default(), presented)
+    }
+
+    fn token(sub: &str) -> String {
+        let claims = serde_json::json!({"sub": sub, "exp": NOW + 60});
+        encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(SECRET.as_bytes())).unwrap()
+    }
+
+    #[test]
+    fn the_first_provider_that_authenticates_wins() {
+        let x509_first = index(r#"["x509", "basic"]"#);
+        let owner = run(&x509_first, &cert(), Some("plc-1"), Some("pw")).unwrap().owner();
+        assert!(matches!(owner, Owner::Certificate { .. }), "{owner}");
+        let basic_first = index(r#"["basic", "x509"]"#);
+        let owner = run(&basic_first, &cert(), Some("plc-1"), Some("pw")).unwrap().owner();
+        assert_eq!(owner, Owner::Password { username: "plc-1".into() });
+        // A wrong password under basic-first falls through to the certificate.
+        let owner = run(&basic_first, &cert(), Some("plc-1"), Some("wrong")).unwrap().owner();
+        assert!(matches!(owner, Owner::Certificate { .. }), "{owner}");
+    }
+
+    #[test]
+    fn disabled_providers_are_skipped() {
+        let basic_only = index(r#"["basic"]"#);
+        let p = run(&basic_only, &cert(), None, None).unwrap();
+        assert_eq!(p.owner(), Owner::Anonymous, "the certificate is not looked at");
+        assert!(basic_only.authorize(&p, "plc-1").is_err(), "anonymous clients are not allowed");
+        let err = run(&basic_only, &PeerAuth::Anonymous, None, Some(&token("app"))).map(|p| p.owner());
+        assert_eq!(err, Ok(Owner::Anonymous), "jwt disabled: the token is not looked at");
+    }
+
+    #[test]
+    fn jwt_clients_own_their_sessions_by_subject() {
+        let chain = index(r#"["x509", "basic", "jwt"]"#);
+        let p = run(&chain, &PeerAuth::Anonymous, Some("whoever"), Some(&token("app-7"))).unwrap();
+        assert_eq!(p.owner(), Owner::Token { issuer: String::new(), subject: "app-7".into() });
+        let grant = chain.authorize(&p, "plc-1").unwrap();
+        assert!(grant.acl.may_publish("jwt/app-7") && !grant.acl.may_publish("jwt/whoever"));
+        assert_eq!(grant.expires_at, None, "disconnect_at_expiry is off");
+        // A subject with a wildcard never widens a rule.
+        let p = run(&chain, &PeerAuth::Anonymous, None, Some(&token("#"))).unwrap();
+        assert!(!chain.authorize(&p, "plc-1").unwrap().acl.may_publish("jwt/x"));
+    }
+
+    #[test]
+    fn when_every_provider_fails_the_refusal_names_each() {
+        let chain = index(r#"["basic", "jwt"]"#);
+        let err = run(&chain, &PeerAuth::Anonymous, Some("plc-1"), Some("wrong")).unwrap_err();
+        assert_eq!(err.code, ConnectReturnCode::BadUserNamePassword);
+        assert!(err.reason.contains("basic: ") && err.reason.contains("jwt: token: not a JWT"), "{}", err.reason);
+        let ok = run(&chain, &PeerAuth::Anonymous, Some("plc-1"), Some("pw")).unwrap();
+        assert_eq!(ok.verified, Some(Verified::Password(PasswordKey::Username("plc-1".into()))));
+    }
+}

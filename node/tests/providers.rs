@@ -1,0 +1,192 @@
+//! The authentication provider chain against the real binary, on raw connections with exact
+//! reason codes: JWT clients (claims as permissions, forged/expired/unbound tokens, disconnect
+//! at expiry), password credentials bound to a client id, and the order of `x509` and `basic`
+//! for a client that presents both a certificate and a password (switched by SIGHUP).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{Broker, Raw};
+use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use mqttbytes::v5::{self, ConnectReturnCode, DisconnectReasonCode, PubAckReason};
+use mqttbytes::QoS;
+use rampart_node::mqtt::codec::Packet;
+use rampart_node::mqtt::codec::ProtocolVersion::{V311, V5};
+use rampart_node::pki::{Kind, Store};
+
+const SECRET: &str = "integration-secret-integration-secret";
+
+fn now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+fn token(claims: serde_json::Value, secret: &str) -> String {
+    encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap()
+}
+
+fn state(order: &str) -> String {
+    let hash = rampart_node::auth::password::hash("s3cret").unwrap();
+    format!(
+        r#"
+[providers]
+order = {order}
+[providers.jwt]
+hmac_secret = "{SECRET}"
+issuer = "idp"
+leeway_secs = 0
+client_id_claim = "cid"
+disconnect_at_expiry = true
+rules = [{{ access = "write", pattern = "default/%u" }}]
+
+[[credentials]]
+name = "plc-1"
+x509 = {{ identity = "plc-1" }}
+rules = [{{ access = "write", pattern = "cert/#" }}]
+
+[[credentials]]
+name = "plc-1-password"
+password = {{ username = "plc-1", hash = "{hash}" }}
+rules = [{{ access = "write", pattern = "pw/#" }}]
+
+[[credentials]]
+name = "kiosk"
+password = {{ client_id = "kiosk-1", hash = "{hash}" }}
+rules = [{{ access = "write", pattern = "kiosk/%c" }}]
+"#
+    )
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    store: Store,
+    state_file: PathBuf,
+    broker: Broker,
+}
+
+fn setup(order: &str) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::new(dir.path().join("pki"));
+    store.init_ca("Providers Test CA", 30, rampart_node::pki::CaKey::EcdsaP256).unwrap();
+    store.issue(Kind::Server, "localhost", &["localhost".into(), "127.0.0.1".into()], 30).unwrap();
+    store.issue(Kind::Device, "plc-1", &[], 30).unwrap();
+    let state_file = dir.path().join("auth.toml");
+    std::fs::write(&state_file, state(order)).unwrap();
+    let (cert, key) = store.paths(Kind::Server, "localhost");
+    let config = format!(
+        "[auth]\nstate_file = {state_file:?}\n[listeners.tls]\nbind = \"127.0.0.1:0\"\ncert_file = {cert:?}\nkey_file = {key:?}\nclient_certificate = \"required\"\nca_file = {:?}\n",
+        store.ca_cert()
+    );
+    let broker = Broker::start_with(&config, 1);
+    Setup { _dir: dir, store, state_file, broker }
+}
+
+fn login(client_id: &str, username: &str, password: &str) -> v5::Connect {
+    let mut c = v5::Connect::new(client_id);
+    c.set_login(username, password);
+    c
+}
+
+/// Publishes at QoS 1 and returns the PUBACK reason.
+fn publish(client: &mut Raw, topic: &str) -> PubAckReason {
+    let mut p = v5::Publish::new(topic, QoS::AtLeastOnce, "x");
+    p.pkid = 1;
+    client.send_packet(&Packet::Publish(p));
+    match client.recv() {
+        Some(Packet::PubAck(ack)) => ack.reason,
+        other => panic!("expected PUBACK, got {other:?}"),
+    }
+}
+
+fn reload(broker: &Broker, state_file: &Path, text: &str) {
+    std::fs::write(state_file, text).unwrap();
+    assert!(Command::new("kill").args(["-HUP", &broker.pid().to_string()]).status().unwrap().success());
+    broker.wait_for_log("reloaded", Duration::from_secs(5)).expect("state reloaded");
+}
+
+#[test]
+fn jwt_clients_get_the_permissions_of_their_claims_and_bad_tokens_a_clear_code() {
+    let s = setup(r#"["x509", "basic", "jwt"]"#);
+    let tcp = s.broker.tcp.unwrap();
+    let claims = |cid: &str, exp: i64| serde_json::json!({"sub": "app-1", "iss": "idp", "cid": cid, "exp": exp, "mqtt_pub": ["up/%u/#"]});
+    let good = token(claims("app-1-c", now() + 600), SECRET);
+    let mut client = Raw::socket(tcp, V5);
+    assert_eq!(client.connack_with(login("app-1-c", "", &good)), ConnectReturnCode::Success);
+    assert_eq!(publish(&mut client, "up/app-1/t"), PubAckReason::Success, "allowed by the token's claim");
+    assert_eq!(publish(&mut client, "up/app-2/t"), PubAckReason::NotAuthorized);
+    assert_eq!(publish(&mut client, "default/app-1"), PubAckReason::NotAuthorized, "claims replace the provider's rules");
+
+    // Without rule claims, the provider's rules apply, with %u the subject.
+    let plain = token(serde_json::json!({"sub": "app-2", "iss": "idp", "cid": "app-2-c", "exp": now() + 600}), SECRET);
+    let mut client = Raw::socket(tcp, V5);
+    assert_eq!(client.connack_with(login("app-2-c", "", &plain)), ConnectReturnCode::Success);
+    assert_eq!(publish(&mut client, "default/app-2"), PubAckReason::Success);
+
+    // MQTT 5 allows a password without a user name: only jwt applies.
+    let code = |connect: v5::Connect| Raw::socket(tcp, V5).connack_with(connect);
+    let forged = token(claims("app-1-c", now() + 600), "another-secret-another-secret-xxxxxx");
+    assert_eq!(code(login("app-1-c", "", &forged)), ConnectReturnCode::BadUserNamePassword, "forged");
+    let expired = token(claims("app-1-c", now() - 5), SECRET);
+    assert_eq!(code(login("app-1-c", "", &expired)), ConnectReturnCode::BadUserNamePassword, "expired");
+    assert_eq!(code(login("app-1-c", "", "garbage")), ConnectReturnCode::BadUserNamePassword, "malformed");
+    assert_eq!(code(login("someone-else", "", &good)), ConnectReturnCode::NotAuthorized, "bound to another client id");
+    // MQTT 3.1.1 needs a user name with a password: basic applies too (no such user), then jwt.
+    let mut v311 = Raw::socket(tcp, V311);
+    assert_eq!(v311.connack_with(login("app-1-c", "app", &good)), ConnectReturnCode::Success);
+    assert_eq!(Raw::socket(tcp, V311).connack_with(login("app-1-c", "app", &forged)), ConnectReturnCode::BadUserNamePassword);
+    let line = s.broker.wait_for_log("jwt: token: expired", Duration::from_secs(5)).expect("the refusal is logged with its reason");
+    assert!(line.contains("connection refused"), "{line}");
+}
+
+#[test]
+fn a_session_ends_with_0xa0_when_its_token_expires() {
+    let s = setup(r#"["jwt"]"#);
+    let short = token(serde_json::json!({"sub": "app-3", "iss": "idp", "cid": "app-3", "exp": now() + 2}), SECRET);
+    let mut client = Raw::socket(s.broker.tcp.unwrap(), V5);
+    let started = Instant::now();
+    assert_eq!(client.connack_with(login("app-3", "", &short)), ConnectReturnCode::Success);
+    client.expect_close(Some(DisconnectReasonCode::MaximumConnectTime));
+    assert!(started.elapsed() < Duration::from_secs(10), "disconnected at expiry, not later");
+}
+
+#[test]
+fn a_password_credential_bound_to_a_client_id_alone() {
+    let s = setup(r#"["basic"]"#);
+    let tcp = s.broker.tcp.unwrap();
+    let mut kiosk = Raw::socket(tcp, V5);
+    assert_eq!(kiosk.connack_with(login("kiosk-1", "", "s3cret")), ConnectReturnCode::Success);
+    assert_eq!(publish(&mut kiosk, "kiosk/kiosk-1"), PubAckReason::Success);
+    assert_eq!(Raw::socket(tcp, V5).connack_with(login("kiosk-1", "", "wrong")), ConnectReturnCode::BadUserNamePassword);
+    // No user name and no credential for the client id: basic does not apply, the client is
+    // anonymous, and anonymous clients are not allowed.
+    assert_eq!(Raw::socket(tcp, V5).connack_with(login("kiosk-2", "", "s3cret")), ConnectReturnCode::NotAuthorized);
+}
+
+#[test]
+fn the_order_of_x509_and_basic_decides_who_a_client_with_both_is() {
+    let s = setup(r#"["x509", "basic"]"#);
+    let (cert, key) = s.store.paths(Kind::Device, "plc-1");
+    let both = || {
+        let mut c = Raw::tls(s.broker.tls.unwrap(), V5, &s.store.ca_cert(), (&cert, &key));
+        assert_eq!(c.connack_with(login("plc-1", "plc-1", "s3cret")), ConnectReturnCode::Success);
+        c
+    };
+    let mut client = both();
+    assert_eq!(publish(&mut client, "cert/x"), PubAckReason::Success, "x509 first: the certificate credential");
+    assert_eq!(publish(&mut client, "pw/x"), PubAckReason::NotAuthorized);
+    drop(client);
+
+    reload(&s.broker, &s.state_file, &state(r#"["basic", "x509"]"#));
+    let mut client = both();
+    assert_eq!(publish(&mut client, "pw/x"), PubAckReason::Success, "basic first: the password credential");
+    assert_eq!(publish(&mut client, "cert/x"), PubAckReason::NotAuthorized);
+
+    // Disabling basic while that client is connected ends its session.
+    reload(&s.broker, &s.state_file, &state(r#"["x509"]"#));
+    match client.recv() {
+        Some(Packet::Disconnect(d)) => assert_eq!(d.reason_code, DisconnectReasonCode::AdministrativeAction),
+        other => panic!("expected DISCONNECT 0x98, got {other:?}"),
+    }
+}
