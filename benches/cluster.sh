@@ -34,7 +34,7 @@ trap cleanup EXIT
 
 echo "==> PKI (rampart pki) and three node configs"
 clients=$(seq -s, -f 'bench-client-%g' 1 8)
-"$rampart" pki --dir "$work/pki" ensure --server localhost --san localhost,127.0.0.1 \
+"$rampart" pki --dir "$work/pki" ensure --server localhost --san localhost --san 127.0.0.1 \
   --nodes node-1,node-2,node-3 --devices "$clients" >/dev/null
 mkdir -p "$work/clients"
 for i in $(seq 1 8); do
