@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 quick=0
-command_line="bash benches/cluster.sh $*"
+command_line="bash benches/cluster.sh${*:+ $*}"
 case "${1:-}" in
   --quick) quick=1 ;;
   "") ;;
