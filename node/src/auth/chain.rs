@@ -62,6 +62,8 @@ pub fn authenticate(
                     Err(e) => Err(e),
                 }
             }
+            // Driven by the CONNECT's Authentication Method (MQTT 5 AUTH), never by this chain.
+            ProviderKind::Scram => continue,
             ProviderKind::Jwt => {
                 let Some(token) = presented.password else { continue };
                 index.verify_token(token, request.client_id, request.username.as_deref(), Some(presented.now)).map(|t| Principal {

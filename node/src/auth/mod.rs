@@ -10,6 +10,7 @@ pub mod jwt;
 pub mod password;
 pub mod password_gate;
 pub mod policy;
+pub mod scram;
 pub mod serial;
 pub mod state;
 pub mod store;

@@ -133,6 +133,8 @@ pub enum Verified {
     Password(PasswordKey),
     /// A JSON Web Token passed every check.
     Token(std::sync::Arc<VerifiedToken>),
+    /// A SCRAM exchange proved the password of this user name's credential.
+    Scram(String),
 }
 
 /// How a password credential is found again (on every re-check of a live connection).
@@ -152,6 +154,8 @@ impl Principal {
             (None, Some(Verified::Password(PasswordKey::Username(username)))) => Owner::Password { username: username.clone() },
             (None, Some(Verified::Password(PasswordKey::ClientId(client_id)))) => Owner::PasswordClientId { client_id: client_id.clone() },
             (None, Some(Verified::Token(t))) => Owner::Token { issuer: t.issuer.clone(), subject: t.subject.clone() },
+            // The same credential, whichever way its password was proved.
+            (None, Some(Verified::Scram(username))) => Owner::Password { username: username.clone() },
             (None, None) => Owner::Anonymous,
         }
     }

@@ -39,6 +39,9 @@ pub enum ProviderKind {
     Basic,
     /// A JSON Web Token in the CONNECT password field.
     Jwt,
+    /// SCRAM-SHA-256/512 through MQTT 5 enhanced authentication (AUTH), against the SCRAM
+    /// verifiers of password credentials.
+    Scram,
 }
 
 impl std::fmt::Display for ProviderKind {
@@ -47,6 +50,7 @@ impl std::fmt::Display for ProviderKind {
             ProviderKind::X509 => "x509",
             ProviderKind::Basic => "basic",
             ProviderKind::Jwt => "jwt",
+            ProviderKind::Scram => "scram",
         })
     }
 }
@@ -176,14 +180,19 @@ pub struct Credential {
     pub password: Option<PasswordMatch>,
 }
 
-/// An argon2id password hash (as printed by `rampart passwd`) for a user name, a client id, or
-/// both (then both must match).
+/// A password credential for a user name, a client id, or both (then both must match): an
+/// argon2id hash (as printed by `rampart passwd`) for the `basic` provider, and/or SCRAM
+/// verifiers (`rampart passwd --scram sha-256`) for the `scram` provider, which needs a user name.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PasswordMatch {
     pub username: Option<String>,
     pub client_id: Option<String>,
+    /// Empty: no password for `basic`.
+    #[serde(default)]
     pub hash: String,
+    pub scram_sha256: Option<String>,
+    pub scram_sha512: Option<String>,
 }
 
 /// Which certificate identities a credential covers: one exact identity, or a regex (exact
