@@ -51,6 +51,7 @@ impl Server {
                 (auth, Some(cluster))
             }
         };
+        auth.set_http(crate::auth::http::HttpDelegate::new(&config.auth.http)?);
         let ctx = Arc::new(ConnectionContext {
             broker: broker.clone(),
             limits: config.session_limits(),

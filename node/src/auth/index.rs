@@ -174,6 +174,12 @@ impl AuthIndex {
         scram::Verifier::parse(text).ok()
     }
 
+    /// The `http` provider's settings, when it is enabled.
+    pub fn http_settings(&self) -> Option<&super::state::HttpSettings> {
+        let settings = self.state.as_ref()?.providers.http.as_ref();
+        settings.filter(|_| self.provider_order().contains(&ProviderKind::Http))
+    }
+
     /// The `jwt` provider: verifies a token from the CONNECT password field (see [`JwtVerifier::verify`]).
     pub fn verify_token(&self, token: &str, client_id: &str, username: Option<&str>, now: Option<i64>) -> Result<VerifiedToken, Refusal> {
         let jwt = self
@@ -262,6 +268,13 @@ impl AuthIndex {
             let username = principal.username.as_deref().unwrap_or_default();
             if let Some(Verified::Token(token)) = &principal.verified {
                 return self.authorize_token(state, token, client_id);
+            }
+            if let Some(Verified::Http(grant)) = &principal.verified {
+                let settings = state.providers.http.as_ref().filter(|_| self.provider_order().contains(&ProviderKind::Http));
+                let settings = settings.ok_or_else(|| refuse("the http provider is disabled".into()))?;
+                let rules = grant.rules.as_ref().unwrap_or(&settings.rules);
+                let acl = Acl::compile(rules, &grant.principal, client_id).map_err(|e| refuse(format!("permissions: {e}")))?;
+                return Ok(self.grant_for(state, None, grant.client_type.unwrap_or(settings.client_type), acl));
             }
             if let Some(Verified::Scram(username)) = &principal.verified {
                 let credential = self.credentials.passwords.get(username).map(|&i| &state.credentials[i]);
@@ -417,6 +430,20 @@ pub fn compile_providers(p: &Providers) -> Result<Option<Arc<JwtVerifier>>, Stri
         if p.order[..i].contains(kind) {
             return Err(format!("providers.order: {kind} is listed twice"));
         }
+    }
+    match (&p.http, p.order.contains(&ProviderKind::Http)) {
+        (None, true) => return Err("providers.http: required when http is in providers.order".into()),
+        (Some(h), _) => {
+            let uri: hyper::Uri = h.url.parse().map_err(|e| format!("providers.http.url: {e}"))?;
+            if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+                return Err("providers.http.url: must be http://host/… or https://host/…".into());
+            }
+            if h.timeout_ms == 0 {
+                return Err("providers.http.timeout_ms: must be at least 1".into());
+            }
+            check_rules(&h.rules).map_err(|e| format!("providers.http.rules: {e}"))?;
+        }
+        (None, false) => {}
     }
     match (&p.jwt, p.order.contains(&ProviderKind::Jwt)) {
         (None, true) => Err("providers.jwt: required when jwt is in providers.order".into()),

@@ -4,6 +4,7 @@
 
 pub mod acl;
 pub mod chain;
+pub mod http;
 pub mod identity;
 pub mod index;
 pub mod jwt;

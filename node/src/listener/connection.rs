@@ -64,7 +64,7 @@ const CLOSE_DRAIN: Duration = Duration::from_secs(2);
 const CLOSE_WRITE: Duration = Duration::from_secs(5);
 
 /// Serves one client connection to completion.
-pub async fn serve<S>(stream: S, peer: SocketAddr, peer_auth: PeerAuth, ctx: Arc<ConnectionContext>)
+pub async fn serve<S>(stream: S, peer: SocketAddr, peer_auth: PeerAuth, ctx: Arc<ConnectionContext>, listener: &'static str)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
@@ -80,10 +80,11 @@ where
         Err((reply, reason)) => return refuse(&mut writer, &reply, peer, &reason).await,
     };
     let version = request.version;
-    let (request, principal, grant) = match authorize(request, peer, &peer_auth, &ctx, (&mut reader, &mut writer, &mut input)).await {
-        Ok(accepted) => accepted,
-        Err(refusal) => return refuse(&mut writer, &connect::refusal_reply(version, refusal.code), peer, &refusal.reason).await,
-    };
+    let (request, principal, grant) =
+        match authorize(request, (peer, listener), &peer_auth, &ctx, (&mut reader, &mut writer, &mut input)).await {
+            Ok(accepted) => accepted,
+            Err(refusal) => return refuse(&mut writer, &connect::refusal_reply(version, refusal.code), peer, &refusal.reason).await,
+        };
     let owner = principal.owner();
     let durable = grant.client_type == ClientType::Application;
     let attach = AttachRequest {
@@ -231,7 +232,7 @@ where
 /// blocking thread behind the password gate (argon2id is slow by design, signatures cost too).
 async fn authorize<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     mut request: connect::ConnectRequest,
-    peer: SocketAddr,
+    (peer, listener): (SocketAddr, &'static str),
     peer_auth: &PeerAuth,
     ctx: &ConnectionContext,
     io: (&mut R, &mut W, &mut BytesMut),
@@ -243,19 +244,34 @@ async fn authorize<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     }
     let index = ctx.auth_store.current();
     let now = crate::cluster::unix_now();
+    let (store, runtime) = (ctx.auth_store.clone(), tokio::runtime::Handle::current());
     let run = move |index: &AuthIndex, request: &mut connect::ConnectRequest, peer_auth: &PeerAuth, policy: &AuthPolicy| {
         let password = request.password.clone();
-        let presented = Presented { password: password.as_deref(), now, password_check: PasswordCheck::Verify };
+        let presented = Presented {
+            password: password.as_deref(),
+            now,
+            password_check: PasswordCheck::Verify,
+            listener,
+            peer: Some(peer.ip()),
+            http: store.http().map(|delegate| (delegate, &runtime)),
+        };
         chain::authenticate(index, peer_auth, request.claimed_identity(), policy, presented)
     };
-    let principal = if index.state().is_some() && chain::is_costly(request.username.as_deref(), request.password.as_deref()) {
+    let costly = chain::is_costly(request.username.as_deref(), request.password.as_deref());
+    // The HTTP provider blocks on the network: the chain then runs on a blocking thread too.
+    let principal = if index.state().is_some() && (costly || chain::calls_out(&index)) {
         let refusal = |code, reason: String| crate::auth::Refusal { code, reason };
-        ctx.password_gate
-            .admit(peer.ip(), Instant::now())
-            .map_err(|e| refusal(v5::ConnectReturnCode::ConnectionRateExceeded, e.to_string()))?;
-        let permit = tokio::time::timeout(ctx.connect_timeout, ctx.password_gate.permit())
-            .await
-            .map_err(|_| refusal(v5::ConnectReturnCode::ServerBusy, "no free password check slot".into()))?;
+        let permit = if costly {
+            ctx.password_gate
+                .admit(peer.ip(), Instant::now())
+                .map_err(|e| refusal(v5::ConnectReturnCode::ConnectionRateExceeded, e.to_string()))?;
+            let permit = tokio::time::timeout(ctx.connect_timeout, ctx.password_gate.permit())
+                .await
+                .map_err(|_| refusal(v5::ConnectReturnCode::ServerBusy, "no free password check slot".into()))?;
+            Some(permit)
+        } else {
+            None
+        };
         let (peer_auth, policy) = (peer_auth.clone(), ctx.auth);
         // The permit moves into the check, so the slot stays taken until argon2 is done even
         // if this connection goes away first.
