@@ -38,6 +38,21 @@ pub fn is_costly(username: Option<&str>, password: Option<&str>) -> bool {
     username.is_some() || password.is_some()
 }
 
+/// The chain's answer without running it, when `x509` comes first and authenticates the client's
+/// certificate: then nothing after it is tried, so a certificate client costs no password check
+/// slot and no blocking thread even if it sends a user name and password. `None` (and `request`
+/// untouched) otherwise.
+pub fn certificate_first(index: &AuthIndex, peer: &PeerAuth, request: ClaimedIdentity<'_>, policy: &AuthPolicy) -> Option<Principal> {
+    if index.provider_order().first() != Some(&ProviderKind::X509) || !matches!(peer, PeerAuth::Certificate(_)) {
+        return None;
+    }
+    let (mut client_id, mut username) = (request.client_id.clone(), request.username.clone());
+    let claim = ClaimedIdentity { client_id: &mut client_id, assigned_client_id: request.assigned_client_id, username: &mut username };
+    let principal = policy::authenticate(peer, claim, policy).ok()?;
+    (*request.client_id, *request.username) = (client_id, username);
+    Some(principal)
+}
+
 /// Runs the chain. A provider that does not apply (no certificate for `x509`; neither user name
 /// nor client-id credential for `basic`; no password for `jwt`) is skipped; one that applies
 /// and fails is remembered and the next is tried. No provider applied: an anonymous principal
@@ -203,6 +218,22 @@ mod tests {
         // A wrong password under basic-first falls through to the certificate.
         let owner = run(&basic_first, &cert(), Some("plc-1"), Some("wrong")).unwrap().owner();
         assert!(matches!(owner, Owner::Certificate { .. }), "{owner}");
+    }
+
+    #[test]
+    fn a_certificate_decides_first_without_touching_a_refused_request() {
+        let x509_first = index(r#"["x509", "basic"]"#);
+        let (mut client_id, mut username) = ("plc-1".to_string(), Some("someone".to_string()));
+        let claim = ClaimedIdentity { client_id: &mut client_id, assigned_client_id: false, username: &mut username };
+        let p = certificate_first(&x509_first, &cert(), claim, &AuthPolicy::default()).unwrap();
+        assert!(matches!(p.owner(), Owner::Certificate { .. }));
+        assert_eq!(username.as_deref(), Some("plc-1"), "the identity became the user name");
+        let (mut client_id, mut username) = ("plc-2".to_string(), None);
+        let claim = ClaimedIdentity { client_id: &mut client_id, assigned_client_id: false, username: &mut username };
+        assert!(certificate_first(&x509_first, &cert(), claim, &AuthPolicy::default()).is_none(), "client id of another device");
+        let basic_first = index(r#"["basic", "x509"]"#);
+        let claim = ClaimedIdentity { client_id: &mut client_id, assigned_client_id: false, username: &mut username };
+        assert!(certificate_first(&basic_first, &cert(), claim, &AuthPolicy::default()).is_none());
     }
 
     #[test]

@@ -227,9 +227,11 @@ where
     let _ = tokio::time::timeout(CLOSE_DRAIN, drain).await;
 }
 
-/// Authenticates (the provider chain: certificate, password, token, in the configured order) and
-/// authorizes a validated CONNECT. A CONNECT with a user name or password is checked on a
-/// blocking thread behind the password gate (argon2id is slow by design, signatures cost too).
+/// Authenticates (the provider chain: certificate, password, token, HTTP, in the configured
+/// order; SCRAM when CONNECT names it) and authorizes a validated CONNECT. Unless a certificate
+/// decides first, a CONNECT with a user name or password is checked on a blocking thread behind
+/// the password gate (argon2id is slow by design, signatures cost too), and so is any CONNECT
+/// while the `http` provider is enabled (its call blocks).
 async fn authorize<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     mut request: connect::ConnectRequest,
     (peer, listener): (SocketAddr, &'static str),
@@ -243,6 +245,10 @@ async fn authorize<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         return Ok((request, principal, grant));
     }
     let index = ctx.auth_store.current();
+    if let Some(principal) = chain::certificate_first(&index, peer_auth, request.claimed_identity(), &ctx.auth) {
+        let grant = ctx.auth_store.authorize(&principal, &request.client_id)?;
+        return Ok((request, principal, grant));
+    }
     let now = crate::cluster::unix_now();
     let (store, runtime) = (ctx.auth_store.clone(), tokio::runtime::Handle::current());
     let run = move |index: &AuthIndex, request: &mut connect::ConnectRequest, peer_auth: &PeerAuth, policy: &AuthPolicy| {
