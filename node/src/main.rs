@@ -38,14 +38,22 @@ enum Command {
     Admin(Box<rampart_node::admin::cli::AdminArgs>),
     /// Manage a certificate authority for the fleet: CA, server, node, admin and device certificates, CRLs.
     Pki(rampart_node::pki::cli::PkiArgs),
-    /// Print the argon2id hash of a password read from standard input, for a password credential.
-    Passwd,
+    /// Print the argon2id hash (or, with --scram, the SCRAM verifier) of a password read from
+    /// standard input, for a password credential.
+    Passwd {
+        /// Print a SCRAM verifier for the scram provider instead: sha-256 or sha-512.
+        #[arg(long, value_parser = ["sha-256", "sha-512"])]
+        scram: Option<String>,
+        /// PBKDF2 iterations of the SCRAM verifier (at least 4096).
+        #[arg(long, default_value_t = 4096, requires = "scram")]
+        iterations: u32,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Passwd => match read_password().and_then(|p| rampart_node::auth::password::hash(&p).map_err(anyhow::Error::msg)) {
+        Command::Passwd { scram, iterations } => match read_password().and_then(|p| passwd(&p, scram.as_deref(), iterations)) {
             Ok(hash) => {
                 println!("{hash}");
                 ExitCode::SUCCESS
@@ -102,6 +110,18 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// The argon2id hash of a password, or its SCRAM verifier for `sha-256` / `sha-512`.
+fn passwd(password: &str, scram: Option<&str>, iterations: u32) -> anyhow::Result<String> {
+    use rampart_node::auth::scram::{Mechanism, Verifier};
+    let verifier = |m| Verifier::generate(m, password, iterations).map(|v| v.to_string());
+    match scram {
+        None => rampart_node::auth::password::hash(password),
+        Some("sha-512") => verifier(Mechanism::Sha512),
+        Some(_) => verifier(Mechanism::Sha256),
+    }
+    .map_err(anyhow::Error::msg)
 }
 
 /// One line from standard input, without its line ending; an empty password is refused.

@@ -53,6 +53,7 @@ impl Server {
             }
             _ => (Arc::new(AuthStore::open(config.auth.state_file.clone())?), None, None),
         };
+        auth.set_http(crate::auth::http::HttpDelegate::new(&config.auth.http)?);
         let ctx = Arc::new(ConnectionContext {
             broker: broker.clone(),
             limits: config.session_limits(),

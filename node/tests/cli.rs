@@ -115,11 +115,12 @@ fn sigterm_disconnects_mqtt5_clients_with_server_shutting_down() {
 }
 
 #[test]
-fn passwd_prints_an_argon2id_hash_and_refuses_an_empty_password() {
+fn passwd_prints_an_argon2id_hash_or_a_scram_verifier_and_refuses_an_empty_password() {
     use std::io::Write;
-    let run = |input: &str| {
+    let run_with = |input: &str, args: &[&str]| {
         let mut child = Command::new(common::binary())
             .arg("passwd")
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -128,12 +129,20 @@ fn passwd_prints_an_argon2id_hash_and_refuses_an_empty_password() {
         child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
         child.wait_with_output().unwrap()
     };
+    let run = |input: &str| run_with(input, &[]);
     let out = run("s3cret\n");
     assert!(out.status.success());
     let hash = String::from_utf8(out.stdout).unwrap();
     assert!(hash.trim().starts_with("$argon2id$"), "{hash}");
     assert!(rampart_node::auth::password::verify("s3cret", hash.trim()));
     assert!(!run("\n").status.success());
+    // A SCRAM verifier instead: salted keys only, at the iteration count asked for.
+    let out = run_with("s3cret\n", &["--scram", "sha-512", "--iterations", "5000"]);
+    let verifier = String::from_utf8(out.stdout).unwrap();
+    assert!(verifier.starts_with("SCRAM-SHA-512$5000:") && !verifier.contains("s3cret"), "{verifier}");
+    assert!(rampart_node::auth::scram::Verifier::parse(verifier.trim()).is_ok());
+    let too_few = run_with("s3cret\n", &["--scram", "sha-256", "--iterations", "100"]);
+    assert!(!too_few.status.success() && String::from_utf8_lossy(&too_few.stderr).contains("at least 4096"));
 }
 
 #[test]

@@ -171,7 +171,7 @@ fn the_connack_table_matches_the_log() {
     let out = f.publish(None, Some(("meter", "s3cret")), "meter-2");
     f.check("is bound to another client id", 2, "connection refused", &out);
     let out = f.publish(None, Some(("meter", "wrong")), "meter-1");
-    f.check("unknown user name or wrong password", 2, "connection refused", &out);
+    f.check("basic: unknown user name", 2, "connection refused", &out);
 
     let f = fleet("identity_source = \"san_uri\"");
     let (cert, key) = f.store.paths(Kind::Device, "plc-1");

@@ -208,16 +208,22 @@ pub struct CredentialArgs {
     /// Only certificates from this issuer DN.
     #[arg(long)]
     issuer: Option<String>,
-    /// User name of a password credential (with --hash from `rampart passwd`).
-    #[arg(long, group = "kind", requires = "hash")]
+    /// User name of a password credential (with --hash and/or a SCRAM verifier).
+    #[arg(long, group = "kind")]
     username: Option<String>,
     /// argon2id hash of the password (`rampart passwd`): a password credential, matched by
     /// --username, --client-id or both.
     #[arg(long)]
     hash: Option<String>,
     /// With --hash: the only client id it may connect with (alone: the credential of that client id).
-    #[arg(long, requires = "hash")]
+    #[arg(long)]
     client_id: Option<String>,
+    /// SCRAM-SHA-256 verifier (`rampart passwd --scram sha-256`), for the scram provider; needs --username.
+    #[arg(long, requires = "username")]
+    scram_sha256: Option<String>,
+    /// SCRAM-SHA-512 verifier (`rampart passwd --scram sha-512`), for the scram provider; needs --username.
+    #[arg(long, requires = "username")]
+    scram_sha512: Option<String>,
     /// Queue limits and persistence of its sessions.
     #[arg(long, value_enum, default_value = "device")]
     client_type: ClientTypeArg,
@@ -628,11 +634,21 @@ fn credential(c: CredentialArgs) -> anyhow::Result<Credential> {
         priority: c.priority,
         issuer: c.issuer.clone(),
     });
-    anyhow::ensure!(x509.is_none() || c.hash.is_none(), "--hash belongs to a password credential, not to --identity or --identity-regex");
-    let password = c.hash.map(|hash| PasswordMatch { username: c.username.unwrap_or_default(), client_id: c.client_id, hash });
+    let secret = c.hash.is_some() || c.scram_sha256.is_some() || c.scram_sha512.is_some();
+    anyhow::ensure!(
+        x509.is_none() || !secret,
+        "--hash and SCRAM verifiers belong to a password credential, not to --identity or --identity-regex"
+    );
+    let password = secret.then(|| PasswordMatch {
+        username: c.username.unwrap_or_default(),
+        client_id: c.client_id,
+        hash: c.hash.unwrap_or_default(),
+        scram_sha256: c.scram_sha256,
+        scram_sha512: c.scram_sha512,
+    });
     anyhow::ensure!(
         x509.is_some() || password.is_some(),
-        "give --identity, --identity-regex, or --hash with --username and/or --client-id"
+        "give --identity, --identity-regex, or --hash (or a SCRAM verifier) with --username and/or --client-id"
     );
     Ok(Credential {
         name: c.name,

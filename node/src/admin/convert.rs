@@ -60,6 +60,8 @@ pub fn credential_to_pb(c: &Credential) -> pb::Credential {
             username: p.username.clone().unwrap_or_default(),
             client_id: p.client_id.clone(),
             hash: p.hash.clone(),
+            scram_sha256: p.scram_sha256.clone(),
+            scram_sha512: p.scram_sha512.clone(),
         }),
     }
 }
@@ -77,6 +79,8 @@ pub fn credential_from_pb(c: pb::Credential) -> Result<Credential, String> {
             username: Some(p.username).filter(|u| !u.is_empty()),
             client_id: p.client_id,
             hash: p.hash,
+            scram_sha256: p.scram_sha256,
+            scram_sha512: p.scram_sha512,
         }),
     })
 }

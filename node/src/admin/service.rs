@@ -164,42 +164,13 @@ impl AdminService {
 
     /// Decides a CONNECT as the listeners do: the node's CONNECT policy (user name, client id
     /// policy) and the provider chain, then CRL revocations and the applied state. A password
-    /// user is taken as having given the right password; a token is verified.
-    fn dry_run_connect(&self, r: &CheckAccessRequest, client_id: String) -> Result<Result<Grant, Refusal>, Status> {
-        let mut connect = mqttbytes::v5::Connect::new(client_id);
-        let token = Some(r.token.clone()).filter(|t| !t.is_empty());
-        let peer = if r.password_user || token.is_some() {
-            connect.set_login(&r.identity, &token.clone().unwrap_or_default());
-            PeerAuth::Anonymous
-        } else {
-            let serial = if r.serial.is_empty() {
-                String::new()
-            } else {
-                crate::auth::serial::normalize_serial(&r.serial).map_err(|e| invalid(format!("serial: {e}")))?
-            };
-            let now = crate::cluster::unix_now();
-            PeerAuth::Certificate(PeerCertificate {
-                identity: r.identity.clone(),
-                serial,
-                issuer: r.issuer.clone(),
-                not_before: now,
-                not_after: now,
-            })
-        };
-        let limits = crate::mqtt::connect::SessionLimits::default();
-        let index = self.auth.current();
-        let decision =
-            crate::mqtt::connect::validate(ProtocolVersion::V5, connect, &limits, || "check-access".into()).and_then(|mut request| {
-                let password = request.password.clone();
-                let presented = Presented {
-                    password: password.as_deref(),
-                    now: crate::cluster::unix_now(),
-                    password_check: PasswordCheck::Assume(r.password_user),
-                };
-                let principal = chain::authenticate(&index, &peer, request.claimed_identity(), &self.policy, presented)?;
-                self.auth.authorize(&principal, &request.client_id)
-            });
-        Ok(decision)
+    /// user is taken as having given the right password; a token is verified; the HTTP endpoint,
+    /// when enabled, is asked (without a password). Blocking: runs on a blocking thread.
+    async fn dry_run_connect(&self, r: CheckAccessRequest, client_id: String) -> Result<Result<Grant, Refusal>, Status> {
+        let (auth, policy, runtime) = (self.auth.clone(), self.policy, tokio::runtime::Handle::current());
+        tokio::task::spawn_blocking(move || dry_run_connect(&auth, policy, &runtime, &r, client_id))
+            .await
+            .map_err(|e| Status::internal(format!("check-access: {e}")))?
     }
 
     /// Verifies a CRL's signature against a trusted CA and turns its entries into revocations.
@@ -495,7 +466,8 @@ impl Admin for AdminService {
             return Err(invalid("topic: required for PUBLISH and SUBSCRIBE".into()));
         }
         let client_id = if r.client_id.is_empty() { r.identity.clone() } else { r.client_id.clone() };
-        let reply = match self.dry_run_connect(&r, client_id)? {
+        let topic = r.topic.clone();
+        let reply = match self.dry_run_connect(r, client_id).await? {
             Err(refusal) => {
                 CheckAccessReply { allowed: false, decided_by: format!("CONNECT refused: {}", refusal.reason), ..Default::default() }
             }
@@ -503,8 +475,8 @@ impl Admin for AdminService {
                 let credential = grant.credential.clone().unwrap_or_default();
                 let source = if credential.is_empty() { "default rules".to_string() } else { format!("credential {credential:?}") };
                 let (allowed, decided_by) = match action {
-                    Action::Publish => grant.acl.explain(&r.topic, AclAction::Publish),
-                    Action::Subscribe => grant.acl.explain(&r.topic, AclAction::Subscribe),
+                    Action::Publish => grant.acl.explain(&topic, AclAction::Publish),
+                    Action::Subscribe => grant.acl.explain(&topic, AclAction::Subscribe),
                     _ => (true, "CONNECT allowed".into()),
                 };
                 let client_type = pb_client_type(grant.client_type);
@@ -595,6 +567,53 @@ impl Admin for AdminService {
         });
         Ok(Response::new(Box::pin(backlog.chain(live))))
     }
+}
+
+/// The blocking part of [`AdminService::dry_run_connect`].
+fn dry_run_connect(
+    auth: &AuthStore,
+    policy: AuthPolicy,
+    runtime: &tokio::runtime::Handle,
+    r: &CheckAccessRequest,
+    client_id: String,
+) -> Result<Result<Grant, Refusal>, Status> {
+    let mut connect = mqttbytes::v5::Connect::new(client_id);
+    let token = Some(r.token.clone()).filter(|t| !t.is_empty());
+    let peer = if r.password_user || token.is_some() {
+        connect.set_login(&r.identity, &token.clone().unwrap_or_default());
+        PeerAuth::Anonymous
+    } else {
+        let serial = if r.serial.is_empty() {
+            String::new()
+        } else {
+            crate::auth::serial::normalize_serial(&r.serial).map_err(|e| invalid(format!("serial: {e}")))?
+        };
+        let now = crate::cluster::unix_now();
+        PeerAuth::Certificate(PeerCertificate {
+            identity: r.identity.clone(),
+            serial,
+            issuer: r.issuer.clone(),
+            not_before: now,
+            not_after: now,
+        })
+    };
+    let limits = crate::mqtt::connect::SessionLimits::default();
+    let index = auth.current();
+    let decision =
+        crate::mqtt::connect::validate(ProtocolVersion::V5, connect, &limits, || "check-access".into()).and_then(|mut request| {
+            let password = request.password.clone();
+            let presented = Presented {
+                password: password.as_deref().filter(|_| !r.password_user),
+                now: crate::cluster::unix_now(),
+                password_check: PasswordCheck::Assume(r.password_user),
+                listener: "check-access",
+                peer: None,
+                http: auth.http().map(|delegate| (delegate, runtime)),
+            };
+            let principal = chain::authenticate(&index, &peer, request.claimed_identity(), &policy, presented)?;
+            auth.authorize(&principal, &request.client_id)
+        });
+    Ok(decision)
 }
 
 fn pb_client_type(t: crate::auth::state::ClientType) -> i32 {

@@ -1,28 +1,56 @@
-//! The provider chain: the enabled providers (`x509`, `basic`, `jwt`) tried in the configured
-//! order on what a CONNECT presents; the first that authenticates the client makes its
+//! The provider chain: the enabled providers (`x509`, `basic`, `jwt`, `http`) tried in the
+//! configured order on what a CONNECT presents; the first that authenticates the client makes its
 //! [`Principal`]. Shared by the listeners and `rampart admin check-access`, so both decide alike.
-//! CPU only (argon2id, signature checks): the listeners call it off the async threads.
+//! Blocking (argon2id, signature checks, the HTTP call): callers run it off the async threads.
 
 use mqttbytes::v5::ConnectReturnCode;
 
+use super::http::{CertificateQuery, Decision, HttpDelegate, HttpQuery};
 use super::index::{AuthIndex, PasswordCheck};
 use super::policy::{self, AuthPolicy, ClaimedIdentity, PeerAuth, Principal, Verified};
+use super::state::OnUnavailable;
 use super::state::ProviderKind;
 use super::Refusal;
 
 /// What a CONNECT presents beyond its claimed identity.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct Presented<'a> {
     pub password: Option<&'a str>,
     /// Seconds since the epoch, for token expiry.
     pub now: i64,
     pub password_check: PasswordCheck,
+    /// `tcp`, `tls`, `ws` or `wss` (told to the HTTP endpoint).
+    pub listener: &'a str,
+    pub peer: Option<std::net::IpAddr>,
+    /// The node's HTTP delegation client, and the runtime its calls are driven on (the chain
+    /// runs on a blocking thread).
+    pub http: Option<(&'a HttpDelegate, &'a tokio::runtime::Handle)>,
+}
+
+/// Whether the chain may block on the network (the `http` provider is enabled).
+pub fn calls_out(index: &AuthIndex) -> bool {
+    index.http_settings().is_some()
 }
 
 /// Whether anything in the CONNECT needs a provider that costs CPU (a password or a user name
 /// to check): if not, the chain is cheap enough to run on the async threads.
 pub fn is_costly(username: Option<&str>, password: Option<&str>) -> bool {
     username.is_some() || password.is_some()
+}
+
+/// The chain's answer without running it, when `x509` comes first and authenticates the client's
+/// certificate: then nothing after it is tried, so a certificate client costs no password check
+/// slot and no blocking thread even if it sends a user name and password. `None` (and `request`
+/// untouched) otherwise.
+pub fn certificate_first(index: &AuthIndex, peer: &PeerAuth, request: ClaimedIdentity<'_>, policy: &AuthPolicy) -> Option<Principal> {
+    if index.provider_order().first() != Some(&ProviderKind::X509) || !matches!(peer, PeerAuth::Certificate(_)) {
+        return None;
+    }
+    let (mut client_id, mut username) = (request.client_id.clone(), request.username.clone());
+    let claim = ClaimedIdentity { client_id: &mut client_id, assigned_client_id: request.assigned_client_id, username: &mut username };
+    let principal = policy::authenticate(peer, claim, policy).ok()?;
+    (*request.client_id, *request.username) = (client_id, username);
+    Some(principal)
 }
 
 /// Runs the chain. A provider that does not apply (no certificate for `x509`; neither user name
@@ -60,6 +88,42 @@ pub fn authenticate(
                         verified: Some(Verified::Password(key)),
                     }),
                     Err(e) => Err(e),
+                }
+            }
+            // Driven by the CONNECT's Authentication Method (MQTT 5 AUTH), never by this chain.
+            ProviderKind::Scram => continue,
+            ProviderKind::Http => {
+                let (Some(settings), Some((delegate, runtime))) = (index.http_settings(), presented.http) else { continue };
+                let query = HttpQuery {
+                    client_id: request.client_id,
+                    username: request.username.as_deref(),
+                    password: presented.password,
+                    certificate: match peer {
+                        PeerAuth::Certificate(cert) => Some(CertificateQuery::of(cert)),
+                        _ => None,
+                    },
+                    listener: presented.listener,
+                    peer: presented.peer,
+                };
+                match runtime.block_on(delegate.decide(settings, &query)) {
+                    Decision::Allow(grant) => Ok(Principal {
+                        identity: None,
+                        username: Some(grant.principal.clone()),
+                        certificate: None,
+                        verified: Some(Verified::Http(grant)),
+                    }),
+                    Decision::Deny(reason) => {
+                        let code = if presented.password.is_some() {
+                            ConnectReturnCode::BadUserNamePassword
+                        } else {
+                            ConnectReturnCode::NotAuthorized
+                        };
+                        Err(Refusal { code, reason: format!("denied: {reason}") })
+                    }
+                    Decision::Unavailable(_) if settings.on_unavailable == OnUnavailable::Next => continue,
+                    Decision::Unavailable(reason) => {
+                        Err(Refusal { code: ConnectReturnCode::ServerUnavailable, reason: format!("endpoint unavailable: {reason}") })
+                    }
                 }
             }
             ProviderKind::Jwt => {
@@ -134,7 +198,7 @@ mod tests {
     fn run(index: &AuthIndex, peer: &PeerAuth, username: Option<&str>, password: Option<&str>) -> Result<Principal, Refusal> {
         let (mut client_id, mut username) = ("plc-1".to_string(), username.map(str::to_string));
         let claim = ClaimedIdentity { client_id: &mut client_id, assigned_client_id: false, username: &mut username };
-        let presented = Presented { password, now: NOW, password_check: PasswordCheck::Verify };
+        let presented = Presented { password, now: NOW, password_check: PasswordCheck::Verify, listener: "tcp", peer: None, http: None };
         authenticate(index, peer, claim, &AuthPolicy::default(), presented)
     }
 
@@ -154,6 +218,22 @@ mod tests {
         // A wrong password under basic-first falls through to the certificate.
         let owner = run(&basic_first, &cert(), Some("plc-1"), Some("wrong")).unwrap().owner();
         assert!(matches!(owner, Owner::Certificate { .. }), "{owner}");
+    }
+
+    #[test]
+    fn a_certificate_decides_first_without_touching_a_refused_request() {
+        let x509_first = index(r#"["x509", "basic"]"#);
+        let (mut client_id, mut username) = ("plc-1".to_string(), Some("someone".to_string()));
+        let claim = ClaimedIdentity { client_id: &mut client_id, assigned_client_id: false, username: &mut username };
+        let p = certificate_first(&x509_first, &cert(), claim, &AuthPolicy::default()).unwrap();
+        assert!(matches!(p.owner(), Owner::Certificate { .. }));
+        assert_eq!(username.as_deref(), Some("plc-1"), "the identity became the user name");
+        let (mut client_id, mut username) = ("plc-2".to_string(), None);
+        let claim = ClaimedIdentity { client_id: &mut client_id, assigned_client_id: false, username: &mut username };
+        assert!(certificate_first(&x509_first, &cert(), claim, &AuthPolicy::default()).is_none(), "client id of another device");
+        let basic_first = index(r#"["basic", "x509"]"#);
+        let claim = ClaimedIdentity { client_id: &mut client_id, assigned_client_id: false, username: &mut username };
+        assert!(certificate_first(&basic_first, &cert(), claim, &AuthPolicy::default()).is_none());
     }
 
     #[test]

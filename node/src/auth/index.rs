@@ -12,6 +12,7 @@ use super::identity::PeerCertificate;
 use super::jwt::{JwtVerifier, VerifiedToken};
 use super::password;
 use super::policy::{PasswordKey, Principal, Verified};
+use super::scram;
 use super::state::{
     AuthState, ClientType, Credential, PasswordMatch, ProviderKind, Providers, Revocation, Rule, UnknownCertificate, X509Match,
 };
@@ -162,6 +163,23 @@ impl AuthIndex {
         &self.state.as_ref().map_or(&*DEFAULT, |s| &s.providers).order
     }
 
+    /// The `scram` provider's stored verifier of a user name for a mechanism, if any.
+    pub fn scram_verifier(&self, username: &str, mechanism: scram::Mechanism) -> Option<scram::Verifier> {
+        let state = self.state.as_ref()?;
+        let p = self.credentials.passwords.get(username).and_then(|&i| state.credentials[i].password.as_ref())?;
+        let text = match mechanism {
+            scram::Mechanism::Sha256 => p.scram_sha256.as_ref(),
+            scram::Mechanism::Sha512 => p.scram_sha512.as_ref(),
+        }?;
+        scram::Verifier::parse(text).ok()
+    }
+
+    /// The `http` provider's settings, when it is enabled.
+    pub fn http_settings(&self) -> Option<&super::state::HttpSettings> {
+        let settings = self.state.as_ref()?.providers.http.as_ref();
+        settings.filter(|_| self.provider_order().contains(&ProviderKind::Http))
+    }
+
     /// The `jwt` provider: verifies a token from the CONNECT password field (see [`JwtVerifier::verify`]).
     pub fn verify_token(&self, token: &str, client_id: &str, username: Option<&str>, now: Option<i64>) -> Result<VerifiedToken, Refusal> {
         let jwt = self
@@ -224,7 +242,7 @@ impl AuthIndex {
                 None => return Ok(None),
             },
         };
-        let hash = at.and_then(|i| state.credentials[i].password.as_ref()).map(|p| p.hash.as_str());
+        let hash = at.and_then(|i| state.credentials[i].password.as_ref()).map(|p| p.hash.as_str()).filter(|h| !h.is_empty());
         let right = match check {
             // Without a credential, verify against a fixed hash anyway, so timing does not tell which user names exist.
             PasswordCheck::Verify => password::verify(password.unwrap_or_default(), hash.unwrap_or(&TIMING_HASH)),
@@ -251,6 +269,22 @@ impl AuthIndex {
             if let Some(Verified::Token(token)) = &principal.verified {
                 return self.authorize_token(state, token, client_id);
             }
+            if let Some(Verified::Http(grant)) = &principal.verified {
+                let settings = state.providers.http.as_ref().filter(|_| self.provider_order().contains(&ProviderKind::Http));
+                let settings = settings.ok_or_else(|| refuse("the http provider is disabled".into()))?;
+                let rules = grant.rules.as_ref().unwrap_or(&settings.rules);
+                let acl = Acl::compile(rules, &grant.principal, client_id).map_err(|e| refuse(format!("permissions: {e}")))?;
+                return Ok(self.grant_for(state, None, grant.client_type.unwrap_or(settings.client_type), acl));
+            }
+            if let Some(Verified::Scram(username)) = &principal.verified {
+                let credential = self.credentials.passwords.get(username).map(|&i| &state.credentials[i]);
+                let has_scram = |c: &Credential| c.password.as_ref().is_some_and(|p| p.scram_sha256.is_some() || p.scram_sha512.is_some());
+                return match credential {
+                    _ if !self.provider_order().contains(&ProviderKind::Scram) => Err(refuse("the scram provider is disabled".into())),
+                    Some(c) if has_scram(c) => self.authorize_password(state, c, username, client_id),
+                    _ => Err(refuse(format!("the SCRAM credential of {username:?} no longer exists"))),
+                };
+            }
             if let Some(Verified::Password(key)) = &principal.verified {
                 let credential = match key {
                     PasswordKey::Username(u) => self.credentials.passwords.get(u),
@@ -260,11 +294,7 @@ impl AuthIndex {
                 return match credential {
                     _ if !self.provider_order().contains(&ProviderKind::Basic) => Err(refuse("the basic provider is disabled".into())),
                     None => Err(refuse(format!("the password credential of {key:?} no longer exists"))),
-                    Some(c) if !c.enabled => Err(refuse(format!("credential {:?} is disabled", c.name))),
-                    Some(c) if c.password.as_ref().and_then(|p| p.client_id.as_deref()).is_some_and(|bound| bound != client_id) => {
-                        Err(refuse(format!("credential {:?} is bound to another client id", c.name)))
-                    }
-                    Some(c) => self.grant(state, c, username, client_id),
+                    Some(c) => self.authorize_password(state, c, username, client_id),
                 };
             }
             if !state.defaults.anonymous {
@@ -298,6 +328,16 @@ impl AuthIndex {
 }
 
 impl AuthIndex {
+    /// A client whose password credential accepted it (by `basic` or `scram`).
+    fn authorize_password(&self, state: &AuthState, c: &Credential, username: &str, client_id: &str) -> Result<Grant, Refusal> {
+        let refuse = |reason: String| Refusal { code: ConnectReturnCode::NotAuthorized, reason };
+        match c.password.as_ref().and_then(|p| p.client_id.as_deref()) {
+            _ if !c.enabled => Err(refuse(format!("credential {:?} is disabled", c.name))),
+            Some(bound) if bound != client_id => Err(refuse(format!("credential {:?} is bound to another client id", c.name))),
+            _ => self.grant(state, c, username, client_id),
+        }
+    }
+
     /// A token client: the token verified again against the keys and settings in force (not its
     /// time: expiry during a session is the connection's timer's business); permissions from its
     /// claims, else the provider's rules.
@@ -358,7 +398,27 @@ pub fn validate_credential(c: &Credential, role_exists: impl Fn(&str) -> bool) -
         (None, Some(pw)) if pw.username.as_ref().is_some_and(String::is_empty) => Err("password.username: must not be empty".into()),
         (None, Some(pw)) if pw.client_id.as_ref().is_some_and(String::is_empty) => Err("password.client_id: must not be empty".into()),
         (None, Some(pw)) if pw.username.is_none() && pw.client_id.is_none() => Err("password needs a username, a client_id or both".into()),
-        (None, Some(pw)) => password::check_hash(&pw.hash).map(|_| None).map_err(|e| format!("password.hash: {e}")),
+        (None, Some(pw)) => {
+            let scram = [
+                (&pw.scram_sha256, scram::Mechanism::Sha256, "scram_sha256"),
+                (&pw.scram_sha512, scram::Mechanism::Sha512, "scram_sha512"),
+            ];
+            for (text, mechanism, key) in scram {
+                let Some(text) = text else { continue };
+                let verifier = scram::Verifier::parse(text).map_err(|e| format!("password.{key}: {e}"))?;
+                if verifier.mechanism != mechanism {
+                    return Err(format!("password.{key}: holds a {} verifier", verifier.mechanism.name()));
+                }
+                if pw.username.is_none() {
+                    return Err(format!("password.{key}: SCRAM needs a username"));
+                }
+            }
+            match (pw.hash.is_empty(), pw.scram_sha256.is_some() || pw.scram_sha512.is_some()) {
+                (true, false) => Err("password needs a hash, a scram_sha256 or a scram_sha512 verifier".into()),
+                (true, true) => Ok(None),
+                (false, _) => password::check_hash(&pw.hash).map(|_| None).map_err(|e| format!("password.hash: {e}")),
+            }
+        }
         _ => Err("a credential needs exactly one of x509 and password".into()),
     }
 }
@@ -370,6 +430,20 @@ pub fn compile_providers(p: &Providers) -> Result<Option<Arc<JwtVerifier>>, Stri
         if p.order[..i].contains(kind) {
             return Err(format!("providers.order: {kind} is listed twice"));
         }
+    }
+    match (&p.http, p.order.contains(&ProviderKind::Http)) {
+        (None, true) => return Err("providers.http: required when http is in providers.order".into()),
+        (Some(h), _) => {
+            let uri: hyper::Uri = h.url.parse().map_err(|e| format!("providers.http.url: {e}"))?;
+            if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+                return Err("providers.http.url: must be http://host/… or https://host/…".into());
+            }
+            if h.timeout_ms == 0 {
+                return Err("providers.http.timeout_ms: must be at least 1".into());
+            }
+            check_rules(&h.rules).map_err(|e| format!("providers.http.rules: {e}"))?;
+        }
+        (None, false) => {}
     }
     match (&p.jwt, p.order.contains(&ProviderKind::Jwt)) {
         (None, true) => Err("providers.jwt: required when jwt is in providers.order".into()),
@@ -575,6 +649,23 @@ mod tests {
     }
 
     #[test]
+    fn scram_verifiers_are_found_by_user_name_and_mechanism() {
+        let v256 = scram::Verifier::generate(scram::Mechanism::Sha256, "pw", 4096).unwrap();
+        let text = format!(
+            "[providers]\norder = [\"scram\"]\n[[credentials]]\nname = \"app\"\npassword = {{ username = \"app\", scram_sha256 = \"{v256}\" }}\n\
+             [[credentials]]\nname = \"b\"\npassword = {{ client_id = \"b\", scram_sha256 = \"{v256}\" }}\n"
+        );
+        assert!(AuthIndex::build(toml::from_str(&text).unwrap()).unwrap_err().contains("SCRAM needs a username"));
+        let index = index(&text[..text.find("[[credentials]]\nname = \"b\"").unwrap()]);
+        assert_eq!(index.scram_verifier("app", scram::Mechanism::Sha256), Some(v256));
+        assert_eq!(index.scram_verifier("app", scram::Mechanism::Sha512), None);
+        let principal = Principal { username: Some("app".into()), verified: Some(Verified::Scram("app".into())), ..Principal::default() };
+        assert_eq!(principal.owner(), crate::auth::policy::Owner::Password { username: "app".into() });
+        assert!(index.authorize(&principal, "any").is_ok());
+        assert!(index.check_password(Some("app"), "any", Some("pw"), PasswordCheck::Verify).is_err(), "no argon2 hash: basic refuses");
+    }
+
+    #[test]
     fn anonymous_clients_follow_the_defaults() {
         let anonymous = Principal::default();
         assert_eq!(password_state().authorize(&anonymous, "x").unwrap_err().code, ConnectReturnCode::NotAuthorized);
@@ -592,6 +683,8 @@ mod tests {
             ("[[credentials]]\nname = \"a\"\npassword = { username = \"a\", hash = \"plain\" }\n", "password.hash"),
             ("[[credentials]]\nname = \"a\"\npassword = { hash = \"plain\" }\n", "a username, a client_id or both"),
             ("[providers]\norder = [\"jwt\"]\n", "providers.jwt: required"),
+            ("[[credentials]]\nname = \"a\"\npassword = { username = \"a\", scram_sha256 = \"plain\" }\n", "password.scram_sha256"),
+            ("[[credentials]]\nname = \"a\"\npassword = { username = \"a\" }\n", "needs a hash, a scram_sha256"),
             ("[providers]\norder = [\"x509\", \"x509\"]\n", "listed twice"),
             ("[[credentials]]\nname = \"a\"\nroles = [\"nope\"]\nx509 = { identity = \"a\" }\n", "unknown role"),
             ("[[credentials]]\nname = \"a\"\nx509 = { identity_regex = \"(\" }\n", "identity_regex"),

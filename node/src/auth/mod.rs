@@ -4,12 +4,14 @@
 
 pub mod acl;
 pub mod chain;
+pub mod http;
 pub mod identity;
 pub mod index;
 pub mod jwt;
 pub mod password;
 pub mod password_gate;
 pub mod policy;
+pub mod scram;
 pub mod serial;
 pub mod state;
 pub mod store;

@@ -100,6 +100,8 @@ pub enum Owner {
     PasswordClientId { client_id: String },
     /// A JSON Web Token, by issuer (`iss`, empty when absent) and subject (`sub`).
     Token { issuer: String, subject: String },
+    /// A client the HTTP endpoint allowed, by the principal it named.
+    Http { principal: String },
 }
 
 impl std::fmt::Display for Owner {
@@ -110,6 +112,7 @@ impl std::fmt::Display for Owner {
             Owner::Anonymous => f.write_str("anonymous"),
             Owner::PasswordClientId { client_id } => write!(f, "password credential of client id {client_id:?}"),
             Owner::Token { issuer, subject } => write!(f, "token subject {subject:?} issued by {issuer:?}"),
+            Owner::Http { principal } => write!(f, "HTTP-authorized principal {principal:?}"),
         }
     }
 }
@@ -133,6 +136,10 @@ pub enum Verified {
     Password(PasswordKey),
     /// A JSON Web Token passed every check.
     Token(std::sync::Arc<VerifiedToken>),
+    /// A SCRAM exchange proved the password of this user name's credential.
+    Scram(String),
+    /// The HTTP endpoint allowed the client.
+    Http(std::sync::Arc<super::http::HttpGrant>),
 }
 
 /// How a password credential is found again (on every re-check of a live connection).
@@ -152,6 +159,9 @@ impl Principal {
             (None, Some(Verified::Password(PasswordKey::Username(username)))) => Owner::Password { username: username.clone() },
             (None, Some(Verified::Password(PasswordKey::ClientId(client_id)))) => Owner::PasswordClientId { client_id: client_id.clone() },
             (None, Some(Verified::Token(t))) => Owner::Token { issuer: t.issuer.clone(), subject: t.subject.clone() },
+            // The same credential, whichever way its password was proved.
+            (None, Some(Verified::Scram(username))) => Owner::Password { username: username.clone() },
+            (None, Some(Verified::Http(grant))) => Owner::Http { principal: grant.principal.clone() },
             (None, None) => Owner::Anonymous,
         }
     }

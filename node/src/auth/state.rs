@@ -39,6 +39,11 @@ pub enum ProviderKind {
     Basic,
     /// A JSON Web Token in the CONNECT password field.
     Jwt,
+    /// SCRAM-SHA-256/512 through MQTT 5 enhanced authentication (AUTH), against the SCRAM
+    /// verifiers of password credentials.
+    Scram,
+    /// The decision of the operator's HTTP(S) endpoint.
+    Http,
 }
 
 impl std::fmt::Display for ProviderKind {
@@ -47,6 +52,8 @@ impl std::fmt::Display for ProviderKind {
             ProviderKind::X509 => "x509",
             ProviderKind::Basic => "basic",
             ProviderKind::Jwt => "jwt",
+            ProviderKind::Scram => "scram",
+            ProviderKind::Http => "http",
         })
     }
 }
@@ -64,12 +71,63 @@ pub struct Providers {
     pub order: Vec<ProviderKind>,
     /// Settings of the `jwt` provider; required when it is enabled.
     pub jwt: Option<JwtSettings>,
+    /// Settings of the `http` provider; required when it is enabled.
+    pub http: Option<HttpSettings>,
 }
 
 impl Default for Providers {
     fn default() -> Self {
-        Providers { order: default_order(), jwt: None }
+        Providers { order: default_order(), jwt: None, http: None }
     }
+}
+
+/// Where and how CONNECT decisions are delegated (each node also limits the hosts it calls:
+/// `[auth.http] allowed_hosts`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    /// `http://host[:port]/path` or `https://…`; the broker POSTs JSON there.
+    pub url: String,
+    /// Longest wait for an answer.
+    #[serde(default = "default_http_timeout")]
+    pub timeout_ms: u64,
+    /// How long an answer (allow or deny) is reused for the same request; 0: never.
+    #[serde(default = "default_http_cache_ttl")]
+    pub cache_ttl_secs: u64,
+    /// Most answers kept; the oldest go first.
+    #[serde(default = "default_http_cache_entries")]
+    pub cache_max_entries: usize,
+    /// What an unavailable endpoint (down, slow, error status, unreadable answer) means.
+    #[serde(default)]
+    pub on_unavailable: OnUnavailable,
+    /// Client type when the answer names none.
+    #[serde(default)]
+    pub client_type: ClientType,
+    /// Rules when the answer carries none.
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+}
+
+fn default_http_timeout() -> u64 {
+    2000
+}
+
+fn default_http_cache_ttl() -> u64 {
+    60
+}
+
+fn default_http_cache_entries() -> usize {
+    10_000
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnUnavailable {
+    /// Refuse the client (CONNACK server unavailable).
+    #[default]
+    Deny,
+    /// Go on with the next provider, as if `http` were not in the chain.
+    Next,
 }
 
 /// How JSON Web Tokens are verified and what they grant.
@@ -176,14 +234,19 @@ pub struct Credential {
     pub password: Option<PasswordMatch>,
 }
 
-/// An argon2id password hash (as printed by `rampart passwd`) for a user name, a client id, or
-/// both (then both must match).
+/// A password credential for a user name, a client id, or both (then both must match): an
+/// argon2id hash (as printed by `rampart passwd`) for the `basic` provider, and/or SCRAM
+/// verifiers (`rampart passwd --scram sha-256`) for the `scram` provider, which needs a user name.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PasswordMatch {
     pub username: Option<String>,
     pub client_id: Option<String>,
+    /// Empty: no password for `basic`.
+    #[serde(default)]
     pub hash: String,
+    pub scram_sha256: Option<String>,
+    pub scram_sha512: Option<String>,
 }
 
 /// Which certificate identities a credential covers: one exact identity, or a regex (exact

@@ -28,6 +28,8 @@ pub struct AuthStore {
     /// Why this node serves no client at all (a cluster node that is not a member), if so.
     out_of_service: ArcSwap<Option<String>>,
     changed: watch::Sender<u64>,
+    /// The `http` provider's client and decision cache (node settings from `[auth.http]`).
+    http: std::sync::OnceLock<super::http::HttpDelegate>,
 }
 
 /// Reads a state file; errors name the file and the key.
@@ -55,6 +57,7 @@ impl AuthStore {
             crl_revoked: ArcSwap::default(),
             out_of_service: ArcSwap::default(),
             changed: watch::channel(0).0,
+            http: std::sync::OnceLock::new(),
         })
     }
 
@@ -88,7 +91,18 @@ impl AuthStore {
             crl_revoked: ArcSwap::default(),
             out_of_service: ArcSwap::from_pointee(Some(NOT_YET_A_MEMBER.to_string())),
             changed: watch::channel(0).0,
+            http: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Sets this node's HTTP delegation client (once, at start; later calls change nothing).
+    pub fn set_http(&self, delegate: super::http::HttpDelegate) {
+        let _ = self.http.set(delegate);
+    }
+
+    /// This node's HTTP delegation client, if set.
+    pub fn http(&self) -> Option<&super::http::HttpDelegate> {
+        self.http.get()
     }
 
     /// Why no client is served, if none is (see [`AuthStore::set_out_of_service`]).

@@ -410,11 +410,11 @@ mod tests {
     #[test]
     fn providers_are_checked_at_apply() {
         let mut state = Replicated::default();
-        let jwt_without_settings = Providers { order: vec![ProviderKind::Jwt], jwt: None };
+        let jwt_without_settings = Providers { order: vec![ProviderKind::Jwt], jwt: None, http: None };
         let (resp, changed) = state.apply(1, &cmd(1, Op::SetProviders(jwt_without_settings)));
         assert!(!changed && resp.error.unwrap().1.contains("providers.jwt: required"));
         let settings: crate::auth::state::JwtSettings = toml::from_str("hmac_secret = \"0123456789abcdef0123456789abcdef\"").unwrap();
-        let providers = Providers { order: vec![ProviderKind::Basic, ProviderKind::Jwt], jwt: Some(settings) };
+        let providers = Providers { order: vec![ProviderKind::Basic, ProviderKind::Jwt], jwt: Some(settings), http: None };
         let (resp, changed) = state.apply(2, &cmd(2, Op::SetProviders(providers.clone())));
         assert!(changed, "{resp:?}");
         assert_eq!(resp.detail, "providers set: basic, jwt");

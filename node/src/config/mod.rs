@@ -196,6 +196,8 @@ pub struct AuthConfig {
     pub state_file: Option<PathBuf>,
     /// What an MQTT 3.1.1 client gets for an unauthorized PUBLISH (MQTT 5 gets a reason code).
     pub v3_unauthorized_publish: UnauthorizedPublish,
+    /// This node's limits on the `http` provider: hosts it may call, CA for https.
+    pub http: crate::auth::http::HttpNodeConfig,
 }
 
 impl Default for AuthConfig {
@@ -208,6 +210,7 @@ impl Default for AuthConfig {
             client_id_separator: policy.client_id_separator,
             state_file: None,
             v3_unauthorized_publish: UnauthorizedPublish::Disconnect,
+            http: Default::default(),
         }
     }
 }
@@ -520,6 +523,9 @@ impl Config {
         if let Some(path) = config.auth.state_file.as_mut().filter(|p| p.is_relative()) {
             *path = base.join(&*path);
         }
+        if let Some(path) = config.auth.http.ca_file.as_mut().filter(|p| p.is_relative()) {
+            *path = base.join(&*path);
+        }
         for listener in [&mut config.listeners.tls, &mut config.listeners.wss].into_iter().flatten() {
             let paths = [&mut listener.cert_file, &mut listener.key_file]
                 .into_iter()
@@ -644,6 +650,9 @@ impl Config {
         }
         if let Some(path) = self.auth.state_file.as_ref().filter(|p| !p.is_file()) {
             return err("auth.state_file", format!("{} is not a readable file", path.display()));
+        }
+        if let Some(path) = self.auth.http.ca_file.as_ref().filter(|p| !p.is_file()) {
+            return err("auth.http.ca_file", format!("{} is not a readable file", path.display()));
         }
         self.validate_cluster(file)?;
         if self.listener_specs().is_empty() {

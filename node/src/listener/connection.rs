@@ -16,12 +16,16 @@ use tokio::sync::watch;
 
 use crate::auth::chain::{self, Presented};
 use crate::auth::index::{AuthIndex, PasswordCheck};
+use crate::auth::policy::Verified;
 use crate::auth::policy::{self, AuthPolicy, PeerAuth};
+use crate::auth::scram;
 use crate::auth::state::ClientType;
+use crate::auth::state::ProviderKind;
 use crate::auth::store::AuthStore;
 use crate::broker::clients::{ClientInfo, ConnectedClients};
 use crate::broker::message::Delivery;
 use crate::broker::{AttachError, AttachRequest, Broker};
+use crate::mqtt::codec::{self, Auth, AuthReason, Packet};
 use crate::mqtt::connect::{self, Handshake, Handshaked, SessionLimits};
 use crate::mqtt::session::{Action, RetainHandling, Session};
 use crate::telemetry::metrics;
@@ -60,7 +64,7 @@ const CLOSE_DRAIN: Duration = Duration::from_secs(2);
 const CLOSE_WRITE: Duration = Duration::from_secs(5);
 
 /// Serves one client connection to completion.
-pub async fn serve<S>(stream: S, peer: SocketAddr, peer_auth: PeerAuth, ctx: Arc<ConnectionContext>)
+pub async fn serve<S>(stream: S, peer: SocketAddr, peer_auth: PeerAuth, ctx: Arc<ConnectionContext>, listener: &'static str)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
@@ -76,10 +80,11 @@ where
         Err((reply, reason)) => return refuse(&mut writer, &reply, peer, &reason).await,
     };
     let version = request.version;
-    let (request, principal, grant) = match authorize(request, peer, &peer_auth, &ctx).await {
-        Ok(accepted) => accepted,
-        Err(refusal) => return refuse(&mut writer, &connect::refusal_reply(version, refusal.code), peer, &refusal.reason).await,
-    };
+    let (request, principal, grant) =
+        match authorize(request, (peer, listener), &peer_auth, &ctx, (&mut reader, &mut writer, &mut input)).await {
+            Ok(accepted) => accepted,
+            Err(refusal) => return refuse(&mut writer, &connect::refusal_reply(version, refusal.code), peer, &refusal.reason).await,
+        };
     let owner = principal.owner();
     let durable = grant.client_type == ClientType::Application;
     let attach = AttachRequest {
@@ -127,9 +132,13 @@ where
     let mut session = Session::start(request, attached.session, present, ctx.limits.clone(), grant.acl, Instant::now());
     let mut shutdown = ctx.shutdown.clone();
     let mut expires_at = grant.expires_at;
+    let (mut auths, mut reauth) = (Vec::new(), None);
 
     loop {
-        run_actions(&mut session, broker).await;
+        run_actions(&mut session, broker, &mut auths).await;
+        for auth in auths.drain(..) {
+            reauthenticate(&mut session, auth, &mut reauth, &principal, &ctx);
+        }
         if session.close_reason().is_some() {
             break;
         }
@@ -219,30 +228,57 @@ where
     let _ = tokio::time::timeout(CLOSE_DRAIN, drain).await;
 }
 
-/// Authenticates (the provider chain: certificate, password, token, in the configured order) and
-/// authorizes a validated CONNECT. A CONNECT with a user name or password is checked on a
-/// blocking thread behind the password gate (argon2id is slow by design, signatures cost too).
-async fn authorize(
+/// Authenticates (the provider chain: certificate, password, token, HTTP, in the configured
+/// order; SCRAM when CONNECT names it) and authorizes a validated CONNECT. Unless a certificate
+/// decides first, a CONNECT with a user name or password is checked on a blocking thread behind
+/// the password gate (argon2id is slow by design, signatures cost too), and so is any CONNECT
+/// while the `http` provider is enabled (its call blocks).
+async fn authorize<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     mut request: connect::ConnectRequest,
-    peer: SocketAddr,
+    (peer, listener): (SocketAddr, &'static str),
     peer_auth: &PeerAuth,
     ctx: &ConnectionContext,
+    io: (&mut R, &mut W, &mut BytesMut),
 ) -> Result<(connect::ConnectRequest, policy::Principal, crate::auth::index::Grant), crate::auth::Refusal> {
+    if request.auth_method.is_some() {
+        let principal = enhanced_auth(&mut request, peer, ctx, io).await?;
+        let grant = ctx.auth_store.authorize(&principal, &request.client_id)?;
+        return Ok((request, principal, grant));
+    }
     let index = ctx.auth_store.current();
+    if let Some(principal) = chain::certificate_first(&index, peer_auth, request.claimed_identity(), &ctx.auth) {
+        let grant = ctx.auth_store.authorize(&principal, &request.client_id)?;
+        return Ok((request, principal, grant));
+    }
     let now = crate::cluster::unix_now();
+    let (store, runtime) = (ctx.auth_store.clone(), tokio::runtime::Handle::current());
     let run = move |index: &AuthIndex, request: &mut connect::ConnectRequest, peer_auth: &PeerAuth, policy: &AuthPolicy| {
         let password = request.password.clone();
-        let presented = Presented { password: password.as_deref(), now, password_check: PasswordCheck::Verify };
+        let presented = Presented {
+            password: password.as_deref(),
+            now,
+            password_check: PasswordCheck::Verify,
+            listener,
+            peer: Some(peer.ip()),
+            http: store.http().map(|delegate| (delegate, &runtime)),
+        };
         chain::authenticate(index, peer_auth, request.claimed_identity(), policy, presented)
     };
-    let principal = if index.state().is_some() && chain::is_costly(request.username.as_deref(), request.password.as_deref()) {
+    let costly = chain::is_costly(request.username.as_deref(), request.password.as_deref());
+    // The HTTP provider blocks on the network: the chain then runs on a blocking thread too.
+    let principal = if index.state().is_some() && (costly || chain::calls_out(&index)) {
         let refusal = |code, reason: String| crate::auth::Refusal { code, reason };
-        ctx.password_gate
-            .admit(peer.ip(), Instant::now())
-            .map_err(|e| refusal(v5::ConnectReturnCode::ConnectionRateExceeded, e.to_string()))?;
-        let permit = tokio::time::timeout(ctx.connect_timeout, ctx.password_gate.permit())
-            .await
-            .map_err(|_| refusal(v5::ConnectReturnCode::ServerBusy, "no free password check slot".into()))?;
+        let permit = if costly {
+            ctx.password_gate
+                .admit(peer.ip(), Instant::now())
+                .map_err(|e| refusal(v5::ConnectReturnCode::ConnectionRateExceeded, e.to_string()))?;
+            let permit = tokio::time::timeout(ctx.connect_timeout, ctx.password_gate.permit())
+                .await
+                .map_err(|_| refusal(v5::ConnectReturnCode::ServerBusy, "no free password check slot".into()))?;
+            Some(permit)
+        } else {
+            None
+        };
         let (peer_auth, policy) = (peer_auth.clone(), ctx.auth);
         // The permit moves into the check, so the slot stays taken until argon2 is done even
         // if this connection goes away first.
@@ -261,6 +297,110 @@ async fn authorize(
     };
     let grant = ctx.auth_store.authorize(&principal, &request.client_id)?;
     Ok((request, principal, grant))
+}
+
+/// MQTT 5 enhanced authentication at CONNECT, by the `scram` provider alone (a CONNECT naming a
+/// method is never passed to the other providers): AUTH with the server-first-message, the
+/// client's AUTH with its final message, and the server-final-message goes into the CONNACK.
+/// The exchange costs the server only hashes, so it runs here, paced by the password gate's
+/// per-source rate.
+async fn enhanced_auth<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    request: &mut connect::ConnectRequest,
+    peer: SocketAddr,
+    ctx: &ConnectionContext,
+    (reader, writer, input): (&mut R, &mut W, &mut BytesMut),
+) -> Result<policy::Principal, crate::auth::Refusal> {
+    let refusal = |code, reason: String| crate::auth::Refusal { code, reason };
+    let method = request.auth_method.clone().unwrap_or_default();
+    let index = ctx.auth_store.current();
+    let mechanism =
+        scram::Mechanism::from_method(&method).filter(|_| index.provider_order().contains(&ProviderKind::Scram)).ok_or_else(|| {
+            refusal(v5::ConnectReturnCode::BadAuthenticationMethod, format!("authentication method {method:?} is not enabled"))
+        })?;
+    ctx.password_gate
+        .admit(peer.ip(), Instant::now())
+        .map_err(|e| refusal(v5::ConnectReturnCode::ConnectionRateExceeded, e.to_string()))?;
+    let client_first = request.auth_data.take().unwrap_or_default();
+    let (server_first, pending) = scram::start(mechanism, &client_first, |u| index.scram_verifier(u, mechanism))?;
+    let mut out = BytesMut::new();
+    codec::encode(request.version, &Packet::Auth(auth_packet(AuthReason::ContinueAuthentication, &method, server_first)), &mut out, None)
+        .map_err(|e| refusal(v5::ConnectReturnCode::UnspecifiedError, format!("AUTH: {e}")))?;
+    let lost = |e: String| refusal(v5::ConnectReturnCode::UnspecifiedError, e);
+    write_flush(writer, &out).await.map_err(|e| lost(format!("write failed during AUTH: {e}")))?;
+    let read = async {
+        loop {
+            match codec::decode(request.version, input, ctx.limits.max_packet_size) {
+                Ok(Some(packet)) => return Ok(packet),
+                Ok(None) => {}
+                Err(e) => return Err(refusal(v5::ConnectReturnCode::MalformedPacket, format!("during AUTH: {e}"))),
+            }
+            match reader.read_buf(input).await {
+                Ok(0) => return Err(lost("closed during AUTH".into())),
+                Ok(_) => {}
+                Err(e) => return Err(lost(format!("read failed during AUTH: {e}"))),
+            }
+        }
+    };
+    let reply = tokio::time::timeout(ctx.connect_timeout, read)
+        .await
+        .map_err(|_| lost(format!("no AUTH reply within {:?}", ctx.connect_timeout)))??;
+    let client_final = match reply {
+        Packet::Auth(a) if a.reason == AuthReason::ContinueAuthentication && a.method.as_deref() == Some(method.as_str()) => {
+            a.data.unwrap_or_default()
+        }
+        _ => {
+            return Err(refusal(
+                v5::ConnectReturnCode::ProtocolError,
+                "expected AUTH (continue authentication) with the CONNECT's method".into(),
+            ))
+        }
+    };
+    let (username, server_final) = pending.finish(&client_final)?;
+    request.auth_data = Some(server_final.into());
+    request.username = Some(username.clone());
+    Ok(policy::Principal { identity: None, username: Some(username.clone()), certificate: None, verified: Some(Verified::Scram(username)) })
+}
+
+fn auth_packet(reason: AuthReason, method: &str, data: Vec<u8>) -> Auth {
+    Auth { reason, method: Some(method.to_string()), data: Some(data.into()), reason_string: None, user_properties: Vec::new() }
+}
+
+/// One step of MQTT 5 re-authentication during a session (SCRAM again, same user): AUTH 0x19
+/// starts it, AUTH 0x18 finishes it, AUTH 0x00 with the server-final-message confirms it. A
+/// failure ends the session (DISCONNECT 0x87).
+fn reauthenticate(
+    session: &mut Session,
+    auth: Auth,
+    pending: &mut Option<scram::Pending>,
+    principal: &policy::Principal,
+    ctx: &ConnectionContext,
+) {
+    let method = auth.method.clone().unwrap_or_default();
+    let data = auth.data.clone().unwrap_or_default();
+    let outcome = match (auth.reason, pending.take(), scram::Mechanism::from_method(&method)) {
+        (AuthReason::ReAuthenticate, None, Some(mechanism)) => {
+            let index = ctx.auth_store.current();
+            scram::start(mechanism, &data, |u| index.scram_verifier(u, mechanism)).map(|(server_first, started)| {
+                *pending = Some(started);
+                auth_packet(AuthReason::ContinueAuthentication, &method, server_first)
+            })
+        }
+        (AuthReason::ContinueAuthentication, Some(started), _) => match started.finish(&data) {
+            Ok((username, server_final)) if principal.verified == Some(Verified::Scram(username.clone())) => {
+                Ok(auth_packet(AuthReason::Success, &method, server_final))
+            }
+            Ok((username, _)) => Err(crate::auth::Refusal {
+                code: v5::ConnectReturnCode::NotAuthorized,
+                reason: format!("re-authenticated as {username:?}, not as the session's user"),
+            }),
+            Err(refusal) => Err(refusal),
+        },
+        _ => return session.kick(DisconnectReasonCode::ProtocolError, "AUTH out of sequence"),
+    };
+    match outcome {
+        Ok(reply) => session.send_auth(reply),
+        Err(refusal) => session.kick(DisconnectReasonCode::NotAuthorized, format!("re-authentication failed: {}", refusal.reason)),
+    }
 }
 
 /// Answers a connection past the connection limit: CONNACK "server busy" (MQTT 5) / "server
@@ -309,7 +449,7 @@ async fn read_connect<R: AsyncRead + Unpin>(
 
 /// Carries out the session's broker work in order; returns once every session-store write it
 /// caused is durable, so acknowledgements written afterwards never promise more than the disk holds.
-async fn run_actions(session: &mut Session, broker: &Broker) {
+async fn run_actions(session: &mut Session, broker: &Broker, auths: &mut Vec<Auth>) {
     let mut durable_ticket = None;
     while let Some(action) = session.next_action() {
         match action {
@@ -328,6 +468,7 @@ async fn run_actions(session: &mut Session, broker: &Broker) {
             Action::Unsubscribe { filter } => {
                 broker.unsubscribe(session.state_mut(), &filter);
             }
+            Action::Authenticate(auth) => auths.push(auth),
         }
     }
     if let Some(ticket) = durable_ticket {

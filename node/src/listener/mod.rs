@@ -128,9 +128,9 @@ async fn handle(
     let deadline = ctx.connect_timeout;
     let max_message = ctx.limits.max_packet_size;
     match (kind, tls) {
-        (ListenerKind::Tcp, _) => mqtt(tcp, peer, PeerAuth::Anonymous, ctx, busy).await,
+        (ListenerKind::Tcp, _) => mqtt(tcp, peer, PeerAuth::Anonymous, ctx, busy, kind).await,
         (ListenerKind::Ws, _) => match tokio::time::timeout(deadline, websocket::accept(tcp, max_message)).await {
-            Ok(Ok(ws)) => mqtt(ws, peer, PeerAuth::Anonymous, ctx, busy).await,
+            Ok(Ok(ws)) => mqtt(ws, peer, PeerAuth::Anonymous, ctx, busy, kind).await,
             Ok(Err(e)) => handshake_failed(peer, kind, &e.to_string()),
             Err(_) => handshake_failed(peer, kind, "WebSocket handshake timed out"),
         },
@@ -142,10 +142,10 @@ async fn handle(
             };
             let peer_auth = identity.map_or(PeerAuth::Anonymous, |rule| peer_auth(tls_stream.get_ref().1, &rule));
             if kind == ListenerKind::Tls {
-                return mqtt(tls_stream, peer, peer_auth, ctx, busy).await;
+                return mqtt(tls_stream, peer, peer_auth, ctx, busy, kind).await;
             }
             match tokio::time::timeout(deadline, websocket::accept(tls_stream, max_message)).await {
-                Ok(Ok(ws)) => mqtt(ws, peer, peer_auth, ctx, busy).await,
+                Ok(Ok(ws)) => mqtt(ws, peer, peer_auth, ctx, busy, kind).await,
                 Ok(Err(e)) => handshake_failed(peer, kind, &e.to_string()),
                 Err(_) => handshake_failed(peer, kind, "WebSocket handshake timed out"),
             }
@@ -166,14 +166,14 @@ fn peer_auth(connection: &rustls::ServerConnection, rule: &IdentityRule) -> Peer
 }
 
 /// Runs MQTT on an established stream: a session, or only the "busy" answer past the limit.
-async fn mqtt<S>(stream: S, peer: SocketAddr, peer_auth: PeerAuth, ctx: Arc<ConnectionContext>, busy: bool)
+async fn mqtt<S>(stream: S, peer: SocketAddr, peer_auth: PeerAuth, ctx: Arc<ConnectionContext>, busy: bool, kind: ListenerKind)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
 {
     if busy {
         connection::refuse_busy(stream, peer, &ctx).await
     } else {
-        connection::serve(stream, peer, peer_auth, ctx).await
+        connection::serve(stream, peer, peer_auth, ctx, kind.name()).await
     }
 }
 

@@ -148,6 +148,11 @@ pub struct ConnectRequest {
     pub client_topic_alias_maximum: u16,
     /// Whether reason strings may be sent (MQTT 5 Request Problem Information).
     pub problem_information: bool,
+    /// MQTT 5 enhanced authentication: the Authentication Method of the CONNECT, echoed in CONNACK.
+    pub auth_method: Option<String>,
+    /// The CONNECT's Authentication Data; once enhanced authentication succeeded, the server's
+    /// final data for the CONNACK.
+    pub auth_data: Option<bytes::Bytes>,
 }
 
 impl ConnectRequest {
@@ -170,9 +175,6 @@ pub fn validate(
 ) -> Result<ConnectRequest, Refusal> {
     let props = connect.properties;
     let prop = |get: fn(&v5::ConnectProperties) -> Option<u32>| props.as_ref().and_then(get);
-    if props.as_ref().is_some_and(|p| p.authentication_method.is_some()) {
-        return Err(refuse(ConnectReturnCode::BadAuthenticationMethod, "enhanced authentication (AUTH) is not supported by this listener"));
-    }
     let v5 = version == ProtocolVersion::V5;
     let assigned_client_id = connect.client_id.is_empty();
     let client_id = if assigned_client_id {
@@ -228,6 +230,8 @@ pub fn validate(
         client_max_packet_size: prop(|p| p.max_packet_size).map(|s| s as usize),
         client_topic_alias_maximum: props.as_ref().and_then(|p| p.topic_alias_max).unwrap_or(0),
         problem_information: props.as_ref().and_then(|p| p.request_problem_info) != Some(0),
+        auth_method: props.as_ref().and_then(|p| p.authentication_method.clone()),
+        auth_data: props.as_ref().and_then(|p| p.authentication_data.clone()),
     })
 }
 

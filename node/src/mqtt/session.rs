@@ -15,7 +15,7 @@ use bytes::BytesMut;
 use mqttbytes::v5::{self, DisconnectReasonCode as Reason};
 use mqttbytes::QoS;
 
-use super::codec::{self, Packet, ProtocolVersion};
+use super::codec::{self, Auth, Packet, ProtocolVersion};
 use super::connect::{ConnectRequest, SessionLimits};
 use crate::auth::acl::{Acl, SessionAcl};
 use crate::auth::policy::UnauthorizedPublish;
@@ -47,6 +47,9 @@ pub enum Action {
     Subscribe { filter: String, options: SubscriptionOptions, retain_handling: RetainHandling },
     /// Remove a subscription.
     Unsubscribe { filter: String },
+    /// An AUTH packet of the connection's authentication method (re-authentication), for the
+    /// driver to answer with [`Session::send_auth`] or end the session.
+    Authenticate(Auth),
 }
 
 /// Why the connection ends.
@@ -88,6 +91,8 @@ pub struct Session {
     out: BytesMut,
     actions: VecDeque<Action>,
     close: Option<Close>,
+    /// The enhanced authentication method of CONNECT, if any: AUTH packets must use it.
+    auth_method: Option<String>,
 }
 
 impl Session {
@@ -130,6 +135,7 @@ impl Session {
             out: BytesMut::new(),
             actions: VecDeque::new(),
             close: None,
+            auth_method: request.auth_method.clone(),
             limits,
             state,
         };
@@ -140,6 +146,8 @@ impl Session {
 
     fn connack(&self, request: &ConnectRequest, session_present: bool) -> v5::ConnAck {
         let props = v5::ConnAckProperties {
+            authentication_method: request.auth_method.clone(),
+            authentication_data: request.auth_method.as_ref().and(request.auth_data.clone()),
             session_expiry_interval: request
                 .session_expiry_capped
                 .then(|| request.session_expiry.as_secs().min(u64::from(u32::MAX - 1)) as u32),
@@ -282,7 +290,13 @@ impl Session {
             Packet::PingReq => self.send(Packet::PingResp),
             Packet::Disconnect(disconnect) => self.on_disconnect(disconnect),
             Packet::Connect(_) => self.fail(Reason::ProtocolError, "second CONNECT on one connection".into()),
-            Packet::Auth(_) => self.fail(Reason::ProtocolError, "AUTH without an authentication method in CONNECT".into()),
+            Packet::Auth(auth) => match &self.auth_method {
+                None => self.fail(Reason::ProtocolError, "AUTH without an authentication method in CONNECT".into()),
+                Some(method) if auth.method.as_ref() != Some(method) => {
+                    self.fail(Reason::ProtocolError, "AUTH with another authentication method than CONNECT's".into())
+                }
+                Some(_) => self.actions.push_back(Action::Authenticate(auth)),
+            },
             other => self.fail(Reason::ProtocolError, format!("a client must not send {}", packet_name(&other))),
         }
     }
@@ -649,6 +663,11 @@ impl Session {
         }
     }
 
+    /// Writes an AUTH packet (re-authentication continues or succeeded).
+    pub fn send_auth(&mut self, auth: Auth) {
+        self.send(Packet::Auth(auth));
+    }
+
     fn send(&mut self, packet: Packet) {
         if let Err(e) = codec::encode(self.version, &packet, &mut self.out, self.client_max_packet_size) {
             tracing::warn!(client_id = %self.client_id, error = %e, packet = packet_name(&packet), "could not encode packet");
@@ -783,6 +802,24 @@ mod tests {
             authentication_method: None,
             authentication_data: None,
         }
+    }
+
+    #[test]
+    fn auth_packets_reach_the_driver_only_with_the_connect_method() {
+        let auth = |method: &str| {
+            let reason = codec::AuthReason::ReAuthenticate;
+            Packet::Auth(Auth { reason, method: Some(method.into()), data: None, reason_string: None, user_properties: Vec::new() })
+        };
+        let mut p = props(None, None);
+        p.authentication_method = Some("SCRAM-SHA-256".into());
+        let mut session = start_with(ProtocolVersion::V5, Some(p), Acl::allow_all());
+        feed(&mut session, ProtocolVersion::V5, &[auth("SCRAM-SHA-256")]);
+        assert!(matches!(session.next_action(), Some(Action::Authenticate(_))));
+        feed(&mut session, ProtocolVersion::V5, &[auth("SCRAM-SHA-512")]);
+        assert_eq!(session.close_reason().map(|c| c.reason), Some(Reason::ProtocolError));
+        let mut plain = start(ProtocolVersion::V5, None);
+        feed(&mut plain, ProtocolVersion::V5, &[auth("SCRAM-SHA-256")]);
+        assert_eq!(plain.close_reason().map(|c| c.reason), Some(Reason::ProtocolError), "no method in CONNECT");
     }
 
     /// Feeds client packets to the session.
