@@ -15,7 +15,7 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use tonic::Code;
 
 static ONE_CLUSTER_AT_A_TIME: Mutex<()> = Mutex::const_new(());
-const LEADER_TIMEOUT: Duration = Duration::from_secs(30);
+const LEADER_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn device(name: &str) -> Credential {
     Credential {

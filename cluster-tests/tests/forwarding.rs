@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use rampart_cluster_tests::{Options, TestCluster};
 
-const LEADER_TIMEOUT: Duration = Duration::from_secs(30);
+const LEADER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A mosquitto client of one device on one node.
 struct Client<'a> {
