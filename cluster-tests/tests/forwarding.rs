@@ -144,6 +144,11 @@ async fn a_publish_on_node_1_reaches_subscribers_on_nodes_2_and_3() -> anyhow::R
         assert_eq!(got, expected, "node {node}, {version}, QoS {qos}");
     }
     assert!(metric(&cluster, 1, "rampart_forward_link_up{peer=\"2\"}") == 1);
+    // The links as `rampart admin cluster status` shows them, answered by node 1.
+    let status = cluster.admin(1).await?.cluster_status(rampart_proto::admin::ClusterStatusRequest {}).await?.into_inner();
+    for member in status.members.iter().filter(|m| m.id != 1) {
+        assert!(member.link_up && member.link_forwarded >= 6 && member.link_dropped == 0, "{member:?}");
+    }
     Ok(())
 }
 

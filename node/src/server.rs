@@ -47,8 +47,8 @@ impl Server {
                 let auth = Arc::new(AuthStore::replicated());
                 let seed = config.auth.state_file.as_deref().map(read_state).transpose()?;
                 let cluster = Cluster::start(cluster_config, &config.node.data_dir, auth.clone(), seed).await?;
-                start_cluster_services(config, &cluster, &auth, &clients, &shutdown_rx, &mut tasks).await?;
                 let forwarder = Forwarder::start(forward, broker.clone(), cluster.clone(), auth.clone(), shutdown_rx.clone()).await?;
+                start_cluster_services(config, &cluster, &forwarder, &auth, &clients, &shutdown_rx, &mut tasks).await?;
                 (auth, Some(cluster), Some(forwarder))
             }
             _ => (Arc::new(AuthStore::open(config.auth.state_file.clone())?), None, None),
@@ -121,6 +121,7 @@ impl Server {
 async fn start_cluster_services(
     config: &Config,
     cluster: &Arc<Cluster>,
+    forwarder: &Arc<Forwarder>,
     auth: &Arc<AuthStore>,
     clients: &Arc<ConnectedClients>,
     shutdown: &watch::Receiver<bool>,
@@ -147,8 +148,14 @@ async fn start_cluster_services(
     let ca_files: Vec<_> = client_cas.chain([admin_config.ca_file.clone()]).collect();
     let loaded = ca_files.iter().map(|f| crate::tls::load_certs(f)).collect::<Result<Vec<_>, _>>()?;
     let trusted_cas = loaded.into_iter().flatten().map(|c| c.to_vec()).collect();
-    let service =
-        crate::admin::service::AdminService::new(cluster.clone(), auth.clone(), clients.clone(), trusted_cas, config.auth_policy());
+    let service = crate::admin::service::AdminService::new(
+        cluster.clone(),
+        auth.clone(),
+        clients.clone(),
+        trusted_cas,
+        config.auth_policy(),
+        forwarder.clone(),
+    );
     let s = shutdown.clone();
     tasks.spawn(async move {
         if let Err(e) = crate::admin::serve(listener, &admin_config, service, s).await {

@@ -27,6 +27,7 @@ use crate::broker::clients::ConnectedClients;
 use crate::cluster::command::{AuthCmd, AuthResp, Op, Refused};
 use crate::cluster::service::{local_kick, local_sessions};
 use crate::cluster::{Cluster, Proposal, ProposeError};
+use crate::forward::Forwarder;
 use crate::mqtt::codec::ProtocolVersion;
 
 /// Credentials per Raft entry in a bulk import.
@@ -41,6 +42,8 @@ pub struct AdminService {
     trusted_cas: Vec<Vec<u8>>,
     /// The CONNECT policy this node's listeners apply, for dry runs.
     policy: AuthPolicy,
+    /// This node's forwarding links, for the cluster status.
+    forwarder: Arc<Forwarder>,
 }
 
 fn invalid(e: String) -> Status {
@@ -72,8 +75,9 @@ impl AdminService {
         clients: Arc<ConnectedClients>,
         trusted_cas: Vec<Vec<u8>>,
         policy: AuthPolicy,
+        forwarder: Arc<Forwarder>,
     ) -> AdminService {
-        AdminService { cluster, auth, clients, trusted_cas, policy }
+        AdminService { cluster, auth, clients, trusted_cas, policy, forwarder }
     }
 
     fn caller<T>(&self, request: &Request<T>) -> Result<String, Status> {
@@ -491,10 +495,12 @@ impl Admin for AdminService {
         let progress = self.cluster.progress_of_all(PEER_TIMEOUT).await;
         let here = self.cluster.progress();
         let highest = progress.iter().filter_map(|(_, _, _, p)| p.as_ref().map(|p| p.applied_index)).max().unwrap_or_default();
+        let links = self.forwarder.link_gauges();
         let members = progress
             .into_iter()
             .map(|(id, node, voter, reply)| {
                 let reply = reply.unwrap_or_default();
+                let link = links.iter().find(|l| l.peer == id).cloned().unwrap_or_default();
                 ClusterMember {
                     id,
                     raft_addr: node.raft_addr,
@@ -505,6 +511,11 @@ impl Admin for AdminService {
                     lag: highest.saturating_sub(reply.applied_index),
                     term: reply.term,
                     leader_id: reply.leader_id,
+                    link_up: link.up,
+                    link_queued: link.queued as u64,
+                    link_forwarded: link.forwarded,
+                    link_dropped: link.dropped,
+                    link_routes: link.routes as u64,
                 }
             })
             .collect();
