@@ -164,10 +164,6 @@ impl Broker {
         broker
     }
 
-    pub fn settings(&self) -> &BrokerSettings {
-        &self.inner.settings
-    }
-
     /// A client id for a client that sent none.
     pub fn generate_client_id(&self) -> String {
         format!("rampart-{}", self.inner.registry.new_session_id())

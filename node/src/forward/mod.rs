@@ -173,11 +173,6 @@ impl Forwarder {
         Ok(forwarder)
     }
 
-    /// The local address of the QUIC endpoint.
-    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.endpoint.local_addr()
-    }
-
     fn peer(&self, node_id: u64) -> Option<Arc<Peer>> {
         self.peers.read().unwrap_or_else(|p| p.into_inner()).get(&node_id).cloned()
     }
