@@ -34,12 +34,29 @@ pub fn rampart_binary() -> PathBuf {
     binary
 }
 
+/// A port that is free now, chosen below Linux's ephemeral range (32768–60999): a port handed
+/// out by `bind(0)` and released can be taken by any outgoing connection (Raft, admin and MQTT
+/// clients make many) before the node binds it, and a node that cannot bind never starts.
+fn free_port_where(is_free: impl Fn(u16) -> bool) -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    loop {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u64(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        hasher.write_u32(std::process::id());
+        let port = 20_000 + (hasher.finish() % 12_000) as u16;
+        if is_free(port) {
+            return port;
+        }
+    }
+}
+
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port()
+    free_port_where(|port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok())
 }
 
 fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).expect("free UDP port").port()
+    free_port_where(|port| std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok())
 }
 
 /// Ports of one node.
@@ -253,7 +270,16 @@ ca_file = {ca:?}
                     return Ok(*leader);
                 }
             }
-            anyhow::ensure!(Instant::now() < deadline, "no agreed leader within {timeout:?}: {leaders:?}");
+            if Instant::now() >= deadline {
+                let logs: Vec<String> = (self.nodes.iter())
+                    .map(|n| {
+                        let log = std::fs::read_to_string(&n.log).unwrap_or_default();
+                        let tail: Vec<&str> = log.lines().rev().take(3).collect();
+                        format!("node {} (running: {}): {}", n.id, self.is_running(n.id), tail.join(" | "))
+                    })
+                    .collect();
+                anyhow::bail!("no agreed leader within {timeout:?}: {leaders:?}\n{}", logs.join("\n"));
+            }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
