@@ -68,11 +68,43 @@ pub struct StoredMessage {
     pub retain: bool,
     pub subscription_ids: Vec<usize>,
     pub expires_at: Option<u64>,
+    pub properties: StoredProperties,
+}
+
+/// The MQTT 5 properties a message carries to its subscribers, as stored and sent between nodes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredProperties {
     pub payload_format_indicator: Option<u8>,
     pub content_type: Option<String>,
     pub response_topic: Option<String>,
     pub correlation_data: Option<Vec<u8>>,
     pub user_properties: Vec<(String, String)>,
+}
+
+impl StoredProperties {
+    pub fn capture(p: Option<&PublishProperties>) -> StoredProperties {
+        StoredProperties {
+            payload_format_indicator: p.and_then(|p| p.payload_format_indicator),
+            content_type: p.and_then(|p| p.content_type.clone()),
+            response_topic: p.and_then(|p| p.response_topic.clone()),
+            correlation_data: p.and_then(|p| p.correlation_data.as_ref().map(|c| c.to_vec())),
+            user_properties: p.map(|p| p.user_properties.clone()).unwrap_or_default(),
+        }
+    }
+
+    /// The properties again; `None` when there are none.
+    pub fn into_properties(self) -> Option<PublishProperties> {
+        (self != StoredProperties::default()).then(|| PublishProperties {
+            payload_format_indicator: self.payload_format_indicator,
+            message_expiry_interval: None,
+            topic_alias: None,
+            response_topic: self.response_topic,
+            correlation_data: self.correlation_data.map(Bytes::from),
+            user_properties: self.user_properties,
+            subscription_identifiers: Vec::new(),
+            content_type: self.content_type,
+        })
+    }
 }
 
 fn qos(n: u8) -> QoS {
@@ -99,7 +131,6 @@ fn from_unix(secs: u64) -> Instant {
 impl StoredMessage {
     pub fn from_delivery(d: &Delivery) -> StoredMessage {
         let m = &d.message;
-        let p = m.properties.as_ref();
         StoredMessage {
             topic: m.topic.clone(),
             payload: m.payload.to_vec(),
@@ -108,36 +139,17 @@ impl StoredMessage {
             retain: d.retain,
             subscription_ids: d.subscription_ids.clone(),
             expires_at: m.expires_at.map(to_unix),
-            payload_format_indicator: p.and_then(|p| p.payload_format_indicator),
-            content_type: p.and_then(|p| p.content_type.clone()),
-            response_topic: p.and_then(|p| p.response_topic.clone()),
-            correlation_data: p.and_then(|p| p.correlation_data.as_ref().map(|c| c.to_vec())),
-            user_properties: p.map(|p| p.user_properties.clone()).unwrap_or_default(),
+            properties: StoredProperties::capture(m.properties.as_ref()),
         }
     }
 
     pub fn into_delivery(self) -> Delivery {
-        let has_properties = self.payload_format_indicator.is_some()
-            || self.content_type.is_some()
-            || self.response_topic.is_some()
-            || self.correlation_data.is_some()
-            || !self.user_properties.is_empty();
-        let properties = has_properties.then(|| PublishProperties {
-            payload_format_indicator: self.payload_format_indicator,
-            message_expiry_interval: None,
-            topic_alias: None,
-            response_topic: self.response_topic,
-            correlation_data: self.correlation_data.map(Bytes::from),
-            user_properties: self.user_properties,
-            subscription_identifiers: Vec::new(),
-            content_type: self.content_type,
-        });
         let message = Message {
             topic: self.topic,
             payload: Bytes::from(self.payload),
             qos: qos(self.message_qos),
             retain: self.retain,
-            properties,
+            properties: self.properties.into_properties(),
             expires_at: self.expires_at.map(from_unix),
             publisher: None,
         };

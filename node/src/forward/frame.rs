@@ -8,13 +8,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use mqttbytes::v5::PublishProperties;
 use mqttbytes::QoS;
 use serde::{Deserialize, Serialize};
 
 use crate::auth::policy::Owner;
 use crate::broker::message::Message;
-use crate::broker::persist::MovedSession;
+use crate::broker::persist::{MovedSession, StoredProperties};
 use crate::broker::retained::{RetainedEntry, Stamp};
 
 /// The ALPN protocol of a forwarding link; a peer speaking another version is refused.
@@ -109,11 +108,7 @@ pub struct Forwarded {
     pub retain: bool,
     /// Milliseconds the message has left to live (MQTT 5 Message Expiry Interval).
     pub expires_in_ms: Option<u64>,
-    pub payload_format_indicator: Option<u8>,
-    pub content_type: Option<String>,
-    pub response_topic: Option<String>,
-    pub correlation_data: Option<Vec<u8>>,
-    pub user_properties: Vec<(String, String)>,
+    pub properties: StoredProperties,
     /// The stamp of a retained message in its node's retained store.
     pub retained_stamp: Option<Stamp>,
 }
@@ -128,7 +123,6 @@ fn qos_of(n: u8) -> QoS {
 
 impl Forwarded {
     pub fn new(sequence: u64, m: &Message, retained_stamp: Option<Stamp>, now: Instant) -> Forwarded {
-        let p = m.properties.as_ref();
         Forwarded {
             sequence,
             topic: m.topic.clone(),
@@ -136,11 +130,7 @@ impl Forwarded {
             qos: m.qos as u8,
             retain: m.retain,
             expires_in_ms: m.expires_at.map(|at| at.saturating_duration_since(now).as_millis() as u64),
-            payload_format_indicator: p.and_then(|p| p.payload_format_indicator),
-            content_type: p.and_then(|p| p.content_type.clone()),
-            response_topic: p.and_then(|p| p.response_topic.clone()),
-            correlation_data: p.and_then(|p| p.correlation_data.as_ref().map(|c| c.to_vec())),
-            user_properties: p.map(|p| p.user_properties.clone()).unwrap_or_default(),
+            properties: StoredProperties::capture(m.properties.as_ref()),
             retained_stamp,
         }
     }
@@ -151,27 +141,12 @@ impl Forwarded {
 
     /// The message as the receiving node routes it.
     pub fn into_message(self, now: Instant) -> Arc<Message> {
-        let has_properties = self.payload_format_indicator.is_some()
-            || self.content_type.is_some()
-            || self.response_topic.is_some()
-            || self.correlation_data.is_some()
-            || !self.user_properties.is_empty();
-        let properties = has_properties.then(|| PublishProperties {
-            payload_format_indicator: self.payload_format_indicator,
-            message_expiry_interval: None,
-            topic_alias: None,
-            response_topic: self.response_topic,
-            correlation_data: self.correlation_data.map(Bytes::from),
-            user_properties: self.user_properties,
-            subscription_identifiers: Vec::new(),
-            content_type: self.content_type,
-        });
         Arc::new(Message {
             topic: self.topic,
             payload: Bytes::from(self.payload),
             qos: qos_of(self.qos),
             retain: self.retain,
-            properties,
+            properties: self.properties.into_properties(),
             expires_at: self.expires_in_ms.map(|ms| now + Duration::from_millis(ms)),
             publisher: None,
         })
@@ -214,6 +189,7 @@ pub fn decode<T: for<'de> Deserialize<'de>>(input: &mut BytesMut) -> Result<Opti
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mqttbytes::v5::PublishProperties;
 
     #[test]
     fn frames_round_trip_in_pieces() {
