@@ -500,8 +500,15 @@ async fn providers_are_set_through_the_admin_cli_and_check_access_verifies_token
     let set = cluster.cli(1, &["--wait", "providers", "set", file.to_str().unwrap_or_default()]);
     assert!(set.status.success(), "{}", text(&set));
     let got = cluster.cli(1, &["--output", "json", "providers", "get"]);
+    assert!(!text(&got).contains(secret), "the secret is not shown: {}", text(&got));
     let got: serde_json::Value = serde_json::from_slice(&got.stdout)?;
     assert_eq!(got["order"], serde_json::json!(["x509", "jwt"]), "{got}");
+    assert_eq!(got["jwt"]["hmac_secret"], "******", "{got}");
+    // Given back redacted, the secret in force is kept (the token below still verifies).
+    let edited = "[providers]\norder = [\"x509\", \"jwt\"]\n[providers.jwt]\nhmac_secret = \"******\"\nrules = [{ access = \"write\", pattern = \"apps/%u/#\" }]\n";
+    std::fs::write(&file, edited)?;
+    let kept = cluster.cli(1, &["--wait", "providers", "set", file.to_str().unwrap_or_default()]);
+    assert!(kept.status.success(), "{}", text(&kept));
 
     let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() + 600;
     let claims = serde_json::json!({"sub": "app-9", "exp": exp});
@@ -511,7 +518,9 @@ async fn providers_are_set_through_the_admin_cli_and_check_access_verifies_token
         let args = ["--output", "json", "check-access", "--token", token, "--client-id", "c1", "--action", "publish", "--topic", topic];
         serde_json::from_slice::<serde_json::Value>(&cluster.cli(1, &args).stdout).unwrap_or_default()
     };
-    assert_eq!(check(&token, "apps/app-9/x")["allowed"], true);
+    let granted = check(&token, "apps/app-9/x");
+    assert_eq!(granted["allowed"], true, "{granted}");
+    assert!(granted["decided_by"].as_str().unwrap_or_default().starts_with("token of \"app-9\", the jwt provider's rules"), "{granted}");
     assert_eq!(check(&token, "apps/app-8/x")["allowed"], false);
     let forged = check(&format!("{token}x"), "apps/app-9/x");
     assert!(forged["decided_by"].as_str().unwrap_or_default().contains("CONNECT refused: jwt: token:"), "{forged}");

@@ -15,7 +15,8 @@ use rampart_node::mqtt::codec::ProtocolVersion::V5;
 use rampart_node::mqtt::codec::{Auth, AuthReason, Packet};
 
 const USER: &str = "scram-app";
-const PASSWORD: &str = "correct horse battery staple";
+/// Not ASCII: a no-break space and an umlaut, so SASLprep on both sides is exercised.
+const PASSWORD: &str = "correct\u{00A0}horse battery st\u{00E4}ple";
 
 /// A broker whose state (in the returned directory) has the SCRAM credential and `order`.
 fn start(order: &str) -> (Broker, tempfile::TempDir) {

@@ -350,7 +350,7 @@ impl Admin for AdminService {
 
     async fn get_providers(&self, request: Request<GetProvidersRequest>) -> Result<Response<ProvidersDocument>, Status> {
         self.caller(&request)?;
-        let json = self.with_state(|s| serde_json::to_string(&s.providers)).map_err(|e| Status::internal(e.to_string()))?;
+        let json = self.with_state(|s| serde_json::to_string(&s.providers.redacted())).map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(ProvidersDocument { json }))
     }
 
@@ -359,6 +359,7 @@ impl Admin for AdminService {
         let r = request.into_inner();
         let json = r.providers.ok_or_else(|| invalid("providers: required".into()))?.json;
         let providers: crate::auth::state::Providers = serde_json::from_str(&json).map_err(|e| invalid(format!("providers: {e}")))?;
+        let providers = providers.keeping_secrets_of(&self.with_state(|s| s.providers.clone())).map_err(invalid)?;
         // Refused here without a Raft round; checked again at apply.
         crate::auth::index::compile_providers(&providers).map_err(invalid)?;
         Ok(Response::new(self.write(caller, Op::SetProviders(providers), r.options).await?.0))
@@ -476,15 +477,14 @@ impl Admin for AdminService {
                 CheckAccessReply { allowed: false, decided_by: format!("CONNECT refused: {}", refusal.reason), ..Default::default() }
             }
             Ok(grant) => {
-                let credential = grant.credential.clone().unwrap_or_default();
-                let source = if credential.is_empty() { "default rules".to_string() } else { format!("credential {credential:?}") };
+                let credential = grant.source.credential().unwrap_or_default().to_string();
                 let (allowed, decided_by) = match action {
                     Action::Publish => grant.acl.explain(&topic, AclAction::Publish),
                     Action::Subscribe => grant.acl.explain(&topic, AclAction::Subscribe),
                     _ => (true, "CONNECT allowed".into()),
                 };
                 let client_type = pb_client_type(grant.client_type);
-                CheckAccessReply { allowed, decided_by: format!("{source}: {decided_by}"), credential, client_type }
+                CheckAccessReply { allowed, decided_by: format!("{}: {decided_by}", grant.source), credential, client_type }
             }
         };
         Ok(Response::new(reply))

@@ -21,8 +21,8 @@ use crate::auth::Refusal;
 /// What a client was granted at CONNECT.
 #[derive(Debug, Clone)]
 pub struct Grant {
-    /// The credential that matched, if any.
-    pub credential: Option<String>,
+    /// Where the permissions came from.
+    pub source: GrantSource,
     pub client_type: ClientType,
     pub acl: Acl,
     /// Offline queue limit set for the client type in the state, if any.
@@ -30,6 +30,52 @@ pub struct Grant {
     /// When the client's token expires, if it authenticated with one and the `jwt` provider
     /// disconnects at expiry (seconds since the epoch).
     pub expires_at: Option<i64>,
+}
+
+/// Where a grant's permissions came from, as `rampart admin check-access` explains a decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GrantSource {
+    /// A credential of the state: its own rules and its roles' (x509, basic and scram clients).
+    Credential(String),
+    /// A token's own rules claim.
+    TokenClaims { subject: String },
+    /// The `jwt` provider's rules, for a token without a rules claim.
+    JwtProviderRules { subject: String },
+    /// The rules in the HTTP endpoint's answer.
+    HttpAnswer { principal: String },
+    /// The `http` provider's rules, for an answer without rules.
+    HttpProviderRules { principal: String },
+    /// The default rules, for a certificate without a credential (`unknown_certificate = "default_rules"`).
+    UnknownCertificateDefaults,
+    /// The anonymous rules, for a client that presented nothing.
+    AnonymousRules,
+    /// No authorization state at all: everything is allowed.
+    Unrestricted,
+}
+
+impl GrantSource {
+    /// The matched credential's name, if a credential decided.
+    pub fn credential(&self) -> Option<&str> {
+        match self {
+            GrantSource::Credential(name) => Some(name),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for GrantSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GrantSource::Credential(name) => write!(f, "credential {name:?}"),
+            GrantSource::TokenClaims { subject } => write!(f, "token of {subject:?}, rules from its claims"),
+            GrantSource::JwtProviderRules { subject } => write!(f, "token of {subject:?}, the jwt provider's rules"),
+            GrantSource::HttpAnswer { principal } => write!(f, "http endpoint's answer for {principal:?}"),
+            GrantSource::HttpProviderRules { principal } => write!(f, "http endpoint allowed {principal:?}, the http provider's rules"),
+            GrantSource::UnknownCertificateDefaults => write!(f, "default rules for a certificate without a credential"),
+            GrantSource::AnonymousRules => write!(f, "anonymous rules"),
+            GrantSource::Unrestricted => write!(f, "no authorization state: everything allowed"),
+        }
+    }
 }
 
 /// How the `basic` provider treats the password: verify it (the broker), or take it as right
@@ -274,7 +320,13 @@ impl AuthIndex {
                 let settings = settings.ok_or_else(|| refuse("the http provider is disabled".into()))?;
                 let rules = grant.rules.as_ref().unwrap_or(&settings.rules);
                 let acl = Acl::compile(rules, &grant.principal, client_id).map_err(|e| refuse(format!("permissions: {e}")))?;
-                return Ok(self.grant_for(state, None, grant.client_type.unwrap_or(settings.client_type), acl));
+                let principal = grant.principal.clone();
+                let source = if grant.rules.is_some() {
+                    GrantSource::HttpAnswer { principal }
+                } else {
+                    GrantSource::HttpProviderRules { principal }
+                };
+                return Ok(self.grant_for(state, source, grant.client_type.unwrap_or(settings.client_type), acl));
             }
             if let Some(Verified::Scram(username)) = &principal.verified {
                 let credential = self.credentials.passwords.get(username).map(|&i| &state.credentials[i]);
@@ -301,7 +353,7 @@ impl AuthIndex {
                 return Err(refuse("anonymous clients are not allowed: present a certificate or a user name and password".into()));
             }
             let acl = Acl::compile(&state.defaults.anonymous_rules, "", client_id).map_err(|e| refuse(format!("permissions: {e}")))?;
-            return Ok(self.grant_for(state, None, state.defaults.client_type, acl));
+            return Ok(self.grant_for(state, GrantSource::AnonymousRules, state.defaults.client_type, acl));
         };
         if let Some(revocation) = self.revocation_of(cert) {
             let why = if revocation.reason.is_empty() { String::new() } else { format!(" ({})", revocation.reason) };
@@ -320,7 +372,8 @@ impl AuthIndex {
             Some(c) if !c.enabled => Err(refuse(format!("credential {:?} is disabled", c.name))),
             Some(c) => self.grant(state, c, username, client_id),
             None if state.defaults.unknown_certificate == UnknownCertificate::DefaultRules => {
-                Ok(self.grant_for(state, None, state.defaults.client_type, compile(state.defaults.rules.iter().collect())?))
+                let acl = compile(state.defaults.rules.iter().collect())?;
+                Ok(self.grant_for(state, GrantSource::UnknownCertificateDefaults, state.defaults.client_type, acl))
             }
             None => Err(refuse(format!("no credential for identity {:?}", cert.identity))),
         }
@@ -347,7 +400,9 @@ impl AuthIndex {
         let rules = again.rules.as_ref().unwrap_or(&settings.rules);
         let acl = Acl::compile(rules, &again.subject, client_id)
             .map_err(|e| Refusal { code: ConnectReturnCode::NotAuthorized, reason: format!("permissions: {e}") })?;
-        let mut grant = self.grant_for(state, None, again.client_type.unwrap_or(settings.client_type), acl);
+        let subject = again.subject.clone();
+        let source = if again.rules.is_some() { GrantSource::TokenClaims { subject } } else { GrantSource::JwtProviderRules { subject } };
+        let mut grant = self.grant_for(state, source, again.client_type.unwrap_or(settings.client_type), acl);
         grant.expires_at = settings.disconnect_at_expiry.then_some(token.expires_at);
         Ok(grant)
     }
@@ -357,24 +412,24 @@ impl AuthIndex {
         let role_rules = c.roles.iter().flat_map(|r| state.roles[self.roles[r]].rules.iter());
         let acl = Acl::compile(c.rules.iter().chain(role_rules), username, client_id)
             .map_err(|e| Refusal { code: ConnectReturnCode::NotAuthorized, reason: format!("permissions: {e}") })?;
-        Ok(self.grant_for(state, Some(c.name.clone()), c.client_type, acl))
+        Ok(self.grant_for(state, GrantSource::Credential(c.name.clone()), c.client_type, acl))
     }
 
-    fn grant_for(&self, state: &AuthState, credential: Option<String>, client_type: ClientType, acl: Acl) -> Grant {
-        Grant {
-            credential,
-            client_type,
-            acl,
-            max_queued_messages: state.client_types.of(client_type).max_queued_messages,
-            expires_at: None,
-        }
+    fn grant_for(&self, state: &AuthState, source: GrantSource, client_type: ClientType, acl: Acl) -> Grant {
+        Grant { source, client_type, acl, max_queued_messages: state.client_types.of(client_type).max_queued_messages, expires_at: None }
     }
 }
 
 impl Grant {
     /// No authorization configured: any authenticated client may do anything.
     fn allow_all() -> Grant {
-        Grant { credential: None, client_type: ClientType::Device, acl: Acl::allow_all(), max_queued_messages: None, expires_at: None }
+        Grant {
+            source: GrantSource::Unrestricted,
+            client_type: ClientType::Device,
+            acl: Acl::allow_all(),
+            max_queued_messages: None,
+            expires_at: None,
+        }
     }
 }
 
@@ -528,7 +583,7 @@ mod tests {
     fn credentials_roles_and_rules() {
         let index = index(STATE);
         let grant = index.authorize(&principal("plc-1", "01"), "plc-1").unwrap();
-        assert_eq!(grant.credential.as_deref(), Some("plc-1"));
+        assert_eq!(grant.source.credential(), Some("plc-1"));
         assert!(grant.acl.may_publish("cpi/plc-1/telemetry"), "from the role");
         assert!(grant.acl.may_subscribe("cpi/plc-1/commands"), "from the credential");
         assert!(!grant.acl.may_publish("cpi/plc-2/telemetry"));

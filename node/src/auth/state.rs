@@ -75,6 +75,30 @@ pub struct Providers {
     pub http: Option<HttpSettings>,
 }
 
+/// What `rampart admin providers get` shows instead of a secret; given back to `providers set`,
+/// it keeps the secret in force.
+pub const REDACTED: &str = "******";
+
+impl Providers {
+    /// A copy fit to show an admin: the JWT HMAC secret replaced by [`REDACTED`].
+    pub fn redacted(&self) -> Providers {
+        let mut shown = self.clone();
+        if let Some(secret) = shown.jwt.as_mut().and_then(|jwt| jwt.hmac_secret.as_mut()) {
+            *secret = REDACTED.into();
+        }
+        shown
+    }
+
+    /// `self`, with a [`REDACTED`] secret replaced by the one `current` holds.
+    pub fn keeping_secrets_of(mut self, current: &Providers) -> Result<Providers, String> {
+        if let Some(secret) = self.jwt.as_mut().and_then(|jwt| jwt.hmac_secret.as_mut()).filter(|s| *s == REDACTED) {
+            let kept = current.jwt.as_ref().and_then(|jwt| jwt.hmac_secret.clone());
+            *secret = kept.ok_or(format!("providers.jwt.hmac_secret: {REDACTED} keeps the secret in force, but there is none"))?;
+        }
+        Ok(self)
+    }
+}
+
 impl Default for Providers {
     fn default() -> Self {
         Providers { order: default_order(), jwt: None, http: None }

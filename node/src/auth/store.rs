@@ -32,10 +32,27 @@ pub struct AuthStore {
     http: std::sync::OnceLock<super::http::HttpDelegate>,
 }
 
-/// Reads a state file; errors name the file and the key.
+/// Reads a state file; errors name the file and the key. A `jwks_file` in `[providers.jwt]`
+/// (relative to the state file) is read into `jwks`, so the replicated state carries the
+/// document, not a path that means nothing on other nodes.
 pub fn read_state(path: &Path) -> anyhow::Result<AuthState> {
+    let at = |key: &str, e: &dyn std::fmt::Display| anyhow::anyhow!("{}: {key}: {e}", path.display());
     let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    serde_path_to_error::deserialize(toml::Deserializer::new(&text))
+    let mut table: toml::Table =
+        text.parse().map_err(|e: toml::de::Error| anyhow::anyhow!("{}: {}", path.display(), e.to_string().trim_end()))?;
+    let jwt = table.get_mut("providers").and_then(|p| p.get_mut("jwt")).and_then(toml::Value::as_table_mut);
+    if let Some(file) = jwt.as_ref().and_then(|jwt| jwt.get("jwks_file")) {
+        let key = "providers.jwt.jwks_file";
+        let file = path.parent().unwrap_or(Path::new(".")).join(file.as_str().ok_or_else(|| at(key, &"must be a path"))?);
+        let jwks = std::fs::read_to_string(&file).map_err(|e| at(key, &format_args!("{}: {e}", file.display())))?;
+        let jwt = jwt.expect("looked up above");
+        if jwt.contains_key("jwks") {
+            return Err(at(key, &"give jwks or jwks_file, not both"));
+        }
+        jwt.remove("jwks_file");
+        jwt.insert("jwks".into(), jwks.into());
+    }
+    serde_path_to_error::deserialize(toml::Value::Table(table))
         .map_err(|e| anyhow::anyhow!("{}: {}: {}", path.display(), e.path(), e.inner().message()))
 }
 
@@ -145,5 +162,39 @@ impl AuthStore {
         let Some(path) = &self.file else { return Ok(()) };
         self.install(load_state(path)?);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const JWKS: &str = r#"{"keys": [{"kty": "OKP", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo", "kid": "k1"}]}"#;
+
+    fn state_file(dir: &Path, jwt: &str) -> PathBuf {
+        let file = dir.join("auth.toml");
+        std::fs::write(&file, format!("[providers]\norder = [\"jwt\"]\n[providers.jwt]\n{jwt}\n")).unwrap();
+        file
+    }
+
+    #[test]
+    fn a_jwks_file_is_read_into_the_state_relative_to_the_state_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("keys.json"), JWKS).unwrap();
+        let state = read_state(&state_file(dir.path(), "jwks_file = \"keys.json\"")).unwrap();
+        assert_eq!(state.providers.jwt.unwrap().jwks.as_deref(), Some(JWKS));
+        load_state(&state_file(dir.path(), "jwks_file = \"keys.json\"")).expect("the key compiles");
+    }
+
+    #[test]
+    fn jwks_file_errors_name_the_file_and_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = read_state(&state_file(dir.path(), "jwks_file = \"absent.json\"")).unwrap_err().to_string();
+        assert!(missing.contains("auth.toml: providers.jwt.jwks_file:") && missing.contains("absent.json"), "{missing}");
+        std::fs::write(dir.path().join("keys.json"), JWKS).unwrap();
+        let both = read_state(&state_file(dir.path(), "jwks_file = \"keys.json\"\njwks = '{}'")).unwrap_err().to_string();
+        assert!(both.contains("give jwks or jwks_file, not both"), "{both}");
+        let typo = read_state(&state_file(dir.path(), "jwks_fil = \"keys.json\"")).unwrap_err().to_string();
+        assert!(typo.contains("providers.jwt") && typo.contains("jwks_fil"), "{typo}");
     }
 }

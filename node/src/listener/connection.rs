@@ -122,7 +122,7 @@ where
         client_id: client_id.clone(),
         identity: principal.identity.clone().or(principal.username.clone()).unwrap_or_default(),
         client_type: grant.client_type,
-        credential: grant.credential.clone().unwrap_or_default(),
+        credential: grant.source.credential().unwrap_or_default().to_string(),
         cert_serial: cert.map(|c| c.serial.clone()).unwrap_or_default(),
         cert_issuer: cert.map(|c| c.issuer.clone()).unwrap_or_default(),
         cert_not_after: cert.map_or(0, |c| c.not_after),
