@@ -1,7 +1,8 @@
 //! The authentication provider chain against the real binary, on raw connections with exact
 //! reason codes: JWT clients (claims as permissions, forged/expired/unbound tokens, disconnect
 //! at expiry), password credentials bound to a client id, and the order of `x509` and `basic`
-//! for a client that presents both a certificate and a password (switched by SIGHUP).
+//! for a client that presents both a certificate and a password (switched by SIGHUP), and
+//! mosquitto_pub/sub logging in with tokens.
 
 mod common;
 
@@ -188,5 +189,42 @@ fn the_order_of_x509_and_basic_decides_who_a_client_with_both_is() {
     match client.recv() {
         Some(Packet::Disconnect(d)) => assert_eq!(d.reason_code, DisconnectReasonCode::AdministrativeAction),
         other => panic!("expected DISCONNECT 0x98, got {other:?}"),
+    }
+}
+
+/// Real clients: `mosquitto_sub` and `mosquitto_pub` (MQTT 5) log in with tokens as passwords.
+#[test]
+fn mosquitto_clients_log_in_with_tokens() {
+    let s = setup(r#"["x509", "basic", "jwt"]"#);
+    let port = s.broker.tcp.unwrap().port().to_string();
+    let token_for = |cid: &str, exp: i64, secret: &str| {
+        let claims =
+            serde_json::json!({"sub": cid, "iss": "idp", "cid": cid, "exp": exp, "mqtt_pub": ["fleet/#"], "mqtt_sub": ["fleet/#"]});
+        token(claims, secret)
+    };
+    let client = |tool: &str, cid: &str, token: &str, extra: &[&str]| {
+        let mut command = Command::new(tool);
+        command.args(["-h", "127.0.0.1", "-p", &port, "-V", "mqttv5", "-i", cid, "-P", token, "-t", "fleet/news"]).args(extra);
+        command
+    };
+    let sub_token = token_for("sub-1", now() + 600, SECRET);
+    let subscriber =
+        client("mosquitto_sub", "sub-1", &sub_token, &["-C", "1", "-W", "10"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    s.broker.wait_for_log("client connected", Duration::from_secs(5)).expect("the subscriber is in");
+    std::thread::sleep(Duration::from_millis(300));
+    let pub_token = token_for("pub-1", now() + 600, SECRET);
+    let published =
+        common::run_with_timeout(client("mosquitto_pub", "pub-1", &pub_token, &["-q", "1", "-m", "hello"]), Duration::from_secs(10));
+    assert!(published.status.success(), "{}", String::from_utf8_lossy(&published.stderr));
+    let received = subscriber.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&received.stdout).trim(), "hello");
+
+    for (why, bad) in
+        [("expired", token_for("pub-2", now() - 5, SECRET)), ("forged", token_for("pub-2", now() + 600, "x".repeat(40).as_str()))]
+    {
+        let refused = common::run_with_timeout(client("mosquitto_pub", "pub-2", &bad, &["-m", "x"]), Duration::from_secs(10));
+        assert!(!refused.status.success(), "{why}");
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(stderr.to_lowercase().contains("bad user name or password"), "{why}: {stderr}");
     }
 }
