@@ -1,7 +1,8 @@
 //! One broker across the cluster: a publish on one node reaches subscribers on the others over
 //! the QUIC forwarding links, with real `mosquitto_sub` / `mosquitto_pub` clients over mutual TLS,
 //! MQTT 3.1.1 and 5, QoS 0–2; the receiving node checks each subscriber's read permission; a
-//! killed and restarted node's routes and links come back.
+//! killed and restarted node's routes and links come back; shared groups span the nodes; wills
+//! reach other nodes.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -345,5 +346,129 @@ async fn retained_messages_reach_every_node_and_a_restarted_one_gets_them_back()
         }
         assert!(Instant::now() < deadline, "the restarted node 2 has {got:?}");
     }
+    Ok(())
+}
+
+/// A running `mosquitto_sub` whose `topic payload` lines are collected as they arrive.
+struct Collector {
+    child: Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Collector {
+    fn start(mut child: Child) -> Collector {
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+            }
+        });
+        Collector { child, lines }
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn stop(mut self) -> Vec<String> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.lines()
+    }
+}
+
+/// Waits until the collectors together hold `total` lines (then a little longer, so a duplicate
+/// would show), and returns each one's lines.
+fn collect(collectors: Vec<Collector>, total: usize) -> Vec<Vec<String>> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while collectors.iter().map(|c| c.lines().len()).sum::<usize>() < total && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    collectors.into_iter().map(Collector::stop).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shared_group_spans_the_nodes_gets_each_message_once_and_prefers_local_members() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(Options::default())?;
+    wait_until_serving(&cluster).await?;
+    const GROUP: &str = "$share/workers/devices/device-1/jobs/+";
+    let member = |node: u64, client_id: &'static str| {
+        let client = Client { cluster: &cluster, node, device: "device-1", client_id, version: "mqttv5" };
+        Collector::start(client.subscribe(GROUP, 1, 1000, 60))
+    };
+    let (on_2, on_3) = (member(2, "device-1-worker-2"), member(3, "device-1-worker-3"));
+    // A plain subscriber beside a member on node 3: it gets every message, the group once each.
+    let watcher = Client { cluster: &cluster, node: 3, device: "device-1", client_id: "device-1-watcher", version: "mqttv5" };
+    let watcher = Collector::start(watcher.subscribe("devices/device-1/jobs/+", 1, 1000, 60));
+    wait_for_routes(&cluster, 1, 2, 1);
+    wait_for_routes(&cluster, 1, 3, 2);
+    let publish = |from: usize, to: usize| {
+        for n in from..to {
+            let client_id = format!("device-1-pub-{n}");
+            let publisher = Client { cluster: &cluster, node: 1, device: "device-1", client_id: &client_id, version: "mqttv5" };
+            publisher.publish(&format!("devices/device-1/jobs/{n}"), 1, &format!("job {n}"));
+        }
+    };
+    publish(0, 12);
+    let got = collect(vec![on_2, on_3, watcher], 24);
+    let (on_2, on_3, watcher) = (&got[0], &got[1], &got[2]);
+    assert_eq!(watcher.len(), 12, "the plain subscriber gets every message: {watcher:?}");
+    let mut group: Vec<&String> = on_2.iter().chain(on_3).collect();
+    group.sort();
+    let mut expected: Vec<&String> = watcher.iter().collect();
+    expected.sort();
+    assert_eq!(group, expected, "the group got each message exactly once (node 2: {on_2:?}, node 3: {on_3:?})");
+    assert!(!on_2.is_empty() && !on_3.is_empty(), "both nodes' members got some (node 2: {on_2:?}, node 3: {on_3:?})");
+
+    // With a member on the publishing node, it gets them all.
+    let (on_1, on_2) = (member(1, "device-1-worker-1"), member(2, "device-1-worker-2"));
+    eventually_local_member(&cluster);
+    publish(12, 18);
+    let got = collect(vec![on_1, on_2], 6);
+    assert_eq!(got[0].len(), 6, "the local member gets every message: {:?}", got[0]);
+    assert!(got[1].is_empty(), "the remote member gets none: {:?}", got[1]);
+    Ok(())
+}
+
+/// Waits until node 1 has a subscription (its group member: nothing else subscribes there), so
+/// the next publish sees its local member.
+fn eventually_local_member(cluster: &TestCluster) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(cluster, 1, "rampart_subscriptions") < 1 {
+        assert!(Instant::now() < deadline, "the member on node 1 did not subscribe");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_will_published_on_node_1_reaches_a_subscriber_on_node_2() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(Options::default())?;
+    wait_until_serving(&cluster).await?;
+    let watcher = Client { cluster: &cluster, node: 2, device: "device-1", client_id: "device-1-watcher", version: "mqttv5" };
+    let watcher = watcher.subscribe("devices/device-1/status", 1, 1, 20);
+    wait_for_routes(&cluster, 1, 2, 1);
+    let device = Client { cluster: &cluster, node: 1, device: "device-1", client_id: "device-1", version: "mqttv5" };
+    let will = ["--will-topic", "devices/device-1/status", "--will-payload", "offline", "--will-qos", "1"];
+    let mut holder = Command::new("mosquitto_sub")
+        .args(device.args())
+        .args(will)
+        .args(["-t", "devices/device-1/commands"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("mosquitto_sub");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&cluster, 1, "rampart_connections") < 1 {
+        assert!(Instant::now() < deadline, "the device did not connect to node 1");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Killed: its connection ends without DISCONNECT, so node 1 publishes the will.
+    holder.kill().expect("kill the device's client");
+    holder.wait().expect("the device's client ends");
+    assert_eq!(lines(watcher), ["devices/device-1/status offline"]);
     Ok(())
 }

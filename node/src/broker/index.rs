@@ -182,6 +182,17 @@ impl SubscriptionIndex {
         }
         shared.into_iter().map(to_route).for_each(visit);
     }
+
+    /// The member of shared group `group` on exactly `filter` chosen to receive the next
+    /// message, if the group has members here.
+    pub fn shared_member(&self, filter: &str, group: &str) -> Option<Route> {
+        let root = self.published.load();
+        let mut node: &Node = &root;
+        for level in filter.split('/') {
+            node = node.children.get(level)?;
+        }
+        node.groups.get(group).and_then(ShareGroup::pick).map(to_route)
+    }
 }
 
 fn to_route(s: &Subscriber) -> Route {
@@ -331,6 +342,17 @@ mod tests {
         let mut got = Vec::new();
         index.route("job/1", None, false, |r| got.push(r.session));
         assert_eq!(got, [2], "a message forwarded from another node skips the groups here");
+    }
+
+    #[test]
+    fn a_shared_member_is_found_by_exact_filter_and_group() {
+        let index = SubscriptionIndex::new();
+        index.subscribe("job/+", Some("g"), sub(1, QoS::AtLeastOnce));
+        index.subscribe("job/+", Some("g"), sub(2, QoS::AtLeastOnce));
+        let picks: Vec<_> = (0..4).filter_map(|_| index.shared_member("job/+", "g")).map(|r| r.session).collect();
+        assert_eq!(picks.len(), 4);
+        assert!(picks.contains(&1) && picks.contains(&2), "round robin: {picks:?}");
+        assert!(index.shared_member("job/#", "g").is_none() && index.shared_member("job/+", "h").is_none());
     }
 
     #[test]

@@ -73,6 +73,15 @@ pub struct AttachRequest<'a> {
     pub queue_capacity: usize,
 }
 
+/// Whom a message routed here is for.
+enum Audience<'a> {
+    /// Published here: every matching subscriber and one member of every matching shared group.
+    Everyone,
+    /// Forwarded from another node: the matching subscribers (if `to_subscribers`), and one
+    /// member of each of the shared groups `shared` (`$share/<group>/<filter>`).
+    Forwarded { to_subscribers: bool, shared: &'a [String] },
+}
+
 /// What routing one message did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Published {
@@ -97,8 +106,9 @@ pub trait Remote: Send + Sync + 'static {
     fn claim<'a>(&'a self, client_id: &'a str, owner: &'a Owner, clean_start: bool) -> ClaimFuture<'a>;
 }
 
-/// The filters this node has local subscribers for (shared subscriptions excepted), with a
-/// version that moves on every change, for announcing routes to other nodes.
+/// The filters this node has local subscribers for, and the shared groups it has members of (as
+/// `$share/<group>/<filter>`), with a version that moves on every change, for announcing routes
+/// to other nodes.
 #[derive(Debug)]
 struct LocalRoutes {
     counts: Mutex<HashMap<String, usize>>,
@@ -307,9 +317,15 @@ impl Broker {
         }
     }
 
-    /// The filters with local subscribers now, for route announcements.
+    /// The filters with local subscribers (and the shared groups with local members) now, for
+    /// route announcements.
     pub fn local_routes(&self) -> Vec<String> {
         self.inner.routes.counts.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect()
+    }
+
+    /// Whether this node has local subscribers on `route` (a filter or `$share/<group>/<filter>`).
+    pub fn has_local_route(&self, route: &str) -> bool {
+        self.inner.routes.counts.lock().unwrap_or_else(|p| p.into_inner()).contains_key(route)
     }
 
     /// Changes whenever [`Broker::local_routes`] does.
@@ -321,21 +337,28 @@ impl Broker {
     /// [`Broker::publish_forwarded`]), then to the nodes with matching subscribers.
     pub async fn publish(&self, message: Arc<Message>) -> Published {
         let stamp = message.retain.then(|| self.inner.retained.set_local(message.clone()).1);
-        let published = self.route_locally(message.clone(), true).await;
+        let (published, _) = self.route_locally(message.clone(), Audience::Everyone).await;
         if let Some(remote) = self.inner.remote.get() {
             remote.forward(&message, stamp);
         }
         published
     }
 
-    /// Routes a message forwarded from another node to the local sessions; it goes no further,
-    /// and shared subscription groups here do not get it (a group receives what is published on
-    /// its members' nodes, once).
-    pub async fn publish_forwarded(&self, message: Arc<Message>, retained: Option<Stamp>) -> Published {
+    /// Routes a message forwarded from another node to the local sessions (the subscribers when
+    /// `to_subscribers`, one member of each group in `shared`); it goes no further. Shared groups
+    /// get only what the publishing node chose this node for, so each group receives a message
+    /// once cluster-wide. Returns the groups in `shared` without a member here (any longer).
+    pub async fn publish_forwarded(
+        &self,
+        message: Arc<Message>,
+        retained: Option<Stamp>,
+        to_subscribers: bool,
+        shared: &[String],
+    ) -> (Published, Vec<String>) {
         if let (true, Some(stamp)) = (message.retain, retained) {
             self.inner.retained.merge(RetainedEntry { topic: message.topic.clone(), message: Some(message.clone()), stamp });
         }
-        self.route_locally(message, false).await
+        self.route_locally(message, Audience::Forwarded { to_subscribers, shared }).await
     }
 
     /// Every retained message here (and every recently cleared topic), for another node.
@@ -351,10 +374,10 @@ impl Broker {
         }
     }
 
-    /// Hands the message to every matching local session (and shared group, with
-    /// `shared_groups`). Waits while online subscribers' queues are full (flow control towards
-    /// the publisher), for all of them at once, up to one deadline.
-    async fn route_locally(&self, message: Arc<Message>, shared_groups: bool) -> Published {
+    /// Hands the message to the matching local sessions of `audience`. Waits while online
+    /// subscribers' queues are full (flow control towards the publisher), for all of them at
+    /// once, up to one deadline. Returns the shared groups asked for that have no member here.
+    async fn route_locally(&self, message: Arc<Message>, audience: Audience<'_>) -> (Published, Vec<String>) {
         let mut waiting: Vec<(Arc<mailbox::Mailbox>, Delivery)> = Vec::new();
         let mut published = Published::default();
         let mut count = |pushed: mailbox::Pushed| {
@@ -362,7 +385,7 @@ impl Broker {
             published.durable_ticket = published.durable_ticket.max(pushed.ticket());
         };
         let publisher = message.publisher;
-        self.inner.index.route(&message.topic, publisher, shared_groups, |route| {
+        let mut deliver = |route: index::Route| {
             let delivery = Delivery {
                 message: message.clone(),
                 qos: min_qos(message.qos, route.qos),
@@ -375,13 +398,32 @@ impl Broker {
                 Err(delivery) if Some(route.session) == publisher => count(route.mailbox.push_congested(delivery)),
                 Err(delivery) => waiting.push((route.mailbox, delivery)),
             }
-        });
+        };
+        let mut unserved = Vec::new();
+        match audience {
+            Audience::Everyone => self.inner.index.route(&message.topic, publisher, true, &mut deliver),
+            Audience::Forwarded { to_subscribers, shared } => {
+                if to_subscribers {
+                    self.inner.index.route(&message.topic, publisher, false, &mut deliver);
+                }
+                for route in shared {
+                    let member = match topic::parse_filter(route, topic::TopicLimits::UNLIMITED) {
+                        Ok(topic::ParsedFilter { share_group: Some(group), filter }) => self.inner.index.shared_member(filter, group),
+                        _ => None,
+                    };
+                    match member {
+                        Some(member) => deliver(member),
+                        None => unserved.push(route.clone()),
+                    }
+                }
+            }
+        }
         if !waiting.is_empty() {
             let deadline = tokio::time::Instant::now() + self.inner.settings.slow_subscriber_timeout;
             let pushes = waiting.into_iter().map(|(mailbox, delivery)| async move { mailbox.push_wait(delivery, deadline).await });
             futures_util::future::join_all(pushes).await.into_iter().for_each(&mut count);
         }
-        published
+        (published, unserved)
     }
 
     /// Waits until the session-store write `ticket` is on disk.
@@ -423,8 +465,8 @@ impl Broker {
         let subscriber = Subscriber { session: session.id, mailbox: session.mailbox.clone(), options: options.clone() };
         self.inner.index.subscribe(parsed.filter, parsed.share_group, subscriber);
         let is_new = session.subscriptions.insert(filter.to_string(), options).is_none();
-        if is_new && parsed.share_group.is_none() {
-            self.inner.routes.change(parsed.filter, true);
+        if is_new {
+            self.inner.routes.change(filter, true);
         }
         is_new
     }
@@ -447,9 +489,7 @@ impl Broker {
     fn remove_subscription(&self, session: message::SessionId, filter: &str) {
         if let Ok(parsed) = topic::parse_filter(filter, topic::TopicLimits::UNLIMITED) {
             self.inner.index.unsubscribe(parsed.filter, parsed.share_group, session);
-            if parsed.share_group.is_none() {
-                self.inner.routes.change(parsed.filter, false);
-            }
+            self.inner.routes.change(filter, false);
         }
     }
 

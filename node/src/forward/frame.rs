@@ -17,7 +17,7 @@ use crate::broker::persist::{MovedSession, StoredProperties};
 use crate::broker::retained::{RetainedEntry, Stamp};
 
 /// The ALPN protocol of a forwarding link; a peer speaking another version is refused.
-pub const ALPN: &[u8] = b"rampart-fwd/1";
+pub const ALPN: &[u8] = b"rampart-fwd/2";
 
 /// Largest frame accepted from a peer.
 pub const MAX_FRAME: usize = 16 << 20;
@@ -89,13 +89,30 @@ impl WireRetained {
         WireRetained {
             topic: entry.topic.clone(),
             stamp: entry.stamp,
-            message: entry.message.as_ref().map(|m| Forwarded::new(0, m, None, now)),
+            message: entry.message.as_ref().map(|m| Forwarded::new(0, m, None, Recipients::SUBSCRIBERS, now)),
         }
     }
 
     pub fn into_entry(self, now: Instant) -> RetainedEntry {
         RetainedEntry { topic: self.topic, stamp: self.stamp, message: self.message.map(|m| m.into_message(now)) }
     }
+}
+
+/// Whom a forwarded message is for on the receiving node.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recipients {
+    /// Its local subscribers whose filters match.
+    pub subscribers: bool,
+    /// Shared groups (`$share/<group>/<filter>`) the publishing node chose it for: one member
+    /// of each gets the message.
+    pub shared: Vec<String>,
+    /// Already passed on once by a node whose group had no member left; not passed on again.
+    pub redispatched: bool,
+}
+
+impl Recipients {
+    /// The receiving node's subscribers only.
+    pub const SUBSCRIBERS: Recipients = Recipients { subscribers: true, shared: Vec::new(), redispatched: false };
 }
 
 /// One published message crossing the link, numbered per stream.
@@ -111,6 +128,7 @@ pub struct Forwarded {
     pub properties: StoredProperties,
     /// The stamp of a retained message in its node's retained store.
     pub retained_stamp: Option<Stamp>,
+    pub recipients: Recipients,
 }
 
 fn qos_of(n: u8) -> QoS {
@@ -122,7 +140,7 @@ fn qos_of(n: u8) -> QoS {
 }
 
 impl Forwarded {
-    pub fn new(sequence: u64, m: &Message, retained_stamp: Option<Stamp>, now: Instant) -> Forwarded {
+    pub fn new(sequence: u64, m: &Message, retained_stamp: Option<Stamp>, recipients: Recipients, now: Instant) -> Forwarded {
         Forwarded {
             sequence,
             topic: m.topic.clone(),
@@ -132,6 +150,7 @@ impl Forwarded {
             expires_in_ms: m.expires_at.map(|at| at.saturating_duration_since(now).as_millis() as u64),
             properties: StoredProperties::capture(m.properties.as_ref()),
             retained_stamp,
+            recipients,
         }
     }
 
@@ -227,7 +246,7 @@ mod tests {
             publisher: Some(4),
         };
         let mut out = BytesMut::new();
-        encode(&Forwarded::new(9, &message, None, now), &mut out);
+        encode(&Forwarded::new(9, &message, None, Recipients::SUBSCRIBERS, now), &mut out);
         let back: Forwarded = decode(&mut out).unwrap().unwrap();
         assert_eq!((back.sequence, back.qos()), (9, QoS::AtLeastOnce));
         let copy = back.into_message(now);

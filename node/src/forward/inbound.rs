@@ -169,8 +169,13 @@ async fn deliver(
     };
     let acknowledged = forwarded.qos() != mqttbytes::QoS::AtMostOnce;
     if !repeated {
-        let stamp = forwarded.retained_stamp;
-        let published = forwarder.broker.publish_forwarded(forwarded.into_message(Instant::now()), stamp).await;
+        let (stamp, recipients) = (forwarded.retained_stamp, forwarded.recipients.clone());
+        let message = forwarded.into_message(Instant::now());
+        let broker = &forwarder.broker;
+        let (published, unserved) = broker.publish_forwarded(message.clone(), stamp, recipients.subscribers, &recipients.shared).await;
+        if !unserved.is_empty() && !recipients.redispatched {
+            forwarder.redispatch(&message, unserved, peer.node_id);
+        }
         if let Some(ticket) = published.durable_ticket {
             forwarder.broker.wait_durable(ticket).await;
         }

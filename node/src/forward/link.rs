@@ -208,7 +208,8 @@ async fn serve_inner(
                     let message = &outgoing.message;
                     let stream = stream_of(&message.topic, streams.len());
                     let mut dropped = false;
-                    let bytes = outbox.add(stream, |seq| Forwarded::new(seq, message, outgoing.retained, now), message.qos, &mut dropped);
+                    let forwarded = |seq| Forwarded::new(seq, message, outgoing.retained, outgoing.recipients.clone(), now);
+                    let bytes = outbox.add(stream, forwarded, message.qos, &mut dropped);
                     if dropped {
                         peer.replay_dropped.fetch_add(1, Ordering::Relaxed);
                     }
@@ -238,7 +239,7 @@ mod tests {
             expires_at: None,
             publisher: None,
         };
-        Forwarded::new(seq, &message, None, Instant::now())
+        Forwarded::new(seq, &message, None, frame::Recipients::SUBSCRIBERS, Instant::now())
     }
 
     #[test]

@@ -35,7 +35,7 @@ use crate::broker::retained::Stamp;
 use crate::broker::{AttachError, Broker, ClaimFuture, Remote};
 use crate::cluster::Cluster;
 use crate::telemetry::metrics::LinkGauge;
-use frame::{ClaimOutcome, Control};
+use frame::{ClaimOutcome, Control, Recipients};
 use queue::{Outgoing, PeerQueue};
 use routes::RouteTable;
 use tokio::sync::oneshot;
@@ -110,10 +110,6 @@ impl Peer {
         }
     }
 
-    fn wants(&self, topic: &str) -> bool {
-        self.routes.read().unwrap_or_else(|p| p.into_inner()).matches(topic)
-    }
-
     /// Sends a claim on our link; the answer comes through the returned channel (closed if the
     /// link goes down first).
     fn claim(&self, request: u64, claim: Control) -> oneshot::Receiver<ClaimOutcome> {
@@ -142,6 +138,8 @@ pub struct Forwarder {
     settings: ForwardSettings,
     peers: RwLock<HashMap<u64, Arc<Peer>>>,
     next_claim: AtomicU64,
+    /// Turn of the round robin over peers for shared groups.
+    next_shared: AtomicU64,
 }
 
 impl Forwarder {
@@ -166,6 +164,7 @@ impl Forwarder {
             settings,
             peers: RwLock::new(HashMap::new()),
             next_claim: AtomicU64::new(1),
+            next_shared: AtomicU64::new(0),
         });
         broker.set_remote(forwarder.clone(), settings_node_id);
         tokio::spawn(inbound::accept(forwarder.clone(), cluster.clone(), shutdown.clone()));
@@ -196,6 +195,33 @@ impl Forwarder {
 }
 
 impl Forwarder {
+    /// One of `candidates` (keyed as given), round robin, among those with a live link if any.
+    fn pick<'a, K: Copy>(&self, candidates: impl Iterator<Item = (K, &'a Peer)> + Clone) -> K {
+        let turn = self.next_shared.fetch_add(1, Ordering::Relaxed) as usize;
+        let up: Vec<K> = candidates.clone().filter(|(_, p)| p.up.load(Ordering::Relaxed)).map(|(k, _)| k).collect();
+        let pool = if up.is_empty() { candidates.map(|(k, _)| k).collect() } else { up };
+        pool[turn % pool.len()]
+    }
+
+    /// Passes a forwarded message on to another node with members of the shared groups that
+    /// have none here any longer (once: a redispatched message is not passed on again).
+    fn redispatch(&self, message: &Arc<Message>, groups: Vec<String>, origin: u64) {
+        let peers = self.peers.read().unwrap_or_else(|p| p.into_inner());
+        for group in groups {
+            let candidates =
+                peers.values().filter(|p| p.node_id != origin && p.routes.read().unwrap_or_else(|e| e.into_inner()).has_group(&group));
+            let candidates: Vec<&Arc<Peer>> = candidates.collect();
+            if candidates.is_empty() {
+                tracing::debug!(%group, topic = %message.topic, "shared group has no member left on any node: message not delivered to it");
+                crate::telemetry::metrics::dropped(crate::telemetry::metrics::DropReason::SharedGroupGone);
+                continue;
+            }
+            let chosen = self.pick(candidates.iter().map(|p| (*p, p.as_ref())));
+            let recipients = Recipients { subscribers: false, shared: vec![group], redispatched: true };
+            chosen.queue.push(Outgoing { message: message.clone(), retained: None, recipients });
+        }
+    }
+
     /// Asks every peer to give up `client_id`; see [`Remote::claim`].
     async fn claim_everywhere(&self, client_id: &str, owner: &Owner, clean_start: bool) -> Result<Option<MovedSession>, AttachError> {
         let peers: Vec<Arc<Peer>> = self.peers.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
@@ -245,11 +271,33 @@ impl Remote for Forwarder {
     }
 
     /// Queues the message for every peer with a matching route; a retained message goes to
-    /// every peer, so each node's retained store holds it.
+    /// every peer, so each node's retained store holds it. Each matching shared group without a
+    /// member here gets it through one peer with members (round robin, peers with a live link
+    /// first).
     fn forward(&self, message: &Arc<Message>, retained: Option<Stamp>) {
-        for peer in self.peers.read().unwrap_or_else(|p| p.into_inner()).values() {
-            if message.retain || peer.wants(&message.topic) {
-                peer.queue.push(Outgoing { message: message.clone(), retained });
+        let peers = self.peers.read().unwrap_or_else(|p| p.into_inner());
+        let mut recipients: Vec<(&Arc<Peer>, Recipients)> = Vec::new();
+        let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
+        for peer in peers.values() {
+            let routes = peer.routes.read().unwrap_or_else(|p| p.into_inner());
+            routes.matching_groups(&message.topic, |group| {
+                if !self.broker.has_local_route(group) {
+                    match groups.iter_mut().find(|(g, _)| g == group) {
+                        Some((_, candidates)) => candidates.push(recipients.len()),
+                        None => groups.push((group.to_string(), vec![recipients.len()])),
+                    }
+                }
+            });
+            let subscribers = message.retain || routes.matches(&message.topic);
+            recipients.push((peer, Recipients { subscribers, ..Recipients::default() }));
+        }
+        for (group, candidates) in groups {
+            let chosen = self.pick(candidates.iter().map(|&i| (i, recipients[i].0.as_ref())));
+            recipients[chosen].1.shared.push(group);
+        }
+        for (peer, recipients) in recipients {
+            if recipients.subscribers || !recipients.shared.is_empty() {
+                peer.queue.push(Outgoing { message: message.clone(), retained, recipients });
             }
         }
     }

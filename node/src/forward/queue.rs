@@ -11,12 +11,15 @@ use tokio::sync::Notify;
 
 use crate::broker::message::Message;
 use crate::broker::retained::Stamp;
+use crate::forward::frame::Recipients;
 
-/// A message waiting for a peer, with its retained-store stamp when it is retained.
+/// A message waiting for a peer, with its retained-store stamp when it is retained, and whom it
+/// is for there.
 #[derive(Debug, Clone)]
 pub struct Outgoing {
     pub message: Arc<Message>,
     pub retained: Option<Stamp>,
+    pub recipients: Recipients,
 }
 
 #[derive(Debug)]
@@ -89,7 +92,7 @@ mod tests {
             expires_at: None,
             publisher: None,
         });
-        Outgoing { message, retained: None }
+        Outgoing { message, retained: None, recipients: Recipients::SUBSCRIBERS }
     }
 
     fn drain(queue: &PeerQueue) -> Vec<u8> {

@@ -30,11 +30,13 @@ pub enum DropReason {
     ReadNotAuthorized,
     /// Retained message past the session's `max_retained_replay_bytes` after a SUBSCRIBE.
     RetainedReplayLimit,
+    /// Forwarded for a shared group that had no member left on any node.
+    SharedGroupGone,
 }
 
 impl DropReason {
     /// Every reason, in declaration order (so `reason as usize` indexes it).
-    const ALL: [DropReason; 10] = [
+    const ALL: [DropReason; 11] = [
         DropReason::SlowSubscriberQos0,
         DropReason::SlowSubscriberTimeout,
         DropReason::OfflineQos0,
@@ -45,6 +47,7 @@ impl DropReason {
         DropReason::NotAuthorized,
         DropReason::ReadNotAuthorized,
         DropReason::RetainedReplayLimit,
+        DropReason::SharedGroupGone,
     ];
 
     fn label(self) -> &'static str {
@@ -59,6 +62,7 @@ impl DropReason {
             DropReason::NotAuthorized => "not_authorized",
             DropReason::ReadNotAuthorized => "read_not_authorized",
             DropReason::RetainedReplayLimit => "retained_replay_limit",
+            DropReason::SharedGroupGone => "shared_group_gone",
         }
     }
 }
