@@ -92,11 +92,20 @@ pub struct Options {
     pub quic_relay: Option<u64>,
     /// `cluster.link_idle_timeout_ms` of every node.
     pub link_idle_timeout_ms: u64,
+    /// `cluster.suback_barrier` of every node (`local` or `ack`).
+    pub suback_barrier: &'static str,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { nodes: 3, initial_members: 3, snapshot_every: 1000, quic_relay: None, link_idle_timeout_ms: 5000 }
+        Options {
+            nodes: 3,
+            initial_members: 3,
+            snapshot_every: 1000,
+            quic_relay: None,
+            link_idle_timeout_ms: 5000,
+            suback_barrier: "local",
+        }
     }
 }
 
@@ -159,6 +168,7 @@ node_id = {id}
 bind = "127.0.0.1:{cluster}"
 quic_bind = "127.0.0.1:{quic}"
 link_idle_timeout_ms = {link_idle_timeout_ms}
+suback_barrier = "{suback_barrier}"
 cert_file = {node_cert:?}
 key_file = {node_key:?}
 ca_file = {ca:?}
@@ -182,6 +192,7 @@ ca_file = {ca:?}
                     ca = pki.ca_cert,
                     snapshot_every = options.snapshot_every,
                     link_idle_timeout_ms = options.link_idle_timeout_ms,
+                    suback_barrier = options.suback_barrier,
                 ),
             )?;
             let log = dir.path().join(format!("node-{id}.log"));

@@ -1,13 +1,13 @@
 //! A UDP relay in front of a node's QUIC port, for fault injection: it forwards datagrams both
-//! ways (one upstream socket per client) and, while cut, drops them all. Runs on its own threads,
-//! stopped on drop.
+//! ways (one upstream socket per client), while cut drops them all, and can delay the datagrams
+//! towards the node. Runs on its own threads, stopped on drop.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const POLL: Duration = Duration::from_millis(50);
 
@@ -15,6 +15,8 @@ pub struct UdpRelay {
     /// The loopback port clients send to.
     pub port: u16,
     cut: Arc<AtomicBool>,
+    /// Milliseconds each datagram towards the node is held.
+    delay_ms: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -26,11 +28,17 @@ impl UdpRelay {
         public.set_read_timeout(Some(POLL))?;
         let port = public.local_addr()?.port();
         let (cut, stop) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+        let delay_ms = Arc::new(AtomicU64::new(0));
         let thread = {
-            let (cut, stop) = (cut.clone(), stop.clone());
-            std::thread::spawn(move || relay(public, target, cut, stop))
+            let (cut, delay_ms, stop) = (cut.clone(), delay_ms.clone(), stop.clone());
+            std::thread::spawn(move || relay(public, target, cut, delay_ms, stop))
         };
-        Ok(UdpRelay { port, cut, stop, thread: Some(thread) })
+        Ok(UdpRelay { port, cut, delay_ms, stop, thread: Some(thread) })
+    }
+
+    /// Holds every datagram towards the node for `delay` (in order) before forwarding it.
+    pub fn delay(&self, delay: Duration) {
+        self.delay_ms.store(delay.as_millis() as u64, Ordering::Relaxed);
     }
 
     /// Drops every datagram in both directions (`true`) or forwards them again (`false`).
@@ -48,11 +56,21 @@ impl Drop for UdpRelay {
     }
 }
 
-fn relay(public: UdpSocket, target: SocketAddr, cut: Arc<AtomicBool>, stop: Arc<AtomicBool>) {
+fn relay(public: UdpSocket, target: SocketAddr, cut: Arc<AtomicBool>, delay_ms: Arc<AtomicU64>, stop: Arc<AtomicBool>) {
     let mut upstreams: HashMap<SocketAddr, UdpSocket> = HashMap::new();
     let mut returns = Vec::new();
+    let mut held: VecDeque<(Instant, SocketAddr, Vec<u8>)> = VecDeque::new();
     let mut buf = vec![0u8; 65_536];
     while !stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        while held.front().is_some_and(|(due, _, _)| *due <= now) {
+            let (_, client, datagram) = held.pop_front().expect("checked");
+            if let Some(upstream) = upstreams.get(&client) {
+                let _ = upstream.send(&datagram);
+            }
+        }
+        let wait = held.front().map_or(POLL, |(due, _, _)| due.saturating_duration_since(now).clamp(Duration::from_millis(1), POLL));
+        let _ = public.set_read_timeout(Some(wait));
         let Ok((n, client)) = public.recv_from(&mut buf) else { continue };
         if cut.load(Ordering::Relaxed) {
             continue;
@@ -66,7 +84,10 @@ fn relay(public: UdpSocket, target: SocketAddr, cut: Arc<AtomicBool>, stop: Arc<
                 entry.insert(upstream)
             }
         };
-        let _ = upstream.send(&buf[..n]);
+        match delay_ms.load(Ordering::Relaxed) {
+            0 if held.is_empty() => drop(upstream.send(&buf[..n])),
+            ms => held.push_back((Instant::now() + Duration::from_millis(ms), client, buf[..n].to_vec())),
+        }
     }
     for thread in returns {
         let _ = thread.join();

@@ -472,3 +472,48 @@ async fn a_will_published_on_node_1_reaches_a_subscriber_on_node_2() -> anyhow::
     assert_eq!(lines(watcher), ["devices/device-1/status offline"]);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_the_ack_barrier_a_publish_right_after_suback_reaches_the_new_subscriber() -> anyhow::Result<()> {
+    // Node 2's link to node 1 (its route announcements) goes through a relay that holds each
+    // datagram for 400 ms: without the barrier, a publish on node 1 right after the SUBACK on
+    // node 2 would find no route there yet.
+    let options = Options { quic_relay: Some(1), suback_barrier: "ack", ..Options::default() };
+    let cluster = TestCluster::start(options)?;
+    wait_until_serving(&cluster).await?;
+    cluster.relay.as_ref().expect("relay").delay(Duration::from_millis(400));
+    let subscriber = Client { cluster: &cluster, node: 2, device: "device-1", client_id: "device-1-sub", version: "mqttv5" };
+    // Line-buffered, so its debug line about the SUBACK arrives when the SUBACK does.
+    let mut child = Command::new("stdbuf")
+        .args(["-oL", "mosquitto_sub"])
+        .args(subscriber.args())
+        .args(["-d", "-t", "devices/device-1/fresh", "-q", "1", "-C", "1", "-W", "20"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("mosquitto_sub");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let subscribed_at = loop {
+        let line = lines_rx.recv_timeout(Duration::from_secs(10)).expect("mosquitto_sub reports its SUBACK");
+        if line.contains("received SUBACK") {
+            break Instant::now();
+        }
+    };
+    Client { cluster: &cluster, node: 1, device: "device-1", client_id: "device-1-pub", version: "mqttv5" }.publish(
+        "devices/device-1/fresh",
+        1,
+        "right after",
+    );
+    let received = std::iter::from_fn(|| lines_rx.recv_timeout(Duration::from_secs(10)).ok()).any(|l| l == "right after");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(received, "the message published {:?} after the SUBACK reached the subscriber", subscribed_at.elapsed());
+    Ok(())
+}

@@ -94,6 +94,9 @@ pub struct Published {
 /// What a remote claim on a client id yields: the session moved from the node that held it.
 pub type ClaimFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Option<MovedSession>, AttachError>> + Send + 'a>>;
 
+/// What waiting for the other nodes to learn this node's routes is.
+pub type BarrierFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
+
 /// The other nodes of the cluster, as the broker needs them (the forwarding plane).
 pub trait Remote: Send + Sync + 'static {
     /// A message published on this node, after it was routed to the local sessions; a retained
@@ -104,6 +107,10 @@ pub trait Remote: Send + Sync + 'static {
     /// refused when another node holds it for another principal; a live connection elsewhere is
     /// taken over, and a persistent session there moves here (unless `clean_start`).
     fn claim<'a>(&'a self, client_id: &'a str, owner: &'a Owner, clean_start: bool) -> ClaimFuture<'a>;
+
+    /// Completes once the other nodes route by this node's routes as of `version` (as the
+    /// cluster's SUBACK barrier setting says, and bounded in time).
+    fn routes_announced(&self, version: u64) -> BarrierFuture<'_>;
 }
 
 /// The filters this node has local subscribers for, and the shared groups it has members of (as
@@ -326,6 +333,15 @@ impl Broker {
     /// Whether this node has local subscribers on `route` (a filter or `$share/<group>/<filter>`).
     pub fn has_local_route(&self, route: &str) -> bool {
         self.inner.routes.counts.lock().unwrap_or_else(|p| p.into_inner()).contains_key(route)
+    }
+
+    /// Waits, before a SUBACK, until the other nodes route by this node's subscriptions as they
+    /// are now (the cluster's `suback_barrier`); at once on a single node.
+    pub async fn routes_announced(&self) {
+        if let Some(remote) = self.inner.remote.get() {
+            let version = *self.inner.routes.version.borrow();
+            remote.routes_announced(version).await;
+        }
     }
 
     /// Changes whenever [`Broker::local_routes`] does.

@@ -87,6 +87,25 @@ pub struct ClusterConfig {
     /// What a CONNECT does when some node cannot be asked about its client id.
     #[serde(default)]
     pub remote_session_unreachable: RemoteSessionUnreachable,
+    /// When a SUBACK is sent: at once (`local`), or once the other nodes have the route (`ack`).
+    #[serde(default)]
+    pub suback_barrier: SubackBarrier,
+    /// The longest a SUBACK waits for the other nodes with `suback_barrier = "ack"`.
+    #[serde(default = "default_suback_barrier_timeout_ms")]
+    pub suback_barrier_timeout_ms: u64,
+}
+
+/// When a SUBACK is sent in a cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SubackBarrier {
+    /// At once: a message published on another node in the next milliseconds may miss the new
+    /// subscription.
+    #[default]
+    Local,
+    /// After every node with a live link has applied the new route (bounded by
+    /// `suback_barrier_timeout_ms`): a publish anywhere after the SUBACK reaches the subscriber.
+    Ack,
 }
 
 /// What a CONNECT does when a node that may hold the client's session cannot be asked.
@@ -149,6 +168,9 @@ fn default_link_idle_timeout_ms() -> u64 {
 }
 fn default_claim_timeout_ms() -> u64 {
     3_000
+}
+fn default_suback_barrier_timeout_ms() -> u64 {
+    1_000
 }
 
 /// The admin gRPC API: mutual TLS with admin certificates (OU rampart-admin) only.
@@ -750,6 +772,10 @@ impl Config {
             idle_timeout: Duration::from_millis(c.link_idle_timeout_ms),
             claim_timeout: Duration::from_millis(c.claim_timeout_ms),
             refuse_when_unreachable: c.remote_session_unreachable == RemoteSessionUnreachable::Refuse,
+            suback_barrier: match c.suback_barrier {
+                SubackBarrier::Local => Duration::ZERO,
+                SubackBarrier::Ack => Duration::from_millis(c.suback_barrier_timeout_ms.max(1)),
+            },
         })
     }
 

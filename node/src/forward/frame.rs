@@ -33,6 +33,9 @@ pub enum Control {
     RouteAdded(String),
     /// A filter lost its last local subscriber.
     RouteRemoved(String),
+    /// The routes sent so far are the dialling node's as of this version of its route table
+    /// (answered by [`Reply::RoutesApplied`] once applied: the SUBACK barrier).
+    RoutesThrough(u64),
     /// Retained messages (and cleared topics) of the dialling node, sent after each connect; the
     /// accepting node keeps those newer than its own.
     Retained(Vec<WireRetained>),
@@ -45,7 +48,12 @@ pub enum Control {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Reply {
     Ack(Ack),
-    Claimed { request: u64, outcome: ClaimOutcome },
+    /// The routes up to [`Control::RoutesThrough`] this version are applied.
+    RoutesApplied(u64),
+    Claimed {
+        request: u64,
+        outcome: ClaimOutcome,
+    },
 }
 
 /// How a node answered a [`Control::Claim`].

@@ -101,6 +101,9 @@ async fn read_control(
                 Control::Routes(filters) => *routes() = RouteTable::from_filters(filters.iter().map(String::as_str)),
                 Control::RouteAdded(filter) => routes().insert(&filter),
                 Control::RouteRemoved(filter) => routes().remove(&filter),
+                Control::RoutesThrough(version) => {
+                    let _ = replies.send(Reply::RoutesApplied(version));
+                }
                 Control::Hello { .. } => return Err("a second Hello".into()),
                 Control::Retained(entries) => {
                     let now = Instant::now();

@@ -140,11 +140,12 @@ async fn serve_inner(
     let failed = |e: &dyn std::fmt::Display| e.to_string();
     let (mut control, mut acks) = connection.open_bi().await.map_err(|e| failed(&e))?;
     let mut routes = forwarder.broker.route_changes();
+    let version = *routes.borrow_and_update();
     let mut announced: HashSet<String> = forwarder.broker.local_routes().into_iter().collect();
-    routes.borrow_and_update();
     let mut out = BytesMut::new();
     frame::encode(&Control::Hello { node_id: forwarder.node_id, incarnation: forwarder.incarnation }, &mut out);
     frame::encode(&Control::Routes(announced.iter().cloned().collect()), &mut out);
+    frame::encode(&Control::RoutesThrough(version), &mut out);
     control.write_all(&out).await.map_err(|e| failed(&e))?;
     // The retained store, so the peer converges with it after a partition (newest stamp wins).
     let now = Instant::now();
@@ -171,6 +172,7 @@ async fn serve_inner(
             _ = stop.changed() => return Ok(()),
             closed = connection.closed() => return Err(closed.to_string()),
             _ = routes.changed() => {
+                let version = *routes.borrow_and_update();
                 let current: HashSet<String> = forwarder.broker.local_routes().into_iter().collect();
                 let mut out = BytesMut::new();
                 for added in current.difference(&announced) {
@@ -179,6 +181,7 @@ async fn serve_inner(
                 for removed in announced.difference(&current) {
                     frame::encode(&Control::RouteRemoved(removed.clone()), &mut out);
                 }
+                frame::encode(&Control::RoutesThrough(version), &mut out);
                 announced = current;
                 control.write_all(&out).await.map_err(|e| failed(&e))?;
             }
@@ -189,6 +192,9 @@ async fn serve_inner(
                 while let Some(reply) = frame::decode::<Reply>(&mut ack_input).map_err(|e| failed(&e))? {
                     match reply {
                         Reply::Ack(ack) => outbox.acknowledge(ack),
+                        Reply::RoutesApplied(version) => {
+                            peer.routes_applied.send_if_modified(|applied| std::mem::replace(applied, version.max(*applied)) < version);
+                        }
                         Reply::Claimed { request, outcome } => peer.answered(request, outcome),
                     }
                 }

@@ -32,7 +32,7 @@ use crate::auth::store::AuthStore;
 use crate::broker::message::Message;
 use crate::broker::persist::MovedSession;
 use crate::broker::retained::Stamp;
-use crate::broker::{AttachError, Broker, ClaimFuture, Remote};
+use crate::broker::{AttachError, BarrierFuture, Broker, ClaimFuture, Remote};
 use crate::cluster::Cluster;
 use crate::telemetry::metrics::LinkGauge;
 use frame::{ClaimOutcome, Control, Recipients};
@@ -62,6 +62,9 @@ pub struct ForwardSettings {
     pub claim_timeout: Duration,
     /// Refuse a CONNECT when some node could not be asked (`true`), or accept it (`false`).
     pub refuse_when_unreachable: bool,
+    /// How long a SUBACK waits for the peers with a live link to apply the new route; zero:
+    /// it does not wait (`suback_barrier = "local"`).
+    pub suback_barrier: Duration,
 }
 
 /// One other member, as this node sees it.
@@ -74,6 +77,8 @@ pub struct Peer {
     pub queue: PeerQueue,
     /// The filters it announced on its link to us.
     routes: RwLock<RouteTable>,
+    /// The version of our route table it confirmed having applied (the SUBACK barrier).
+    routes_applied: watch::Sender<u64>,
     /// Its process incarnation, as announced; a new one resets what we know of it.
     incarnation: AtomicU64,
     /// The highest sequence delivered here per (incarnation, stream), for de-duplication.
@@ -98,6 +103,7 @@ impl Peer {
             quic_addr,
             queue: PeerQueue::new(settings.queue_messages),
             routes: RwLock::new(RouteTable::default()),
+            routes_applied: watch::channel(0).0,
             incarnation: AtomicU64::new(0),
             delivered: Mutex::new(HashMap::new()),
             up: AtomicBool::new(false),
@@ -268,6 +274,27 @@ impl Forwarder {
 impl Remote for Forwarder {
     fn claim<'a>(&'a self, client_id: &'a str, owner: &'a Owner, clean_start: bool) -> ClaimFuture<'a> {
         Box::pin(self.claim_everywhere(client_id, owner, clean_start))
+    }
+
+    /// Waits (up to `suback_barrier`) until every peer with a live link has applied our routes
+    /// as of `version`; a peer whose link is down gets them in the snapshot when it reconnects.
+    fn routes_announced(&self, version: u64) -> BarrierFuture<'_> {
+        let timeout = self.settings.suback_barrier;
+        let waiting: Vec<watch::Receiver<u64>> = if timeout.is_zero() {
+            Vec::new()
+        } else {
+            let peers = self.peers.read().unwrap_or_else(|p| p.into_inner());
+            peers.values().filter(|p| p.up.load(Ordering::Relaxed)).map(|p| p.routes_applied.subscribe()).collect()
+        };
+        Box::pin(async move {
+            let applied = waiting.into_iter().map(|mut applied| async move {
+                let _ = applied.wait_for(|&applied| applied >= version).await;
+            });
+            if tokio::time::timeout(timeout, futures_util::future::join_all(applied)).await.is_err() {
+                crate::telemetry::metrics::suback_barrier_timed_out();
+                tracing::debug!(version, "SUBACK sent before every peer confirmed the route (suback_barrier_timeout_ms)");
+            }
+        })
     }
 
     /// Queues the message for every peer with a matching route; a retained message goes to

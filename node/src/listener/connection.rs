@@ -451,6 +451,7 @@ async fn read_connect<R: AsyncRead + Unpin>(
 /// caused is durable, so acknowledgements written afterwards never promise more than the disk holds.
 async fn run_actions(session: &mut Session, broker: &Broker, auths: &mut Vec<Auth>) {
     let mut durable_ticket = None;
+    let mut subscribed = false;
     while let Some(action) = session.next_action() {
         match action {
             Action::Publish(message) => {
@@ -464,6 +465,7 @@ async fn run_actions(session: &mut Session, broker: &Broker, auths: &mut Vec<Aut
                 };
                 let retained = broker.subscribe(session.state_mut(), &filter, options, wants_retained);
                 session.queue_retained(retained);
+                subscribed = true;
             }
             Action::Unsubscribe { filter } => {
                 broker.unsubscribe(session.state_mut(), &filter);
@@ -473,6 +475,9 @@ async fn run_actions(session: &mut Session, broker: &Broker, auths: &mut Vec<Aut
     }
     if let Some(ticket) = durable_ticket {
         broker.wait_durable(ticket).await;
+    }
+    if subscribed {
+        broker.routes_announced().await;
     }
 }
 

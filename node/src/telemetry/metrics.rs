@@ -100,6 +100,7 @@ struct Metrics {
     password_checks_rate_limited: AtomicU64,
     password_check_waits: AtomicU64,
     client_limit_refusals: [AtomicU64; 2],
+    suback_barrier_timeouts: AtomicU64,
 }
 
 static METRICS: Metrics = Metrics {
@@ -117,7 +118,13 @@ static METRICS: Metrics = Metrics {
     password_checks_rate_limited: AtomicU64::new(0),
     password_check_waits: AtomicU64::new(0),
     client_limit_refusals: [const { AtomicU64::new(0) }; 2],
+    suback_barrier_timeouts: AtomicU64::new(0),
 };
+
+/// A SUBACK went out before every peer confirmed the new route (`suback_barrier = "ack"`).
+pub fn suback_barrier_timed_out() {
+    METRICS.suback_barrier_timeouts.fetch_add(1, Ordering::Relaxed);
+}
 
 /// Something a client asked for was refused by a per-client bound.
 pub fn client_limit_refusal(limit: ClientLimit) {
@@ -274,6 +281,12 @@ pub fn render(gauges: Gauges) -> String {
         let samples: Vec<(&str, i64)> = samples.iter().map(|(labels, v)| (labels.as_str(), *v)).collect();
         metric(name, kind, help, &samples);
     }
+    metric(
+        "rampart_forward_suback_barrier_timeouts_total",
+        "counter",
+        "SUBACKs sent before every peer with a live link confirmed the new route (suback_barrier = \"ack\").",
+        &[("", load(&METRICS.suback_barrier_timeouts))],
+    );
     metric(
         "rampart_client_limit_refusals_total",
         "counter",
