@@ -92,8 +92,11 @@ pub struct Options {
     pub quic_relay: Option<u64>,
     /// `cluster.link_idle_timeout_ms` of every node.
     pub link_idle_timeout_ms: u64,
-    /// `cluster.suback_barrier` of every node (`local` or `ack`).
+    /// `cluster.suback_barrier` of every node (`local` or `ack`), and its timeout.
     pub suback_barrier: &'static str,
+    pub suback_barrier_timeout_ms: u64,
+    /// `cluster.puback` of every node (`local` or `cluster`).
+    pub puback: &'static str,
 }
 
 impl Default for Options {
@@ -105,6 +108,8 @@ impl Default for Options {
             quic_relay: None,
             link_idle_timeout_ms: 5000,
             suback_barrier: "local",
+            suback_barrier_timeout_ms: 1000,
+            puback: "local",
         }
     }
 }
@@ -169,6 +174,8 @@ bind = "127.0.0.1:{cluster}"
 quic_bind = "127.0.0.1:{quic}"
 link_idle_timeout_ms = {link_idle_timeout_ms}
 suback_barrier = "{suback_barrier}"
+suback_barrier_timeout_ms = {suback_barrier_timeout_ms}
+puback = "{puback}"
 cert_file = {node_cert:?}
 key_file = {node_key:?}
 ca_file = {ca:?}
@@ -193,6 +200,8 @@ ca_file = {ca:?}
                     snapshot_every = options.snapshot_every,
                     link_idle_timeout_ms = options.link_idle_timeout_ms,
                     suback_barrier = options.suback_barrier,
+                    suback_barrier_timeout_ms = options.suback_barrier_timeout_ms,
+                    puback = options.puback,
                 ),
             )?;
             let log = dir.path().join(format!("node-{id}.log"));

@@ -41,7 +41,8 @@ impl UdpRelay {
         self.delay_ms.store(delay.as_millis() as u64, Ordering::Relaxed);
     }
 
-    /// Drops every datagram in both directions (`true`) or forwards them again (`false`).
+    /// Drops every datagram in both directions, those held by a delay included (`true`), or
+    /// forwards them again (`false`).
     pub fn cut(&self, cut: bool) {
         self.cut.store(cut, Ordering::Relaxed);
     }
@@ -62,6 +63,9 @@ fn relay(public: UdpSocket, target: SocketAddr, cut: Arc<AtomicBool>, delay_ms: 
     let mut held: VecDeque<(Instant, SocketAddr, Vec<u8>)> = VecDeque::new();
     let mut buf = vec![0u8; 65_536];
     while !stop.load(Ordering::Relaxed) {
+        if cut.load(Ordering::Relaxed) {
+            held.clear();
+        }
         let now = Instant::now();
         while held.front().is_some_and(|(due, _, _)| *due <= now) {
             let (_, client, datagram) = held.pop_front().expect("checked");

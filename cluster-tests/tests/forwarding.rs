@@ -477,8 +477,9 @@ async fn a_will_published_on_node_1_reaches_a_subscriber_on_node_2() -> anyhow::
 async fn with_the_ack_barrier_a_publish_right_after_suback_reaches_the_new_subscriber() -> anyhow::Result<()> {
     // Node 2's link to node 1 (its route announcements) goes through a relay that holds each
     // datagram for 400 ms: without the barrier, a publish on node 1 right after the SUBACK on
-    // node 2 would find no route there yet.
-    let options = Options { quic_relay: Some(1), suback_barrier: "ack", ..Options::default() };
+    // node 2 would find no route there yet. The barrier's bound is generous: a loaded machine
+    // must not turn this into a timeout.
+    let options = Options { quic_relay: Some(1), suback_barrier: "ack", suback_barrier_timeout_ms: 15_000, ..Options::default() };
     let cluster = TestCluster::start(options)?;
     wait_until_serving(&cluster).await?;
     cluster.relay.as_ref().expect("relay").delay(Duration::from_millis(400));
@@ -515,5 +516,32 @@ async fn with_the_ack_barrier_a_publish_right_after_suback_reaches_the_new_subsc
     let _ = child.kill();
     let _ = child.wait();
     assert!(received, "the message published {:?} after the SUBACK reached the subscriber", subscribed_at.elapsed());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_the_cluster_puback_policy_an_acknowledged_message_survives_the_publishing_node() -> anyhow::Result<()> {
+    // Node 1's link to node 2 goes through a relay holding each datagram for 300 ms. With
+    // `puback = "cluster"` the publisher's PUBACK waits until node 2 has queued the message, so
+    // cutting the link and killing node 1 right after the PUBACK loses nothing.
+    let options = Options { quic_relay: Some(2), puback: "cluster", ..Options::default() };
+    let mut cluster = TestCluster::start(options)?;
+    wait_until_serving(&cluster).await?;
+    let subscriber = Client { cluster: &cluster, node: 2, device: "device-1", client_id: "device-1-sub", version: "mqttv5" };
+    let subscriber = subscriber.subscribe("devices/device-1/orders", 1, 1, 20);
+    wait_for_routes(&cluster, 1, 2, 1);
+    let relay = cluster.relay.as_ref().expect("relay");
+    relay.delay(Duration::from_millis(300));
+    let started = Instant::now();
+    Client { cluster: &cluster, node: 1, device: "device-1", client_id: "device-1-pub", version: "mqttv5" }.publish(
+        "devices/device-1/orders",
+        1,
+        "order 1",
+    );
+    let acknowledged_after = started.elapsed();
+    relay.cut(true);
+    cluster.kill(1);
+    assert_eq!(lines(subscriber), ["devices/device-1/orders order 1"]);
+    assert!(acknowledged_after >= Duration::from_millis(300), "the PUBACK waited for node 2: {acknowledged_after:?}");
     Ok(())
 }

@@ -8,6 +8,7 @@ pub mod mailbox;
 pub mod message;
 pub mod persist;
 pub mod registry;
+pub mod remote;
 pub mod retained;
 pub mod state;
 
@@ -23,6 +24,7 @@ use message::{min_qos, Delivery, Message, Will};
 use persist::{MovedSession, SessionStore, StoredMessage, StoredSession};
 use registry::Registry;
 pub use registry::{AttachError, Attached, Attachment};
+pub use remote::{BarrierFuture, ClaimFuture, Remote, RemoteAcks};
 use retained::{RetainedEntry, RetainedStore, Stamp};
 pub use state::{Inflight, SessionState};
 
@@ -83,34 +85,15 @@ enum Audience<'a> {
 }
 
 /// What routing one message did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct Published {
     /// Sessions the message was queued for.
     pub queued: usize,
     /// The session-store write to wait for before acknowledging the publisher, if any.
     pub durable_ticket: Option<u64>,
-}
-
-/// What a remote claim on a client id yields: the session moved from the node that held it.
-pub type ClaimFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Option<MovedSession>, AttachError>> + Send + 'a>>;
-
-/// What waiting for the other nodes to learn this node's routes is.
-pub type BarrierFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
-
-/// The other nodes of the cluster, as the broker needs them (the forwarding plane).
-pub trait Remote: Send + Sync + 'static {
-    /// A message published on this node, after it was routed to the local sessions; a retained
-    /// one with the stamp it got in the retained store.
-    fn forward(&self, message: &Arc<Message>, retained: Option<Stamp>);
-
-    /// Makes `client_id` this node's, cluster-wide, before a client of `owner` attaches here:
-    /// refused when another node holds it for another principal; a live connection elsewhere is
-    /// taken over, and a persistent session there moves here (unless `clean_start`).
-    fn claim<'a>(&'a self, client_id: &'a str, owner: &'a Owner, clean_start: bool) -> ClaimFuture<'a>;
-
-    /// Completes once the other nodes route by this node's routes as of `version` (as the
-    /// cluster's SUBACK barrier setting says, and bounded in time).
-    fn routes_announced(&self, version: u64) -> BarrierFuture<'_>;
+    /// The other nodes' acknowledgements to wait for before acknowledging the publisher (PUBACK
+    /// policy `cluster`), if any.
+    pub remote_acks: Option<Arc<RemoteAcks>>,
 }
 
 /// The filters this node has local subscribers for, and the shared groups it has members of (as
@@ -353,9 +336,9 @@ impl Broker {
     /// [`Broker::publish_forwarded`]), then to the nodes with matching subscribers.
     pub async fn publish(&self, message: Arc<Message>) -> Published {
         let stamp = message.retain.then(|| self.inner.retained.set_local(message.clone()).1);
-        let (published, _) = self.route_locally(message.clone(), Audience::Everyone).await;
+        let (mut published, _) = self.route_locally(message.clone(), Audience::Everyone).await;
         if let Some(remote) = self.inner.remote.get() {
-            remote.forward(&message, stamp);
+            published.remote_acks = remote.forward(&message, stamp);
         }
         published
     }
@@ -440,6 +423,13 @@ impl Broker {
             futures_util::future::join_all(pushes).await.into_iter().for_each(&mut count);
         }
         (published, unserved)
+    }
+
+    /// Waits for the other nodes' acknowledgements of published messages (bounded in time).
+    pub async fn wait_remote_acks(&self, acks: Vec<Arc<RemoteAcks>>) {
+        if let (Some(remote), false) = (self.inner.remote.get(), acks.is_empty()) {
+            remote.wait_acks(acks).await;
+        }
     }
 
     /// Waits until the session-store write `ticket` is on disk.

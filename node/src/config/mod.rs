@@ -93,6 +93,26 @@ pub struct ClusterConfig {
     /// The longest a SUBACK waits for the other nodes with `suback_barrier = "ack"`.
     #[serde(default = "default_suback_barrier_timeout_ms")]
     pub suback_barrier_timeout_ms: u64,
+    /// When a QoS 1/2 publisher is acknowledged: once the message is routed here (`local`), or
+    /// also acknowledged by the other nodes it went to (`cluster`).
+    #[serde(default)]
+    pub puback: PubackPolicy,
+    /// The longest a PUBACK/PUBREC waits for the other nodes with `puback = "cluster"`.
+    #[serde(default = "default_puback_cluster_timeout_ms")]
+    pub puback_cluster_timeout_ms: u64,
+}
+
+/// When a QoS 1/2 publisher gets its PUBACK/PUBREC in a cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PubackPolicy {
+    /// Once the message is queued for this node's subscribers (and on disk for durable ones);
+    /// a message on its way to another node is lost if this node crashes first.
+    #[default]
+    Local,
+    /// Also once every node with a live link the message went to has queued it (bounded by
+    /// `puback_cluster_timeout_ms`).
+    Cluster,
 }
 
 /// When a SUBACK is sent in a cluster.
@@ -171,6 +191,9 @@ fn default_claim_timeout_ms() -> u64 {
 }
 fn default_suback_barrier_timeout_ms() -> u64 {
     1_000
+}
+fn default_puback_cluster_timeout_ms() -> u64 {
+    5_000
 }
 
 /// The admin gRPC API: mutual TLS with admin certificates (OU rampart-admin) only.
@@ -775,6 +798,10 @@ impl Config {
             suback_barrier: match c.suback_barrier {
                 SubackBarrier::Local => Duration::ZERO,
                 SubackBarrier::Ack => Duration::from_millis(c.suback_barrier_timeout_ms.max(1)),
+            },
+            puback_cluster: match c.puback {
+                PubackPolicy::Local => Duration::ZERO,
+                PubackPolicy::Cluster => Duration::from_millis(c.puback_cluster_timeout_ms.max(1)),
             },
         })
     }

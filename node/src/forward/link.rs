@@ -16,6 +16,7 @@ use tokio::io::AsyncReadExt;
 
 use super::frame::{self, Ack, Control, Forwarded, Reply, StreamHeader, WireRetained};
 use super::{check_peer, Forwarder, Peer};
+use crate::broker::RemoteAcks;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -26,11 +27,15 @@ const BATCH: usize = 256;
 /// Retained messages per frame of the retained snapshot sent after a connect.
 const RETAINED_CHUNK: usize = 1000;
 
+/// A message sent and not yet acknowledged: its sequence, its frame, and the publisher waiting
+/// for the acknowledgement (PUBACK policy `cluster`).
+type Unacked = (u64, Bytes, Option<Arc<RemoteAcks>>);
+
 /// What survives reconnects: per publish stream, the next sequence number and the messages sent
 /// but not acknowledged.
 struct Outbox {
     sequences: Vec<u64>,
-    unacked: Vec<VecDeque<(u64, Bytes)>>,
+    unacked: Vec<VecDeque<Unacked>>,
     capacity: usize,
 }
 
@@ -45,25 +50,38 @@ impl Outbox {
 
     /// Numbers a message for its stream, encodes it and keeps it until acknowledged (QoS 1/2).
     /// Returns the stream and the frame; `dropped` is set when the replay budget forced the
-    /// oldest unacknowledged message of that stream out.
-    fn add(&mut self, stream: usize, forwarded: impl FnOnce(u64) -> Forwarded, qos: QoS, dropped: &mut bool) -> Bytes {
+    /// oldest unacknowledged message of that stream out (its publisher waits no longer).
+    fn add(
+        &mut self,
+        stream: usize,
+        forwarded: impl FnOnce(u64) -> Forwarded,
+        qos: QoS,
+        acks: Option<Arc<RemoteAcks>>,
+        dropped: &mut bool,
+    ) -> Bytes {
         self.sequences[stream] += 1;
         let mut out = BytesMut::new();
         frame::encode(&forwarded(self.sequences[stream]), &mut out);
         let bytes = out.freeze();
         if qos != QoS::AtMostOnce {
             if self.len() >= self.capacity {
-                *dropped = self.unacked[stream].pop_front().is_some();
+                let oldest = self.unacked[stream].pop_front();
+                *dropped = oldest.is_some();
+                if let Some((_, _, Some(acks))) = oldest {
+                    acks.acknowledged();
+                }
             }
-            self.unacked[stream].push_back((self.sequences[stream], bytes.clone()));
+            self.unacked[stream].push_back((self.sequences[stream], bytes.clone(), acks));
         }
         bytes
     }
 
     fn acknowledge(&mut self, ack: Ack) {
         if let Some(unacked) = self.unacked.get_mut(usize::from(ack.stream)) {
-            while unacked.front().is_some_and(|(seq, _)| *seq <= ack.sequence) {
-                unacked.pop_front();
+            while unacked.front().is_some_and(|(seq, _, _)| *seq <= ack.sequence) {
+                if let Some((_, _, Some(acks))) = unacked.pop_front() {
+                    acks.acknowledged();
+                }
             }
         }
     }
@@ -161,7 +179,7 @@ async fn serve_inner(
         frame::encode(&StreamHeader { stream: index as u8 }, &mut header);
         stream.write_all(&header).await.map_err(|e| failed(&e))?;
         // What the peer has not acknowledged goes again; it drops what it already delivered.
-        for (_, bytes) in unacked {
+        for (_, bytes, _) in unacked {
             stream.write_all(bytes).await.map_err(|e| failed(&e))?;
         }
         streams.push(stream);
@@ -215,7 +233,7 @@ async fn serve_inner(
                     let stream = stream_of(&message.topic, streams.len());
                     let mut dropped = false;
                     let forwarded = |seq| Forwarded::new(seq, message, outgoing.retained, outgoing.recipients.clone(), now);
-                    let bytes = outbox.add(stream, forwarded, message.qos, &mut dropped);
+                    let bytes = outbox.add(stream, forwarded, message.qos, outgoing.acks.clone(), &mut dropped);
                     if dropped {
                         peer.replay_dropped.fetch_add(1, Ordering::Relaxed);
                     }
@@ -253,13 +271,13 @@ mod tests {
         let mut outbox = Outbox::new(2, 3);
         let mut dropped = false;
         for _ in 0..2 {
-            outbox.add(0, forwarded, QoS::AtLeastOnce, &mut dropped);
+            outbox.add(0, forwarded, QoS::AtLeastOnce, None, &mut dropped);
         }
-        outbox.add(1, forwarded, QoS::AtMostOnce, &mut dropped);
-        outbox.add(1, forwarded, QoS::ExactlyOnce, &mut dropped);
+        outbox.add(1, forwarded, QoS::AtMostOnce, None, &mut dropped);
+        outbox.add(1, forwarded, QoS::ExactlyOnce, None, &mut dropped);
         assert_eq!(outbox.len(), 3, "QoS 0 is never kept");
         assert_eq!(outbox.sequences, [2, 2]);
-        outbox.add(0, forwarded, QoS::AtLeastOnce, &mut dropped);
+        outbox.add(0, forwarded, QoS::AtLeastOnce, None, &mut dropped);
         assert!(dropped, "past the budget the oldest of the stream goes");
         outbox.acknowledge(Ack { stream: 0, sequence: 3 });
         outbox.acknowledge(Ack { stream: 1, sequence: 1 });

@@ -32,7 +32,7 @@ use crate::auth::store::AuthStore;
 use crate::broker::message::Message;
 use crate::broker::persist::MovedSession;
 use crate::broker::retained::Stamp;
-use crate::broker::{AttachError, BarrierFuture, Broker, ClaimFuture, Remote};
+use crate::broker::{AttachError, BarrierFuture, Broker, ClaimFuture, Remote, RemoteAcks};
 use crate::cluster::Cluster;
 use crate::telemetry::metrics::LinkGauge;
 use frame::{ClaimOutcome, Control, Recipients};
@@ -65,6 +65,9 @@ pub struct ForwardSettings {
     /// How long a SUBACK waits for the peers with a live link to apply the new route; zero:
     /// it does not wait (`suback_barrier = "local"`).
     pub suback_barrier: Duration,
+    /// How long a QoS 1/2 publisher's acknowledgement waits for the peers with a live link the
+    /// message went to; zero: it does not wait (`puback = "local"`).
+    pub puback_cluster: Duration,
 }
 
 /// One other member, as this node sees it.
@@ -224,7 +227,7 @@ impl Forwarder {
             }
             let chosen = self.pick(candidates.iter().map(|p| (*p, p.as_ref())));
             let recipients = Recipients { subscribers: false, shared: vec![group], redispatched: true };
-            chosen.queue.push(Outgoing { message: message.clone(), retained: None, recipients });
+            chosen.queue.push(Outgoing { message: message.clone(), retained: None, recipients, acks: None });
         }
     }
 
@@ -301,9 +304,13 @@ impl Remote for Forwarder {
     /// every peer, so each node's retained store holds it. Each matching shared group without a
     /// member here gets it through one peer with members (round robin, peers with a live link
     /// first).
-    fn forward(&self, message: &Arc<Message>, retained: Option<Stamp>) {
+    /// Under the `cluster` PUBACK policy, a QoS 1/2 message's publisher waits for the peers with
+    /// a live link it went to.
+    fn forward(&self, message: &Arc<Message>, retained: Option<Stamp>) -> Option<Arc<RemoteAcks>> {
         let peers = self.peers.read().unwrap_or_else(|p| p.into_inner());
-        let mut recipients: Vec<(&Arc<Peer>, Recipients)> = Vec::new();
+        let waits = !self.settings.puback_cluster.is_zero() && message.qos != mqttbytes::QoS::AtMostOnce;
+        // Each peer, whom the message is for there, and whether the publisher waits for it.
+        let mut recipients: Vec<(&Arc<Peer>, Recipients, bool)> = Vec::with_capacity(peers.len());
         let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
         for peer in peers.values() {
             let routes = peer.routes.read().unwrap_or_else(|p| p.into_inner());
@@ -316,17 +323,30 @@ impl Remote for Forwarder {
                 }
             });
             let subscribers = message.retain || routes.matches(&message.topic);
-            recipients.push((peer, Recipients { subscribers, ..Recipients::default() }));
+            recipients.push((peer, Recipients { subscribers, ..Recipients::default() }, waits && peer.up.load(Ordering::Relaxed)));
         }
         for (group, candidates) in groups {
             let chosen = self.pick(candidates.iter().map(|&i| (i, recipients[i].0.as_ref())));
             recipients[chosen].1.shared.push(group);
         }
-        for (peer, recipients) in recipients {
-            if recipients.subscribers || !recipients.shared.is_empty() {
-                peer.queue.push(Outgoing { message: message.clone(), retained, recipients });
-            }
+        recipients.retain(|(_, r, _)| r.subscribers || !r.shared.is_empty());
+        let count = recipients.iter().filter(|(_, _, waited)| *waited).count();
+        let acks = (count > 0).then(|| Arc::new(RemoteAcks::new(count)));
+        for (peer, recipients, waited) in recipients {
+            let acks = acks.clone().filter(|_| waited);
+            peer.queue.push(Outgoing { message: message.clone(), retained, recipients, acks });
         }
+        acks
+    }
+
+    fn wait_acks(&self, acks: Vec<Arc<RemoteAcks>>) -> BarrierFuture<'_> {
+        Box::pin(async move {
+            let all = futures_util::future::join_all(acks.iter().map(|acks| acks.all()));
+            if tokio::time::timeout(self.settings.puback_cluster, all).await.is_err() {
+                crate::telemetry::metrics::puback_cluster_timed_out();
+                tracing::debug!("PUBACK sent before every peer acknowledged (puback_cluster_timeout_ms)");
+            }
+        })
     }
 }
 

@@ -11,6 +11,7 @@ use tokio::sync::Notify;
 
 use crate::broker::message::Message;
 use crate::broker::retained::Stamp;
+use crate::broker::RemoteAcks;
 use crate::forward::frame::Recipients;
 
 /// A message waiting for a peer, with its retained-store stamp when it is retained, and whom it
@@ -20,6 +21,8 @@ pub struct Outgoing {
     pub message: Arc<Message>,
     pub retained: Option<Stamp>,
     pub recipients: Recipients,
+    /// The publisher's wait for this peer's acknowledgement (PUBACK policy `cluster`).
+    pub acks: Option<Arc<RemoteAcks>>,
 }
 
 #[derive(Debug)]
@@ -92,7 +95,7 @@ mod tests {
             expires_at: None,
             publisher: None,
         });
-        Outgoing { message, retained: None, recipients: Recipients::SUBSCRIBERS }
+        Outgoing { message, retained: None, recipients: Recipients::SUBSCRIBERS, acks: None }
     }
 
     fn drain(queue: &PeerQueue) -> Vec<u8> {

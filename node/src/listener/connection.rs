@@ -451,11 +451,14 @@ async fn read_connect<R: AsyncRead + Unpin>(
 /// caused is durable, so acknowledgements written afterwards never promise more than the disk holds.
 async fn run_actions(session: &mut Session, broker: &Broker, auths: &mut Vec<Auth>) {
     let mut durable_ticket = None;
+    let mut remote_acks = Vec::new();
     let mut subscribed = false;
     while let Some(action) = session.next_action() {
         match action {
             Action::Publish(message) => {
-                durable_ticket = durable_ticket.max(broker.publish(message).await.durable_ticket);
+                let published = broker.publish(message).await;
+                durable_ticket = durable_ticket.max(published.durable_ticket);
+                remote_acks.extend(published.remote_acks);
             }
             Action::Subscribe { filter, options, retain_handling } => {
                 let wants_retained = |is_new: bool| match retain_handling {
@@ -476,6 +479,7 @@ async fn run_actions(session: &mut Session, broker: &Broker, auths: &mut Vec<Aut
     if let Some(ticket) = durable_ticket {
         broker.wait_durable(ticket).await;
     }
+    broker.wait_remote_acks(remote_acks).await;
     if subscribed {
         broker.routes_announced().await;
     }

@@ -101,6 +101,7 @@ struct Metrics {
     password_check_waits: AtomicU64,
     client_limit_refusals: [AtomicU64; 2],
     suback_barrier_timeouts: AtomicU64,
+    puback_cluster_timeouts: AtomicU64,
 }
 
 static METRICS: Metrics = Metrics {
@@ -119,7 +120,13 @@ static METRICS: Metrics = Metrics {
     password_check_waits: AtomicU64::new(0),
     client_limit_refusals: [const { AtomicU64::new(0) }; 2],
     suback_barrier_timeouts: AtomicU64::new(0),
+    puback_cluster_timeouts: AtomicU64::new(0),
 };
+
+/// A PUBACK went out before every peer acknowledged the message (`puback = "cluster"`).
+pub fn puback_cluster_timed_out() {
+    METRICS.puback_cluster_timeouts.fetch_add(1, Ordering::Relaxed);
+}
 
 /// A SUBACK went out before every peer confirmed the new route (`suback_barrier = "ack"`).
 pub fn suback_barrier_timed_out() {
@@ -286,6 +293,12 @@ pub fn render(gauges: Gauges) -> String {
         "counter",
         "SUBACKs sent before every peer with a live link confirmed the new route (suback_barrier = \"ack\").",
         &[("", load(&METRICS.suback_barrier_timeouts))],
+    );
+    metric(
+        "rampart_forward_puback_timeouts_total",
+        "counter",
+        "PUBACK/PUBREC sent before every peer acknowledged the message (puback = \"cluster\").",
+        &[("", load(&METRICS.puback_cluster_timeouts))],
     );
     metric(
         "rampart_client_limit_refusals_total",

@@ -1,0 +1,90 @@
+//! The other nodes of the cluster as the broker sees them ([`Remote`], implemented by the
+//! forwarding plane), and [`RemoteAcks`], what a publisher waits for under the `cluster` PUBACK
+//! policy.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+
+use super::message::Message;
+use super::persist::MovedSession;
+use super::retained::Stamp;
+use super::AttachError;
+use crate::auth::policy::Owner;
+
+/// What a remote claim on a client id yields: the session moved from the node that held it.
+pub type ClaimFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Option<MovedSession>, AttachError>> + Send + 'a>>;
+
+/// What waiting for the other nodes to learn this node's routes is.
+pub type BarrierFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
+
+/// The other nodes of the cluster, as the broker needs them (the forwarding plane).
+pub trait Remote: Send + Sync + 'static {
+    /// A message published on this node, after it was routed to the local sessions; a retained
+    /// one with the stamp it got in the retained store. Returns the acknowledgements to wait for
+    /// before the publisher's PUBACK, when the cluster's PUBACK policy asks for them.
+    fn forward(&self, message: &Arc<Message>, retained: Option<Stamp>) -> Option<Arc<RemoteAcks>>;
+
+    /// Makes `client_id` this node's, cluster-wide, before a client of `owner` attaches here:
+    /// refused when another node holds it for another principal; a live connection elsewhere is
+    /// taken over, and a persistent session there moves here (unless `clean_start`).
+    fn claim<'a>(&'a self, client_id: &'a str, owner: &'a Owner, clean_start: bool) -> ClaimFuture<'a>;
+
+    /// Completes once the other nodes route by this node's routes as of `version` (as the
+    /// cluster's SUBACK barrier setting says, and bounded in time).
+    fn routes_announced(&self, version: u64) -> BarrierFuture<'_>;
+
+    /// Waits for `acks` (the cluster's PUBACK policy), bounded in time.
+    fn wait_acks(&self, acks: Vec<Arc<RemoteAcks>>) -> BarrierFuture<'_>;
+}
+
+/// The peers that have yet to acknowledge one forwarded message (queued it for their
+/// subscribers); one waiter.
+#[derive(Debug)]
+pub struct RemoteAcks {
+    left: AtomicUsize,
+    done: Notify,
+}
+
+impl RemoteAcks {
+    pub fn new(peers: usize) -> RemoteAcks {
+        RemoteAcks { left: AtomicUsize::new(peers), done: Notify::new() }
+    }
+
+    /// One peer acknowledged the message.
+    pub fn acknowledged(&self) {
+        if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.done.notify_one();
+        }
+    }
+
+    /// Completes when every peer acknowledged.
+    pub async fn all(&self) {
+        if self.left.load(Ordering::Acquire) > 0 {
+            self.done.notified().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn completes_after_the_last_acknowledgement_whenever_it_comes() {
+        let acks = Arc::new(RemoteAcks::new(2));
+        acks.acknowledged();
+        let waiting = tokio::spawn({
+            let acks = acks.clone();
+            async move { acks.all().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        acks.acknowledged();
+        tokio::time::timeout(std::time::Duration::from_secs(1), waiting).await.unwrap().unwrap();
+        let early = RemoteAcks::new(1);
+        early.acknowledged();
+        tokio::time::timeout(std::time::Duration::from_secs(1), early.all()).await.expect("acknowledged before anyone waited");
+    }
+}
