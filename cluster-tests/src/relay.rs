@@ -1,6 +1,6 @@
 //! A UDP relay in front of a node's QUIC port, for fault injection: it forwards datagrams both
-//! ways (one upstream socket per client), while cut drops them all, and can delay the datagrams
-//! towards the node. Runs on its own threads, stopped on drop.
+//! ways (one upstream socket per client), while cut drops them all, can drop a share of them at
+//! random, and can delay the datagrams towards the node. Runs on its own threads, stopped on drop.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{SocketAddr, UdpSocket};
@@ -17,6 +17,8 @@ pub struct UdpRelay {
     cut: Arc<AtomicBool>,
     /// Milliseconds each datagram towards the node is held.
     delay_ms: Arc<AtomicU64>,
+    /// Per mille of datagrams dropped, each direction.
+    loss: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -28,12 +30,18 @@ impl UdpRelay {
         public.set_read_timeout(Some(POLL))?;
         let port = public.local_addr()?.port();
         let (cut, stop) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
-        let delay_ms = Arc::new(AtomicU64::new(0));
+        let (delay_ms, loss) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let thread = {
-            let (cut, delay_ms, stop) = (cut.clone(), delay_ms.clone(), stop.clone());
-            std::thread::spawn(move || relay(public, target, cut, delay_ms, stop))
+            let faults = Faults { cut: cut.clone(), loss: loss.clone(), stop: stop.clone() };
+            let delay_ms = delay_ms.clone();
+            std::thread::spawn(move || relay(public, target, faults, delay_ms))
         };
-        Ok(UdpRelay { port, cut, delay_ms, stop, thread: Some(thread) })
+        Ok(UdpRelay { port, cut, delay_ms, loss, stop, thread: Some(thread) })
+    }
+
+    /// Drops this share (0.0 to 1.0) of the datagrams in each direction, at random.
+    pub fn lose(&self, share: f64) {
+        self.loss.store((share.clamp(0.0, 1.0) * 1000.0) as u64, Ordering::Relaxed);
     }
 
     /// Holds every datagram towards the node for `delay` (in order) before forwarding it.
@@ -57,13 +65,33 @@ impl Drop for UdpRelay {
     }
 }
 
-fn relay(public: UdpSocket, target: SocketAddr, cut: Arc<AtomicBool>, delay_ms: Arc<AtomicU64>, stop: Arc<AtomicBool>) {
+/// The faults both directions apply, shared with the relay's threads.
+#[derive(Clone)]
+struct Faults {
+    cut: Arc<AtomicBool>,
+    loss: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Faults {
+    /// Whether to drop the next datagram: all while cut, else the random share (`random` is a
+    /// xorshift state per thread).
+    fn drops(&self, random: &mut u64) -> bool {
+        *random ^= *random << 13;
+        *random ^= *random >> 7;
+        *random ^= *random << 17;
+        self.cut.load(Ordering::Relaxed) || *random % 1000 < self.loss.load(Ordering::Relaxed)
+    }
+}
+
+fn relay(public: UdpSocket, target: SocketAddr, faults: Faults, delay_ms: Arc<AtomicU64>) {
     let mut upstreams: HashMap<SocketAddr, UdpSocket> = HashMap::new();
     let mut returns = Vec::new();
     let mut held: VecDeque<(Instant, SocketAddr, Vec<u8>)> = VecDeque::new();
     let mut buf = vec![0u8; 65_536];
-    while !stop.load(Ordering::Relaxed) {
-        if cut.load(Ordering::Relaxed) {
+    let mut random = 0x9E37_79B9_7F4A_7C15u64;
+    while !faults.stop.load(Ordering::Relaxed) {
+        if faults.cut.load(Ordering::Relaxed) {
             held.clear();
         }
         let now = Instant::now();
@@ -76,7 +104,7 @@ fn relay(public: UdpSocket, target: SocketAddr, cut: Arc<AtomicBool>, delay_ms: 
         let wait = held.front().map_or(POLL, |(due, _, _)| due.saturating_duration_since(now).clamp(Duration::from_millis(1), POLL));
         let _ = public.set_read_timeout(Some(wait));
         let Ok((n, client)) = public.recv_from(&mut buf) else { continue };
-        if cut.load(Ordering::Relaxed) {
+        if faults.drops(&mut random) {
             continue;
         }
         let upstream = match upstreams.entry(client) {
@@ -84,7 +112,7 @@ fn relay(public: UdpSocket, target: SocketAddr, cut: Arc<AtomicBool>, delay_ms: 
             std::collections::hash_map::Entry::Vacant(entry) => {
                 let Ok(upstream) = UdpSocket::bind("127.0.0.1:0").and_then(|s| s.connect(target).map(|_| s)) else { continue };
                 let _ = upstream.set_read_timeout(Some(POLL));
-                returns.push(spawn_return(&upstream, &public, client, cut.clone(), stop.clone()));
+                returns.push(spawn_return(&upstream, &public, client, faults.clone()));
                 entry.insert(upstream)
             }
         };
@@ -99,19 +127,14 @@ fn relay(public: UdpSocket, target: SocketAddr, cut: Arc<AtomicBool>, delay_ms: 
 }
 
 /// Forwards what the node answers on `upstream` back to `client`.
-fn spawn_return(
-    upstream: &UdpSocket,
-    public: &UdpSocket,
-    client: SocketAddr,
-    cut: Arc<AtomicBool>,
-    stop: Arc<AtomicBool>,
-) -> JoinHandle<()> {
+fn spawn_return(upstream: &UdpSocket, public: &UdpSocket, client: SocketAddr, faults: Faults) -> JoinHandle<()> {
     let (back, public) = (upstream.try_clone().expect("clone a UDP socket"), public.try_clone().expect("clone a UDP socket"));
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 65_536];
-        while !stop.load(Ordering::Relaxed) {
+        let mut random = 0xD1B5_4A32_D192_ED03u64 ^ u64::from(client.port());
+        while !faults.stop.load(Ordering::Relaxed) {
             if let Ok(n) = back.recv(&mut buf) {
-                if !cut.load(Ordering::Relaxed) {
+                if !faults.drops(&mut random) {
                     let _ = public.send_to(&buf[..n], client);
                 }
             }

@@ -2,7 +2,8 @@
 //! the QUIC forwarding links, with real `mosquitto_sub` / `mosquitto_pub` clients over mutual TLS,
 //! MQTT 3.1.1 and 5, QoS 0–2; the receiving node checks each subscriber's read permission; a
 //! killed and restarted node's routes and links come back; shared groups span the nodes; wills
-//! reach other nodes.
+//! reach other nodes; the SUBACK barrier and the `cluster` PUBACK policy; QoS 2 through a lossy,
+//! slow link.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -215,6 +216,8 @@ async fn a_cut_link_loses_no_qos1_message_and_delivers_none_twice() -> anyhow::R
     wait_until_serving(&cluster).await?;
     let client = |node, client_id| Client { cluster: &cluster, node, device: "device-1", client_id, version: "mqttv5" };
     let subscriber = client(2, "device-1-sub").subscribe("devices/device-1/seq", 1, MESSAGES, 90);
+    // A subscriber on the publishing node: the dead peer must not stall it.
+    let local = client(1, "device-1-local").subscribe("devices/device-1/seq", 1, MESSAGES, 90);
     wait_for_routes(&cluster, 1, 2, 1);
     let mut publisher = Command::new("mosquitto_pub")
         .args(client(1, "device-1-pub").args())
@@ -244,6 +247,7 @@ async fn a_cut_link_loses_no_qos1_message_and_delivers_none_twice() -> anyhow::R
     drop(lines_in);
     assert!(publisher.wait().expect("mosquitto_pub ends").success(), "mosquitto_pub");
     let expected: Vec<String> = (1..=MESSAGES).map(|n| format!("devices/device-1/seq {n}")).collect();
+    assert_eq!(lines(local), expected, "the local subscriber got everything meanwhile");
     assert_eq!(lines(subscriber), expected, "every message once, in order");
     assert!(metric(&cluster, 1, "rampart_forward_dropped_total{peer=\"2\"}") == 0);
     let log = std::fs::read_to_string(&cluster.node(1).log)?;
@@ -543,5 +547,37 @@ async fn with_the_cluster_puback_policy_an_acknowledged_message_survives_the_pub
     cluster.kill(1);
     assert_eq!(lines(subscriber), ["devices/device-1/orders order 1"]);
     assert!(acknowledged_after >= Duration::from_millis(300), "the PUBACK waited for node 2: {acknowledged_after:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn qos2_over_a_lossy_slow_link_arrives_exactly_once_in_order() -> anyhow::Result<()> {
+    use std::io::Write;
+    const MESSAGES: usize = 200;
+    let options = Options { quic_relay: Some(2), ..Options::default() };
+    let cluster = TestCluster::start(options)?;
+    wait_until_serving(&cluster).await?;
+    let client = |node, client_id| Client { cluster: &cluster, node, device: "device-1", client_id, version: "mqttv5" };
+    let subscriber = client(2, "device-1-sub").subscribe("devices/device-1/exact", 2, MESSAGES, 90);
+    wait_for_routes(&cluster, 1, 2, 1);
+    let relay = cluster.relay.as_ref().expect("relay");
+    relay.lose(0.1);
+    relay.delay(Duration::from_millis(20));
+    let mut publisher = Command::new("mosquitto_pub")
+        .args(client(1, "device-1-pub").args())
+        .args(["-t", "devices/device-1/exact", "-q", "2", "-l"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("mosquitto_pub");
+    let mut lines_in = publisher.stdin.take().expect("stdin");
+    for n in 1..=MESSAGES {
+        writeln!(lines_in, "{n}").expect("mosquitto_pub reads its input");
+    }
+    drop(lines_in);
+    assert!(publisher.wait().expect("mosquitto_pub ends").success(), "mosquitto_pub");
+    let expected: Vec<String> = (1..=MESSAGES).map(|n| format!("devices/device-1/exact {n}")).collect();
+    assert_eq!(lines(subscriber), expected, "every message once, in order, through 10 % loss each way");
     Ok(())
 }
