@@ -34,6 +34,19 @@ pub fn rampart_binary() -> PathBuf {
     binary
 }
 
+/// The `rampart` binary as a command that inherits none of the test's `RAMPART_*` variables (an
+/// operator's shell after the README sets `RAMPART_ADMIN_*`): a node or CLI started by a test sees
+/// only the configuration the test gives it.
+pub fn rampart() -> Command {
+    let mut command = Command::new(rampart_binary());
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("RAMPART_") {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
 /// A port that is free now, chosen below Linux's ephemeral range (32768–60999): a port handed
 /// out by `bind(0)` and released can be taken by any outgoing connection (Raft, admin and MQTT
 /// clients make many) before the node binds it, and a node that cannot bind never starts.
@@ -219,13 +232,13 @@ ca_file = {ca:?}
     }
 
     /// Starts (or restarts) a node process, appending to its log. Like an operator's shell
-    /// after the README, the environment carries the admin CLI's variables.
+    /// after the README, the environment carries the admin CLI's variables (this node's).
     pub fn start_node(&mut self, id: u64) -> anyhow::Result<()> {
         let (cert, key) = &self.pki.admin;
         let admin_env = [("RAMPART_ADMIN_CA", &self.pki.ca_cert), ("RAMPART_ADMIN_CERT", cert), ("RAMPART_ADMIN_KEY", key)];
         let node = &mut self.nodes[id as usize - 1];
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&node.log)?;
-        let child = Command::new(rampart_binary())
+        let child = rampart()
             .envs(admin_env)
             .env("RAMPART_ADMIN_ENDPOINT", format!("https://localhost:{}", node.ports.admin))
             .arg("serve")
@@ -307,7 +320,7 @@ ca_file = {ca:?}
     /// Runs `rampart admin …` against a node with the admin certificate.
     pub fn cli(&self, id: u64, args: &[&str]) -> std::process::Output {
         let (cert, key) = &self.pki.admin;
-        Command::new(rampart_binary())
+        rampart()
             .arg("admin")
             .args(args)
             .env("RAMPART_ADMIN_ENDPOINT", format!("https://localhost:{}", self.node(id).ports.admin))

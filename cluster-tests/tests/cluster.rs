@@ -331,9 +331,8 @@ async fn the_cli_imports_credentials_in_batches_imports_a_crl_and_reports_errors
     // A CRL made by `rampart pki`, imported through a follower: its device is refused everywhere.
     let pki = cluster.dir.path().join("pki");
     let (cert, key) = cluster.issue_device("meter-1")?;
-    let rampart = rampart_cluster_tests::rampart_binary();
     for args in [vec!["revoke", cert.to_str().expect("utf-8"), "--reason", "keyCompromise"], vec!["crl"]] {
-        let out = std::process::Command::new(&rampart).arg("pki").arg("--dir").arg(&pki).args(&args).output()?;
+        let out = rampart_cluster_tests::rampart().arg("pki").arg("--dir").arg(&pki).args(&args).output()?;
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
     let crl = pki.join("crl.pem");
@@ -469,7 +468,7 @@ async fn the_admin_cli_reads_as_documented() -> anyhow::Result<()> {
     // An admin certificate from another CA: the message says what to check.
     let foreign = rampart_node::pki::ensure_dev_pki(&cluster.dir.path().join("foreign"), 0)?;
     let (cert, key) = &foreign.admin;
-    let refused = std::process::Command::new(rampart_cluster_tests::rampart_binary())
+    let refused = rampart_cluster_tests::rampart()
         .args(["admin", "cluster", "status"])
         .env("RAMPART_ADMIN_ENDPOINT", format!("https://localhost:{}", cluster.node(1).ports.admin))
         .env("RAMPART_ADMIN_CA", &cluster.pki.ca_cert)

@@ -82,8 +82,9 @@ fn metric(cluster: &TestCluster, node: u64, series: &str) -> i64 {
     text.lines().filter_map(|l| l.strip_prefix(series)).filter_map(|rest| rest.trim().parse::<i64>().ok()).sum()
 }
 
-/// Waits for a leader and until every node serves devices (the seeded authorization state is
-/// applied everywhere).
+/// Waits for a leader, until every node serves devices (the seeded authorization state is
+/// applied everywhere) and until every running node's links to the others are up: a route or a
+/// client-id claim made before a link is up reaches that peer only when it connects.
 async fn wait_until_serving(cluster: &TestCluster) -> anyhow::Result<()> {
     cluster.wait_for_leader(LEADER_TIMEOUT).await?;
     let (_, cert, key) = cluster.pki.devices.iter().find(|(n, _, _)| n == "device-1").expect("device-1");
@@ -97,6 +98,16 @@ async fn wait_until_serving(cluster: &TestCluster) -> anyhow::Result<()> {
             let answer = connected.map(|(code, _)| code).map_err(|e| e.to_string());
             anyhow::ensure!(Instant::now() < deadline, "node {} does not serve device-1: {answer:?}", node.id);
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let running: Vec<u64> = cluster.nodes.iter().map(|n| n.id).filter(|&id| cluster.is_running(id)).collect();
+    for &node in &running {
+        for &peer in running.iter().filter(|&&peer| peer != node) {
+            let series = format!("rampart_forward_link_up{{peer=\"{peer}\"}}");
+            while metric(cluster, node, &series) < 1 {
+                anyhow::ensure!(Instant::now() < deadline, "node {node}'s forwarding link to node {peer} is not up");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
     }
     Ok(())

@@ -33,12 +33,12 @@ fn bad_configuration_names_the_file_and_key_and_exits_2() {
     for (text, key) in cases {
         let path = dir.path().join("bad.toml");
         std::fs::write(&path, text).unwrap();
-        let out = Command::new(common::binary()).args(["serve", "--config"]).arg(&path).output().unwrap();
+        let out = common::rampart().args(["serve", "--config"]).arg(&path).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{stderr}");
         assert!(stderr.contains(&path.display().to_string()) && stderr.contains(key), "{key}: {stderr}");
     }
-    let out = Command::new(common::binary()).arg("serve").env_remove("RAMPART_CONFIG").output().unwrap();
+    let out = common::rampart().arg("serve").output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--dev"));
 }
@@ -46,7 +46,7 @@ fn bad_configuration_names_the_file_and_key_and_exits_2() {
 #[test]
 fn dev_mode_with_the_readme_environment_creates_its_pki_and_prints_how_to_connect() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(common::binary())
+    let mut child = common::rampart()
         .args(["serve", "--dev"])
         .current_dir(dir.path())
         .envs(README_ENVIRONMENT)
@@ -118,14 +118,8 @@ fn sigterm_disconnects_mqtt5_clients_with_server_shutting_down() {
 fn passwd_prints_an_argon2id_hash_or_a_scram_verifier_and_refuses_an_empty_password() {
     use std::io::Write;
     let run_with = |input: &str, args: &[&str]| {
-        let mut child = Command::new(common::binary())
-            .arg("passwd")
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child =
+            common::rampart().arg("passwd").args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
         child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
         child.wait_with_output().unwrap()
     };
@@ -152,7 +146,7 @@ fn a_dev_cluster_whose_nodes_fail_exits_non_zero_with_the_first_error_line() {
     std::fs::create_dir_all(&dev_dir).unwrap();
     // Every node reads the same state file at start; a bad one stops them all at once.
     std::fs::write(dev_dir.join("auth.toml"), "[[credentials]]\nnmae = \"typo\"\n").unwrap();
-    let child = Command::new(common::binary())
+    let child = common::rampart()
         .args(["serve", "--dev", "--cluster", "2"])
         .current_dir(dir.path())
         .envs(README_ENVIRONMENT)

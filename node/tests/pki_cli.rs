@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 fn pki(dir: &Path, args: &[&str]) -> Output {
-    Command::new(common::binary()).arg("pki").arg("--dir").arg(dir).args(args).output().expect("run rampart pki")
+    common::rampart().arg("pki").arg("--dir").arg(dir).args(args).output().expect("run rampart pki")
 }
 
 fn ok(out: Output) -> String {

@@ -31,8 +31,16 @@ pub struct Options {
     pub all_listeners: bool,
 }
 
-pub fn binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_rampart"))
+/// The `rampart` binary as a command that inherits none of the caller's `RAMPART_*` variables
+/// (an operator's shell after the README sets some): a test sees only the configuration it gives.
+pub fn rampart() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_rampart"));
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("RAMPART_") {
+            command.env_remove(name);
+        }
+    }
+    command
 }
 
 impl Broker {
@@ -66,7 +74,7 @@ impl Broker {
         );
         let path = dir.path().join("rampart.toml");
         std::fs::write(&path, config).expect("write config");
-        let mut child = Command::new(binary())
+        let mut child = rampart()
             .args(["serve", "--config"])
             .arg(&path)
             .env_remove("RUST_LOG")
