@@ -49,16 +49,21 @@ pub fn rampart() -> Command {
 
 /// A port that is free now, chosen below Linux's ephemeral range (32768–60999): a port handed
 /// out by `bind(0)` and released can be taken by any outgoing connection (Raft, admin and MQTT
-/// clients make many) before the node binds it, and a node that cannot bind never starts.
+/// clients make many) before the node binds it, and a node that cannot bind never starts. A port
+/// is handed out once per test process: a chosen port is not bound until its node starts, so
+/// another cluster of the same run would otherwise find it free too.
 fn free_port_where(is_free: impl Fn(u16) -> bool) -> u16 {
     use std::hash::{BuildHasher, Hasher};
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     loop {
         let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
         hasher.write_u64(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
         hasher.write_u32(std::process::id());
         let port = 20_000 + (hasher.finish() % 12_000) as u16;
-        if is_free(port) {
+        let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
+        if !handed_out.contains(&port) && is_free(port) {
+            handed_out.push(port);
             return port;
         }
     }

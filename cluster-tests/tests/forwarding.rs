@@ -592,3 +592,59 @@ async fn qos2_over_a_lossy_slow_link_arrives_exactly_once_in_order() -> anyhow::
     assert_eq!(lines(subscriber), expected, "every message once, in order, through 10 % loss each way");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_moving_under_a_stream_of_qos2_messages_gets_each_exactly_once() -> anyhow::Result<()> {
+    use std::io::Write;
+    const MESSAGES: usize = 400;
+    let cluster = TestCluster::start(Options::default())?;
+    wait_until_serving(&cluster).await?;
+    let persistent = |node| {
+        let client = Client { cluster: &cluster, node, device: "device-1", client_id: "device-1", version: "mqttv5" };
+        let mut args = client.args();
+        args.extend(["-c", "-x", "3600", "-q", "2", "-t", "devices/device-1/stream", "-v"].map(String::from));
+        args
+    };
+    // The session subscribes on node 2 and goes offline there.
+    let setup = Command::new("mosquitto_sub").args(persistent(2)).args(["-W", "1"]).output()?;
+    assert!(setup.stdout.is_empty(), "{}", String::from_utf8_lossy(&setup.stderr));
+    wait_for_routes(&cluster, 3, 2, 1);
+    // Node 3 publishes a steady QoS 2 stream; a third of the way in, the client reconnects on
+    // node 1, so its session moves from node 2 while messages keep coming.
+    let mut publisher = Command::new("mosquitto_pub")
+        .args(Client { cluster: &cluster, node: 3, device: "device-1", client_id: "device-1-pub", version: "mqttv5" }.args())
+        .args(["-t", "devices/device-1/stream", "-q", "2", "-l"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("mosquitto_pub");
+    let mut lines_in = publisher.stdin.take().expect("stdin");
+    let mut subscriber = None;
+    for n in 1..=MESSAGES {
+        writeln!(lines_in, "{n}").expect("mosquitto_pub reads its input");
+        lines_in.flush().expect("mosquitto_pub reads its input");
+        if n == MESSAGES / 3 {
+            let mut spawned = Command::new("mosquitto_sub");
+            spawned.args(persistent(1)).args(["-C", &MESSAGES.to_string(), "-W", "60"]);
+            subscriber = Some(spawned.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("mosquitto_sub"));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop(lines_in);
+    assert!(publisher.wait().expect("mosquitto_pub ends").success(), "mosquitto_pub");
+    let got = lines(subscriber.expect("the subscriber started"));
+    let mut counts = std::collections::BTreeMap::<String, usize>::new();
+    for line in &got {
+        *counts.entry(line.clone()).or_default() += 1;
+    }
+    let missing: Vec<usize> = (1..=MESSAGES).filter(|n| !counts.contains_key(&format!("devices/device-1/stream {n}"))).collect();
+    let twice: Vec<&String> = counts.iter().filter(|(_, &c)| c > 1).map(|(l, _)| l).collect();
+    let node_1 = std::fs::read_to_string(&cluster.node(1).log)?;
+    assert!(missing.is_empty() && twice.is_empty(), "missing {missing:?}, delivered twice {twice:?}\nnode 1:\n{node_1}");
+    assert_eq!(got.len(), MESSAGES);
+    assert!(node_1.contains("session move completed"), "node 1 collected the tail:\n{node_1}");
+    let node_2 = std::fs::read_to_string(&cluster.node(2).log)?;
+    assert!(node_2.contains("session handed to another node"), "node 2 gave the session up:\n{node_2}");
+    Ok(())
+}

@@ -14,13 +14,13 @@
 //! The mailbox of an offline durable session also writes what it queues and drops to the session
 //! store, under its lock, so the store sees the queue's changes in the order they happened.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use mqttbytes::QoS;
 use tokio::sync::Notify;
 
-use super::message::Delivery;
+use super::message::{Delivery, MessageId};
 use super::persist::{StoreHandle, StoreOp, StoredMessage, StoredSession};
 use crate::telemetry::metrics::{self, DropReason};
 
@@ -68,6 +68,9 @@ struct State {
     closed: bool,
     /// Set when a publisher timed out waiting for room; cleared at half capacity.
     congested: bool,
+    /// While the session moves here from another node: the messages queued so far, by identity,
+    /// so one that arrives both directly and with the old node's tail is queued once.
+    moving_in: Option<HashSet<MessageId>>,
 }
 
 impl State {
@@ -76,6 +79,12 @@ impl State {
     fn push(&mut self, delivery: Delivery) -> Result<Pushed, Delivery> {
         if self.closed {
             return Ok(Pushed::Closed);
+        }
+        if let (Some(seen), Some(id)) = (&self.moving_in, delivery.message.id) {
+            if seen.contains(&id) {
+                metrics::dropped(DropReason::MoveDuplicate);
+                return Ok(Pushed::Dropped);
+            }
         }
         let qos0 = delivery.qos == QoS::AtMostOnce;
         if !self.online && qos0 {
@@ -104,6 +113,9 @@ impl State {
 
     /// Queues at the back; returns the ticket of its store write when the session is persisted.
     fn append(&mut self, delivery: Delivery) -> Option<u64> {
+        if let (Some(seen), Some(id)) = (&mut self.moving_in, delivery.message.id) {
+            seen.insert(id);
+        }
         self.next_sequence += 1;
         let sequence = self.next_sequence;
         let ticket = self.persist.as_ref().map(|p| {
@@ -133,6 +145,7 @@ impl Mailbox {
                 online: false,
                 closed: false,
                 congested: false,
+                moving_in: None,
             }),
             readable: Notify::new(),
             writable: Notify::new(),
@@ -249,6 +262,12 @@ impl Mailbox {
         state.persist = Some(Persist { client_id, store });
     }
 
+    /// Starts (`true`) or ends (`false`) the window of a session move during which a message is
+    /// queued at most once, however many ways it arrives.
+    pub fn set_moving_in(&self, moving: bool) {
+        self.lock().moving_in = moving.then(HashSet::new);
+    }
+
     pub fn is_online(&self) -> bool {
         self.lock().online
     }
@@ -292,8 +311,44 @@ mod tests {
             properties: None,
             expires_at: None,
             publisher: None,
+            id: None,
         };
         Delivery { message: Arc::new(message), qos, retain: false, subscription_ids: Vec::new() }
+    }
+
+    fn with_id(mut delivery: Delivery, number: u64) -> Delivery {
+        let message = Arc::get_mut(&mut delivery.message).expect("unshared");
+        message.id = Some(MessageId { node: 3, number });
+        delivery
+    }
+
+    #[test]
+    fn while_a_session_moves_in_a_message_is_queued_once_however_it_arrives() {
+        let mailbox = Mailbox::new(10);
+        mailbox.set_moving_in(true);
+        mailbox.try_push(with_id(delivery(QoS::ExactlyOnce, 1), 1)).unwrap();
+        // The same message again with the old node's tail, then one only the tail has.
+        assert_eq!(mailbox.push_congested(with_id(delivery(QoS::ExactlyOnce, 1), 1)), Pushed::Dropped);
+        mailbox.push_congested(with_id(delivery(QoS::ExactlyOnce, 2), 2));
+        // Its direct copy arriving late is recognised too; a message without identity is kept.
+        assert_eq!(mailbox.try_push(with_id(delivery(QoS::ExactlyOnce, 2), 2)).ok(), Some(Pushed::Dropped));
+        mailbox.try_push(delivery(QoS::ExactlyOnce, 3)).unwrap();
+        assert_eq!(payloads(&mailbox), [1, 2, 3]);
+        mailbox.set_moving_in(false);
+        mailbox.try_push(with_id(delivery(QoS::ExactlyOnce, 1), 1)).unwrap();
+        assert_eq!(payloads(&mailbox), [1], "after the move nothing is remembered");
+    }
+
+    #[test]
+    fn a_message_waiting_for_room_is_not_taken_for_its_own_duplicate() {
+        let mailbox = Mailbox::new(1);
+        mailbox.set_online();
+        mailbox.set_moving_in(true);
+        mailbox.try_push(with_id(delivery(QoS::AtLeastOnce, 1), 1)).unwrap();
+        let back = mailbox.try_push(with_id(delivery(QoS::AtLeastOnce, 2), 2)).expect_err("full: the publisher waits");
+        assert_eq!(payloads(&mailbox), [1]);
+        assert!(mailbox.try_push(back).unwrap().is_queued());
+        assert_eq!(payloads(&mailbox), [2]);
     }
 
     fn payloads(mailbox: &Mailbox) -> Vec<u8> {

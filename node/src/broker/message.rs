@@ -10,6 +10,15 @@ use mqttbytes::QoS;
 /// Identifies one session (not one connection) inside this node.
 pub type SessionId = u64;
 
+/// A message's identity across the cluster: the node it was published on and a number unique
+/// there (random start per process). The same message reaching a session twice during a session
+/// move (directly and in the old node's tail) is recognised by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct MessageId {
+    pub node: u64,
+    pub number: u64,
+}
+
 /// A published message, allocated once and shared by every subscriber that receives it.
 #[derive(Debug)]
 pub struct Message {
@@ -27,6 +36,8 @@ pub struct Message {
     /// The publishing session, for the MQTT 5 No Local option; `None` for messages the broker
     /// itself originates.
     pub publisher: Option<SessionId>,
+    /// Its identity in a cluster (given when it is published on a clustered node).
+    pub id: Option<MessageId>,
 }
 
 impl Message {
@@ -88,6 +99,7 @@ impl Will {
             properties: self.properties,
             expires_at: self.message_expiry.map(|e| now + e),
             publisher: None,
+            id: None,
         }
     }
 }

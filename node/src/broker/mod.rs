@@ -13,6 +13,7 @@ pub mod retained;
 pub mod state;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -20,16 +21,20 @@ use tokio::sync::watch;
 
 use crate::auth::policy::Owner;
 use index::{Subscriber, SubscriptionIndex, SubscriptionOptions};
-use message::{min_qos, Delivery, Message, Will};
-use persist::{MovedSession, SessionStore, StoredMessage, StoredSession};
+use message::{min_qos, Delivery, Message, MessageId, Will};
+use persist::{MovedMessage, MovedSession, SessionStore, StoredSession};
 use registry::Registry;
 pub use registry::{AttachError, Attached, Attachment};
-pub use remote::{BarrierFuture, ClaimFuture, Remote, RemoteAcks};
+pub use remote::{BarrierFuture, ClaimFuture, Remote, RemoteAcks, TailFuture};
 use retained::{RetainedEntry, RetainedStore, Stamp};
 pub use state::{Inflight, SessionState};
 
 use crate::telemetry::metrics::Gauges;
 use crate::topic;
+
+/// How long after a session move a message reaching the session a second time is still
+/// recognised and dropped.
+const MOVE_DUPLICATE_WINDOW: Duration = Duration::from_secs(5);
 
 /// Broker-wide behaviour settings (from the `[limits]` config section).
 #[derive(Debug, Clone)]
@@ -145,6 +150,11 @@ struct Inner {
     routes: LocalRoutes,
     /// Set once when the node is part of a cluster.
     remote: OnceLock<Arc<dyn Remote>>,
+    /// Sessions that moved to another node and still collect messages for it (by client id).
+    moving_out: Mutex<HashMap<String, SessionState>>,
+    /// This node's id in the cluster, and the number of the next message published here.
+    node_id: OnceLock<u64>,
+    next_message: AtomicU64,
 }
 
 impl Broker {
@@ -158,6 +168,9 @@ impl Broker {
                 store,
                 routes: LocalRoutes { counts: Mutex::new(HashMap::new()), version: watch::channel(0).0 },
                 remote: OnceLock::new(),
+                moving_out: Mutex::new(HashMap::new()),
+                node_id: OnceLock::new(),
+                next_message: AtomicU64::new(rand_core::RngCore::next_u64(&mut rand_core::OsRng)),
             }),
         };
         broker.restore_sessions();
@@ -201,7 +214,7 @@ impl Broker {
     }
 
     /// Hands a connection the session of its client id (see [`Registry::attach`]): taken over
-    /// from a live connection of the same owner, resumed, or fresh.
+    /// from a live connection of the same owner, resumed, fresh, or moved here from another node.
     pub async fn attach(&self, request: AttachRequest<'_>, now: Instant) -> Result<Attached, AttachError> {
         let moved = match self.inner.remote.get() {
             Some(remote) => remote.claim(request.client_id, request.owner, request.clean_start).await?,
@@ -215,15 +228,38 @@ impl Broker {
         }
         attached.session.durable = request.durable && self.inner.store.is_some();
         attached.session.mailbox.set_capacity(request.queue_capacity);
-        if let Some(moved) = moved {
+        if let Some((from, moved)) = moved {
             if attached.present {
                 tracing::warn!(client_id = request.client_id, "a session existed here and on another node; the one here is kept");
             } else {
+                attached.session.mailbox.set_moving_in(true);
                 self.install_moved(&mut attached.session, moved);
                 attached.present = true;
+                self.collect_move_tail(from, request.client_id, attached.session.mailbox.clone());
             }
         }
         Ok(attached)
+    }
+
+    /// The second phase of a session move, after the client has its CONNACK: once the other
+    /// nodes route by this node's new subscriptions, the old node stops collecting messages for
+    /// the session and hands over what it collected since the first phase; a message that came
+    /// both ways is queued once.
+    fn collect_move_tail(&self, from: u64, client_id: &str, mailbox: Arc<mailbox::Mailbox>) {
+        let Some(remote) = self.inner.remote.get().cloned() else { return };
+        let (client_id, version) = (client_id.to_string(), *self.inner.routes.version.borrow());
+        tokio::spawn(async move {
+            let tail = remote.complete_move(from, &client_id, version).await;
+            let count = tail.len();
+            for message in tail {
+                mailbox.push_congested(message.into_delivery());
+            }
+            tracing::info!(%client_id, from, messages = count, "session move completed");
+            // Copies of the tail's messages still on their way here directly are recognised a
+            // little longer.
+            tokio::time::sleep(MOVE_DUPLICATE_WINDOW).await;
+            mailbox.set_moving_in(false);
+        });
     }
 
     /// Takes over the state of a session that moved here from another node.
@@ -240,21 +276,68 @@ impl Broker {
     }
 
     /// Gives up this node's session of `client_id` to another node where a client of `owner`
-    /// connects (see [`registry::Registry::release`]); returns its state unless `clean_start`.
-    pub async fn release(&self, client_id: &str, owner: &Owner, clean_start: bool) -> Result<Option<MovedSession>, AttachError> {
+    /// connects (see [`registry::Registry::release`]); returns its state unless `clean_start`
+    /// or it ends with its connection. A session that moves keeps its subscriptions here and
+    /// collects what reaches it until the new node asks for that tail ([`Broker::finish_move`]),
+    /// or for at most `abandon_after`.
+    pub async fn release(
+        &self,
+        client_id: &str,
+        owner: &Owner,
+        clean_start: bool,
+        abandon_after: Duration,
+    ) -> Result<Option<MovedSession>, AttachError> {
         let now = Instant::now();
         let Some(session) = self.inner.registry.release(client_id, owner, now, self.inner.settings.takeover_timeout).await? else {
             return Ok(None);
         };
-        // No new message reaches the session from here on; what it queued moves with it.
-        self.drop_subscriptions(&session);
-        let moved = (!clean_start && !session.expiry.is_zero()).then(|| MovedSession {
+        if clean_start || session.expiry.is_zero() {
+            self.drop_subscriptions(&session);
+            session.mailbox.close();
+            tracing::info!(%client_id, "session ended: its client connected on another node");
+            return Ok(None);
+        }
+        let moved = MovedSession {
             session: StoredSession::capture(&session, now + session.expiry),
-            queued: std::iter::from_fn(|| session.mailbox.pop()).map(|d| StoredMessage::from_delivery(&d)).collect(),
+            queued: std::iter::from_fn(|| session.mailbox.pop()).map(|d| MovedMessage::from_delivery(&d)).collect(),
+        };
+        // Collected in memory from now on: the new node owns the session, the stored copy goes.
+        session.mailbox.set_online();
+        session.mailbox.set_offline(None);
+        let id = session.id;
+        self.inner.moving_out.lock().unwrap_or_else(|p| p.into_inner()).insert(client_id.to_string(), session);
+        tracing::info!(%client_id, queued = moved.queued.len(), "session handed to another node");
+        let (broker, client_id) = (self.clone(), client_id.to_string());
+        tokio::spawn(async move {
+            tokio::time::sleep(abandon_after).await;
+            if let Some(session) = broker.take_moving_out(&client_id, id) {
+                let lost = session.mailbox.len();
+                broker.drop_subscriptions(&session);
+                session.mailbox.close();
+                (0..lost).for_each(|_| crate::telemetry::metrics::dropped(crate::telemetry::metrics::DropReason::MoveAbandoned));
+                tracing::warn!(%client_id, lost, "session moved to another node that did not collect its tail in time");
+            }
         });
+        Ok(Some(moved))
+    }
+
+    /// Ends a session move on this (the old) node: stops collecting messages for the session
+    /// after `linger` (messages already on their way here still arrive meanwhile) and returns
+    /// what it collected since [`Broker::release`].
+    pub async fn finish_move(&self, client_id: &str, linger: Duration) -> Vec<MovedMessage> {
+        tokio::time::sleep(linger).await;
+        let Some(session) = self.inner.moving_out.lock().unwrap_or_else(|p| p.into_inner()).remove(client_id) else {
+            return Vec::new();
+        };
+        self.drop_subscriptions(&session);
+        let tail = std::iter::from_fn(|| session.mailbox.pop()).map(|d| MovedMessage::from_delivery(&d)).collect();
         session.mailbox.close();
-        tracing::info!(%client_id, moved = moved.is_some(), "session handed to another node");
-        Ok(moved)
+        tail
+    }
+
+    fn take_moving_out(&self, client_id: &str, id: message::SessionId) -> Option<SessionState> {
+        let mut moving = self.inner.moving_out.lock().unwrap_or_else(|p| p.into_inner());
+        moving.get(client_id).is_some_and(|s| s.id == id).then(|| moving.remove(client_id)).flatten()
     }
 
     /// The default offline queue limit of a client type (durable: APPLICATION).
@@ -290,7 +373,7 @@ impl Broker {
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
             if delay.is_zero() || !reconnected.reconnected() {
-                let published = broker.publish(Arc::new(will.into_message(Instant::now()))).await;
+                let published = broker.publish(will.into_message(Instant::now())).await;
                 if let Some(ticket) = published.durable_ticket {
                     broker.wait_durable(ticket).await;
                 }
@@ -302,6 +385,7 @@ impl Broker {
     /// into the stamps of retained messages published here.
     pub fn set_remote(&self, remote: Arc<dyn Remote>, node_id: u64) {
         self.inner.retained.set_node(node_id);
+        let _ = self.inner.node_id.set(node_id);
         if self.inner.remote.set(remote).is_err() {
             tracing::error!("the forwarding plane was connected twice; the first stays");
         }
@@ -334,7 +418,11 @@ impl Broker {
 
     /// Routes a message published on this node: to the local sessions (see
     /// [`Broker::publish_forwarded`]), then to the nodes with matching subscribers.
-    pub async fn publish(&self, message: Arc<Message>) -> Published {
+    pub async fn publish(&self, mut message: Message) -> Published {
+        if let Some(node) = self.inner.node_id.get() {
+            message.id = Some(MessageId { node: *node, number: self.inner.next_message.fetch_add(1, Ordering::Relaxed) });
+        }
+        let message = Arc::new(message);
         let stamp = message.retain.then(|| self.inner.retained.set_local(message.clone()).1);
         let (mut published, _) = self.route_locally(message.clone(), Audience::Everyone).await;
         if let Some(remote) = self.inner.remote.get() {

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::index::SubscriptionOptions;
-use super::message::{Delivery, Message};
+use super::message::{Delivery, Message, MessageId};
 use super::state::{Inflight, SessionState};
 use crate::auth::policy::Owner;
 
@@ -144,6 +144,10 @@ impl StoredMessage {
     }
 
     pub fn into_delivery(self) -> Delivery {
+        self.into_delivery_with(None)
+    }
+
+    fn into_delivery_with(self, id: Option<MessageId>) -> Delivery {
         let message = Message {
             topic: self.topic,
             payload: Bytes::from(self.payload),
@@ -152,6 +156,7 @@ impl StoredMessage {
             properties: self.properties.into_properties(),
             expires_at: self.expires_at.map(from_unix),
             publisher: None,
+            id,
         };
         Delivery { message: Arc::new(message), qos: qos(self.delivery_qos), retain: self.retain, subscription_ids: self.subscription_ids }
     }
@@ -228,7 +233,25 @@ impl StoredSession {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MovedSession {
     pub session: StoredSession,
-    pub queued: Vec<StoredMessage>,
+    pub queued: Vec<MovedMessage>,
+}
+
+/// A queued message leaving with its session for another node, with its cluster identity (so the
+/// new node does not deliver it twice when it also reaches the session directly).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MovedMessage {
+    pub id: Option<MessageId>,
+    pub message: StoredMessage,
+}
+
+impl MovedMessage {
+    pub fn from_delivery(d: &Delivery) -> MovedMessage {
+        MovedMessage { id: d.message.id, message: StoredMessage::from_delivery(d) }
+    }
+
+    pub fn into_delivery(self) -> Delivery {
+        self.message.into_delivery_with(self.id)
+    }
 }
 
 /// A session read back from the store: its state and its queue in order (sequence, message).
@@ -439,6 +462,7 @@ mod tests {
             properties: None,
             expires_at: None,
             publisher: None,
+            id: None,
         };
         Delivery { message: Arc::new(message), qos: QoS::AtLeastOnce, retain: false, subscription_ids: vec![3] }
     }

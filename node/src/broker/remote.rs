@@ -8,13 +8,18 @@ use std::sync::Arc;
 use tokio::sync::Notify;
 
 use super::message::Message;
-use super::persist::MovedSession;
+use super::persist::{MovedMessage, MovedSession};
 use super::retained::Stamp;
 use super::AttachError;
 use crate::auth::policy::Owner;
 
-/// What a remote claim on a client id yields: the session moved from the node that held it.
-pub type ClaimFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Option<MovedSession>, AttachError>> + Send + 'a>>;
+/// What a remote claim on a client id yields: the session moved from the node that held it, and
+/// that node's id.
+pub type ClaimFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Option<(u64, MovedSession)>, AttachError>> + Send + 'a>>;
+
+/// What the old node of a moved session collected for it since the move began.
+pub type TailFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Vec<MovedMessage>> + Send + 'a>>;
 
 /// What waiting for the other nodes to learn this node's routes is.
 pub type BarrierFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
@@ -30,6 +35,11 @@ pub trait Remote: Send + Sync + 'static {
     /// refused when another node holds it for another principal; a live connection elsewhere is
     /// taken over, and a persistent session there moves here (unless `clean_start`).
     fn claim<'a>(&'a self, client_id: &'a str, owner: &'a Owner, clean_start: bool) -> ClaimFuture<'a>;
+
+    /// The second phase of a session move: once every peer with a live link routes by this
+    /// node's routes as of `version` (bounded in time), asks node `from` to stop collecting for
+    /// `client_id` and returns what it collected (nothing if it cannot be asked).
+    fn complete_move<'a>(&'a self, from: u64, client_id: &'a str, version: u64) -> TailFuture<'a>;
 
     /// Completes once the other nodes route by this node's routes as of `version` (as the
     /// cluster's SUBACK barrier setting says, and bounded in time).

@@ -290,6 +290,7 @@ mod tests {
             properties: None,
             expires_at,
             publisher: None,
+            id: None,
         })
     }
 

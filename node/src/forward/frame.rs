@@ -12,12 +12,12 @@ use mqttbytes::QoS;
 use serde::{Deserialize, Serialize};
 
 use crate::auth::policy::Owner;
-use crate::broker::message::Message;
-use crate::broker::persist::{MovedSession, StoredProperties};
+use crate::broker::message::{Message, MessageId};
+use crate::broker::persist::{MovedMessage, MovedSession, StoredProperties};
 use crate::broker::retained::{RetainedEntry, Stamp};
 
 /// The ALPN protocol of a forwarding link; a peer speaking another version is refused.
-pub const ALPN: &[u8] = b"rampart-fwd/2";
+pub const ALPN: &[u8] = b"rampart-fwd/3";
 
 /// Largest frame accepted from a peer.
 pub const MAX_FRAME: usize = 16 << 20;
@@ -42,6 +42,10 @@ pub enum Control {
     /// A client of `owner` connects with `client_id` on the dialling node: the accepting node
     /// gives up its session of that client id (answered by [`Reply::Claimed`]).
     Claim { request: u64, client_id: String, owner: Owner, clean_start: bool },
+    /// The session of `client_id` that moved to the dialling node is in place there and the
+    /// other nodes route to it: the accepting node stops collecting messages for it and sends
+    /// what it collected (answered by [`Reply::Claimed`] with [`ClaimOutcome::Tail`]).
+    MoveDone { request: u64, client_id: String },
 }
 
 /// From the accepting node, on the control stream.
@@ -68,6 +72,9 @@ pub enum ClaimOutcome {
     Released(Option<Box<MovedSession>>),
     /// It could not decide (the hand-over timed out).
     Failed(String),
+    /// What it collected for a moved session since it released it (the answer to
+    /// [`Control::MoveDone`]).
+    Tail(Vec<MovedMessage>),
 }
 
 /// Every message of publish stream `stream` up to `sequence` is queued for the accepting node's
@@ -137,6 +144,8 @@ pub struct Forwarded {
     /// The stamp of a retained message in its node's retained store.
     pub retained_stamp: Option<Stamp>,
     pub recipients: Recipients,
+    /// The message's identity, kept across nodes.
+    pub id: Option<MessageId>,
 }
 
 fn qos_of(n: u8) -> QoS {
@@ -159,6 +168,7 @@ impl Forwarded {
             properties: StoredProperties::capture(m.properties.as_ref()),
             retained_stamp,
             recipients,
+            id: m.id,
         }
     }
 
@@ -176,6 +186,7 @@ impl Forwarded {
             properties: self.properties.into_properties(),
             expires_at: self.expires_in_ms.map(|ms| now + Duration::from_millis(ms)),
             publisher: None,
+            id: self.id,
         })
     }
 }
@@ -252,6 +263,7 @@ mod tests {
             }),
             expires_at: Some(now + Duration::from_secs(30)),
             publisher: Some(4),
+            id: None,
         };
         let mut out = BytesMut::new();
         encode(&Forwarded::new(9, &message, None, Recipients::SUBSCRIBERS, now), &mut out);

@@ -112,13 +112,21 @@ async fn read_control(
                 Control::Claim { request, client_id, owner, clean_start } => {
                     let (forwarder, replies) = (forwarder.clone(), replies.clone());
                     tokio::spawn(async move {
-                        let outcome = match forwarder.broker.release(&client_id, &owner, clean_start).await {
+                        let abandon_after = forwarder.move_abandon_after();
+                        let outcome = match forwarder.broker.release(&client_id, &owner, clean_start, abandon_after).await {
                             Ok(None) => ClaimOutcome::NotHere,
                             Ok(Some(moved)) => ClaimOutcome::Released(Some(Box::new(moved))),
                             Err(crate::broker::AttachError::NotOwner { owner, .. }) => ClaimOutcome::Refused { owner },
                             Err(e) => ClaimOutcome::Failed(e.to_string()),
                         };
                         let _ = replies.send(Reply::Claimed { request, outcome });
+                    });
+                }
+                Control::MoveDone { request, client_id } => {
+                    let (forwarder, replies) = (forwarder.clone(), replies.clone());
+                    tokio::spawn(async move {
+                        let tail = forwarder.broker.finish_move(&client_id, super::MOVE_LINGER).await;
+                        let _ = replies.send(Reply::Claimed { request, outcome: ClaimOutcome::Tail(tail) });
                     });
                 }
             }

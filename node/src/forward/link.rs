@@ -262,6 +262,7 @@ mod tests {
             properties: None,
             expires_at: None,
             publisher: None,
+            id: None,
         };
         Forwarded::new(seq, &message, None, frame::Recipients::SUBSCRIBERS, Instant::now())
     }

@@ -30,15 +30,19 @@ use tokio::sync::watch;
 use crate::auth::policy::Owner;
 use crate::auth::store::AuthStore;
 use crate::broker::message::Message;
-use crate::broker::persist::MovedSession;
+use crate::broker::persist::{MovedMessage, MovedSession};
 use crate::broker::retained::Stamp;
-use crate::broker::{AttachError, BarrierFuture, Broker, ClaimFuture, Remote, RemoteAcks};
+use crate::broker::{AttachError, BarrierFuture, Broker, ClaimFuture, Remote, RemoteAcks, TailFuture};
 use crate::cluster::Cluster;
 use crate::telemetry::metrics::LinkGauge;
 use frame::{ClaimOutcome, Control, Recipients};
 use queue::{Outgoing, PeerQueue};
 use routes::RouteTable;
 use tokio::sync::oneshot;
+
+/// How long the old node of a moved session keeps collecting messages for it after the new node
+/// asked for the tail: messages already on their way to the old node still reach the session.
+const MOVE_LINGER: Duration = Duration::from_millis(250);
 
 /// This node's forwarding port and how the plane is sized (from `[cluster]`).
 #[derive(Debug, Clone)]
@@ -231,8 +235,53 @@ impl Forwarder {
         }
     }
 
+    /// How long an old node collects messages for a moved session before it gives up on the
+    /// new node (which asks within two claim timeouts and the linger).
+    fn move_abandon_after(&self) -> Duration {
+        self.settings.claim_timeout * 3 + MOVE_LINGER
+    }
+
+    /// Completes once every peer with a live link has applied our routes as of `version`, or
+    /// after `timeout`; returns whether they all did.
+    async fn routes_applied(&self, version: u64, timeout: Duration) -> bool {
+        let waiting: Vec<watch::Receiver<u64>> = {
+            let peers = self.peers.read().unwrap_or_else(|p| p.into_inner());
+            peers.values().filter(|p| p.up.load(Ordering::Relaxed)).map(|p| p.routes_applied.subscribe()).collect()
+        };
+        let applied = waiting.into_iter().map(|mut applied| async move {
+            let _ = applied.wait_for(|&applied| applied >= version).await;
+        });
+        tokio::time::timeout(timeout, futures_util::future::join_all(applied)).await.is_ok()
+    }
+
+    /// Phase two of a session move; see [`Remote::complete_move`].
+    async fn collect_tail(&self, from: u64, client_id: &str, version: u64) -> Vec<MovedMessage> {
+        if !self.routes_applied(version, self.settings.claim_timeout).await {
+            tracing::warn!(%client_id, "moved session: not every node confirmed its routes in time; collecting its tail anyway");
+        }
+        let Some(peer) = self.peer(from).filter(|p| p.up.load(Ordering::Relaxed)) else {
+            tracing::warn!(%client_id, node = from, "moved session: its old node cannot be reached; what it collected since is lost");
+            return Vec::new();
+        };
+        let request = self.next_claim.fetch_add(1, Ordering::Relaxed);
+        let answered = peer.claim(request, Control::MoveDone { request, client_id: client_id.into() });
+        match tokio::time::timeout(self.settings.claim_timeout + MOVE_LINGER, answered).await {
+            Ok(Ok(ClaimOutcome::Tail(tail))) => tail,
+            _ => {
+                peer.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&request);
+                tracing::warn!(%client_id, node = from, "moved session: its old node did not send what it collected; that is lost");
+                Vec::new()
+            }
+        }
+    }
+
     /// Asks every peer to give up `client_id`; see [`Remote::claim`].
-    async fn claim_everywhere(&self, client_id: &str, owner: &Owner, clean_start: bool) -> Result<Option<MovedSession>, AttachError> {
+    async fn claim_everywhere(
+        &self,
+        client_id: &str,
+        owner: &Owner,
+        clean_start: bool,
+    ) -> Result<Option<(u64, MovedSession)>, AttachError> {
         let peers: Vec<Arc<Peer>> = self.peers.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
         let mut unreachable = Vec::new();
         let mut asked = Vec::new();
@@ -250,7 +299,7 @@ impl Forwarder {
         for (peer, request, answered) in asked {
             match tokio::time::timeout_at(deadline, answered).await {
                 Ok(Ok(ClaimOutcome::NotHere)) => {}
-                Ok(Ok(ClaimOutcome::Released(session))) => moved = moved.or(session.map(|s| *s)),
+                Ok(Ok(ClaimOutcome::Released(session))) => moved = moved.or(session.map(|s| (peer.node_id, *s))),
                 Ok(Ok(ClaimOutcome::Refused { owner: existing })) => {
                     return Err(AttachError::NotOwner { owner: existing, requester: owner.clone() });
                 }
@@ -258,7 +307,8 @@ impl Forwarder {
                     tracing::warn!(peer = peer.node_id, %client_id, %reason, "a node could not give up the client id");
                     unreachable.push(peer.node_id);
                 }
-                Ok(Err(_)) | Err(_) => {
+                // A tail is no answer to a claim.
+                Ok(Ok(ClaimOutcome::Tail(_))) | Ok(Err(_)) | Err(_) => {
                     peer.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&request);
                     unreachable.push(peer.node_id);
                 }
@@ -282,22 +332,17 @@ impl Remote for Forwarder {
     /// Waits (up to `suback_barrier`) until every peer with a live link has applied our routes
     /// as of `version`; a peer whose link is down gets them in the snapshot when it reconnects.
     fn routes_announced(&self, version: u64) -> BarrierFuture<'_> {
-        let timeout = self.settings.suback_barrier;
-        let waiting: Vec<watch::Receiver<u64>> = if timeout.is_zero() {
-            Vec::new()
-        } else {
-            let peers = self.peers.read().unwrap_or_else(|p| p.into_inner());
-            peers.values().filter(|p| p.up.load(Ordering::Relaxed)).map(|p| p.routes_applied.subscribe()).collect()
-        };
         Box::pin(async move {
-            let applied = waiting.into_iter().map(|mut applied| async move {
-                let _ = applied.wait_for(|&applied| applied >= version).await;
-            });
-            if tokio::time::timeout(timeout, futures_util::future::join_all(applied)).await.is_err() {
+            let timeout = self.settings.suback_barrier;
+            if !timeout.is_zero() && !self.routes_applied(version, timeout).await {
                 crate::telemetry::metrics::suback_barrier_timed_out();
                 tracing::debug!(version, "SUBACK sent before every peer confirmed the route (suback_barrier_timeout_ms)");
             }
         })
+    }
+
+    fn complete_move<'a>(&'a self, from: u64, client_id: &'a str, version: u64) -> TailFuture<'a> {
+        Box::pin(self.collect_tail(from, client_id, version))
     }
 
     /// Queues the message for every peer with a matching route; a retained message goes to

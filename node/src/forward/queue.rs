@@ -94,6 +94,7 @@ mod tests {
             properties: None,
             expires_at: None,
             publisher: None,
+            id: None,
         });
         Outgoing { message, retained: None, recipients: Recipients::SUBSCRIBERS, acks: None }
     }

@@ -8,7 +8,6 @@
 //! the subscription is live.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -41,7 +40,7 @@ pub enum RetainHandling {
 #[derive(Debug)]
 pub enum Action {
     /// Route a message to subscribers (and the retained store).
-    Publish(Arc<Message>),
+    Publish(Message),
     /// Add or replace a subscription; then queue matching retained messages with
     /// [`Session::queue_retained`] as `retain_handling` says.
     Subscribe { filter: String, options: SubscriptionOptions, retain_handling: RetainHandling },
@@ -368,8 +367,9 @@ impl Session {
             properties: Some(props).filter(has_passthrough),
             expires_at,
             publisher: Some(self.state.id),
+            id: None,
         };
-        self.actions.push_back(Action::Publish(Arc::new(message)));
+        self.actions.push_back(Action::Publish(message));
         self.acknowledge(qos, pkid);
     }
 
@@ -767,6 +767,7 @@ mod tests {
     use crate::auth::policy::Owner;
     use crate::mqtt::connect;
     use bytes::Bytes;
+    use std::sync::Arc;
 
     fn blank_state() -> SessionState {
         SessionState::new(1, Owner::Anonymous, 10)
@@ -861,6 +862,7 @@ mod tests {
                 properties: None,
                 expires_at: None,
                 publisher: None,
+                id: None,
             }),
             qos,
             retain: false,

@@ -32,11 +32,16 @@ pub enum DropReason {
     RetainedReplayLimit,
     /// Forwarded for a shared group that had no member left on any node.
     SharedGroupGone,
+    /// Queued for a session that moved to another node which never collected it (the move was
+    /// not completed in time).
+    MoveAbandoned,
+    /// Reached a session moving here a second time (directly and with the old node's tail).
+    MoveDuplicate,
 }
 
 impl DropReason {
     /// Every reason, in declaration order (so `reason as usize` indexes it).
-    const ALL: [DropReason; 11] = [
+    const ALL: [DropReason; 13] = [
         DropReason::SlowSubscriberQos0,
         DropReason::SlowSubscriberTimeout,
         DropReason::OfflineQos0,
@@ -48,6 +53,8 @@ impl DropReason {
         DropReason::ReadNotAuthorized,
         DropReason::RetainedReplayLimit,
         DropReason::SharedGroupGone,
+        DropReason::MoveAbandoned,
+        DropReason::MoveDuplicate,
     ];
 
     fn label(self) -> &'static str {
@@ -63,6 +70,8 @@ impl DropReason {
             DropReason::ReadNotAuthorized => "read_not_authorized",
             DropReason::RetainedReplayLimit => "retained_replay_limit",
             DropReason::SharedGroupGone => "shared_group_gone",
+            DropReason::MoveAbandoned => "move_abandoned",
+            DropReason::MoveDuplicate => "move_duplicate",
         }
     }
 }
