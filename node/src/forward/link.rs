@@ -184,6 +184,7 @@ async fn serve_inner(
         }
         streams.push(stream);
     }
+    let mut batches = vec![BytesMut::new(); streams.len()];
     let mut ack_input = BytesMut::new();
     loop {
         tokio::select! {
@@ -226,6 +227,7 @@ async fn serve_inner(
                 control.write_all(&out).await.map_err(|e| failed(&e))?;
             }
             _ = peer.queue.readable() => {
+                // One write per publish stream for the whole batch.
                 let now = Instant::now();
                 for _ in 0..BATCH {
                     let Some(outgoing) = peer.queue.pop() else { break };
@@ -237,8 +239,14 @@ async fn serve_inner(
                     if dropped {
                         peer.replay_dropped.fetch_add(1, Ordering::Relaxed);
                     }
-                    streams[stream].write_all(&bytes).await.map_err(|e| failed(&e))?;
+                    batches[stream].extend_from_slice(&bytes);
                     peer.forwarded.fetch_add(1, Ordering::Relaxed);
+                }
+                for (stream, batch) in streams.iter_mut().zip(&mut batches) {
+                    if !batch.is_empty() {
+                        stream.write_all(batch).await.map_err(|e| failed(&e))?;
+                        batch.clear();
+                    }
                 }
                 if !peer.queue.is_empty() {
                     peer.queue.wake();
