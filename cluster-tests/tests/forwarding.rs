@@ -283,16 +283,20 @@ async fn a_client_id_is_unique_across_the_cluster() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `mosquitto_sub` arguments for device-1's persistent session (client id `device-1`, MQTT 5,
+/// an hour's session expiry) on `node`, subscribed to `filter`.
+fn persistent_subscription(cluster: &TestCluster, node: u64, qos: u8, filter: &str) -> Vec<String> {
+    let client = Client { cluster, node, device: "device-1", client_id: "device-1", version: "mqttv5" };
+    let mut args = client.args();
+    args.extend(["-c", "-x", "3600", "-q", &qos.to_string(), "-t", filter, "-v"].map(String::from));
+    args
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_persistent_session_moves_to_the_node_its_client_reconnects_to() -> anyhow::Result<()> {
     let cluster = TestCluster::start(Options::default())?;
     wait_until_serving(&cluster).await?;
-    let persistent = |node| {
-        let client = Client { cluster: &cluster, node, device: "device-1", client_id: "device-1", version: "mqttv5" };
-        let mut args = client.args();
-        args.extend(["-c", "-x", "3600", "-q", "1", "-t", "devices/device-1/jobs/#", "-v"].map(String::from));
-        args
-    };
+    let persistent = |node| persistent_subscription(&cluster, node, 1, "devices/device-1/jobs/#");
     // Subscribe on node 1, leave the session behind (-W ends the client normally).
     let setup = Command::new("mosquitto_sub").args(persistent(1)).args(["-W", "1"]).output()?;
     assert!(setup.stdout.is_empty(), "{}", String::from_utf8_lossy(&setup.stderr));
@@ -599,12 +603,7 @@ async fn a_session_moving_under_a_stream_of_qos2_messages_gets_each_exactly_once
     const MESSAGES: usize = 400;
     let cluster = TestCluster::start(Options::default())?;
     wait_until_serving(&cluster).await?;
-    let persistent = |node| {
-        let client = Client { cluster: &cluster, node, device: "device-1", client_id: "device-1", version: "mqttv5" };
-        let mut args = client.args();
-        args.extend(["-c", "-x", "3600", "-q", "2", "-t", "devices/device-1/stream", "-v"].map(String::from));
-        args
-    };
+    let persistent = |node| persistent_subscription(&cluster, node, 2, "devices/device-1/stream");
     // The session subscribes on node 2 and goes offline there.
     let setup = Command::new("mosquitto_sub").args(persistent(2)).args(["-W", "1"]).output()?;
     assert!(setup.stdout.is_empty(), "{}", String::from_utf8_lossy(&setup.stderr));
