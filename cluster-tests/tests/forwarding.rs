@@ -57,6 +57,18 @@ impl Client<'_> {
             .expect("mosquitto_sub (Debian's mosquitto-clients; `bash scripts/test` installs it)")
     }
 
+    /// Starts `mosquitto_pub -l`: each line written to its stdin is published to `topic`.
+    fn line_publisher(&self, topic: &str, qos: u8) -> Child {
+        Command::new("mosquitto_pub")
+            .args(self.args())
+            .args(["-t", topic, "-q", &qos.to_string(), "-l"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto_pub")
+    }
+
     fn publish(&self, topic: &str, qos: u8, payload: &str) {
         let out = Command::new("mosquitto_pub")
             .args(self.args())
@@ -230,14 +242,7 @@ async fn a_cut_link_loses_no_qos1_message_and_delivers_none_twice() -> anyhow::R
     // A subscriber on the publishing node: the dead peer must not stall it.
     let local = client(1, "device-1-local").subscribe("devices/device-1/seq", 1, MESSAGES, 90);
     wait_for_routes(&cluster, 1, 2, 1);
-    let mut publisher = Command::new("mosquitto_pub")
-        .args(client(1, "device-1-pub").args())
-        .args(["-t", "devices/device-1/seq", "-q", "1", "-l"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("mosquitto_pub");
+    let mut publisher = client(1, "device-1-pub").line_publisher("devices/device-1/seq", 1);
     let mut lines_in = publisher.stdin.take().expect("stdin");
     let relay = cluster.relay.as_ref().expect("relay");
     for n in 1..=MESSAGES {
@@ -578,14 +583,7 @@ async fn qos2_over_a_lossy_slow_link_arrives_exactly_once_in_order() -> anyhow::
     let relay = cluster.relay.as_ref().expect("relay");
     relay.lose(0.1);
     relay.delay(Duration::from_millis(20));
-    let mut publisher = Command::new("mosquitto_pub")
-        .args(client(1, "device-1-pub").args())
-        .args(["-t", "devices/device-1/exact", "-q", "2", "-l"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("mosquitto_pub");
+    let mut publisher = client(1, "device-1-pub").line_publisher("devices/device-1/exact", 2);
     let mut lines_in = publisher.stdin.take().expect("stdin");
     for n in 1..=MESSAGES {
         writeln!(lines_in, "{n}").expect("mosquitto_pub reads its input");
@@ -610,14 +608,8 @@ async fn a_session_moving_under_a_stream_of_qos2_messages_gets_each_exactly_once
     wait_for_routes(&cluster, 3, 2, 1);
     // Node 3 publishes a steady QoS 2 stream; a third of the way in, the client reconnects on
     // node 1, so its session moves from node 2 while messages keep coming.
-    let mut publisher = Command::new("mosquitto_pub")
-        .args(Client { cluster: &cluster, node: 3, device: "device-1", client_id: "device-1-pub", version: "mqttv5" }.args())
-        .args(["-t", "devices/device-1/stream", "-q", "2", "-l"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("mosquitto_pub");
+    let mut publisher = Client { cluster: &cluster, node: 3, device: "device-1", client_id: "device-1-pub", version: "mqttv5" }
+        .line_publisher("devices/device-1/stream", 2);
     let mut lines_in = publisher.stdin.take().expect("stdin");
     let mut subscriber = None;
     for n in 1..=MESSAGES {
