@@ -1,7 +1,7 @@
 //! Harness for cluster tests and benchmarks: a generated PKI, one config per node with free
 //! loopback ports, `rampart serve` processes that can be stopped, killed (`SIGKILL`) and
-//! restarted, admin API clients, and a minimal MQTT 5 client over mutual TLS that reports when
-//! the broker disconnects it.
+//! restarted, admin API clients, and a minimal MQTT 5 client over mutual TLS that subscribes,
+//! acknowledges messages with a chosen reason code and reports when the broker disconnects it.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 pub mod relay;
 
+use mqttbytes::v5;
+use rampart_node::mqtt::codec::{self, Packet, ProtocolVersion};
 use rampart_node::pki::{DevPki, Kind, Store};
 use rampart_proto::admin::admin_client::AdminClient;
 use rampart_proto::admin::ClusterStatusRequest;
@@ -366,6 +368,7 @@ impl Drop for TestCluster {
 /// An MQTT 5 connection over mutual TLS, after its CONNACK.
 pub struct MqttClient {
     stream: TlsStream<TcpStream>,
+    input: bytes::BytesMut,
 }
 
 /// How a connection attempt ended: the CONNACK reason code (0 = accepted).
@@ -387,7 +390,7 @@ pub async fn mqtt_connect(port: u16, ca: &Path, cert: &Path, key: &Path, client_
     let mut body = vec![0u8; usize::from(header[1])];
     stream.read_exact(&mut body).await?;
     anyhow::ensure!(header[0] == 0x20 && body.len() >= 2, "expected CONNACK, got {header:02x?} {body:02x?}");
-    Ok((body[1], MqttClient { stream }))
+    Ok((body[1], MqttClient { stream, input: bytes::BytesMut::new() }))
 }
 
 /// A v5 CONNECT with clean start, keep alive 60 s and no properties.
@@ -401,6 +404,42 @@ fn connect_packet(client_id: &str) -> Vec<u8> {
 }
 
 impl MqttClient {
+    async fn send(&mut self, packet: &Packet) -> anyhow::Result<()> {
+        let mut out = bytes::BytesMut::new();
+        codec::encode(ProtocolVersion::V5, packet, &mut out, None)?;
+        Ok(self.stream.write_all(&out).await?)
+    }
+
+    /// The next packet from the broker if one comes within `wait`.
+    pub async fn next_packet(&mut self, wait: Duration) -> anyhow::Result<Option<Packet>> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if let Some(packet) = codec::decode(ProtocolVersion::V5, &mut self.input, usize::MAX)? {
+                return Ok(Some(packet));
+            }
+            match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.input)).await {
+                Err(_) => return Ok(None),
+                Ok(read) => anyhow::ensure!(read? > 0, "the broker closed the connection"),
+            }
+        }
+    }
+
+    /// Subscribes to `filter` at QoS 1 and waits for the SUBACK.
+    pub async fn subscribe(&mut self, filter: &str) -> anyhow::Result<()> {
+        let mut subscribe = v5::Subscribe::new(filter, mqttbytes::QoS::AtLeastOnce);
+        subscribe.pkid = 1;
+        self.send(&Packet::Subscribe(subscribe)).await?;
+        match self.next_packet(Duration::from_secs(10)).await? {
+            Some(Packet::SubAck(ack)) if ack.return_codes == [v5::SubscribeReasonCode::QoS1] => Ok(()),
+            other => anyhow::bail!("expected SUBACK granting QoS 1, got {other:?}"),
+        }
+    }
+
+    /// Answers a QoS 1 PUBLISH with a PUBACK carrying `reason`.
+    pub async fn puback(&mut self, pkid: u16, reason: v5::PubAckReason) -> anyhow::Result<()> {
+        self.send(&Packet::PubAck(v5::PubAck { pkid, reason, properties: None })).await
+    }
+
     /// Waits until the broker ends the connection; returns when, and the DISCONNECT reason code
     /// if one was sent.
     pub async fn wait_disconnect(mut self, timeout: Duration) -> anyhow::Result<(Instant, Option<u8>)> {

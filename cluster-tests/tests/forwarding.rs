@@ -8,7 +8,9 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rampart_cluster_tests::{Options, TestCluster};
+use mqttbytes::v5::PubAckReason;
+use rampart_cluster_tests::{mqtt_connect, Options, TestCluster};
+use rampart_node::mqtt::codec::Packet;
 
 const LEADER_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -430,14 +432,7 @@ async fn a_shared_group_spans_the_nodes_gets_each_message_once_and_prefers_local
     let watcher = Collector::start(watcher.subscribe("devices/device-1/jobs/+", 1, 1000, 60));
     wait_for_routes(&cluster, 1, 2, 1);
     wait_for_routes(&cluster, 1, 3, 2);
-    let publish = |from: usize, to: usize| {
-        for n in from..to {
-            let client_id = format!("device-1-pub-{n}");
-            let publisher = Client { cluster: &cluster, node: 1, device: "device-1", client_id: &client_id, version: "mqttv5" };
-            publisher.publish(&format!("devices/device-1/jobs/{n}"), 1, &format!("job {n}"));
-        }
-    };
-    publish(0, 12);
+    publish_jobs(&cluster, 0..12);
     let got = collect(vec![on_2, on_3, watcher], 24);
     let (on_2, on_3, watcher) = (&got[0], &got[1], &got[2]);
     assert_eq!(watcher.len(), 12, "the plain subscriber gets every message: {watcher:?}");
@@ -451,10 +446,52 @@ async fn a_shared_group_spans_the_nodes_gets_each_message_once_and_prefers_local
     // With a member on the publishing node, it gets them all.
     let (on_1, on_2) = (member(1, "device-1-worker-1"), member(2, "device-1-worker-2"));
     eventually_local_member(&cluster);
-    publish(12, 18);
+    publish_jobs(&cluster, 12..18);
     let got = collect(vec![on_1, on_2], 6);
     assert_eq!(got[0].len(), 6, "the local member gets every message: {:?}", got[0]);
     assert!(got[1].is_empty(), "the remote member gets none: {:?}", got[1]);
+    Ok(())
+}
+
+/// Publishes `devices/device-1/jobs/<n>` = `job <n>` at QoS 1 on node 1 for each `n`, one
+/// `mosquitto_pub` each.
+fn publish_jobs(cluster: &TestCluster, jobs: std::ops::Range<usize>) {
+    for n in jobs {
+        let client_id = format!("device-1-pub-{n}");
+        let publisher = Client { cluster, node: 1, device: "device-1", client_id: &client_id, version: "mqttv5" };
+        publisher.publish(&format!("devices/device-1/jobs/{n}"), 1, &format!("job {n}"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_the_group_member_on_node_2_refuses_goes_to_the_member_on_node_3() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(Options::default())?;
+    wait_until_serving(&cluster).await?;
+    const GROUP: &str = "$share/workers/devices/device-1/jobs/+";
+    const JOBS: usize = 12;
+    let (_, cert, key) = cluster.pki.devices.iter().find(|(n, _, _)| n == "device-1").expect("a development device");
+    let (code, mut refuser) = mqtt_connect(cluster.node(2).ports.mtls, &cluster.pki.ca_cert, cert, key, "device-1-refuser").await?;
+    assert_eq!(code, 0, "CONNACK");
+    refuser.subscribe(GROUP).await?;
+    let taker = Client { cluster: &cluster, node: 3, device: "device-1", client_id: "device-1-taker", version: "mqttv5" };
+    let taker = Collector::start(taker.subscribe(GROUP, 1, JOBS, 60));
+    wait_for_routes(&cluster, 1, 2, 1);
+    wait_for_routes(&cluster, 1, 3, 1);
+    publish_jobs(&cluster, 0..JOBS);
+    let mut refused = 0;
+    while let Some(packet) = refuser.next_packet(Duration::from_secs(3)).await? {
+        if let Packet::Publish(publish) = packet {
+            refuser.puback(publish.pkid, PubAckReason::UnspecifiedError).await?;
+            refused += 1;
+        }
+    }
+    assert!(refused > 0, "node 1 chose node 2 for some messages (round robin over the nodes with members)");
+    let mut got = collect(vec![taker], JOBS).remove(0);
+    got.sort();
+    let mut expected: Vec<String> = (0..JOBS).map(|n| format!("devices/device-1/jobs/{n} job {n}")).collect();
+    expected.sort();
+    assert_eq!(got, expected, "the member on node 3 got every message once, the refused ones passed on by node 2");
+    assert_eq!(metric(&cluster, 2, "rampart_shared_redispatched_total{reason=\"refused\"}"), refused);
     Ok(())
 }
 

@@ -35,18 +35,26 @@ pub struct Subscriber {
 }
 
 /// The members of one `$share/<group>/<filter>`; each message goes to one of them.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 struct ShareGroup {
+    /// `$share/<group>/<filter>`, carried by the deliveries to the group.
+    route: Arc<str>,
     members: Vec<Subscriber>,
     next: Arc<AtomicUsize>,
 }
 
 impl ShareGroup {
-    /// Round robin over the members, preferring ones with a connected client.
-    fn pick(&self) -> Option<&Subscriber> {
+    fn new(group: &str, filter: &str) -> ShareGroup {
+        ShareGroup { route: format!("$share/{group}/{filter}").into(), members: Vec::new(), next: Arc::default() }
+    }
+
+    /// Round robin over the members not in `except`, preferring ones with a connected client.
+    fn pick(&self, except: &[SessionId]) -> Option<Route> {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let n = self.members.len();
-        (0..n).map(|i| &self.members[(start + i) % n]).find(|m| m.mailbox.is_online()).or_else(|| self.members.get(start % n.max(1)))
+        let candidates = (0..n).map(|i| &self.members[(start + i) % n]).filter(|m| !except.contains(&m.session));
+        let chosen = candidates.clone().find(|m| m.mailbox.is_online()).or_else(|| candidates.clone().next())?;
+        Some(Route { shared: Some(self.route.clone()), ..to_route(chosen) })
     }
 }
 
@@ -71,6 +79,8 @@ pub struct Route {
     pub qos: QoS,
     pub retain_as_published: bool,
     pub subscription_ids: Vec<usize>,
+    /// The shared group (`$share/<group>/<filter>`) this session was chosen in, if any.
+    pub shared: Option<Arc<str>>,
 }
 
 #[derive(Debug, Default)]
@@ -99,7 +109,7 @@ impl SubscriptionIndex {
     pub fn subscribe(&self, filter: &str, group: Option<&str>, subscriber: Subscriber) -> bool {
         let replaced = self.modify(filter, |node| {
             let list = match group {
-                Some(g) => &mut node.groups.entry(g.into()).or_default().members,
+                Some(g) => &mut node.groups.entry(g.into()).or_insert_with(|| ShareGroup::new(g, filter)).members,
                 None => &mut node.subscribers,
             };
             match list.iter_mut().find(|s| s.session == subscriber.session) {
@@ -162,11 +172,11 @@ impl SubscriptionIndex {
     pub fn route(&self, topic: &str, publisher: Option<SessionId>, shared_groups: bool, mut visit: impl FnMut(Route)) {
         let root = self.published.load();
         let mut matched: Vec<&Subscriber> = Vec::new();
-        let mut shared: Vec<&Subscriber> = Vec::new();
+        let mut shared: Vec<Route> = Vec::new();
         collect(&root, topic.split('/'), topic.starts_with('$'), &mut |node| {
             matched.extend(node.subscribers.iter().filter(|s| !(s.options.no_local && Some(s.session) == publisher)));
             if shared_groups {
-                shared.extend(node.groups.values().filter_map(ShareGroup::pick));
+                shared.extend(node.groups.values().filter_map(|group| group.pick(&[])));
             }
         });
         matched.sort_unstable_by_key(|s| s.session);
@@ -180,18 +190,18 @@ impl SubscriptionIndex {
             }
             visit(route);
         }
-        shared.into_iter().map(to_route).for_each(visit);
+        shared.into_iter().for_each(visit);
     }
 
     /// The member of shared group `group` on exactly `filter` chosen to receive the next
-    /// message, if the group has members here.
-    pub fn shared_member(&self, filter: &str, group: &str) -> Option<Route> {
+    /// message, if the group has members here other than the sessions in `except`.
+    pub fn shared_member(&self, filter: &str, group: &str, except: &[SessionId]) -> Option<Route> {
         let root = self.published.load();
         let mut node: &Node = &root;
         for level in filter.split('/') {
             node = node.children.get(level)?;
         }
-        node.groups.get(group).and_then(ShareGroup::pick).map(to_route)
+        node.groups.get(group).and_then(|g| g.pick(except))
     }
 }
 
@@ -202,6 +212,7 @@ fn to_route(s: &Subscriber) -> Route {
         qos: s.options.qos,
         retain_as_published: s.options.retain_as_published,
         subscription_ids: s.options.subscription_id.into_iter().collect(),
+        shared: None,
     }
 }
 
@@ -349,10 +360,23 @@ mod tests {
         let index = SubscriptionIndex::new();
         index.subscribe("job/+", Some("g"), sub(1, QoS::AtLeastOnce));
         index.subscribe("job/+", Some("g"), sub(2, QoS::AtLeastOnce));
-        let picks: Vec<_> = (0..4).filter_map(|_| index.shared_member("job/+", "g")).map(|r| r.session).collect();
+        let picks: Vec<_> = (0..4).filter_map(|_| index.shared_member("job/+", "g", &[])).map(|r| r.session).collect();
         assert_eq!(picks.len(), 4);
         assert!(picks.contains(&1) && picks.contains(&2), "round robin: {picks:?}");
-        assert!(index.shared_member("job/#", "g").is_none() && index.shared_member("job/+", "h").is_none());
+        assert!(index.shared_member("job/#", "g", &[]).is_none() && index.shared_member("job/+", "h", &[]).is_none());
+        let route = index.shared_member("job/+", "g", &[]).and_then(|r| r.shared);
+        assert_eq!(route.as_deref(), Some("$share/g/job/+"), "the delivery names its group");
+    }
+
+    #[test]
+    fn a_shared_member_that_had_the_message_is_not_chosen_again() {
+        let index = SubscriptionIndex::new();
+        index.subscribe("job/+", Some("g"), sub(1, QoS::AtLeastOnce));
+        index.subscribe("job/+", Some("g"), sub(2, QoS::AtLeastOnce));
+        for _ in 0..4 {
+            assert_eq!(index.shared_member("job/+", "g", &[1]).map(|r| r.session), Some(2));
+        }
+        assert!(index.shared_member("job/+", "g", &[1, 2]).is_none(), "every member had it");
     }
 
     #[test]

@@ -215,6 +215,25 @@ impl Mailbox {
         delivery
     }
 
+    /// Takes the queued deliveries this session got as a shared-group member (to give them to
+    /// other members); the rest stay queued in order.
+    pub fn take_shared(&self) -> Vec<Delivery> {
+        let mut state = self.lock();
+        let (shared, kept): (VecDeque<_>, VecDeque<_>) = state.queue.drain(..).partition(|(_, d)| d.shared.is_some());
+        state.queue = kept;
+        if let Some(p) = &state.persist {
+            for (sequence, _) in &shared {
+                p.store.submit(StoreOp::Dequeue { client_id: p.client_id.clone(), sequence: *sequence });
+            }
+        }
+        drop(state);
+        metrics::queued(-(shared.len() as i64));
+        if !shared.is_empty() {
+            self.writable.notify_waiters();
+        }
+        shared.into_iter().map(|(_, d)| d).collect()
+    }
+
     /// Waits until something may be queued (spurious wake-ups are possible).
     pub async fn readable(&self) {
         self.readable.notified().await
@@ -313,7 +332,7 @@ mod tests {
             publisher: None,
             id: None,
         };
-        Delivery { message: Arc::new(message), qos, retain: false, subscription_ids: Vec::new() }
+        Delivery { message: Arc::new(message), qos, retain: false, subscription_ids: Vec::new(), shared: None }
     }
 
     fn with_id(mut delivery: Delivery, number: u64) -> Delivery {
@@ -349,6 +368,23 @@ mod tests {
         assert_eq!(payloads(&mailbox), [1]);
         assert!(mailbox.try_push(back).unwrap().is_queued());
         assert_eq!(payloads(&mailbox), [2]);
+    }
+
+    #[test]
+    fn shared_group_deliveries_are_taken_out_and_the_rest_keep_their_order() {
+        let mailbox = Mailbox::new(10);
+        mailbox.set_online();
+        for n in 1..=4 {
+            let mut d = delivery(QoS::AtLeastOnce, n);
+            if n % 2 == 0 {
+                let route = "$share/g/t".into();
+                d.shared = Some(Box::new(crate::broker::message::SharedDelivery { route, tried: Vec::new(), passed_on: false }));
+            }
+            mailbox.try_push(d).unwrap();
+        }
+        let taken: Vec<u8> = mailbox.take_shared().iter().map(|d| d.message.payload[0]).collect();
+        assert_eq!(taken, [2, 4]);
+        assert_eq!(payloads(&mailbox), [1, 3]);
     }
 
     fn payloads(mailbox: &Mailbox) -> Vec<u8> {

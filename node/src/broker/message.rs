@@ -56,6 +56,21 @@ pub struct Delivery {
     pub retain: bool,
     /// Subscription identifiers of every matching subscription (MQTT 5).
     pub subscription_ids: Vec<usize>,
+    /// Set when the session received it as one member of a shared group: the message goes to
+    /// another member if this one refuses it, does not acknowledge it in time, or leaves.
+    pub shared: Option<Box<SharedDelivery>>,
+}
+
+/// A delivery to one member of a shared group, and where it has been.
+#[derive(Debug, Clone)]
+pub struct SharedDelivery {
+    /// The group's route, `$share/<group>/<filter>`.
+    pub route: Arc<str>,
+    /// The members on this node that already had the message (and refused or lost it).
+    pub tried: Vec<SessionId>,
+    /// Whether the message already came from another node by redispatch (it is not passed on
+    /// between nodes a second time).
+    pub passed_on: bool,
 }
 
 /// The lower of two QoS levels.

@@ -10,6 +10,7 @@ pub mod persist;
 pub mod registry;
 pub mod remote;
 pub mod retained;
+mod shared;
 pub mod state;
 
 use std::collections::HashMap;
@@ -21,7 +22,7 @@ use tokio::sync::watch;
 
 use crate::auth::policy::Owner;
 use index::{Subscriber, SubscriptionIndex, SubscriptionOptions};
-use message::{min_qos, Delivery, Message, MessageId, Will};
+use message::{min_qos, Delivery, Message, MessageId, SharedDelivery, Will};
 use persist::{MovedMessage, MovedSession, SessionStore, StoredSession};
 use registry::Registry;
 pub use registry::{AttachError, Attached, Attachment};
@@ -85,8 +86,9 @@ enum Audience<'a> {
     /// Published here: every matching subscriber and one member of every matching shared group.
     Everyone,
     /// Forwarded from another node: the matching subscribers (if `to_subscribers`), and one
-    /// member of each of the shared groups `shared` (`$share/<group>/<filter>`).
-    Forwarded { to_subscribers: bool, shared: &'a [String] },
+    /// member of each of the shared groups `shared` (`$share/<group>/<filter>`), `redispatched`
+    /// when a node passed it on after its member there did not take it.
+    Forwarded { to_subscribers: bool, shared: &'a [String], redispatched: bool },
 }
 
 /// What routing one message did.
@@ -347,8 +349,13 @@ impl Broker {
 
     /// Gives a session back when its connection ends: it ends now (expiry zero), or stays
     /// offline — saved to the session store when durable. The will, if any, is published after
-    /// its delay unless the client reconnected meanwhile. Returns the store ticket of the save.
-    pub fn detach(&self, attachment: Attachment, session: SessionState, will: Option<Will>, now: Instant) -> Option<u64> {
+    /// its delay unless the client reconnected meanwhile. Shared-group messages the session holds
+    /// go to other members of their groups, unless another connection took the session over.
+    /// Returns the store ticket of the save.
+    pub fn detach(&self, attachment: Attachment, mut session: SessionState, will: Option<Will>, now: Instant) -> Option<u64> {
+        if !attachment.is_taken_over() {
+            self.redispatch_held(&mut session);
+        }
         if let Some(will) = will {
             self.schedule_will(will, session.expiry, &attachment);
         }
@@ -434,18 +441,21 @@ impl Broker {
     /// Routes a message forwarded from another node to the local sessions (the subscribers when
     /// `to_subscribers`, one member of each group in `shared`); it goes no further. Shared groups
     /// get only what the publishing node chose this node for, so each group receives a message
-    /// once cluster-wide. Returns the groups in `shared` without a member here (any longer).
+    /// once cluster-wide; `redispatched` when another node passed it on for its groups (it is
+    /// not passed on between nodes again). Returns the groups in `shared` without a member here
+    /// (any longer).
     pub async fn publish_forwarded(
         &self,
         message: Arc<Message>,
         retained: Option<Stamp>,
         to_subscribers: bool,
         shared: &[String],
+        redispatched: bool,
     ) -> (Published, Vec<String>) {
         if let (true, Some(stamp)) = (message.retain, retained) {
             self.inner.retained.merge(RetainedEntry { topic: message.topic.clone(), message: Some(message.clone()), stamp });
         }
-        self.route_locally(message, Audience::Forwarded { to_subscribers, shared }).await
+        self.route_locally(message, Audience::Forwarded { to_subscribers, shared, redispatched }).await
     }
 
     /// Every retained message here (and every recently cleared topic), for another node.
@@ -472,12 +482,14 @@ impl Broker {
             published.durable_ticket = published.durable_ticket.max(pushed.ticket());
         };
         let publisher = message.publisher;
+        let passed_on = matches!(audience, Audience::Forwarded { redispatched: true, .. });
         let mut deliver = |route: index::Route| {
             let delivery = Delivery {
                 message: message.clone(),
                 qos: min_qos(message.qos, route.qos),
                 retain: message.retain && route.retain_as_published,
                 subscription_ids: route.subscription_ids,
+                shared: route.shared.map(|route| Box::new(SharedDelivery { route, tried: Vec::new(), passed_on })),
             };
             match route.mailbox.try_push(delivery) {
                 Ok(pushed) => count(pushed),
@@ -489,13 +501,13 @@ impl Broker {
         let mut unserved = Vec::new();
         match audience {
             Audience::Everyone => self.inner.index.route(&message.topic, publisher, true, &mut deliver),
-            Audience::Forwarded { to_subscribers, shared } => {
+            Audience::Forwarded { to_subscribers, shared, .. } => {
                 if to_subscribers {
                     self.inner.index.route(&message.topic, publisher, false, &mut deliver);
                 }
                 for route in shared {
                     let member = match topic::parse_filter(route, topic::TopicLimits::UNLIMITED) {
-                        Ok(topic::ParsedFilter { share_group: Some(group), filter }) => self.inner.index.shared_member(filter, group),
+                        Ok(topic::ParsedFilter { share_group: Some(group), filter }) => self.inner.index.shared_member(filter, group, &[]),
                         _ => None,
                     };
                     match member {
@@ -548,6 +560,7 @@ impl Broker {
                 retain: true,
                 subscription_ids: options.subscription_id.into_iter().collect(),
                 message,
+                shared: None,
             })
             .collect()
     }
@@ -589,8 +602,10 @@ impl Broker {
 
     /// Ends offline sessions whose expiry has passed.
     pub fn expire_sessions(&self, now: Instant) {
-        for (_, session) in self.inner.registry.expire(now) {
+        for (_, mut session) in self.inner.registry.expire(now) {
             self.drop_subscriptions(&session);
+            self.redispatch_held(&mut session);
+            session.mailbox.close();
         }
     }
 

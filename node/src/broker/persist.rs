@@ -158,7 +158,13 @@ impl StoredMessage {
             publisher: None,
             id,
         };
-        Delivery { message: Arc::new(message), qos: qos(self.delivery_qos), retain: self.retain, subscription_ids: self.subscription_ids }
+        Delivery {
+            message: Arc::new(message),
+            qos: qos(self.delivery_qos),
+            retain: self.retain,
+            subscription_ids: self.subscription_ids,
+            shared: None,
+        }
     }
 }
 
@@ -464,7 +470,7 @@ mod tests {
             publisher: None,
             id: None,
         };
-        Delivery { message: Arc::new(message), qos: QoS::AtLeastOnce, retain: false, subscription_ids: vec![3] }
+        Delivery { message: Arc::new(message), qos: QoS::AtLeastOnce, retain: false, subscription_ids: vec![3], shared: None }
     }
 
     #[tokio::test]

@@ -328,7 +328,8 @@ impl Registry {
         ended
     }
 
-    /// Removes offline sessions whose expiry has passed; returns them (client id, state).
+    /// Removes offline sessions whose expiry has passed; returns them (client id, state), for the
+    /// caller to end (close their mailboxes).
     pub fn expire(&self, now: Instant) -> Vec<(Arc<str>, SessionState)> {
         let mut slots = self.slots();
         let mut ended = Vec::new();
@@ -343,7 +344,6 @@ impl Registry {
                 return true;
             }
             let session = state.session.take().expect("checked above");
-            session.mailbox.close();
             state.session = Some(self.blank(Owner::Anonymous));
             state.owner = Owner::Anonymous;
             state.started = false;

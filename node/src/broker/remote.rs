@@ -47,6 +47,11 @@ pub trait Remote: Send + Sync + 'static {
 
     /// Waits for `acks` (the cluster's PUBACK policy), bounded in time.
     fn wait_acks(&self, acks: Vec<Arc<RemoteAcks>>) -> BarrierFuture<'_>;
+
+    /// Passes a message on, once, to another node with members of the shared group `route`
+    /// (`$share/<group>/<filter>`), after no member here took it. Returns false when no other
+    /// node has members.
+    fn redispatch(&self, message: &Arc<Message>, route: &str) -> bool;
 }
 
 /// The peers that have yet to acknowledge one forwarded message (queued it for their

@@ -298,6 +298,9 @@ pub struct LimitsConfig {
     pub max_retained_replay_bytes: usize,
     /// Topic aliases the broker uses towards one client (also capped by the client's own maximum).
     pub max_outgoing_topic_aliases: u16,
+    /// How long a shared-group member may leave a message unacknowledged before another member
+    /// gets it too; 0: no limit.
+    pub shared_ack_timeout_ms: u64,
     /// Sessions (online and offline) one certificate identity or password credential may hold.
     pub max_sessions_per_identity: usize,
     /// Idle time before TCP keepalive probes start on an accepted socket; 0 turns keepalive off.
@@ -337,6 +340,7 @@ impl Default for LimitsConfig {
             max_subscriptions_per_session: 1000,
             max_retained_replay_bytes: 16 << 20,
             max_outgoing_topic_aliases: 64,
+            shared_ack_timeout_ms: 30_000,
             max_sessions_per_identity: 100,
             tcp_keepalive_secs: 60,
             tcp_keepalive_interval_secs: 10,
@@ -777,6 +781,7 @@ impl Config {
             max_subscriptions: l.max_subscriptions_per_session,
             max_retained_replay_bytes: l.max_retained_replay_bytes,
             max_outgoing_topic_aliases: l.max_outgoing_topic_aliases,
+            shared_ack_timeout: Duration::from_millis(l.shared_ack_timeout_ms),
         }
     }
 

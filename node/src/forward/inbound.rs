@@ -183,9 +183,13 @@ async fn deliver(
         let (stamp, recipients) = (forwarded.retained_stamp, forwarded.recipients.clone());
         let message = forwarded.into_message(Instant::now());
         let broker = &forwarder.broker;
-        let (published, unserved) = broker.publish_forwarded(message.clone(), stamp, recipients.subscribers, &recipients.shared).await;
-        if !unserved.is_empty() && !recipients.redispatched {
-            forwarder.redispatch(&message, unserved, peer.node_id);
+        let (published, unserved) =
+            broker.publish_forwarded(message.clone(), stamp, recipients.subscribers, &recipients.shared, recipients.redispatched).await;
+        for group in unserved.into_iter().filter(|_| !recipients.redispatched) {
+            if !forwarder.pass_on(&message, group.clone(), peer.node_id) {
+                tracing::debug!(%group, topic = %message.topic, "shared group has no member left on any node: message not delivered to it");
+                crate::telemetry::metrics::dropped(crate::telemetry::metrics::DropReason::SharedGroupGone);
+            }
         }
         if let Some(ticket) = published.durable_ticket {
             forwarder.broker.wait_durable(ticket).await;

@@ -216,23 +216,21 @@ impl Forwarder {
         pool[turn % pool.len()]
     }
 
-    /// Passes a forwarded message on to another node with members of the shared groups that
-    /// have none here any longer (once: a redispatched message is not passed on again).
-    fn redispatch(&self, message: &Arc<Message>, groups: Vec<String>, origin: u64) {
+    /// Passes a message on to another node (not `origin`) with members of the shared group
+    /// `group`, which has none here (any longer) or none that took it; once: a message passed on
+    /// is not passed on again. Returns false when no other node has members.
+    fn pass_on(&self, message: &Arc<Message>, group: String, origin: u64) -> bool {
         let peers = self.peers.read().unwrap_or_else(|p| p.into_inner());
-        for group in groups {
-            let candidates =
-                peers.values().filter(|p| p.node_id != origin && p.routes.read().unwrap_or_else(|e| e.into_inner()).has_group(&group));
-            let candidates: Vec<&Arc<Peer>> = candidates.collect();
-            if candidates.is_empty() {
-                tracing::debug!(%group, topic = %message.topic, "shared group has no member left on any node: message not delivered to it");
-                crate::telemetry::metrics::dropped(crate::telemetry::metrics::DropReason::SharedGroupGone);
-                continue;
-            }
-            let chosen = self.pick(candidates.iter().map(|p| (*p, p.as_ref())));
-            let recipients = Recipients { subscribers: false, shared: vec![group], redispatched: true };
-            chosen.queue.push(Outgoing { message: message.clone(), retained: None, recipients, acks: None });
+        let candidates =
+            peers.values().filter(|p| p.node_id != origin && p.routes.read().unwrap_or_else(|e| e.into_inner()).has_group(&group));
+        let candidates: Vec<&Arc<Peer>> = candidates.collect();
+        if candidates.is_empty() {
+            return false;
         }
+        let chosen = self.pick(candidates.iter().map(|p| (*p, p.as_ref())));
+        let recipients = Recipients { subscribers: false, shared: vec![group], redispatched: true };
+        chosen.queue.push(Outgoing { message: message.clone(), retained: None, recipients, acks: None });
+        true
     }
 
     /// How long an old node collects messages for a moved session before it gives up on the
@@ -382,6 +380,10 @@ impl Remote for Forwarder {
             peer.queue.push(Outgoing { message: message.clone(), retained, recipients, acks });
         }
         acks
+    }
+
+    fn redispatch(&self, message: &Arc<Message>, route: &str) -> bool {
+        self.pass_on(message, route.to_string(), self.node_id)
     }
 
     fn wait_acks(&self, acks: Vec<Arc<RemoteAcks>>) -> BarrierFuture<'_> {

@@ -474,6 +474,7 @@ async fn run_actions(session: &mut Session, broker: &Broker, auths: &mut Vec<Aut
                 broker.unsubscribe(session.state_mut(), &filter);
             }
             Action::Authenticate(auth) => auths.push(auth),
+            Action::Redispatch { delivery, reason } => broker.redispatch(delivery, session.state_mut().id, reason),
         }
     }
     if let Some(ticket) = durable_ticket {

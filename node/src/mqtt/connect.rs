@@ -102,6 +102,9 @@ pub struct SessionLimits {
     pub max_retained_replay_bytes: usize,
     /// Topic aliases the broker uses towards a client (also capped by the client's maximum).
     pub max_outgoing_topic_aliases: u16,
+    /// How long a shared-group message may stay unacknowledged before another member gets it
+    /// too; zero: no limit.
+    pub shared_ack_timeout: Duration,
 }
 
 impl Default for SessionLimits {
@@ -118,6 +121,7 @@ impl Default for SessionLimits {
             max_subscriptions: 1000,
             max_retained_replay_bytes: 16 << 20,
             max_outgoing_topic_aliases: 64,
+            shared_ack_timeout: Duration::from_secs(30),
         }
     }
 }

@@ -22,7 +22,7 @@ use crate::broker::index::SubscriptionOptions;
 use crate::broker::message::Will;
 use crate::broker::message::{Delivery, Message};
 use crate::broker::{Inflight, SessionState};
-use crate::telemetry::metrics::{self, DropReason};
+use crate::telemetry::metrics::{self, DropReason, RedispatchReason};
 use crate::topic;
 
 /// Shortest time between two log lines about a client's unauthorized PUBLISHes.
@@ -49,6 +49,9 @@ pub enum Action {
     /// An AUTH packet of the connection's authentication method (re-authentication), for the
     /// driver to answer with [`Session::send_auth`] or end the session.
     Authenticate(Auth),
+    /// Give a message this session got as a shared-group member to another member: the client
+    /// refused it, or did not acknowledge it within `shared_ack_timeout`.
+    Redispatch { delivery: Delivery, reason: RedispatchReason },
 }
 
 /// Why the connection ends.
@@ -77,6 +80,8 @@ pub struct Session {
     incoming_aliases: HashMap<u16, String>,
     next_packet_id: u16,
     send_sequence: u64,
+    /// Shared-group messages in flight, oldest first: when sent, packet id, send sequence.
+    shared_unacked: VecDeque<(Instant, u16, u64)>,
     /// Messages queued by the session itself (retained messages after SUBSCRIBE), sent before the mailbox.
     pending: VecDeque<Delivery>,
     will: Option<Will>,
@@ -119,6 +124,7 @@ impl Session {
             incoming_aliases: HashMap::new(),
             next_packet_id: 0,
             send_sequence: 0,
+            shared_unacked: VecDeque::new(),
             pending: VecDeque::new(),
             will: request.will.clone().filter(|w| {
                 let allowed = acl.may_publish(&w.topic);
@@ -218,15 +224,32 @@ impl Session {
         self.close.is_none() && self.state.inflight.len() < self.send_window
     }
 
-    /// When [`Session::tick`] must run next (keep alive).
+    /// When [`Session::tick`] must run next (keep alive, shared-group acknowledgement timeout).
     pub fn deadline(&self) -> Option<Instant> {
-        (!self.keep_alive.is_zero()).then(|| self.last_received + self.keep_alive.mul_f32(1.5))
+        let keep_alive = (!self.keep_alive.is_zero()).then(|| self.last_received + self.keep_alive.mul_f32(1.5));
+        let shared = self.shared_unacked.front().map(|(sent, _, _)| *sent + self.limits.shared_ack_timeout);
+        keep_alive.into_iter().chain(shared).min()
     }
 
-    /// Enforces the keep alive: 1.5 times the interval without a packet closes the connection.
+    /// Enforces the keep alive (1.5 times the interval without a packet closes the connection)
+    /// and hands shared-group messages unacknowledged for `shared_ack_timeout` to another member
+    /// (the copy in flight here stays: the client may still acknowledge it).
     pub fn tick(&mut self, now: Instant) {
-        if self.deadline().is_some_and(|d| now >= d) {
+        if !self.keep_alive.is_zero() && now >= self.last_received + self.keep_alive.mul_f32(1.5) {
             self.fail(Reason::KeepAliveTimeout, format!("no packet within 1.5 x keep alive ({:?})", self.keep_alive));
+        }
+        while let Some(&(sent, pkid, sequence)) = self.shared_unacked.front() {
+            if now < sent + self.limits.shared_ack_timeout {
+                break;
+            }
+            self.shared_unacked.pop_front();
+            if let Some((seq, Inflight::Publish(delivery))) = self.state.inflight.get_mut(&pkid) {
+                if *seq == sequence {
+                    let shared = delivery.shared.take();
+                    let delivery = Delivery { shared, ..delivery.clone() };
+                    self.actions.push_back(Action::Redispatch { delivery, reason: RedispatchReason::AckTimeout });
+                }
+            }
         }
     }
 
@@ -280,7 +303,7 @@ impl Session {
     fn handle_packet(&mut self, packet: Packet, now: Instant) {
         match packet {
             Packet::Publish(publish) => self.on_publish(publish, now),
-            Packet::PubAck(ack) => self.on_puback(ack.pkid),
+            Packet::PubAck(ack) => self.on_puback(ack.pkid, ack.reason as u8),
             Packet::PubRec(rec) => self.on_pubrec(rec),
             Packet::PubRel(rel) => self.on_pubrel(rel.pkid),
             Packet::PubComp(comp) => self.on_pubcomp(comp.pkid),
@@ -425,10 +448,21 @@ impl Session {
         self.problem_information.then(|| detail.to_string())
     }
 
-    fn on_puback(&mut self, pkid: u16) {
+    fn on_puback(&mut self, pkid: u16, reason: u8) {
         if let Some((_, Inflight::Publish(d))) = self.state.inflight.get(&pkid) {
             if d.qos == QoS::AtLeastOnce {
-                self.state.inflight.remove(&pkid);
+                self.acknowledged(pkid, reason >= 0x80);
+            }
+        }
+    }
+
+    /// The client acknowledged (or, `refused`, rejected with an MQTT 5 reason code of 0x80 or
+    /// more) the message in flight under `pkid`: it is done here; a refused shared-group message
+    /// goes to another member.
+    fn acknowledged(&mut self, pkid: u16, refused: bool) {
+        if let Some((_, Inflight::Publish(delivery))) = self.state.inflight.remove(&pkid) {
+            if refused && delivery.shared.is_some() {
+                self.actions.push_back(Action::Redispatch { delivery, reason: RedispatchReason::Refused });
             }
         }
     }
@@ -437,7 +471,7 @@ impl Session {
         let known = matches!(self.state.inflight.get(&rec.pkid), Some((_, Inflight::Publish(d))) if d.qos == QoS::ExactlyOnce);
         let failed = (rec.reason as u8) >= 0x80;
         if known && failed {
-            self.state.inflight.remove(&rec.pkid);
+            self.acknowledged(rec.pkid, true);
             return;
         }
         let mut rel = v5::PubRel::new(rec.pkid);
@@ -575,6 +609,9 @@ impl Session {
         };
         if self.send_publish(&delivery, pkid, false, now) && pkid != 0 {
             self.send_sequence += 1;
+            if delivery.shared.is_some() && !self.limits.shared_ack_timeout.is_zero() {
+                self.shared_unacked.push_back((now, pkid, self.send_sequence));
+            }
             self.state.inflight.insert(pkid, (self.send_sequence, Inflight::Publish(delivery)));
         }
     }
@@ -656,6 +693,8 @@ impl Session {
                         self.state.inflight.remove(&pkid);
                     } else if !self.send_publish(&delivery, pkid, true, now) {
                         self.state.inflight.remove(&pkid);
+                    } else if delivery.shared.is_some() && !self.limits.shared_ack_timeout.is_zero() {
+                        self.shared_unacked.push_back((now, pkid, seq));
                     }
                 }
                 Inflight::Released => self.send(Packet::PubRel(v5::PubRel::new(pkid))),
@@ -765,6 +804,7 @@ pub fn packet_name(packet: &Packet) -> &'static str {
 mod tests {
     use super::*;
     use crate::auth::policy::Owner;
+    use crate::broker::message::SharedDelivery;
     use crate::mqtt::connect;
     use bytes::Bytes;
     use std::sync::Arc;
@@ -867,6 +907,7 @@ mod tests {
             qos,
             retain: false,
             subscription_ids: Vec::new(),
+            shared: None,
         }
     }
 
@@ -1080,6 +1121,53 @@ mod tests {
         let Packet::Publish(first) = &sent[0] else { panic!("{sent:?}") };
         feed(&mut s, ProtocolVersion::V5, &[Packet::PubAck(v5::PubAck::new(first.pkid))]);
         assert!(s.can_send());
+    }
+
+    fn shared(topic: &str, qos: QoS) -> Delivery {
+        let route = "$share/g/t".into();
+        Delivery { shared: Some(Box::new(SharedDelivery { route, tried: Vec::new(), passed_on: false })), ..delivery(topic, qos) }
+    }
+
+    fn sent_pkids(s: &mut Session) -> Vec<u16> {
+        read(s, ProtocolVersion::V5).into_iter().filter_map(|p| if let Packet::Publish(p) = p { Some(p.pkid) } else { None }).collect()
+    }
+
+    #[test]
+    fn a_refused_shared_group_message_is_handed_back_and_a_refused_plain_one_is_not() {
+        let mut s = start(ProtocolVersion::V5, None);
+        s.deliver(shared("t", QoS::AtLeastOnce), Instant::now());
+        s.deliver(delivery("t", QoS::AtLeastOnce), Instant::now());
+        s.deliver(shared("t", QoS::ExactlyOnce), Instant::now());
+        let pkids = sent_pkids(&mut s);
+        let nack = |pkid| v5::PubAck { pkid, reason: v5::PubAckReason::NotAuthorized, properties: None };
+        let rec = v5::PubRec { pkid: pkids[2], reason: v5::PubRecReason::QuotaExceeded, properties: None };
+        feed(&mut s, ProtocolVersion::V5, &[Packet::PubAck(nack(pkids[0])), Packet::PubAck(nack(pkids[1])), Packet::PubRec(rec)]);
+        let handed_back: Vec<(QoS, RedispatchReason)> = (actions(&mut s).into_iter())
+            .map(|a| match a {
+                Action::Redispatch { delivery, reason } => (delivery.qos, reason),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(handed_back, [(QoS::AtLeastOnce, RedispatchReason::Refused), (QoS::ExactlyOnce, RedispatchReason::Refused)]);
+        assert!(s.state_mut().inflight.is_empty(), "refused messages are done here");
+    }
+
+    #[test]
+    fn a_shared_group_message_unacknowledged_past_the_timeout_is_handed_back_once() {
+        let mut s = start(ProtocolVersion::V5, None);
+        let timeout = Duration::from_secs(2);
+        s.limits.shared_ack_timeout = timeout;
+        let now = Instant::now();
+        s.deliver(shared("t", QoS::AtLeastOnce), now);
+        s.deliver(delivery("t", QoS::AtLeastOnce), now);
+        sent_pkids(&mut s);
+        assert_eq!(s.deadline(), Some(now + timeout), "the timeout comes before the keep alive");
+        s.tick(now + timeout);
+        assert!(matches!(actions(&mut s).as_slice(), [Action::Redispatch { reason: RedispatchReason::AckTimeout, .. }]));
+        assert_eq!(s.state_mut().inflight.len(), 2, "the copies in flight stay: the client may still acknowledge them");
+        s.tick(now + timeout * 2);
+        assert!(actions(&mut s).is_empty(), "handed back once");
+        assert!(s.close_reason().is_none());
     }
 
     #[test]

@@ -32,6 +32,9 @@ pub enum DropReason {
     RetainedReplayLimit,
     /// Forwarded for a shared group that had no member left on any node.
     SharedGroupGone,
+    /// A shared-group message that every member it could still reach refused, left unacknowledged
+    /// or left with.
+    SharedGroupExhausted,
     /// Queued for a session that moved to another node which never collected it (the move was
     /// not completed in time).
     MoveAbandoned,
@@ -41,7 +44,7 @@ pub enum DropReason {
 
 impl DropReason {
     /// Every reason, in declaration order (so `reason as usize` indexes it).
-    const ALL: [DropReason; 13] = [
+    const ALL: [DropReason; 14] = [
         DropReason::SlowSubscriberQos0,
         DropReason::SlowSubscriberTimeout,
         DropReason::OfflineQos0,
@@ -53,6 +56,7 @@ impl DropReason {
         DropReason::ReadNotAuthorized,
         DropReason::RetainedReplayLimit,
         DropReason::SharedGroupGone,
+        DropReason::SharedGroupExhausted,
         DropReason::MoveAbandoned,
         DropReason::MoveDuplicate,
     ];
@@ -70,6 +74,7 @@ impl DropReason {
             DropReason::ReadNotAuthorized => "read_not_authorized",
             DropReason::RetainedReplayLimit => "retained_replay_limit",
             DropReason::SharedGroupGone => "shared_group_gone",
+            DropReason::SharedGroupExhausted => "shared_group_exhausted",
             DropReason::MoveAbandoned => "move_abandoned",
             DropReason::MoveDuplicate => "move_duplicate",
         }
@@ -83,6 +88,18 @@ pub enum RetainedLimit {
     Messages,
     /// `limits.max_retained_bytes`.
     Bytes,
+}
+
+/// Why a shared-group message went to another member of its group
+/// (`rampart_shared_redispatched_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedispatchReason {
+    /// The member refused it (MQTT 5 PUBACK / PUBREC reason code 0x80 or more).
+    Refused,
+    /// The member did not acknowledge it within `limits.shared_ack_timeout_ms`.
+    AckTimeout,
+    /// The member's connection ended (or its offline session expired) while it held the message.
+    MemberLeft,
 }
 
 /// A per-client bound that refused something (`rampart_client_limit_refusals_total`).
@@ -111,6 +128,7 @@ struct Metrics {
     client_limit_refusals: [AtomicU64; 2],
     suback_barrier_timeouts: AtomicU64,
     puback_cluster_timeouts: AtomicU64,
+    shared_redispatched: [AtomicU64; 3],
 }
 
 static METRICS: Metrics = Metrics {
@@ -130,7 +148,13 @@ static METRICS: Metrics = Metrics {
     client_limit_refusals: [const { AtomicU64::new(0) }; 2],
     suback_barrier_timeouts: AtomicU64::new(0),
     puback_cluster_timeouts: AtomicU64::new(0),
+    shared_redispatched: [const { AtomicU64::new(0) }; 3],
 };
+
+/// A shared-group message went to another member.
+pub fn shared_redispatched(reason: RedispatchReason) {
+    METRICS.shared_redispatched[reason as usize].fetch_add(1, Ordering::Relaxed);
+}
 
 /// A PUBACK went out before every peer acknowledged the message (`puback = "cluster"`).
 pub fn puback_cluster_timed_out() {
@@ -308,6 +332,16 @@ pub fn render(gauges: Gauges) -> String {
         "counter",
         "PUBACK/PUBREC sent before every peer acknowledged the message (puback = \"cluster\").",
         &[("", load(&METRICS.puback_cluster_timeouts))],
+    );
+    metric(
+        "rampart_shared_redispatched_total",
+        "counter",
+        "Shared-group messages given to another member of the group, by reason.",
+        &[
+            ("{reason=\"refused\"}", load(&METRICS.shared_redispatched[RedispatchReason::Refused as usize])),
+            ("{reason=\"ack_timeout\"}", load(&METRICS.shared_redispatched[RedispatchReason::AckTimeout as usize])),
+            ("{reason=\"member_left\"}", load(&METRICS.shared_redispatched[RedispatchReason::MemberLeft as usize])),
+        ],
     );
     metric(
         "rampart_client_limit_refusals_total",

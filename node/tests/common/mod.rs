@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod mosquitto;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -274,18 +276,32 @@ impl Raw {
 
     /// The next packet, or `None` when the broker closed the connection.
     pub fn recv(&mut self) -> Option<rampart_node::mqtt::codec::Packet> {
+        self.next_packet().unwrap_or_else(|e| panic!("read failed: {e}"))
+    }
+
+    /// The next packet if one comes within the socket's read timeout (5 s); `None` when none
+    /// came (the connection stays usable) or the broker closed the connection.
+    pub fn recv_if_any(&mut self) -> Option<rampart_node::mqtt::codec::Packet> {
+        match self.next_packet() {
+            Ok(packet) => packet,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => None,
+            Err(e) => panic!("read failed: {e}"),
+        }
+    }
+
+    fn next_packet(&mut self) -> std::io::Result<Option<rampart_node::mqtt::codec::Packet>> {
         use std::io::Read;
         loop {
             let decoded = rampart_node::mqtt::codec::decode(self.version, &mut self.input, usize::MAX);
             if let Some(packet) = decoded.expect("broker sent a valid packet") {
-                return Some(packet);
+                return Ok(Some(packet));
             }
             let mut chunk = [0u8; 4096];
             match self.stream.read(&mut chunk) {
-                Ok(0) => return None,
+                Ok(0) => return Ok(None),
                 Ok(n) => self.input.extend_from_slice(&chunk[..n]),
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::UnexpectedEof) => return None,
-                Err(e) => panic!("read failed: {e}"),
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::UnexpectedEof) => return Ok(None),
+                Err(e) => return Err(e),
             }
         }
     }
