@@ -280,10 +280,18 @@ pub fn render(gauges: Gauges) -> String {
         "Connections refused before or at CONNECT.",
         &[("", load(&METRICS.connections_refused))],
     );
+    // Counters indexed by an enum, with their labels in the order of its variants.
+    let labelled = |labels: &[&'static str], counters: &[AtomicU64]| -> Vec<(&'static str, i64)> {
+        labels.iter().zip(counters).map(|(l, c)| (*l, load(c))).collect()
+    };
     let qos_labels = ["{qos=\"0\"}", "{qos=\"1\"}", "{qos=\"2\"}"];
-    let by_qos = |counters: &[AtomicU64; 3]| -> Vec<(&str, i64)> { qos_labels.iter().zip(counters).map(|(l, c)| (*l, load(c))).collect() };
-    metric("rampart_messages_received_total", "counter", "PUBLISH packets received from clients.", &by_qos(&METRICS.messages_in));
-    metric("rampart_messages_sent_total", "counter", "PUBLISH packets sent to clients.", &by_qos(&METRICS.messages_out));
+    metric(
+        "rampart_messages_received_total",
+        "counter",
+        "PUBLISH packets received from clients.",
+        &labelled(&qos_labels, &METRICS.messages_in),
+    );
+    metric("rampart_messages_sent_total", "counter", "PUBLISH packets sent to clients.", &labelled(&qos_labels, &METRICS.messages_out));
     let drop_labels: Vec<String> = DropReason::ALL.iter().map(|r| format!("{{reason=\"{}\"}}", r.label())).collect();
     let drops: Vec<(&str, i64)> = drop_labels.iter().zip(&METRICS.dropped).map(|(l, c)| (l.as_str(), load(c))).collect();
     metric("rampart_messages_dropped_total", "counter", "Messages not delivered, by reason.", &drops);
@@ -337,29 +345,19 @@ pub fn render(gauges: Gauges) -> String {
         "rampart_shared_redispatched_total",
         "counter",
         "Shared-group messages given to another member of the group, by reason.",
-        &[
-            ("{reason=\"refused\"}", load(&METRICS.shared_redispatched[RedispatchReason::Refused as usize])),
-            ("{reason=\"ack_timeout\"}", load(&METRICS.shared_redispatched[RedispatchReason::AckTimeout as usize])),
-            ("{reason=\"member_left\"}", load(&METRICS.shared_redispatched[RedispatchReason::MemberLeft as usize])),
-        ],
+        &labelled(&["{reason=\"refused\"}", "{reason=\"ack_timeout\"}", "{reason=\"member_left\"}"], &METRICS.shared_redispatched),
     );
     metric(
         "rampart_client_limit_refusals_total",
         "counter",
         "Subscriptions and sessions refused by a per-client bound, by limit.",
-        &[
-            ("{limit=\"subscriptions_per_session\"}", load(&METRICS.client_limit_refusals[ClientLimit::Subscriptions as usize])),
-            ("{limit=\"sessions_per_identity\"}", load(&METRICS.client_limit_refusals[ClientLimit::SessionsPerIdentity as usize])),
-        ],
+        &labelled(&["{limit=\"subscriptions_per_session\"}", "{limit=\"sessions_per_identity\"}"], &METRICS.client_limit_refusals),
     );
     metric(
         "rampart_retained_refused_total",
         "counter",
         "Retained messages for a new topic not stored because a retained store limit was reached, by limit.",
-        &[
-            ("{limit=\"messages\"}", load(&METRICS.retained_refused[RetainedLimit::Messages as usize])),
-            ("{limit=\"bytes\"}", load(&METRICS.retained_refused[RetainedLimit::Bytes as usize])),
-        ],
+        &labelled(&["{limit=\"messages\"}", "{limit=\"bytes\"}"], &METRICS.retained_refused),
     );
     metric(
         "rampart_password_checks_in_progress",
