@@ -200,11 +200,34 @@ pub enum FrameError {
     Decode(String),
 }
 
-/// Appends `frame`, length-prefixed, to `out`.
+/// Appends `frame`, length-prefixed, to `out` (serialized in place, without a copy).
 pub fn encode<T: Serialize>(frame: &T, out: &mut BytesMut) {
-    let body = postcard::to_allocvec(frame).expect("frames always encode");
-    out.put_u32(body.len() as u32);
-    out.extend_from_slice(&body);
+    let start = out.len();
+    out.put_u32(0);
+    postcard::serialize_with_flavor(frame, Appending(out)).expect("frames always encode");
+    let len = (out.len() - start - 4) as u32;
+    out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+/// postcard's output appended to a buffer.
+struct Appending<'a>(&'a mut BytesMut);
+
+impl postcard::ser_flavors::Flavor for Appending<'_> {
+    type Output = ();
+
+    fn try_push(&mut self, byte: u8) -> postcard::Result<()> {
+        self.0.put_u8(byte);
+        Ok(())
+    }
+
+    fn try_extend(&mut self, bytes: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
+    }
 }
 
 /// Takes one complete frame off the front of `input`, if there is one.

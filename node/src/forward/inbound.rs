@@ -4,7 +4,7 @@
 //! repeats — acknowledging it once it is queued for every local subscriber (and on disk for
 //! durable ones).
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -137,7 +137,8 @@ async fn read_control(
     }
 }
 
-/// Routes the messages of one publish stream to the local sessions, in order.
+/// Routes the messages of one publish stream to the local sessions, in order; after each read,
+/// acknowledges (cumulatively) the QoS 1/2 messages it brought, once they are all queued.
 async fn deliver_stream(
     forwarder: &Forwarder,
     peer: &Peer,
@@ -146,14 +147,29 @@ async fn deliver_stream(
     replies: mpsc::UnboundedSender<Reply>,
 ) -> Result<(), String> {
     let mut input = BytesMut::new();
-    let mut header = None;
+    // The stream's index and the highest sequence delivered on it, once its header is read.
+    let mut header: Option<(u8, Arc<AtomicU64>)> = None;
     loop {
         if header.is_none() {
-            header = frame::decode::<StreamHeader>(&mut input).map_err(|e| e.to_string())?;
+            header = frame::decode::<StreamHeader>(&mut input).map_err(|e| e.to_string())?.map(|h| {
+                let mut delivered = peer.delivered.lock().unwrap_or_else(|p| p.into_inner());
+                (h.stream, delivered.entry((incarnation, h.stream)).or_default().clone())
+            });
         }
-        if let Some(StreamHeader { stream: index }) = header {
+        if let Some((index, delivered)) = &header {
+            let mut acknowledge = None;
             while let Some(forwarded) = frame::decode::<Forwarded>(&mut input).map_err(|e| e.to_string())? {
-                deliver(forwarder, peer, incarnation, index, forwarded, &replies).await;
+                let sequence = forwarded.sequence;
+                if forwarded.qos() != mqttbytes::QoS::AtMostOnce {
+                    acknowledge = Some(sequence);
+                }
+                // A replay repeats what was delivered before the link broke: skipped, acknowledged.
+                if delivered.fetch_max(sequence, Ordering::Relaxed) < sequence {
+                    deliver(forwarder, peer, forwarded).await;
+                }
+            }
+            if let Some(sequence) = acknowledge {
+                let _ = replies.send(Reply::Ack(Ack { stream: *index, sequence }));
             }
         }
         if stream.read_buf(&mut input).await.map_err(|e| e.to_string())? == 0 {
@@ -162,51 +178,42 @@ async fn deliver_stream(
     }
 }
 
-async fn deliver(
-    forwarder: &Forwarder,
-    peer: &Peer,
-    incarnation: u64,
-    stream: u8,
-    forwarded: Forwarded,
-    replies: &mpsc::UnboundedSender<Reply>,
-) {
-    let sequence = forwarded.sequence;
-    let repeated = {
-        let mut delivered = peer.delivered.lock().unwrap_or_else(|p| p.into_inner());
-        let last = delivered.entry((incarnation, stream)).or_default();
-        let repeated = sequence <= *last;
-        *last = (*last).max(sequence);
-        repeated
-    };
-    let acknowledged = forwarded.qos() != mqttbytes::QoS::AtMostOnce;
-    if !repeated {
-        let (stamp, recipients) = (forwarded.retained_stamp, forwarded.recipients.clone());
-        let message = forwarded.into_message(Instant::now());
-        let broker = &forwarder.broker;
-        let (published, unserved) =
-            broker.publish_forwarded(message.clone(), stamp, recipients.subscribers, &recipients.shared, recipients.redispatched).await;
-        for group in unserved.into_iter().filter(|_| !recipients.redispatched) {
-            if !forwarder.pass_on(&message, group.clone(), peer.node_id) {
-                tracing::debug!(%group, topic = %message.topic, "shared group has no member left on any node: message not delivered to it");
-                crate::telemetry::metrics::dropped(crate::telemetry::metrics::DropReason::SharedGroupGone);
-            }
-        }
-        if let Some(ticket) = published.durable_ticket {
-            forwarder.broker.wait_durable(ticket).await;
+/// Routes one forwarded message (not seen before) to the local sessions, waiting until it is
+/// queued for each (and on disk for durable ones).
+async fn deliver(forwarder: &Forwarder, peer: &Peer, forwarded: Forwarded) {
+    let (stamp, recipients) = (forwarded.retained_stamp, forwarded.recipients.clone());
+    let message = forwarded.into_message(Instant::now());
+    let broker = &forwarder.broker;
+    let (published, unserved) =
+        broker.publish_forwarded(message.clone(), stamp, recipients.subscribers, &recipients.shared, recipients.redispatched).await;
+    for group in unserved.into_iter().filter(|_| !recipients.redispatched) {
+        if !forwarder.pass_on(&message, group.clone(), peer.node_id) {
+            tracing::debug!(%group, topic = %message.topic, "shared group has no member left on any node: message not delivered to it");
+            crate::telemetry::metrics::dropped(crate::telemetry::metrics::DropReason::SharedGroupGone);
         }
     }
-    if acknowledged {
-        let _ = replies.send(Reply::Ack(Ack { stream, sequence }));
+    if let Some(ticket) = published.durable_ticket {
+        broker.wait_durable(ticket).await;
     }
 }
 
-/// Writes acknowledgements and claim answers, together with those already waiting.
+/// Writes acknowledgements and claim answers, together with those already waiting. Acks are
+/// cumulative, so of those waiting only the last of each publish stream is sent.
 async fn write_replies(mut stream: quinn::SendStream, mut replies: mpsc::UnboundedReceiver<Reply>) {
     let mut out = BytesMut::new();
+    let mut acks: Vec<Ack> = Vec::new();
     while let Some(first) = replies.recv().await {
-        frame::encode(&first, &mut out);
-        while let Ok(more) = replies.try_recv() {
-            frame::encode(&more, &mut out);
+        for reply in std::iter::once(first).chain(std::iter::from_fn(|| replies.try_recv().ok())) {
+            match reply {
+                Reply::Ack(ack) => match acks.iter_mut().find(|a| a.stream == ack.stream) {
+                    Some(last) => last.sequence = last.sequence.max(ack.sequence),
+                    None => acks.push(ack),
+                },
+                other => frame::encode(&other, &mut out),
+            }
+        }
+        for ack in acks.drain(..) {
+            frame::encode(&Reply::Ack(ack), &mut out);
         }
         if stream.write_all(&out).await.is_err() {
             return;

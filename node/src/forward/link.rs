@@ -24,6 +24,10 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Messages sent per wake-up before acknowledgements and route changes get a turn.
 const BATCH: usize = 256;
 
+/// Room a message's frame needs beside its topic and payload (length, sequence, flags, ids),
+/// so it is encoded without growing its buffer (properties, when present, may still grow it).
+const FRAME_OVERHEAD: usize = 64;
+
 /// Retained messages per frame of the retained snapshot sent after a connect.
 const RETAINED_CHUNK: usize = 1000;
 
@@ -60,8 +64,9 @@ impl Outbox {
         dropped: &mut bool,
     ) -> Bytes {
         self.sequences[stream] += 1;
-        let mut out = BytesMut::new();
-        frame::encode(&forwarded(self.sequences[stream]), &mut out);
+        let forwarded = forwarded(self.sequences[stream]);
+        let mut out = BytesMut::with_capacity(FRAME_OVERHEAD + forwarded.topic.len() + forwarded.payload.len());
+        frame::encode(&forwarded, &mut out);
         let bytes = out.freeze();
         if qos != QoS::AtMostOnce {
             if self.len() >= self.capacity {

@@ -88,8 +88,9 @@ pub struct Peer {
     routes_applied: watch::Sender<u64>,
     /// Its process incarnation, as announced; a new one resets what we know of it.
     incarnation: AtomicU64,
-    /// The highest sequence delivered here per (incarnation, stream), for de-duplication.
-    delivered: Mutex<HashMap<(u64, u8), u64>>,
+    /// The highest sequence delivered here per (incarnation, stream), for de-duplication; shared
+    /// with the task reading that stream (one at a time, but an old one may linger briefly).
+    delivered: Mutex<HashMap<(u64, u8), Arc<AtomicU64>>>,
     /// Whether our link to it is connected.
     up: AtomicBool,
     /// Messages sent on our link to it.
