@@ -37,8 +37,14 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
-    /// This node's id: unique in the cluster, never reused after a node's data is lost.
+    /// This node's id: unique in the cluster, never reused after a node's data is lost. 0 in
+    /// the file means unset: then `node_id_from_hostname` must give it.
+    #[serde(default)]
     pub node_id: u64,
+    /// Take `node_id` from the host name's trailing `-<ordinal>`, plus 1 (`rampart-0` → 1), so
+    /// the pods of a Kubernetes StatefulSet can share one config file.
+    #[serde(default)]
+    pub node_id_from_hostname: bool,
     /// Address of the cluster gRPC port (Raft and node-to-node calls).
     #[serde(default = "default_cluster_bind")]
     pub bind: SocketAddr,
@@ -515,6 +521,30 @@ fn apply_override(table: &mut toml::Table, path: &str, value: &str) -> Result<()
     Ok(())
 }
 
+/// The node id for `cluster.node_id_from_hostname`: the trailing `-<ordinal>` of the host name's
+/// first label, plus 1 (`rampart-0` and `rampart-0.rampart-headless` → 1, `rampart-2` → 3).
+pub fn node_id_from_hostname(hostname: &str) -> Result<u64, String> {
+    let label = hostname.split('.').next().unwrap_or_default();
+    label
+        .rsplit_once('-')
+        .map(|(_, ordinal)| ordinal)
+        .filter(|ordinal| !ordinal.is_empty() && ordinal.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|ordinal| ordinal.parse::<u64>().ok())
+        .and_then(|ordinal| ordinal.checked_add(1))
+        .ok_or_else(|| format!("host name {hostname:?} does not end in -<ordinal> (such as rampart-0, which gives node id 1)"))
+}
+
+/// This machine's host name (gethostname(2)).
+fn system_hostname() -> std::io::Result<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: the pointer and length describe `buf`, which gethostname writes at most `len` bytes into.
+    if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let len = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8(buf[..len].to_vec()).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
 /// A configuration problem: the file, the key and what is wrong.
 #[derive(Debug, thiserror::Error)]
 #[error("{file}: {key}: {reason}")]
@@ -547,6 +577,18 @@ impl Config {
         base: &Path,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
+        Config::parse_with_env_and_hostname(text, file, base, env, system_hostname)
+    }
+
+    /// [`Config::parse_with_env`] with the host name (read only for
+    /// `cluster.node_id_from_hostname = true`) given explicitly.
+    pub fn parse_with_env_and_hostname(
+        text: &str,
+        file: &str,
+        base: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+        hostname: impl FnOnce() -> std::io::Result<String>,
+    ) -> Result<Config, ConfigError> {
         let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError {
             file: file.into(),
             key: "(syntax)".into(),
@@ -566,6 +608,14 @@ impl Config {
             let reason = e.into_inner().message().to_string();
             ConfigError { file: file.into(), key: if key == "." { "(top level)".into() } else { key }, reason }
         })?;
+        if let Some(cluster) = config.cluster.as_mut().filter(|c| c.node_id_from_hostname) {
+            let err = |key: &str, reason: String| ConfigError { file: file.into(), key: key.into(), reason };
+            if cluster.node_id != 0 {
+                return Err(err("cluster.node_id", "set either cluster.node_id or cluster.node_id_from_hostname = true, not both".into()));
+            }
+            let name = hostname().map_err(|e| err("cluster.node_id_from_hostname", format!("cannot read the host name: {e}")))?;
+            cluster.node_id = node_id_from_hostname(&name).map_err(|reason| err("cluster.node_id_from_hostname", reason))?;
+        }
         if config.node.data_dir.is_relative() {
             config.node.data_dir = base.join(&config.node.data_dir);
         }
@@ -612,7 +662,7 @@ impl Config {
             }
         }
         if c.node_id == 0 {
-            return err("cluster.node_id", "must be at least 1".into());
+            return err("cluster.node_id", "required, at least 1 (or set cluster.node_id_from_hostname = true)".into());
         }
         let mut ids = std::collections::HashSet::new();
         for (i, m) in c.members.iter().enumerate() {
@@ -918,6 +968,58 @@ mod tests {
         assert_eq!(config.limits.password_checks_per_source_per_minute, 0);
         let settings = parse("[limits]\nmax_retained_messages = 5\nmax_retained_bytes = 100\n", &[]).unwrap().broker_settings();
         assert_eq!(settings.retained, RetainedLimits { max_messages: 5, max_bytes: 100 });
+    }
+
+    #[test]
+    fn node_id_from_hostname_takes_the_ordinal_plus_one() {
+        for (name, id) in [("rampart-0", 1), ("rampart-2", 3), ("rampart-12.rampart-headless.mqtt.svc", 13), ("my-broker-7", 8)] {
+            assert_eq!(node_id_from_hostname(name), Ok(id), "{name}");
+        }
+        for name in ["rampart", "rampart-", "rampart-x", "rampart-+1", "", "rampart.0", "rampart-18446744073709551615"] {
+            assert!(node_id_from_hostname(name).is_err(), "{name}");
+        }
+    }
+
+    #[test]
+    fn cluster_node_id_comes_from_the_hostname_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        for file in ["node.pem", "node.key", "ca.pem"] {
+            std::fs::write(dir.path().join(file), "").unwrap();
+        }
+        let cluster = "[cluster]\ncert_file = \"node.pem\"\nkey_file = \"node.key\"\nca_file = \"ca.pem\"\n";
+        let load = |text: &str, env: &[(&str, &str)], host: &str| {
+            let host = host.to_string();
+            Config::parse_with_env_and_hostname(
+                text,
+                "test.toml",
+                dir.path(),
+                env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+                move || Ok(host),
+            )
+        };
+        let from_host = format!("{cluster}node_id_from_hostname = true\n");
+        assert_eq!(load(&from_host, &[], "rampart-1").unwrap().cluster.unwrap().node_id, 2);
+        let env = [("RAMPART__CLUSTER__NODE_ID_FROM_HOSTNAME", "true")];
+        assert_eq!(load(cluster, &env, "rampart-0").unwrap().cluster.unwrap().node_id, 1);
+        assert_eq!(load(&format!("{cluster}node_id = 5\n"), &[], "rampart-0").unwrap().cluster.unwrap().node_id, 5);
+
+        let err = load(&from_host, &[], "buildhost").unwrap_err();
+        assert_eq!(err.key, "cluster.node_id_from_hostname");
+        assert!(err.reason.contains("\"buildhost\" does not end in -<ordinal>"), "{err}");
+        let err = load(&format!("{from_host}node_id = 2\n"), &[], "rampart-0").unwrap_err();
+        assert_eq!(err.key, "cluster.node_id");
+        let err = load(cluster, &[], "rampart-0").unwrap_err();
+        assert_eq!(err.key, "cluster.node_id");
+        assert!(err.reason.contains("node_id_from_hostname"), "{err}");
+        let failing =
+            Config::parse_with_env_and_hostname(&from_host, "test.toml", dir.path(), [], || Err(std::io::Error::other("no uts namespace")));
+        assert_eq!(failing.unwrap_err().key, "cluster.node_id_from_hostname");
+    }
+
+    #[test]
+    fn the_system_hostname_is_read() {
+        let name = system_hostname().unwrap();
+        assert!(!name.is_empty() && !name.contains('\0'), "{name:?}");
     }
 
     #[test]
