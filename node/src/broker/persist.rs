@@ -62,7 +62,8 @@ pub struct StoredInflight {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StoredMessage {
     pub topic: String,
-    pub payload: Vec<u8>,
+    /// Serialized as one byte string (the same bytes postcard writes for a `Vec<u8>`).
+    pub payload: Bytes,
     pub message_qos: u8,
     pub delivery_qos: u8,
     pub retain: bool,
@@ -133,7 +134,7 @@ impl StoredMessage {
         let m = &d.message;
         StoredMessage {
             topic: m.topic.clone(),
-            payload: m.payload.to_vec(),
+            payload: m.payload.clone(),
             message_qos: m.qos as u8,
             delivery_qos: d.qos as u8,
             retain: d.retain,
@@ -150,7 +151,7 @@ impl StoredMessage {
     fn into_delivery_with(self, id: Option<MessageId>) -> Delivery {
         let message = Message {
             topic: self.topic,
-            payload: Bytes::from(self.payload),
+            payload: self.payload,
             qos: qos(self.message_qos),
             retain: self.retain,
             properties: self.properties.into_properties(),
@@ -458,6 +459,15 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn payloads_are_stored_in_the_same_bytes_as_before_they_were_byte_strings() {
+        // Records written when payloads were `Vec<u8>` (a sequence of bytes) still decode.
+        let payload: Vec<u8> = (0..=255).collect();
+        assert_eq!(encode(&Bytes::from(payload.clone())), encode(&payload));
+        let decoded: Bytes = postcard::from_bytes(&encode(&payload)).unwrap();
+        assert_eq!(decoded, payload);
+    }
 
     fn delivery(topic: &str, n: u8) -> Delivery {
         let message = Message {

@@ -135,7 +135,8 @@ impl Recipients {
 pub struct Forwarded {
     pub sequence: u64,
     pub topic: String,
-    pub payload: Vec<u8>,
+    /// Serialized as one byte string (the same bytes postcard writes for a `Vec<u8>`).
+    pub payload: Bytes,
     pub qos: u8,
     pub retain: bool,
     /// Milliseconds the message has left to live (MQTT 5 Message Expiry Interval).
@@ -161,7 +162,7 @@ impl Forwarded {
         Forwarded {
             sequence,
             topic: m.topic.clone(),
-            payload: m.payload.to_vec(),
+            payload: m.payload.clone(),
             qos: m.qos as u8,
             retain: m.retain,
             expires_in_ms: m.expires_at.map(|at| at.saturating_duration_since(now).as_millis() as u64),
@@ -180,7 +181,7 @@ impl Forwarded {
     pub fn into_message(self, now: Instant) -> Arc<Message> {
         Arc::new(Message {
             topic: self.topic,
-            payload: Bytes::from(self.payload),
+            payload: self.payload,
             qos: qos_of(self.qos),
             retain: self.retain,
             properties: self.properties.into_properties(),
