@@ -600,7 +600,7 @@ impl Session {
             return;
         }
         if !self.acl.may_read(&delivery.message.topic) {
-            metrics::dropped(DropReason::ReadNotAuthorized);
+            self.not_readable(delivery);
             return;
         }
         let pkid = match delivery.qos {
@@ -613,6 +613,15 @@ impl Session {
                 self.shared_unacked.push_back((now, pkid, self.send_sequence));
             }
             self.state.inflight.insert(pkid, (self.send_sequence, Inflight::Publish(delivery)));
+        }
+    }
+
+    /// A message the client may not read is not sent: dropped and counted, or, for a shared
+    /// group, handed back for a member that may read it.
+    fn not_readable(&mut self, delivery: Delivery) {
+        match delivery.shared {
+            Some(_) => self.actions.push_back(Action::Redispatch { delivery, reason: RedispatchReason::Refused }),
+            None => metrics::dropped(DropReason::ReadNotAuthorized),
         }
     }
 
@@ -689,8 +698,8 @@ impl Session {
             match entry {
                 Inflight::Publish(delivery) => {
                     if !self.acl.may_read(&delivery.message.topic) {
-                        metrics::dropped(DropReason::ReadNotAuthorized);
                         self.state.inflight.remove(&pkid);
+                        self.not_readable(delivery);
                     } else if !self.send_publish(&delivery, pkid, true, now) {
                         self.state.inflight.remove(&pkid);
                     } else if delivery.shared.is_some() && !self.limits.shared_ack_timeout.is_zero() {
@@ -1150,6 +1159,15 @@ mod tests {
             .collect();
         assert_eq!(handed_back, [(QoS::AtLeastOnce, RedispatchReason::Refused), (QoS::ExactlyOnce, RedispatchReason::Refused)]);
         assert!(s.state_mut().inflight.is_empty(), "refused messages are done here");
+    }
+
+    #[test]
+    fn a_shared_group_message_the_member_may_not_read_is_handed_back_unsent() {
+        let rules = [rule(crate::auth::state::Access::Read, "public/#", false)];
+        let mut s = start_with(ProtocolVersion::V5, None, Acl::compile(&rules, "u", "c1").unwrap());
+        s.deliver(shared("secret/t", QoS::AtLeastOnce), Instant::now());
+        assert!(sent_pkids(&mut s).is_empty(), "not sent to a member without read permission");
+        assert!(matches!(actions(&mut s).as_slice(), [Action::Redispatch { reason: RedispatchReason::Refused, .. }]));
     }
 
     #[test]
