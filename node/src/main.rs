@@ -173,6 +173,8 @@ ca_file = {:?}
 
 async fn serve(config: Config, dev_dir: Option<PathBuf>) -> anyhow::Result<()> {
     rampart_node::telemetry::init_logging(&config.log)?;
+    // Installed before the listeners open, so a SIGTERM right after they do stops gracefully.
+    let signals = StopSignals::install()?;
     let server = Server::start(&config).await?;
     for (kind, addr) in &server.listeners {
         tracing::info!(listener = kind.name(), %addr, "listening");
@@ -183,7 +185,7 @@ async fn serve(config: Config, dev_dir: Option<PathBuf>) -> anyhow::Result<()> {
     if let Some(dir) = dev_dir {
         print_dev_help(&server, &rampart_node::pki::ensure_dev_pki(&dir, 0)?);
     }
-    wait_for_stop(&server).await?;
+    wait_for_stop(&server, signals).await?;
     tracing::info!("shutting down");
     server.shutdown(Duration::from_secs(5)).await;
     Ok(())
@@ -211,11 +213,22 @@ fn print_dev_help(server: &Server, pki: &rampart_node::pki::DevPki) {
     println!("Stop with Ctrl-C.\n");
 }
 
+/// SIGTERM and SIGHUP, caught from the start (their default action would end the process).
+struct StopSignals {
+    terminate: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> anyhow::Result<StopSignals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(StopSignals { terminate: signal(SignalKind::terminate())?, hangup: signal(SignalKind::hangup())? })
+    }
+}
+
 /// Runs until Ctrl-C or SIGTERM; SIGHUP re-reads the TLS files and the authorization state.
-async fn wait_for_stop(server: &Server) -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut hangup = signal(SignalKind::hangup())?;
+async fn wait_for_stop(server: &Server, signals: StopSignals) -> anyhow::Result<()> {
+    let StopSignals { mut terminate, mut hangup } = signals;
     loop {
         tokio::select! {
             result = tokio::signal::ctrl_c() => return Ok(result?),
