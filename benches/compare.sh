@@ -7,19 +7,29 @@
 #   bash benches/compare.sh                 # full run (tcp and tls), a few minutes
 #   bash benches/compare.sh --quick         # smoke run, seconds
 #   bash benches/compare.sh --transports tcp,tls,mtls --scenarios fan-in-qos0,latency
+#   bash benches/compare.sh --transports mtls --scenarios connect-storm --connections 5000 --section idle
+# The table goes between the `<!-- compare:begin/end -->` markers, or those of `--section NAME`
+# (a section of its own, added at the end of the file the first time), so a partial run does
+# not replace the full table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
+# Thousands of held connections need as many descriptors, in the brokers and the load generator.
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 transports="tcp,tls"
 scenarios="fan-in-qos0,fan-in-qos1,fan-in-qos1-offline,fan-out-qos0,latency,connect-storm"
 quick=0
+connections=5000
+marker=compare
 command_line="bash benches/compare.sh $*"
 while [ $# -gt 0 ]; do
   case "$1" in
     --transports) transports="$2"; shift 2 ;;
     --scenarios) scenarios="$2"; shift 2 ;;
     --quick) quick=1; shift ;;
+    --connections) connections="$2"; shift 2 ;;
+    --section) marker="$2"; shift 2 ;;
     *) echo "compare.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -122,7 +132,7 @@ start_broker() {
 
 # Scenario → loadgen arguments.
 scenario_args() {
-  local n_fast=200000 n_fanout=50000 n_lat=50000 conns=1000
+  local n_fast=200000 n_fanout=50000 n_lat=50000 conns=$connections
   [ "$quick" = 1 ] && { n_fast=10000; n_fanout=5000; n_lat=5000; conns=100; }
   case "$1" in
     fan-in-qos0) echo "--scenario fan-in --qos 0 --publishers 4 --messages $((n_fast / 4))" ;;
@@ -197,25 +207,28 @@ mosquitto_version=$("$mosquitto" -h 2>&1 | head -1 || true)
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//' || echo unknown)
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 section=$(cat <<MD
-<!-- compare:begin -->
+<!-- $marker:begin -->
 Measured $(date -u +%Y-%m-%d) with \`$command_line\` on $(nproc) cores ($cpu), $mosquitto_version,
 Rampart commit $commit, one fresh broker per row, load generator on one thread, 64-byte payloads.
 "Rampart advantage" is Rampart/Mosquitto for rates and Mosquitto/Rampart for latency and memory
 (above 1× means Rampart is better).
 
 $table
-<!-- compare:end -->
+<!-- $marker:end -->
 MD
 )
 doc=docs/performance.md
-python3 - "$doc" "$section" <<'PY'
+python3 - "$doc" "$section" "$marker" <<'PY'
 import sys, re
-path, section = sys.argv[1], sys.argv[2]
+path, section, marker = sys.argv[1], sys.argv[2], sys.argv[3]
 try:
     text = open(path).read()
 except FileNotFoundError:
-    text = "# Performance\n\n<!-- compare:begin -->\n<!-- compare:end -->\n"
-text = re.sub(r"<!-- compare:begin -->.*?<!-- compare:end -->", lambda _: section, text, flags=re.S)
+    text = "# Performance\n"
+begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+if begin not in text:
+    text += f"\n## Side by side with Mosquitto: {marker}\n\n{begin}\n{end}\n"
+text = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: section, text, flags=re.S)
 open(path, "w").write(text)
 PY
 echo "==> results written to $doc"
