@@ -375,6 +375,57 @@ async fn retained_messages_reach_every_node_and_a_restarted_one_gets_them_back()
     Ok(())
 }
 
+/// Twenty retained messages of 1 MB are more than one link frame may carry (16 MiB): the
+/// retained snapshot a link sends when it connects travels in pieces, so a restarted node gets
+/// every one of them, its links come up and stay up, and later publishes reach it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retained_store_bigger_than_a_frame_reaches_a_restarted_node_and_its_link_stays_up() -> anyhow::Result<()> {
+    const BLOBS: usize = 20;
+    let mut cluster = TestCluster::start(Options::default())?;
+    wait_until_serving(&cluster).await?;
+    let blob = cluster.dir.path().join("blob");
+    std::fs::write(&blob, vec![b'x'; 1_000_000])?;
+    let publisher = Client { cluster: &cluster, node: 1, device: "device-1", client_id: "device-1-pub", version: "mqttv5" };
+    // In two groups: one session is sent at most 16 MiB of retained messages per SUBSCRIBE.
+    let topic_of = |i: usize| format!("devices/device-1/blob/{}/{i}", ["a", "b"][i % 2]);
+    for i in 0..BLOBS {
+        let topic = topic_of(i);
+        let out = Command::new("mosquitto_pub").args(publisher.args()).args(["-t", &topic, "-q", "1", "-r", "-f"]).arg(&blob).output()?;
+        assert!(out.status.success(), "retained publish on {topic}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let publisher_args = publisher.args();
+    cluster.kill(3);
+    cluster.start_node(3)?;
+    wait_until_serving(&cluster).await?;
+    let reader = Client { cluster: &cluster, node: 3, device: "device-1", client_id: "device-1-reader", version: "mqttv5" };
+    let mut got = Vec::new();
+    for group in ["a", "b"] {
+        let filter = format!("devices/device-1/blob/{group}/+");
+        let args = ["-t", &filter, "-q", "1", "-F", "%t %l", "-C", &(BLOBS / 2).to_string(), "-W", "20"];
+        let retained = Command::new("mosquitto_sub").args(reader.args()).args(args).output()?;
+        got.extend(String::from_utf8_lossy(&retained.stdout).lines().map(str::to_string));
+    }
+    got.sort();
+    let mut want: Vec<String> = (0..BLOBS).map(|i| format!("{} 1000000", topic_of(i))).collect();
+    want.sort();
+    assert_eq!(got, want, "node 3's retained store after its restart");
+    // The link from node 1 to node 3 is up and stays up: a live publish on node 1 reaches node 3.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(metric(&cluster, 1, "rampart_forward_link_up{peer=\"3\"}"), 1, "node 1's link to node 3");
+    let live = reader.subscribe("devices/device-1/live", 1, 1, 20);
+    wait_for_routes(&cluster, 1, 3, 1);
+    let published = Command::new("mosquitto_pub")
+        .args(publisher_args)
+        .args(["-t", "devices/device-1/live", "-q", "1", "-m", "after the burst"])
+        .output()
+        .expect("mosquitto_pub");
+    assert!(published.status.success());
+    assert_eq!(lines(live), ["devices/device-1/live after the burst"]);
+    let log = std::fs::read_to_string(&cluster.node(3).log)?;
+    assert!(!log.contains("over the limit"), "node 3 refused an oversized frame");
+    Ok(())
+}
+
 /// A running `mosquitto_sub` whose `topic payload` lines are collected as they arrive.
 struct Collector {
     child: Child,

@@ -106,6 +106,13 @@ impl StoredProperties {
             content_type: self.content_type,
         })
     }
+
+    /// About how many bytes they take serialized.
+    pub fn wire_size(&self) -> usize {
+        let strings = [&self.content_type, &self.response_topic].iter().map(|s| s.as_ref().map_or(1, |s| s.len() + 2)).sum::<usize>();
+        let user: usize = self.user_properties.iter().map(|(k, v)| k.len() + v.len() + 4).sum();
+        strings + self.correlation_data.as_ref().map_or(1, |c| c.len() + 2) + user + 4
+    }
 }
 
 fn qos(n: u8) -> QoS {

@@ -18,6 +18,10 @@ use crate::mqtt::connect::SessionLimits;
 use crate::telemetry::LogConfig;
 use crate::topic::TopicLimits;
 
+/// The largest `limits.max_packet_size` of a clustered node: every message must fit in one frame
+/// of a forwarding link.
+pub const MAX_CLUSTERED_PACKET_SIZE: usize = 15 << 20;
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -708,6 +712,15 @@ impl Config {
         if !(64..=268_435_455).contains(&l.max_packet_size) {
             return err("limits.max_packet_size", format!("{} is outside 64..=268435455 bytes", l.max_packet_size));
         }
+        if self.cluster.is_some() && l.max_packet_size > MAX_CLUSTERED_PACKET_SIZE {
+            return err(
+                "limits.max_packet_size",
+                format!(
+                    "{} is over {MAX_CLUSTERED_PACKET_SIZE} bytes, the largest message a cluster's forwarding links carry",
+                    l.max_packet_size
+                ),
+            );
+        }
         if l.receive_maximum == 0 {
             return err("limits.receive_maximum", "must be at least 1".into());
         }
@@ -1014,6 +1027,14 @@ mod tests {
         let failing =
             Config::parse_with_env_and_hostname(&from_host, "test.toml", dir.path(), [], || Err(std::io::Error::other("no uts namespace")));
         assert_eq!(failing.unwrap_err().key, "cluster.node_id_from_hostname");
+
+        // A clustered node's packets must fit in one frame of a forwarding link.
+        let clustered = |size: usize| load(&format!("[limits]\nmax_packet_size = {size}\n{cluster}node_id = 1\n"), &[], "h");
+        assert!(clustered(MAX_CLUSTERED_PACKET_SIZE).is_ok());
+        let err = clustered(MAX_CLUSTERED_PACKET_SIZE + 1).unwrap_err();
+        assert_eq!(err.key, "limits.max_packet_size");
+        assert!(err.reason.contains("forwarding links"), "{err}");
+        assert!(parse(&format!("[limits]\nmax_packet_size = {}\n", MAX_CLUSTERED_PACKET_SIZE + 1), &[]).is_ok(), "standalone");
     }
 
     #[test]

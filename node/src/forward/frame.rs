@@ -17,27 +17,38 @@ use crate::broker::persist::{MovedMessage, MovedSession, StoredProperties};
 use crate::broker::retained::{RetainedEntry, Stamp};
 
 /// The ALPN protocol of a forwarding link; a peer speaking another version is refused.
-pub const ALPN: &[u8] = b"rampart-fwd/3";
+pub const ALPN: &[u8] = b"rampart-fwd/4";
 
-/// Largest frame accepted from a peer.
+/// Largest frame a node sends or accepts. No frame is built over it: a message that would not
+/// fit is refused (see [`crate::config::MAX_CLUSTERED_PACKET_SIZE`]) and big state travels in
+/// pieces of [`CHUNK_BYTES`].
 pub const MAX_FRAME: usize = 16 << 20;
+
+/// Room a message's frame may need beside the MQTT packet it came in (sequence, stamps, ids,
+/// shared group names): a packet of `limits.max_packet_size` always fits in a frame.
+const _: () = assert!(crate::config::MAX_CLUSTERED_PACKET_SIZE + (512 << 10) <= MAX_FRAME);
+
+/// Bytes per frame of a transfer made in pieces (route tables, retained stores): small enough
+/// that acknowledgements and claims get their turn on the control stream between pieces.
+pub const CHUNK_BYTES: usize = 256 << 10;
 
 /// From the dialling node, on the control stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Control {
     /// First frame: who dials. A new `incarnation` (a restart) resets the receiver's view.
     Hello { node_id: u64, incarnation: u64 },
-    /// Every filter the dialling node has local subscribers for (replaces what was known).
+    /// The first piece of the dialling node's route table: filters it has local subscribers
+    /// for (replaces what was known; the rest follows as [`Control::RoutesAdded`]).
     Routes(Vec<String>),
-    /// A filter got its first local subscriber.
-    RouteAdded(String),
-    /// A filter lost its last local subscriber.
-    RouteRemoved(String),
+    /// Filters that got their first local subscriber (or the next piece of the route table).
+    RoutesAdded(Vec<String>),
+    /// Filters that lost their last local subscriber.
+    RoutesRemoved(Vec<String>),
     /// The routes sent so far are the dialling node's as of this version of its route table
     /// (answered by [`Reply::RoutesApplied`] once applied: the SUBACK barrier).
     RoutesThrough(u64),
-    /// Retained messages (and cleared topics) of the dialling node, sent after each connect; the
-    /// accepting node keeps those newer than its own.
+    /// A piece of the dialling node's retained messages (and cleared topics), sent after each
+    /// connect; the accepting node keeps those newer than its own.
     Retained(Vec<WireRetained>),
     /// A client of `owner` connects with `client_id` on the dialling node: the accepting node
     /// gives up its session of that client id (answered by [`Reply::Claimed`]).
@@ -51,6 +62,8 @@ pub enum Control {
 /// From the accepting node, on the control stream.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Reply {
+    /// The answer to [`Control::Hello`]: the dialling node is accepted as the member it says.
+    Welcome,
     Ack(Ack),
     /// The routes up to [`Control::RoutesThrough`] this version are applied.
     RoutesApplied(u64),
@@ -100,6 +113,11 @@ pub struct WireRetained {
 }
 
 impl WireRetained {
+    /// About how many bytes it takes on the wire.
+    pub fn wire_size(&self) -> usize {
+        self.topic.len() + self.message.as_ref().map_or(0, Forwarded::wire_size) + 32
+    }
+
     pub fn new(entry: &RetainedEntry, now: Instant) -> WireRetained {
         WireRetained {
             topic: entry.topic.clone(),
@@ -177,6 +195,12 @@ impl Forwarded {
         qos_of(self.qos)
     }
 
+    /// About how many bytes it takes on the wire.
+    pub fn wire_size(&self) -> usize {
+        let groups: usize = self.recipients.shared.iter().map(|g| g.len() + 2).sum();
+        self.topic.len() + self.payload.len() + self.properties.wire_size() + groups + 64
+    }
+
     /// The message as the receiving node routes it.
     pub fn into_message(self, now: Instant) -> Arc<Message> {
         Arc::new(Message {
@@ -201,13 +225,38 @@ pub enum FrameError {
     Decode(String),
 }
 
-/// Appends `frame`, length-prefixed, to `out` (serialized in place, without a copy).
-pub fn encode<T: Serialize>(frame: &T, out: &mut BytesMut) {
+/// Appends `frame`, length-prefixed, to `out` (serialized in place, without a copy); a frame
+/// over [`MAX_FRAME`] is not appended.
+pub fn encode<T: Serialize>(frame: &T, out: &mut BytesMut) -> Result<(), FrameError> {
     let start = out.len();
     out.put_u32(0);
     postcard::serialize_with_flavor(frame, Appending(out)).expect("frames always encode");
-    let len = (out.len() - start - 4) as u32;
-    out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+    let len = out.len() - start - 4;
+    if len > MAX_FRAME {
+        out.truncate(start);
+        return Err(FrameError::TooLarge(len));
+    }
+    out[start..start + 4].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(())
+}
+
+/// Splits `items` into pieces of about [`CHUNK_BYTES`] by their `size` (an item larger than that
+/// travels alone); no piece when there are no items.
+pub fn pieces<T>(items: impl IntoIterator<Item = T>, size: impl Fn(&T) -> usize) -> Vec<Vec<T>> {
+    let mut pieces: Vec<Vec<T>> = Vec::new();
+    let mut filled = 0;
+    for item in items {
+        let bytes = size(&item);
+        match pieces.last_mut() {
+            Some(piece) if filled + bytes <= CHUNK_BYTES => piece.push(item),
+            _ => {
+                pieces.push(vec![item]);
+                filled = 0;
+            }
+        }
+        filled += bytes;
+    }
+    pieces
 }
 
 /// postcard's output appended to a buffer.
@@ -257,8 +306,8 @@ mod tests {
     fn frames_round_trip_in_pieces() {
         let mut out = BytesMut::new();
         let hello = Control::Hello { node_id: 2, incarnation: 77 };
-        encode(&hello, &mut out);
-        encode(&Control::Routes(vec!["a/+".into(), "b/#".into()]), &mut out);
+        encode(&hello, &mut out).unwrap();
+        encode(&Control::Routes(vec!["a/+".into(), "b/#".into()]), &mut out).unwrap();
         let mut input = out.split_to(3);
         assert_eq!(decode::<Control>(&mut input), Ok(None));
         input.extend_from_slice(&out);
@@ -290,13 +339,32 @@ mod tests {
             id: None,
         };
         let mut out = BytesMut::new();
-        encode(&Forwarded::new(9, &message, None, Recipients::SUBSCRIBERS, now), &mut out);
+        encode(&Forwarded::new(9, &message, None, Recipients::SUBSCRIBERS, now), &mut out).unwrap();
         let back: Forwarded = decode(&mut out).unwrap().unwrap();
         assert_eq!((back.sequence, back.qos()), (9, QoS::AtLeastOnce));
         let copy = back.into_message(now);
         assert_eq!((copy.topic.as_str(), copy.retain, &copy.properties), ("t/1", true, &message.properties));
         assert_eq!(copy.expires_at, Some(now + Duration::from_secs(30)));
         assert_eq!(copy.publisher, None, "No Local is about local sessions only");
+    }
+
+    #[test]
+    fn no_frame_is_built_over_the_limit_and_the_buffer_keeps_what_it_had() {
+        let mut out = BytesMut::new();
+        encode(&Control::RoutesThrough(1), &mut out).unwrap();
+        let before = out.clone();
+        let huge = Control::Routes(vec!["x".repeat(MAX_FRAME)]);
+        assert!(matches!(encode(&huge, &mut out), Err(FrameError::TooLarge(n)) if n > MAX_FRAME));
+        assert_eq!(out, before);
+    }
+
+    #[test]
+    fn pieces_stay_within_the_chunk_size_and_keep_every_item_in_order() {
+        let sizes = [CHUNK_BYTES / 2, CHUNK_BYTES / 2, 1, CHUNK_BYTES * 3, 5, 5];
+        let pieces = pieces(sizes.iter().copied().enumerate(), |(_, size)| *size);
+        let shape: Vec<Vec<usize>> = pieces.iter().map(|p| p.iter().map(|(i, _)| *i).collect()).collect();
+        assert_eq!(shape, [vec![0, 1], vec![2], vec![3], vec![4, 5]]);
+        assert!(super::pieces(Vec::<u8>::new(), |_| 1).is_empty());
     }
 
     #[test]

@@ -10,12 +10,20 @@ use std::time::Instant;
 
 use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Semaphore};
 
 use super::frame::{self, Ack, ClaimOutcome, Control, Forwarded, Reply, StreamHeader};
 use super::routes::RouteTable;
 use super::{check_peer, Forwarder, Peer};
 use crate::cluster::Cluster;
+
+/// Replies (acknowledgements, claim answers) waiting for the control stream; a full queue makes
+/// the publish streams and the control stream wait (the peer then waits on flow control).
+const REPLIES_WAITING: usize = 1024;
+
+/// Claims and session-move completions of one link being handled at once; more wait their turn
+/// on the control stream.
+const CLAIMS_AT_ONCE: usize = 64;
 
 /// Accepts links until the node stops.
 pub async fn accept(forwarder: Arc<Forwarder>, cluster: Arc<Cluster>, mut shutdown: watch::Receiver<bool>) {
@@ -66,7 +74,8 @@ async fn serve(forwarder: &Arc<Forwarder>, cluster: &Cluster, incoming: quinn::I
         peer.delivered.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
     tracing::info!(peer = node_id, remote = %connection.remote_address(), "inbound forwarding link up");
-    let (replies, reply_rx) = mpsc::unbounded_channel();
+    let (replies, reply_rx) = mpsc::channel(REPLIES_WAITING);
+    let _ = replies.send(Reply::Welcome).await;
     tokio::spawn(write_replies(ack_stream, reply_rx));
     let streams = {
         let (forwarder, peer, connection, replies) = (forwarder.clone(), peer.clone(), connection.clone(), replies.clone());
@@ -92,17 +101,18 @@ async fn read_control(
     peer: &Peer,
     mut control: quinn::RecvStream,
     mut input: BytesMut,
-    replies: mpsc::UnboundedSender<Reply>,
+    replies: mpsc::Sender<Reply>,
 ) -> Result<(), String> {
+    let claims = Arc::new(Semaphore::new(CLAIMS_AT_ONCE));
     loop {
         while let Some(frame) = frame::decode::<Control>(&mut input).map_err(|e| e.to_string())? {
             let routes = || peer.routes.write().unwrap_or_else(|p| p.into_inner());
             match frame {
                 Control::Routes(filters) => *routes() = RouteTable::from_filters(filters.iter().map(String::as_str)),
-                Control::RouteAdded(filter) => routes().insert(&filter),
-                Control::RouteRemoved(filter) => routes().remove(&filter),
+                Control::RoutesAdded(filters) => filters.iter().for_each(|filter| routes().insert(filter)),
+                Control::RoutesRemoved(filters) => filters.iter().for_each(|filter| routes().remove(filter)),
                 Control::RoutesThrough(version) => {
-                    let _ = replies.send(Reply::RoutesApplied(version));
+                    let _ = replies.send(Reply::RoutesApplied(version)).await;
                 }
                 Control::Hello { .. } => return Err("a second Hello".into()),
                 Control::Retained(entries) => {
@@ -111,7 +121,9 @@ async fn read_control(
                 }
                 Control::Claim { request, client_id, owner, clean_start } => {
                     let (forwarder, replies) = (forwarder.clone(), replies.clone());
+                    let turn = claims.clone().acquire_owned().await.map_err(|e| e.to_string())?;
                     tokio::spawn(async move {
+                        let _turn = turn;
                         let abandon_after = forwarder.move_abandon_after();
                         let outcome = match forwarder.broker.release(&client_id, &owner, clean_start, abandon_after).await {
                             Ok(None) => ClaimOutcome::NotHere,
@@ -119,14 +131,16 @@ async fn read_control(
                             Err(crate::broker::AttachError::NotOwner { owner, .. }) => ClaimOutcome::Refused { owner },
                             Err(e) => ClaimOutcome::Failed(e.to_string()),
                         };
-                        let _ = replies.send(Reply::Claimed { request, outcome });
+                        let _ = replies.send(Reply::Claimed { request, outcome }).await;
                     });
                 }
                 Control::MoveDone { request, client_id } => {
                     let (forwarder, replies) = (forwarder.clone(), replies.clone());
+                    let turn = claims.clone().acquire_owned().await.map_err(|e| e.to_string())?;
                     tokio::spawn(async move {
+                        let _turn = turn;
                         let tail = forwarder.broker.finish_move(&client_id, super::MOVE_LINGER).await;
-                        let _ = replies.send(Reply::Claimed { request, outcome: ClaimOutcome::Tail(tail) });
+                        let _ = replies.send(Reply::Claimed { request, outcome: ClaimOutcome::Tail(tail) }).await;
                     });
                 }
             }
@@ -144,7 +158,7 @@ async fn deliver_stream(
     peer: &Peer,
     incarnation: u64,
     mut stream: quinn::RecvStream,
-    replies: mpsc::UnboundedSender<Reply>,
+    replies: mpsc::Sender<Reply>,
 ) -> Result<(), String> {
     let mut input = BytesMut::new();
     // The stream's index and the highest sequence delivered on it, once its header is read.
@@ -169,7 +183,7 @@ async fn deliver_stream(
                 }
             }
             if let Some(sequence) = acknowledge {
-                let _ = replies.send(Reply::Ack(Ack { stream: *index, sequence }));
+                let _ = replies.send(Reply::Ack(Ack { stream: *index, sequence })).await;
             }
         }
         if stream.read_buf(&mut input).await.map_err(|e| e.to_string())? == 0 {
@@ -199,7 +213,7 @@ async fn deliver(forwarder: &Forwarder, peer: &Peer, forwarded: Forwarded) {
 
 /// Writes acknowledgements and claim answers, together with those already waiting. Acks are
 /// cumulative, so of those waiting only the last of each publish stream is sent.
-async fn write_replies(mut stream: quinn::SendStream, mut replies: mpsc::UnboundedReceiver<Reply>) {
+async fn write_replies(mut stream: quinn::SendStream, mut replies: mpsc::Receiver<Reply>) {
     let mut out = BytesMut::new();
     let mut acks: Vec<Ack> = Vec::new();
     while let Some(first) = replies.recv().await {
@@ -209,11 +223,15 @@ async fn write_replies(mut stream: quinn::SendStream, mut replies: mpsc::Unbound
                     Some(last) => last.sequence = last.sequence.max(ack.sequence),
                     None => acks.push(ack),
                 },
-                other => frame::encode(&other, &mut out),
+                other => {
+                    if let Err(e) = frame::encode(&other, &mut out) {
+                        tracing::error!(error = %e, "reply not sent: it does not fit in a link frame");
+                    }
+                }
             }
         }
         for ack in acks.drain(..) {
-            frame::encode(&Reply::Ack(ack), &mut out);
+            frame::encode(&Reply::Ack(ack), &mut out).expect("an ack is a few bytes");
         }
         if stream.write_all(&out).await.is_err() {
             return;

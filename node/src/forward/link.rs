@@ -28,8 +28,9 @@ const BATCH: usize = 256;
 /// so it is encoded without growing its buffer (properties, when present, may still grow it).
 const FRAME_OVERHEAD: usize = 64;
 
-/// Retained messages per frame of the retained snapshot sent after a connect.
-const RETAINED_CHUNK: usize = 1000;
+/// A link that stays up this long resets the reconnect backoff; one that fails sooner (a peer
+/// that accepts and then drops it) keeps backing off.
+const STABLE_LINK: Duration = Duration::from_secs(10);
 
 /// A message sent and not yet acknowledged: its sequence, its frame, and the publisher waiting
 /// for the acknowledgement (PUBACK policy `cluster`).
@@ -53,8 +54,9 @@ impl Outbox {
     }
 
     /// Numbers a message for its stream, encodes it and keeps it until acknowledged (QoS 1/2).
-    /// Returns the stream and the frame; `dropped` is set when the replay budget forced the
-    /// oldest unacknowledged message of that stream out (its publisher waits no longer).
+    /// Returns the frame, or the error of a message that does not fit in one; `dropped` is set
+    /// when the replay budget forced the oldest unacknowledged message of that stream out (its
+    /// publisher waits no longer).
     fn add(
         &mut self,
         stream: usize,
@@ -62,11 +64,11 @@ impl Outbox {
         qos: QoS,
         acks: Option<Arc<RemoteAcks>>,
         dropped: &mut bool,
-    ) -> Bytes {
-        self.sequences[stream] += 1;
-        let forwarded = forwarded(self.sequences[stream]);
+    ) -> Result<Bytes, frame::FrameError> {
+        let forwarded = forwarded(self.sequences[stream] + 1);
         let mut out = BytesMut::with_capacity(FRAME_OVERHEAD + forwarded.topic.len() + forwarded.payload.len());
-        frame::encode(&forwarded, &mut out);
+        frame::encode(&forwarded, &mut out)?;
+        self.sequences[stream] += 1;
         let bytes = out.freeze();
         if qos != QoS::AtMostOnce {
             if self.len() >= self.capacity {
@@ -78,7 +80,7 @@ impl Outbox {
             }
             self.unacked[stream].push_back((self.sequences[stream], bytes.clone(), acks));
         }
-        bytes
+        Ok(bytes)
     }
 
     fn acknowledge(&mut self, ack: Ack) {
@@ -107,10 +109,11 @@ pub async fn run(forwarder: Arc<Forwarder>, peer: Arc<Peer>) {
     while !*stop.borrow() {
         match connect(&forwarder, &peer).await {
             Ok(connection) => {
-                tracing::info!(peer = peer.node_id, addr = %peer.quic_addr, "forwarding link up");
-                peer.up.store(true, Ordering::Relaxed);
-                backoff = BACKOFF_MIN;
+                let connected = Instant::now();
                 let ended = serve(&forwarder, &peer, &connection, &mut outbox, &mut stop).await;
+                if connected.elapsed() >= STABLE_LINK {
+                    backoff = BACKOFF_MIN;
+                }
                 peer.up.store(false, Ordering::Relaxed);
                 // Claims waiting for an answer on this link get none: their senders learn it now.
                 peer.pending.lock().unwrap_or_else(|p| p.into_inner()).clear();
@@ -153,6 +156,44 @@ async fn serve(
     }
 }
 
+/// Writes `frames` to `stream`, a piece of about [`frame::CHUNK_BYTES`] at a time.
+async fn write_frames(stream: &mut quinn::SendStream, frames: impl IntoIterator<Item = Control>) -> Result<(), String> {
+    let mut out = BytesMut::new();
+    for control in frames {
+        frame::encode(&control, &mut out).map_err(|e| e.to_string())?;
+        if out.len() >= frame::CHUNK_BYTES {
+            stream.write_all(&out).await.map_err(|e| e.to_string())?;
+            out.clear();
+        }
+    }
+    stream.write_all(&out).await.map_err(|e| e.to_string())
+}
+
+/// Route changes as frames: the filters added, then those removed, in pieces.
+fn route_frames(added: Vec<String>, removed: Vec<String>) -> impl Iterator<Item = Control> {
+    let size = |filter: &String| filter.len() + 4;
+    let added = frame::pieces(added, size).into_iter().map(Control::RoutesAdded);
+    added.chain(frame::pieces(removed, size).into_iter().map(Control::RoutesRemoved))
+}
+
+/// Waits for the peer's answer to our `Hello`: it accepted us as the member we are.
+async fn welcomed(replies: &mut quinn::RecvStream, input: &mut BytesMut, wait: Duration) -> Result<(), String> {
+    let read = async {
+        loop {
+            if let Some(reply) = frame::decode::<Reply>(input).map_err(|e| e.to_string())? {
+                return match reply {
+                    Reply::Welcome => Ok(()),
+                    other => Err(format!("expected Welcome, got {other:?}")),
+                };
+            }
+            if replies.read_buf(input).await.map_err(|e| e.to_string())? == 0 {
+                return Err("the peer closed the link before accepting it".to_string());
+            }
+        }
+    };
+    tokio::time::timeout(wait, read).await.map_err(|_| format!("no answer to Hello within {wait:?}"))?
+}
+
 async fn serve_inner(
     forwarder: &Forwarder,
     peer: &Peer,
@@ -162,26 +203,27 @@ async fn serve_inner(
 ) -> Result<(), String> {
     let failed = |e: &dyn std::fmt::Display| e.to_string();
     let (mut control, mut acks) = connection.open_bi().await.map_err(|e| failed(&e))?;
+    let mut ack_input = BytesMut::new();
+    write_frames(&mut control, [Control::Hello { node_id: forwarder.node_id, incarnation: forwarder.incarnation }]).await?;
+    welcomed(&mut acks, &mut ack_input, forwarder.settings.idle_timeout).await?;
+    tracing::info!(peer = peer.node_id, addr = %peer.quic_addr, "forwarding link up");
+    peer.up.store(true, Ordering::Relaxed);
     let mut routes = forwarder.broker.route_changes();
     let version = *routes.borrow_and_update();
     let mut announced: HashSet<String> = forwarder.broker.local_routes().into_iter().collect();
-    let mut out = BytesMut::new();
-    frame::encode(&Control::Hello { node_id: forwarder.node_id, incarnation: forwarder.incarnation }, &mut out);
-    frame::encode(&Control::Routes(announced.iter().cloned().collect()), &mut out);
-    frame::encode(&Control::RoutesThrough(version), &mut out);
-    control.write_all(&out).await.map_err(|e| failed(&e))?;
+    let mut table = frame::pieces(announced.iter().cloned(), |filter| filter.len() + 4).into_iter();
+    let first = Control::Routes(table.next().unwrap_or_default());
+    let table = std::iter::once(first).chain(table.map(Control::RoutesAdded));
+    write_frames(&mut control, table.chain([Control::RoutesThrough(version)])).await?;
     // The retained store, so the peer converges with it after a partition (newest stamp wins).
     let now = Instant::now();
-    for chunk in forwarder.broker.retained_entries().chunks(RETAINED_CHUNK) {
-        let mut out = BytesMut::new();
-        frame::encode(&Control::Retained(chunk.iter().map(|e| WireRetained::new(e, now)).collect()), &mut out);
-        control.write_all(&out).await.map_err(|e| failed(&e))?;
-    }
+    let retained = forwarder.broker.retained_entries().iter().map(|e| WireRetained::new(e, now)).collect::<Vec<_>>();
+    write_frames(&mut control, frame::pieces(retained, WireRetained::wire_size).into_iter().map(Control::Retained)).await?;
     let mut streams = Vec::with_capacity(outbox.unacked.len());
     for (index, unacked) in outbox.unacked.iter().enumerate() {
         let mut stream = connection.open_uni().await.map_err(|e| failed(&e))?;
         let mut header = BytesMut::new();
-        frame::encode(&StreamHeader { stream: index as u8 }, &mut header);
+        frame::encode(&StreamHeader { stream: index as u8 }, &mut header).map_err(|e| failed(&e))?;
         stream.write_all(&header).await.map_err(|e| failed(&e))?;
         // What the peer has not acknowledged goes again; it drops what it already delivered.
         for (_, bytes, _) in unacked {
@@ -190,7 +232,6 @@ async fn serve_inner(
         streams.push(stream);
     }
     let mut batches = vec![BytesMut::new(); streams.len()];
-    let mut ack_input = BytesMut::new();
     loop {
         tokio::select! {
             _ = stop.changed() => return Ok(()),
@@ -198,16 +239,10 @@ async fn serve_inner(
             _ = routes.changed() => {
                 let version = *routes.borrow_and_update();
                 let current: HashSet<String> = forwarder.broker.local_routes().into_iter().collect();
-                let mut out = BytesMut::new();
-                for added in current.difference(&announced) {
-                    frame::encode(&Control::RouteAdded(added.clone()), &mut out);
-                }
-                for removed in announced.difference(&current) {
-                    frame::encode(&Control::RouteRemoved(removed.clone()), &mut out);
-                }
-                frame::encode(&Control::RoutesThrough(version), &mut out);
+                let added = current.difference(&announced).cloned().collect();
+                let removed = announced.difference(&current).cloned().collect();
                 announced = current;
-                control.write_all(&out).await.map_err(|e| failed(&e))?;
+                write_frames(&mut control, route_frames(added, removed).chain([Control::RoutesThrough(version)])).await?;
             }
             read = acks.read_buf(&mut ack_input) => {
                 if read.map_err(|e| failed(&e))? == 0 {
@@ -220,16 +255,13 @@ async fn serve_inner(
                             peer.routes_applied.send_if_modified(|applied| std::mem::replace(applied, version.max(*applied)) < version);
                         }
                         Reply::Claimed { request, outcome } => peer.answered(request, outcome),
+                        Reply::Welcome => return Err("a second Welcome".into()),
                     }
                 }
             }
             _ = peer.claims_ready.notified() => {
                 let claims = std::mem::take(&mut *peer.claims.lock().unwrap_or_else(|p| p.into_inner()));
-                let mut out = BytesMut::new();
-                for claim in &claims {
-                    frame::encode(claim, &mut out);
-                }
-                control.write_all(&out).await.map_err(|e| failed(&e))?;
+                write_frames(&mut control, claims).await?;
             }
             _ = peer.queue.readable() => {
                 // One write per publish stream for the whole batch.
@@ -240,7 +272,14 @@ async fn serve_inner(
                     let stream = stream_of(&message.topic, streams.len());
                     let mut dropped = false;
                     let forwarded = |seq| Forwarded::new(seq, message, outgoing.retained, outgoing.recipients.clone(), now);
-                    let bytes = outbox.add(stream, forwarded, message.qos, outgoing.acks.clone(), &mut dropped);
+                    let bytes = match outbox.add(stream, forwarded, message.qos, outgoing.acks.clone(), &mut dropped) {
+                        Ok(bytes) => bytes,
+                        Err(e) => {
+                            tracing::warn!(peer = peer.node_id, topic = %message.topic, error = %e, "message not forwarded: it does not fit in a link frame");
+                            crate::telemetry::metrics::dropped(crate::telemetry::metrics::DropReason::TooLargeForLink);
+                            continue;
+                        }
+                    };
                     if dropped {
                         peer.replay_dropped.fetch_add(1, Ordering::Relaxed);
                     }
@@ -285,13 +324,13 @@ mod tests {
         let mut outbox = Outbox::new(2, 3);
         let mut dropped = false;
         for _ in 0..2 {
-            outbox.add(0, forwarded, QoS::AtLeastOnce, None, &mut dropped);
+            outbox.add(0, forwarded, QoS::AtLeastOnce, None, &mut dropped).unwrap();
         }
-        outbox.add(1, forwarded, QoS::AtMostOnce, None, &mut dropped);
-        outbox.add(1, forwarded, QoS::ExactlyOnce, None, &mut dropped);
+        outbox.add(1, forwarded, QoS::AtMostOnce, None, &mut dropped).unwrap();
+        outbox.add(1, forwarded, QoS::ExactlyOnce, None, &mut dropped).unwrap();
         assert_eq!(outbox.len(), 3, "QoS 0 is never kept");
         assert_eq!(outbox.sequences, [2, 2]);
-        outbox.add(0, forwarded, QoS::AtLeastOnce, None, &mut dropped);
+        outbox.add(0, forwarded, QoS::AtLeastOnce, None, &mut dropped).unwrap();
         assert!(dropped, "past the budget the oldest of the stream goes");
         outbox.acknowledge(Ack { stream: 0, sequence: 3 });
         outbox.acknowledge(Ack { stream: 1, sequence: 1 });

@@ -40,11 +40,13 @@ pub enum DropReason {
     MoveAbandoned,
     /// Reached a session moving here a second time (directly and with the old node's tail).
     MoveDuplicate,
+    /// Would not fit in one frame of a forwarding link (not forwarded to that peer).
+    TooLargeForLink,
 }
 
 impl DropReason {
     /// Every reason, in declaration order (so `reason as usize` indexes it).
-    const ALL: [DropReason; 14] = [
+    const ALL: [DropReason; 15] = [
         DropReason::SlowSubscriberQos0,
         DropReason::SlowSubscriberTimeout,
         DropReason::OfflineQos0,
@@ -59,6 +61,7 @@ impl DropReason {
         DropReason::SharedGroupExhausted,
         DropReason::MoveAbandoned,
         DropReason::MoveDuplicate,
+        DropReason::TooLargeForLink,
     ];
 
     fn label(self) -> &'static str {
@@ -77,6 +80,7 @@ impl DropReason {
             DropReason::SharedGroupExhausted => "shared_group_exhausted",
             DropReason::MoveAbandoned => "move_abandoned",
             DropReason::MoveDuplicate => "move_duplicate",
+            DropReason::TooLargeForLink => "too_large_for_link",
         }
     }
 }
