@@ -15,11 +15,13 @@ use rampart_node::mqtt::codec::{self, Packet, ProtocolVersion};
 use rampart_node::pki::{DevPki, Kind, Store};
 use rampart_proto::admin::admin_client::AdminClient;
 use rampart_proto::admin::ClusterStatusRequest;
+use rampart_proto::cluster::node_client::NodeClient;
+use rampart_proto::cluster::raft_client::RaftClient;
 pub use relay::UdpRelay;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 /// The `rampart` binary: `$RAMPART_TEST_BINARY` when set (a target directory shared by several
 /// checkouts may hold another checkout's build), else the one of the same build
@@ -354,6 +356,119 @@ ca_file = {ca:?}
         let store = Store::new(self.dir.path().join("pki"));
         let issued = store.issue(Kind::Device, id, &[], 30)?;
         Ok((issued.cert, issued.key))
+    }
+
+    /// A metric of one node, summed over its label sets when `series` has no labels; -1 when
+    /// the node does not answer.
+    pub fn metric(&self, node: u64, series: &str) -> i64 {
+        use std::io::{Read, Write};
+        let Ok(mut tcp) = std::net::TcpStream::connect(("127.0.0.1", self.node(node).ports.http)) else { return -1 };
+        let _ = tcp.write_all(b"GET /metrics HTTP/1.0\r\n\r\n");
+        let mut text = String::new();
+        let _ = tcp.read_to_string(&mut text);
+        text.lines().filter_map(|l| l.strip_prefix(series)).filter_map(|rest| rest.trim().parse::<i64>().ok()).sum()
+    }
+
+    /// Waits for a leader, until every running initial member serves devices (the seeded
+    /// authorization state is applied everywhere) and until their links to each other are up: a
+    /// route or a client-id claim made before a link is up reaches that peer only when it connects.
+    pub async fn wait_until_serving(&self) -> anyhow::Result<()> {
+        const SERVING_TIMEOUT: Duration = Duration::from_secs(60);
+        self.wait_for_leader(SERVING_TIMEOUT).await?;
+        let (_, cert, key) = self.pki.devices.iter().find(|(n, _, _)| n == "device-1").expect("device-1");
+        let deadline = Instant::now() + SERVING_TIMEOUT;
+        let running: Vec<u64> = (1..=self.initial_members).filter(|&id| self.is_running(id)).collect();
+        for &node in &running {
+            loop {
+                let connected = mqtt_connect(self.node(node).ports.mtls, &self.pki.ca_cert, cert, key, "device-1-probe").await;
+                if matches!(connected, Ok((0, _))) {
+                    break;
+                }
+                let answer = connected.map(|(code, _)| code).map_err(|e| e.to_string());
+                anyhow::ensure!(Instant::now() < deadline, "node {node} does not serve device-1: {answer:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        for &node in &running {
+            for &peer in running.iter().filter(|&&peer| peer != node) {
+                let series = format!("rampart_forward_link_up{{peer=\"{peer}\"}}");
+                while self.metric(node, &series) < 1 {
+                    anyhow::ensure!(Instant::now() < deadline, "node {node}'s forwarding link to node {peer} is not up");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The TLS identity of node `id`'s certificate (for calls made as that node).
+    pub fn node_identity(&self, id: u64) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
+        let (cert, key) = &self.pki.nodes[id as usize - 1];
+        Ok((std::fs::read(cert)?, std::fs::read(key)?))
+    }
+
+    /// A client of node `target`'s cluster port (`Node` service) presenting `identity`.
+    pub async fn node_client(&self, target: u64, identity: (Vec<u8>, Vec<u8>)) -> anyhow::Result<NodeClient<Channel>> {
+        Ok(NodeClient::new(self.cluster_channel(target, identity).await?))
+    }
+
+    /// A client of node `target`'s cluster port (`Raft` service) presenting `identity`.
+    pub async fn raft_client(&self, target: u64, identity: (Vec<u8>, Vec<u8>)) -> anyhow::Result<RaftClient<Channel>> {
+        Ok(RaftClient::new(self.cluster_channel(target, identity).await?))
+    }
+
+    async fn cluster_channel(&self, target: u64, (cert, key): (Vec<u8>, Vec<u8>)) -> anyhow::Result<Channel> {
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(std::fs::read(&self.pki.ca_cert)?))
+            .identity(Identity::from_pem(cert, key))
+            .domain_name("localhost");
+        let endpoint = format!("https://127.0.0.1:{}", self.node(target).ports.cluster);
+        Ok(Endpoint::from_shared(endpoint)?.tls_config(tls)?.connect().await?)
+    }
+
+    /// Dials node `target`'s forwarding port (QUIC) with `identity` and says `Hello` as node
+    /// `claimed`. Returns why the node closed the link, or `Welcome` when it accepted it.
+    pub async fn quic_hello(&self, target: u64, identity: (Vec<u8>, Vec<u8>), claimed: u64) -> anyhow::Result<String> {
+        use rampart_node::forward::frame::{self, Control, Reply};
+        use rustls_pki_types::pem::PemObject;
+        let read_pem = |pem: &[u8]| rustls_pki_types::CertificateDer::pem_slice_iter(pem).collect::<Result<Vec<_>, _>>();
+        let certs: Vec<rustls_pki_types::CertificateDer<'static>> = read_pem(&identity.0)?;
+        let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(&identity.1)?;
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in read_pem(&std::fs::read(&self.pki.ca_cert)?)? {
+            roots.add(ca)?;
+        }
+        let mut tls = rustls::ClientConfig::builder().with_root_certificates(roots).with_client_auth_cert(certs, key)?;
+        tls.alpn_protocols = vec![frame::ALPN.to_vec()];
+        let config = quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(tls)?));
+        let mut endpoint = quinn::Endpoint::client(([127, 0, 0, 1], 0).into())?;
+        endpoint.set_default_client_config(config);
+        let connection = endpoint.connect(([127, 0, 0, 1], self.node(target).ports.quic).into(), "localhost")?.await?;
+        let (mut control, mut replies) = connection.open_bi().await?;
+        let mut out = bytes::BytesMut::new();
+        frame::encode(&Control::Hello { node_id: claimed, incarnation: 1 }, &mut out)?;
+        control.write_all(&out).await?;
+        let mut input = bytes::BytesMut::new();
+        let answer = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Some(reply) = frame::decode::<Reply>(&mut input)? {
+                    return anyhow::Ok(format!("{reply:?}"));
+                }
+                let mut chunk = [0u8; 4096];
+                match replies.read(&mut chunk).await {
+                    Ok(Some(n)) => input.extend_from_slice(&chunk[..n]),
+                    Ok(None) => anyhow::bail!("the stream ended without a reply"),
+                    Err(quinn::ReadError::ConnectionLost(quinn::ConnectionError::ApplicationClosed(close))) => {
+                        return Ok(String::from_utf8_lossy(&close.reason).into_owned());
+                    }
+                    Err(e) => anyhow::bail!("{e}"),
+                }
+            }
+        })
+        .await??;
+        connection.close(0u32.into(), b"done");
+        endpoint.wait_idle().await;
+        Ok(answer)
     }
 }
 

@@ -12,8 +12,6 @@ use mqttbytes::v5::PubAckReason;
 use rampart_cluster_tests::{mqtt_connect, Options, TestCluster};
 use rampart_node::mqtt::codec::Packet;
 
-const LEADER_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// A mosquitto client of one device on one node.
 struct Client<'a> {
     cluster: &'a TestCluster,
@@ -86,53 +84,12 @@ fn lines(child: Child) -> Vec<String> {
     String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
 }
 
-/// A metric of one node, summed over its label sets when `series` has no labels.
-fn metric(cluster: &TestCluster, node: u64, series: &str) -> i64 {
-    use std::io::{Read, Write};
-    let Ok(mut tcp) = std::net::TcpStream::connect(("127.0.0.1", cluster.node(node).ports.http)) else { return -1 };
-    let _ = tcp.write_all(b"GET /metrics HTTP/1.0\r\n\r\n");
-    let mut text = String::new();
-    let _ = tcp.read_to_string(&mut text);
-    text.lines().filter_map(|l| l.strip_prefix(series)).filter_map(|rest| rest.trim().parse::<i64>().ok()).sum()
-}
-
-/// Waits for a leader, until every node serves devices (the seeded authorization state is
-/// applied everywhere) and until every running node's links to the others are up: a route or a
-/// client-id claim made before a link is up reaches that peer only when it connects.
-async fn wait_until_serving(cluster: &TestCluster) -> anyhow::Result<()> {
-    cluster.wait_for_leader(LEADER_TIMEOUT).await?;
-    let (_, cert, key) = cluster.pki.devices.iter().find(|(n, _, _)| n == "device-1").expect("device-1");
-    let deadline = Instant::now() + LEADER_TIMEOUT;
-    for node in cluster.nodes.iter().filter(|n| cluster.is_running(n.id)) {
-        loop {
-            let connected = rampart_cluster_tests::mqtt_connect(node.ports.mtls, &cluster.pki.ca_cert, cert, key, "device-1-probe").await;
-            if matches!(connected, Ok((0, _))) {
-                break;
-            }
-            let answer = connected.map(|(code, _)| code).map_err(|e| e.to_string());
-            anyhow::ensure!(Instant::now() < deadline, "node {} does not serve device-1: {answer:?}", node.id);
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-    let running: Vec<u64> = cluster.nodes.iter().map(|n| n.id).filter(|&id| cluster.is_running(id)).collect();
-    for &node in &running {
-        for &peer in running.iter().filter(|&&peer| peer != node) {
-            let series = format!("rampart_forward_link_up{{peer=\"{peer}\"}}");
-            while metric(cluster, node, &series) < 1 {
-                anyhow::ensure!(Instant::now() < deadline, "node {node}'s forwarding link to node {peer} is not up");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Waits until `node` has learned at least `routes` filters from `peer` (the route barrier a
 /// test needs before it publishes: a subscription is announced asynchronously).
 fn wait_for_routes(cluster: &TestCluster, node: u64, peer: u64, routes: i64) {
     let series = format!("rampart_forward_peer_routes{{peer=\"{peer}\"}}");
     let deadline = Instant::now() + Duration::from_secs(20);
-    while metric(cluster, node, &series) < routes {
+    while cluster.metric(node, &series) < routes {
         assert!(Instant::now() < deadline, "node {node} did not learn {routes} route(s) from node {peer}");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -141,7 +98,7 @@ fn wait_for_routes(cluster: &TestCluster, node: u64, peer: u64, routes: i64) {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_publish_on_node_1_reaches_subscribers_on_nodes_2_and_3() -> anyhow::Result<()> {
     let cluster = TestCluster::start(Options::default())?;
-    wait_until_serving(&cluster).await?;
+    cluster.wait_until_serving().await?;
     let mut subscribers = Vec::new();
     for (node, version) in [(2, "mqttv5"), (3, "mqttv311")] {
         for qos in 0..=2u8 {
@@ -170,7 +127,7 @@ async fn a_publish_on_node_1_reaches_subscribers_on_nodes_2_and_3() -> anyhow::R
         let expected = [format!("devices/device-1/q{qos}/m1 hello 1"), format!("devices/device-1/q{qos}/m2 hello 2")];
         assert_eq!(got, expected, "node {node}, {version}, QoS {qos}");
     }
-    assert!(metric(&cluster, 1, "rampart_forward_link_up{peer=\"2\"}") == 1);
+    assert!(cluster.metric(1, "rampart_forward_link_up{peer=\"2\"}") == 1);
     // The links as `rampart admin cluster status` shows them, answered by node 1.
     let status = cluster.admin(1).await?.cluster_status(rampart_proto::admin::ClusterStatusRequest {}).await?.into_inner();
     for member in status.members.iter().filter(|m| m.id != 1) {
@@ -182,7 +139,7 @@ async fn a_publish_on_node_1_reaches_subscribers_on_nodes_2_and_3() -> anyhow::R
 #[tokio::test(flavor = "multi_thread")]
 async fn the_receiving_node_checks_each_subscribers_read_permission() -> anyhow::Result<()> {
     let cluster = TestCluster::start(Options::default())?;
-    wait_until_serving(&cluster).await?;
+    cluster.wait_until_serving().await?;
     // device-2 may read devices/device-2/# only; its wildcard is granted (one topic under it is
     // readable) and everything else is withheld where it is delivered: on node 2.
     let client = |node, device, client_id| Client { cluster: &cluster, node, device, client_id, version: "mqttv5" };
@@ -191,7 +148,7 @@ async fn the_receiving_node_checks_each_subscribers_read_permission() -> anyhow:
     client(1, "device-1", "device-1-pub").publish("devices/device-1/status", 1, "not for device-2");
     client(1, "device-2", "device-2-pub").publish("devices/device-2/status", 1, "mine");
     assert_eq!(lines(watcher), ["devices/device-2/status mine"]);
-    let withheld = metric(&cluster, 2, "rampart_messages_dropped_total{reason=\"read_not_authorized\"}");
+    let withheld = cluster.metric(2, "rampart_messages_dropped_total{reason=\"read_not_authorized\"}");
     assert_eq!(withheld, 1, "node 2 withheld device-1's message");
     Ok(())
 }
@@ -199,7 +156,7 @@ async fn the_receiving_node_checks_each_subscribers_read_permission() -> anyhow:
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restarted_node_gets_its_routes_and_links_back() -> anyhow::Result<()> {
     let mut cluster = TestCluster::start(Options::default())?;
-    wait_until_serving(&cluster).await?;
+    cluster.wait_until_serving().await?;
     let before = Client { cluster: &cluster, node: 2, device: "device-1", client_id: "device-1-before", version: "mqttv5" };
     let mut first = before.subscribe("devices/device-1/before", 1, 1, 20);
     wait_for_routes(&cluster, 1, 2, 1);
@@ -217,8 +174,8 @@ async fn a_restarted_node_gets_its_routes_and_links_back() -> anyhow::Result<()>
     let after = client(2, "device-1-after").subscribe("devices/device-1/after", 1, 1, 20);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let up = metric(&cluster, 1, "rampart_forward_link_up{peer=\"2\"}") == 1;
-        let routes = metric(&cluster, 1, "rampart_forward_peer_routes{peer=\"2\"}");
+        let up = cluster.metric(1, "rampart_forward_link_up{peer=\"2\"}") == 1;
+        let routes = cluster.metric(1, "rampart_forward_peer_routes{peer=\"2\"}");
         if up && routes == 1 {
             break;
         }
@@ -238,7 +195,7 @@ async fn a_cut_link_loses_no_qos1_message_and_delivers_none_twice() -> anyhow::R
     // the link dies, the sender reconnects and re-sends what node 2 did not acknowledge.
     let options = Options { quic_relay: Some(2), link_idle_timeout_ms: 1000, ..Options::default() };
     let cluster = TestCluster::start(options)?;
-    wait_until_serving(&cluster).await?;
+    cluster.wait_until_serving().await?;
     let client = |node, client_id| Client { cluster: &cluster, node, device: "device-1", client_id, version: "mqttv5" };
     let subscriber = client(2, "device-1-sub").subscribe("devices/device-1/seq", 1, MESSAGES, 90);
     // A subscriber on the publishing node: the dead peer must not stall it.
@@ -267,7 +224,7 @@ async fn a_cut_link_loses_no_qos1_message_and_delivers_none_twice() -> anyhow::R
     let expected: Vec<String> = (1..=MESSAGES).map(|n| format!("devices/device-1/seq {n}")).collect();
     assert_eq!(lines(local), expected, "the local subscriber got everything meanwhile");
     assert_eq!(lines(subscriber), expected, "every message once, in order");
-    assert!(metric(&cluster, 1, "rampart_forward_dropped_total{peer=\"2\"}") == 0);
+    assert!(cluster.metric(1, "rampart_forward_dropped_total{peer=\"2\"}") == 0);
     let log = std::fs::read_to_string(&cluster.node(1).log)?;
     let downs = log.lines().filter(|l| l.contains("forwarding link down") && l.contains("peer=2")).count();
     assert!(downs >= 1, "the cut must have killed the link (and the messages come by replay):\n{log}");
@@ -277,7 +234,7 @@ async fn a_cut_link_loses_no_qos1_message_and_delivers_none_twice() -> anyhow::R
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_id_is_unique_across_the_cluster() -> anyhow::Result<()> {
     let cluster = TestCluster::start(Options::default())?;
-    wait_until_serving(&cluster).await?;
+    cluster.wait_until_serving().await?;
     let (_, cert, key) = cluster.pki.devices.iter().find(|(n, _, _)| n == "device-1").expect("device-1");
     let (code, on_node_1) =
         rampart_cluster_tests::mqtt_connect(cluster.node(1).ports.mtls, &cluster.pki.ca_cert, cert, key, "device-1").await?;
@@ -302,7 +259,7 @@ fn persistent_subscription(cluster: &TestCluster, node: u64, qos: u8, filter: &s
 #[tokio::test(flavor = "multi_thread")]
 async fn a_persistent_session_moves_to_the_node_its_client_reconnects_to() -> anyhow::Result<()> {
     let cluster = TestCluster::start(Options::default())?;
-    wait_until_serving(&cluster).await?;
+    cluster.wait_until_serving().await?;
     let persistent = |node| persistent_subscription(&cluster, node, 1, "devices/device-1/jobs/#");
     // Subscribe on node 1, leave the session behind (-W ends the client normally).
     let setup = Command::new("mosquitto_sub").args(persistent(1)).args(["-W", "1"]).output()?;
@@ -335,7 +292,7 @@ async fn a_persistent_session_moves_to_the_node_its_client_reconnects_to() -> an
 #[tokio::test(flavor = "multi_thread")]
 async fn retained_messages_reach_every_node_and_a_restarted_one_gets_them_back() -> anyhow::Result<()> {
     let mut cluster = TestCluster::start(Options::default())?;
-    wait_until_serving(&cluster).await?;
+    cluster.wait_until_serving().await?;
     let publisher = Client { cluster: &cluster, node: 1, device: "device-1", client_id: "device-1-pub", version: "mqttv5" };
     let retain = |topic: &str, payload: &str| {
         let out = Command::new("mosquitto_pub").args(publisher.args()).args(["-t", topic, "-q", "1", "-r", "-m", payload]).output();
@@ -361,7 +318,7 @@ async fn retained_messages_reach_every_node_and_a_restarted_one_gets_them_back()
     }
     cluster.kill(2);
     cluster.start_node(2)?;
-    wait_until_serving(&cluster).await?;
+    cluster.wait_until_serving().await?;
     // Node 2 lost its memory; the links' retained snapshots bring the message back (and not the
     // cleared one).
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -382,7 +339,7 @@ async fn retained_messages_reach_every_node_and_a_restarted_one_gets_them_back()
 async fn a_retained_store_bigger_than_a_frame_reaches_a_restarted_node_and_its_link_stays_up() -> anyhow::Result<()> {
     const BLOBS: usize = 20;
     let mut cluster = TestCluster::start(Options::default())?;
-    wait_until_serving(&cluster).await?;
+    cluster.wait_until_serving().await?;
     let blob = cluster.dir.path().join("blob");
     std::fs::write(&blob, vec![b'x'; 1_000_000])?;
     let publisher = Client { cluster: &cluster, node: 1, device: "device-1", client_id: "device-1-pub", version: "mqttv5" };
@@ -396,7 +353,7 @@ async fn a_retained_store_bigger_than_a_frame_reaches_a_restarted_node_and_its_l
     let publisher_args = publisher.args();
     cluster.kill(3);
     cluster.start_node(3)?;
-    wait_until_serving(&cluster).await?;
+    cluster.wait_until_serving().await?;
     let reader = Client { cluster: &cluster, node: 3, device: "device-1", client_id: "device-1-reader", version: "mqttv5" };
     let mut got = Vec::new();
     for group in ["a", "b"] {
@@ -411,7 +368,7 @@ async fn a_retained_store_bigger_than_a_frame_reaches_a_restarted_node_and_its_l
     assert_eq!(got, want, "node 3's retained store after its restart");
     // The link from node 1 to node 3 is up and stays up: a live publish on node 1 reaches node 3.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(metric(&cluster, 1, "rampart_forward_link_up{peer=\"3\"}"), 1, "node 1's link to node 3");
+    assert_eq!(cluster.metric(1, "rampart_forward_link_up{peer=\"3\"}"), 1, "node 1's link to node 3");
     let live = reader.subscribe("devices/device-1/live", 1, 1, 20);
     wait_for_routes(&cluster, 1, 3, 1);
     let published = Command::new("mosquitto_pub")
@@ -471,7 +428,7 @@ fn collect(collectors: Vec<Collector>, total: usize) -> Vec<Vec<String>> {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_shared_group_spans_the_nodes_gets_each_message_once_and_prefers_local_members() -> anyhow::Result<()> {
     let cluster = TestCluster::start(Options::default())?;
-    wait_until_serving(&cluster).await?;
+    cluster.wait_until_serving().await?;
     const GROUP: &str = "$share/workers/devices/device-1/jobs/+";
     let member = |node: u64, client_id: &'static str| {
         let client = Client { cluster: &cluster, node, device: "device-1", client_id, version: "mqttv5" };
@@ -517,7 +474,7 @@ fn publish_jobs(cluster: &TestCluster, jobs: std::ops::Range<usize>) {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_message_the_group_member_on_node_2_refuses_goes_to_the_member_on_node_3() -> anyhow::Result<()> {
     let cluster = TestCluster::start(Options::default())?;
-    wait_until_serving(&cluster).await?;
+    cluster.wait_until_serving().await?;
     const GROUP: &str = "$share/workers/devices/device-1/jobs/+";
     const JOBS: usize = 12;
     let (_, cert, key) = cluster.pki.devices.iter().find(|(n, _, _)| n == "device-1").expect("a development device");
@@ -542,7 +499,7 @@ async fn a_message_the_group_member_on_node_2_refuses_goes_to_the_member_on_node
     let mut expected: Vec<String> = (0..JOBS).map(|n| format!("devices/device-1/jobs/{n} job {n}")).collect();
     expected.sort();
     assert_eq!(got, expected, "the member on node 3 got every message once, the refused ones passed on by node 2");
-    assert_eq!(metric(&cluster, 2, "rampart_shared_redispatched_total{reason=\"refused\"}"), refused);
+    assert_eq!(cluster.metric(2, "rampart_shared_redispatched_total{reason=\"refused\"}"), refused);
     Ok(())
 }
 
@@ -550,7 +507,7 @@ async fn a_message_the_group_member_on_node_2_refuses_goes_to_the_member_on_node
 /// the next publish sees its local member.
 fn eventually_local_member(cluster: &TestCluster) {
     let deadline = Instant::now() + Duration::from_secs(10);
-    while metric(cluster, 1, "rampart_subscriptions") < 1 {
+    while cluster.metric(1, "rampart_subscriptions") < 1 {
         assert!(Instant::now() < deadline, "the member on node 1 did not subscribe");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -559,7 +516,7 @@ fn eventually_local_member(cluster: &TestCluster) {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_will_published_on_node_1_reaches_a_subscriber_on_node_2() -> anyhow::Result<()> {
     let cluster = TestCluster::start(Options::default())?;
-    wait_until_serving(&cluster).await?;
+    cluster.wait_until_serving().await?;
     let watcher = Client { cluster: &cluster, node: 2, device: "device-1", client_id: "device-1-watcher", version: "mqttv5" };
     let watcher = watcher.subscribe("devices/device-1/status", 1, 1, 20);
     wait_for_routes(&cluster, 1, 2, 1);
@@ -574,7 +531,7 @@ async fn a_will_published_on_node_1_reaches_a_subscriber_on_node_2() -> anyhow::
         .spawn()
         .expect("mosquitto_sub");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while metric(&cluster, 1, "rampart_connections") < 1 {
+    while cluster.metric(1, "rampart_connections") < 1 {
         assert!(Instant::now() < deadline, "the device did not connect to node 1");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -593,7 +550,7 @@ async fn with_the_ack_barrier_a_publish_right_after_suback_reaches_the_new_subsc
     // must not turn this into a timeout.
     let options = Options { quic_relay: Some(1), suback_barrier: "ack", suback_barrier_timeout_ms: 15_000, ..Options::default() };
     let cluster = TestCluster::start(options)?;
-    wait_until_serving(&cluster).await?;
+    cluster.wait_until_serving().await?;
     cluster.relay.as_ref().expect("relay").delay(Duration::from_millis(400));
     let subscriber = Client { cluster: &cluster, node: 2, device: "device-1", client_id: "device-1-sub", version: "mqttv5" };
     // Line-buffered, so its debug line about the SUBACK arrives when the SUBACK does.
@@ -638,7 +595,7 @@ async fn with_the_cluster_puback_policy_an_acknowledged_message_survives_the_pub
     // cutting the link and killing node 1 right after the PUBACK loses nothing.
     let options = Options { quic_relay: Some(2), puback: "cluster", ..Options::default() };
     let mut cluster = TestCluster::start(options)?;
-    wait_until_serving(&cluster).await?;
+    cluster.wait_until_serving().await?;
     let subscriber = Client { cluster: &cluster, node: 2, device: "device-1", client_id: "device-1-sub", version: "mqttv5" };
     let subscriber = subscriber.subscribe("devices/device-1/orders", 1, 1, 20);
     wait_for_routes(&cluster, 1, 2, 1);
@@ -664,7 +621,7 @@ async fn qos2_over_a_lossy_slow_link_arrives_exactly_once_in_order() -> anyhow::
     const MESSAGES: usize = 200;
     let options = Options { quic_relay: Some(2), ..Options::default() };
     let cluster = TestCluster::start(options)?;
-    wait_until_serving(&cluster).await?;
+    cluster.wait_until_serving().await?;
     let client = |node, client_id| Client { cluster: &cluster, node, device: "device-1", client_id, version: "mqttv5" };
     let subscriber = client(2, "device-1-sub").subscribe("devices/device-1/exact", 2, MESSAGES, 90);
     wait_for_routes(&cluster, 1, 2, 1);
@@ -688,7 +645,7 @@ async fn a_session_moving_under_a_stream_of_qos2_messages_gets_each_exactly_once
     use std::io::Write;
     const MESSAGES: usize = 400;
     let cluster = TestCluster::start(Options::default())?;
-    wait_until_serving(&cluster).await?;
+    cluster.wait_until_serving().await?;
     let persistent = |node| persistent_subscription(&cluster, node, 2, "devices/device-1/stream");
     // The session subscribes on node 2 and goes offline there.
     let setup = Command::new("mosquitto_sub").args(persistent(2)).args(["-W", "1"]).output()?;

@@ -91,3 +91,37 @@ fn an_rsa_ca_issues_certificates_that_verify() {
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains("rsaEncryption") && text.contains("2048 bit"), "{text}");
 }
+
+/// The node id a node certificate is bound to, as `openssl x509 -text` shows it.
+fn node_uri_of(dir: &Path, cert: &str) -> Option<String> {
+    let out = Command::new("openssl").args(["x509", "-noout", "-ext", "subjectAltName", "-in"]).arg(dir.join(cert)).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.split(", ").find_map(|name| name.trim().strip_prefix("URI:").map(str::to_string))
+}
+
+#[test]
+fn node_certificates_are_bound_to_their_node_id() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("pki");
+    ok(pki(&dir, &["init-ca"]));
+    ok(pki(&dir, &["issue-node", "--id", "node-3"]));
+    assert_eq!(node_uri_of(&dir, "nodes/node-3.pem").as_deref(), Some("urn:rampart:node:3"));
+    ok(pki(&dir, &["issue-node", "--id", "rampart-0", "--node-id", "1", "--san", "rampart-0.rampart-headless"]));
+    assert_eq!(node_uri_of(&dir, "nodes/rampart-0.pem").as_deref(), Some("urn:rampart:node:1"));
+    assert!(openssl_verify(&dir, "nodes/rampart-0.pem", false));
+    for (args, error) in [
+        (vec!["issue-node", "--id", "gateway"], "give its node id (--node-id N, or NAME=N)"),
+        (vec!["issue-node", "--id", "rampart-0"], "give its node id"),
+        (vec!["issue-node", "--id", "gw", "--node-id", "0"], "node ids start at 1"),
+        (vec!["ensure", "--nodes", "gw=x"], "\"x\" is not a node id"),
+    ] {
+        let out = pki(&dir, &args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains(error), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    // `ensure` keeps a node certificate bound to the right id and reissues one bound to another.
+    let ensured = ok(pki(&dir, &["ensure", "--nodes", "node-3,rampart-0=2"]));
+    assert!(ensured.contains("kept") && ensured.contains("nodes/node-3.pem"), "{ensured}");
+    assert!(ensured.contains("issued node certificate") && ensured.contains("nodes/rampart-0.pem"), "{ensured}");
+    assert_eq!(node_uri_of(&dir, "nodes/rampart-0.pem").as_deref(), Some("urn:rampart:node:2"));
+}

@@ -1,6 +1,9 @@
 //! The server side of the cluster port: openraft's RPCs (`Raft`) and node-to-node calls
 //! (`Node`: forwarded writes, progress, this node's clients, kicks). Mutual TLS with the node
-//! certificate; every call must come from a node certificate (OU rampart-node).
+//! certificate; every call must come from a node certificate (OU rampart-node, not revoked)
+//! bound to a node id, checked per call: Raft RPCs and every `Node` call but `progress` only from
+//! a current member (a node that knows no membership yet, waiting to be added, accepts the Raft
+//! RPCs that will tell it), a Raft RPC only on behalf of the node the certificate names.
 
 use std::sync::Arc;
 
@@ -18,11 +21,12 @@ use tonic::transport::Server;
 use tonic::{Request, Response, Status};
 
 use super::network::MAX_MESSAGE_BYTES;
-use super::{Cluster, Proposal, Raft};
+use super::{Cluster, Proposal};
 use crate::auth::state::ClientType;
 use crate::auth::store::AuthStore;
 use crate::broker::clients::{ClientInfo, ConnectedClients};
 use crate::config::ClusterConfig;
+use crate::tls::caller::NodeCertificate;
 
 fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Status> {
     serde_json::from_slice(bytes).map_err(|e| Status::invalid_argument(format!("undecodable cluster message: {e}")))
@@ -32,32 +36,61 @@ fn reply<T: Serialize>(value: &T) -> Response<RaftBytes> {
     Response::new(RaftBytes { payload: serde_json::to_vec(value).expect("cluster replies serialize") })
 }
 
+/// The node a call comes from, as its certificate says (put there by the port's interceptor).
+fn caller<T>(request: &Request<T>) -> Result<NodeCertificate, Status> {
+    request.extensions().get::<NodeCertificate>().cloned().ok_or_else(|| Status::unauthenticated("no verified node certificate"))
+}
+
+/// The calling node when it is a current member; `bootstrap`: also any node while this node
+/// knows no membership (it waits to be added and learns the membership from these calls).
+fn member<T>(cluster: &Cluster, request: &Request<T>, bootstrap: bool) -> Result<NodeCertificate, Status> {
+    let node = caller(request)?;
+    let members = cluster.members();
+    if members.iter().any(|(id, _, _)| *id == node.node_id) || (bootstrap && members.is_empty()) {
+        return Ok(node);
+    }
+    Err(Status::permission_denied(format!("node {} ({:?}) is not a member of this cluster", node.node_id, node.name)))
+}
+
+/// Refuses a Raft RPC sent on behalf of another node than the caller's certificate names.
+fn on_behalf_of(node: &NodeCertificate, vote: &openraft::Vote<super::NodeId>) -> Result<(), Status> {
+    match vote.leader_id().voted_for() {
+        Some(id) if id == node.node_id => Ok(()),
+        other => Err(Status::permission_denied(format!(
+            "node {} ({:?}) sent a Raft message on behalf of node {other:?}",
+            node.node_id, node.name
+        ))),
+    }
+}
+
 pub struct RaftService {
-    raft: Raft,
+    cluster: Arc<Cluster>,
 }
 
 #[tonic::async_trait]
 impl RaftRpc for RaftService {
     async fn append_entries(&self, request: Request<RaftBytes>) -> Result<Response<RaftBytes>, Status> {
-        let rpc = decode(&request.into_inner().payload)?;
-        Ok(reply(&self.raft.append_entries(rpc).await))
+        let node = member(&self.cluster, &request, true)?;
+        let rpc: openraft::raft::AppendEntriesRequest<super::TypeConfig> = decode(&request.into_inner().payload)?;
+        on_behalf_of(&node, &rpc.vote)?;
+        Ok(reply(&self.cluster.raft.append_entries(rpc).await))
     }
 
     async fn vote(&self, request: Request<RaftBytes>) -> Result<Response<RaftBytes>, Status> {
-        let rpc = decode(&request.into_inner().payload)?;
-        Ok(reply(&self.raft.vote(rpc).await))
+        let node = member(&self.cluster, &request, true)?;
+        let rpc: openraft::raft::VoteRequest<super::NodeId> = decode(&request.into_inner().payload)?;
+        on_behalf_of(&node, &rpc.vote)?;
+        Ok(reply(&self.cluster.raft.vote(rpc).await))
     }
 
     async fn install_snapshot(&self, request: Request<SnapshotChunk>) -> Result<Response<RaftBytes>, Status> {
+        let node = member(&self.cluster, &request, true)?;
         let chunk = request.into_inner();
-        let rpc = InstallSnapshotRequest {
-            vote: decode(&chunk.vote_json)?,
-            meta: decode(&chunk.meta_json)?,
-            offset: chunk.offset,
-            data: chunk.data,
-            done: chunk.done,
-        };
-        Ok(reply(&self.raft.install_snapshot(rpc).await))
+        let vote = decode(&chunk.vote_json)?;
+        on_behalf_of(&node, &vote)?;
+        let rpc =
+            InstallSnapshotRequest { vote, meta: decode(&chunk.meta_json)?, offset: chunk.offset, data: chunk.data, done: chunk.done };
+        Ok(reply(&self.cluster.raft.install_snapshot(rpc).await))
     }
 }
 
@@ -72,6 +105,7 @@ pub const MAX_SESSIONS_LISTED: usize = 10_000;
 #[tonic::async_trait]
 impl Node for NodeService {
     async fn write(&self, request: Request<RaftBytes>) -> Result<Response<RaftBytes>, Status> {
+        member(&self.cluster, &request, false)?;
         let proposal: Proposal = decode(&request.into_inner().payload)?;
         Ok(reply(&self.cluster.propose_here(proposal).await))
     }
@@ -81,10 +115,12 @@ impl Node for NodeService {
     }
 
     async fn sessions(&self, request: Request<ListSessionsRequest>) -> Result<Response<ListSessionsReply>, Status> {
+        member(&self.cluster, &request, false)?;
         Ok(Response::new(local_sessions(self.cluster.id, &self.clients, &request.into_inner())))
     }
 
     async fn kick(&self, request: Request<KickClientRequest>) -> Result<Response<KickClientReply>, Status> {
+        member(&self.cluster, &request, false)?;
         Ok(Response::new(local_kick(self.cluster.id, &self.clients, &request.into_inner())))
     }
 }
@@ -112,11 +148,12 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let tls = crate::tls::grpc_server_tls(&config.cert_file, &config.key_file, &config.ca_file, false)?;
-    let nodes_only = move |request: Request<()>| {
-        crate::tls::caller::authorize(&request, crate::pki::NODE_OU, &auth)?;
+    let nodes_only = move |mut request: Request<()>| {
+        let node = crate::tls::caller::authorize_node(&request, &auth)?;
+        request.extensions_mut().insert(node);
         Ok(request)
     };
-    let raft = RaftServer::new(RaftService { raft: cluster.raft.clone() })
+    let raft = RaftServer::new(RaftService { cluster: cluster.clone() })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let node = NodeServer::new(NodeService { cluster, clients }).max_decoding_message_size(MAX_MESSAGE_BYTES);

@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 
 use super::frame::{self, Ack, ClaimOutcome, Control, Forwarded, Reply, StreamHeader};
 use super::routes::RouteTable;
-use super::{check_peer, Forwarder, Peer};
+use super::{peer_certificate, Forwarder, Peer};
 use crate::cluster::Cluster;
 
 /// Replies (acknowledgements, claim answers) waiting for the control stream; a full queue makes
@@ -51,24 +51,22 @@ async fn serve(forwarder: &Arc<Forwarder>, cluster: &Cluster, incoming: quinn::I
         connection.close(1u32.into(), reason.as_bytes());
         reason
     };
-    check_peer(&connection, &forwarder.auth).map_err(|e| refuse(format!("refused: {e}")))?;
-    let (ack_stream, mut control) = connection.accept_bi().await.map_err(|e| e.to_string())?;
-    let mut input = BytesMut::new();
-    let (node_id, incarnation) = loop {
-        if let Some(hello) = frame::decode::<Control>(&mut input).map_err(|e| e.to_string())? {
-            match hello {
-                Control::Hello { node_id, incarnation } => break (node_id, incarnation),
-                other => return Err(refuse(format!("expected Hello, got {other:?}"))),
-            }
-        }
-        if control.read_buf(&mut input).await.map_err(|e| e.to_string())? == 0 {
-            return Err("closed before Hello".into());
-        }
-    };
+    let certified = peer_certificate(&connection, &forwarder.auth).map_err(|e| refuse(format!("refused: {e}")))?;
+    let hello = tokio::time::timeout(forwarder.settings.idle_timeout, read_hello(&connection));
+    let (ack_stream, control, input, (node_id, incarnation)) =
+        hello.await.map_err(|_| refuse("no Hello in time".into()))?.map_err(&refuse)?;
+    // The id a peer claims must be the one its certificate is bound to, and a current member's.
+    if node_id != certified.node_id {
+        return Err(refuse(format!(
+            "certificate {:?} is node {}'s, but it claims to be node {node_id}",
+            certified.name, certified.node_id
+        )));
+    }
     let member = cluster.members().iter().any(|(id, _, _)| *id == node_id) && node_id != forwarder.node_id;
     let Some(peer) = forwarder.peer(node_id).filter(|_| member) else {
         return Err(refuse(format!("node {node_id} is not a member of this cluster")));
     };
+    peer.opened(&connection);
     if peer.incarnation.swap(incarnation, Ordering::Relaxed) != incarnation {
         // A restarted peer: what it delivered before means nothing now.
         peer.delivered.lock().unwrap_or_else(|p| p.into_inner()).clear();
@@ -93,6 +91,23 @@ async fn serve(forwarder: &Arc<Forwarder>, cluster: &Cluster, incoming: quinn::I
     let result = read_control(forwarder, &peer, control, input, replies).await;
     streams.abort();
     result
+}
+
+/// Accepts the link's control stream and reads its first frame, the dialling node's `Hello`.
+async fn read_hello(connection: &quinn::Connection) -> Result<(quinn::SendStream, quinn::RecvStream, BytesMut, (u64, u64)), String> {
+    let (ack_stream, mut control) = connection.accept_bi().await.map_err(|e| e.to_string())?;
+    let mut input = BytesMut::new();
+    loop {
+        if let Some(hello) = frame::decode::<Control>(&mut input).map_err(|e| e.to_string())? {
+            return match hello {
+                Control::Hello { node_id, incarnation } => Ok((ack_stream, control, input, (node_id, incarnation))),
+                other => Err(format!("expected Hello, got {other:?}")),
+            };
+        }
+        if control.read_buf(&mut input).await.map_err(|e| e.to_string())? == 0 {
+            return Err("closed before Hello".into());
+        }
+    }
 }
 
 /// Applies the peer's route announcements and answers its claims until the control stream ends.

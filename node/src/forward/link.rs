@@ -135,10 +135,11 @@ async fn connect(forwarder: &Forwarder, peer: &Peer) -> Result<quinn::Connection
     let addr = tokio::net::lookup_host(&peer.quic_addr).await.map_err(|e| e.to_string())?.next().ok_or("address did not resolve")?;
     let host = peer.quic_addr.rsplit_once(':').map_or(peer.quic_addr.as_str(), |(host, _)| host).trim_matches(['[', ']']);
     let connection = forwarder.endpoint.connect(addr, host).map_err(|e| e.to_string())?.await.map_err(|e| e.to_string())?;
-    check_peer(&connection, &forwarder.auth).map_err(|e| {
-        connection.close(1u32.into(), b"not a node certificate");
+    check_peer(&connection, peer.node_id, &forwarder.auth).map_err(|e| {
+        connection.close(1u32.into(), b"not the node certificate of the member dialled");
         format!("peer refused: {e}")
     })?;
+    peer.opened(&connection);
     Ok(connection)
 }
 

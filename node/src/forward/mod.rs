@@ -35,6 +35,7 @@ use crate::broker::retained::Stamp;
 use crate::broker::{AttachError, BarrierFuture, Broker, ClaimFuture, Remote, RemoteAcks, TailFuture};
 use crate::cluster::Cluster;
 use crate::telemetry::metrics::LinkGauge;
+use crate::tls::caller::NodeCertificate;
 use frame::{ClaimOutcome, Control, Recipients};
 use queue::{Outgoing, PeerQueue};
 use routes::RouteTable;
@@ -101,6 +102,9 @@ pub struct Peer {
     claims: Mutex<Vec<Control>>,
     claims_ready: tokio::sync::Notify,
     pending: Mutex<HashMap<u64, oneshot::Sender<ClaimOutcome>>>,
+    /// Its open connections (our link to it, its link to us), closed when it stops being a
+    /// member or its certificate is revoked.
+    connections: Mutex<Vec<quinn::Connection>>,
     stop: watch::Sender<bool>,
 }
 
@@ -120,8 +124,30 @@ impl Peer {
             claims: Mutex::new(Vec::new()),
             claims_ready: tokio::sync::Notify::new(),
             pending: Mutex::new(HashMap::new()),
+            connections: Mutex::new(Vec::new()),
             stop: watch::channel(false).0,
         }
+    }
+
+    /// Keeps `connection` so it can be closed when the peer loses its standing.
+    fn opened(&self, connection: &quinn::Connection) {
+        let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        connections.retain(|c| c.close_reason().is_none());
+        connections.push(connection.clone());
+    }
+
+    /// Closes its open connections whose certificate no longer passes (all of them when `reason`
+    /// is given).
+    fn recheck(&self, auth: &AuthStore, reason: Option<&str>) {
+        let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        connections.retain(|connection| {
+            let refused = reason.map(str::to_string).or_else(|| check_peer(connection, self.node_id, auth).err());
+            if let Some(refused) = &refused {
+                tracing::warn!(peer = self.node_id, reason = %refused, "forwarding connection closed");
+                connection.close(2u32.into(), refused.as_bytes());
+            }
+            refused.is_none() && connection.close_reason().is_none()
+        });
     }
 
     /// Sends a claim on our link; the answer comes through the returned channel (closed if the
@@ -402,9 +428,13 @@ impl Remote for Forwarder {
 /// following the Raft membership.
 async fn follow_membership(forwarder: Arc<Forwarder>, cluster: Arc<Cluster>, mut shutdown: watch::Receiver<bool>) {
     let mut every = tokio::time::interval(Duration::from_millis(500));
+    let mut membership = cluster.raft.metrics();
+    let mut auth_changes = forwarder.auth.changes();
     loop {
         tokio::select! {
             _ = every.tick() => {}
+            _ = membership.changed() => {}
+            _ = auth_changes.changed() => {}
             _ = shutdown.changed() => break,
         }
         let members: HashMap<u64, String> =
@@ -416,6 +446,8 @@ async fn follow_membership(forwarder: Arc<Forwarder>, cluster: Arc<Cluster>, mut
                 tracing::info!(peer = id, "forwarding link closed: no longer a member (or moved)");
                 peer.stop.send_replace(true);
             }
+            // A revoked certificate loses its connections at once; a removed member all of them.
+            peer.recheck(&forwarder.auth, (!keep).then_some("no longer a member of this cluster"));
             keep
         });
         for (id, addr) in members {
@@ -468,12 +500,22 @@ fn endpoint(settings: &ForwardSettings) -> anyhow::Result<quinn::Endpoint> {
     Ok(endpoint)
 }
 
-/// The node certificate a link's peer presented, checked: OU `rampart-node`, not revoked.
-fn check_peer(connection: &quinn::Connection, auth: &AuthStore) -> Result<String, String> {
+/// The node certificate a link's peer presented, checked: OU `rampart-node`, not revoked, bound
+/// to a node id.
+fn peer_certificate(connection: &quinn::Connection, auth: &AuthStore) -> Result<NodeCertificate, String> {
     let chain = connection
         .peer_identity()
         .and_then(|identity| identity.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>().ok())
         .ok_or("no peer certificate")?;
     let leaf = chain.first().ok_or("empty peer certificate chain")?;
-    crate::tls::caller::check_certificate(leaf, crate::pki::NODE_OU, auth).map_err(|e| e.to_string())
+    crate::tls::caller::check_node(leaf, auth).map_err(|e| e.to_string())
+}
+
+/// As [`peer_certificate`], and the certificate is node `node_id`'s.
+fn check_peer(connection: &quinn::Connection, node_id: u64, auth: &AuthStore) -> Result<(), String> {
+    let node = peer_certificate(connection, auth)?;
+    if node.node_id != node_id {
+        return Err(format!("certificate {:?} is node {}'s, not node {node_id}'s", node.name, node.node_id));
+    }
+    Ok(())
 }

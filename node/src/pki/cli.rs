@@ -41,11 +41,16 @@ pub enum PkiCommand {
         #[arg(long, default_value_t = 825)]
         days: u32,
     },
-    /// Issue a cluster node certificate (server and client authentication).
+    /// Issue a cluster node certificate (server and client authentication), bound to its node id.
     IssueNode {
         /// Node name (common name, and file name under nodes/).
         #[arg(long)]
         id: String,
+        /// The node's `cluster.node_id`, written into the certificate (URI urn:rampart:node:<id>);
+        /// the other nodes accept the certificate only for that id. Default: the number the name
+        /// ends in (node-2: 2).
+        #[arg(long)]
+        node_id: Option<u64>,
         /// DNS name or IP address the other nodes reach it by (repeatable); defaults to the id.
         #[arg(long)]
         san: Vec<String>,
@@ -94,7 +99,8 @@ pub enum PkiCommand {
         /// DNS names or IP addresses of the server certificate, also added to every node certificate.
         #[arg(long)]
         san: Vec<String>,
-        /// Node certificates (each also valid for its own name, e.g. the compose service name).
+        /// Node certificates, comma-separated `NAME` or `NAME=NODE_ID` (the node id defaults to the
+        /// number the name ends in); each is also valid for its own name (e.g. the compose service).
         #[arg(long, value_delimiter = ',')]
         nodes: Vec<String>,
         /// Admin certificates (comma-separated names).
@@ -117,7 +123,13 @@ pub fn run(args: PkiArgs) -> anyhow::Result<()> {
             print_issued("CA", &store.init_ca(&name, days, key)?)
         }
         PkiCommand::IssueServer { name, san, days } => print_issued("server", &store.issue(Kind::Server, &name, &san, days)?),
-        PkiCommand::IssueNode { id, san, days } => print_issued("node", &store.issue(Kind::Node, &id, &san, days)?),
+        PkiCommand::IssueNode { id, node_id, san, days } => {
+            let node_id = match node_id {
+                Some(node_id) => node_id,
+                None => trailing_number(&id)?,
+            };
+            print_issued("node", &store.issue_node(&id, node_id, &san, days)?)
+        }
         PkiCommand::IssueAdmin { name, days } => print_issued("admin", &store.issue(Kind::Admin, &name, &[], days)?),
         PkiCommand::IssueDevice { id, days } => print_issued("device", &store.issue(Kind::Device, &id, &[], days)?),
         PkiCommand::Revoke { cert, reason } => {
@@ -134,10 +146,21 @@ pub fn run(args: PkiArgs) -> anyhow::Result<()> {
             if !store.has_ca() {
                 print_issued("CA", &store.init_ca("Rampart Fleet CA", 3650, CaKey::EcdsaP256)?);
             }
+            for entry in &nodes {
+                let (name, node_id) = match entry.split_once('=') {
+                    Some((name, id)) => (name, id.parse().map_err(|_| anyhow::anyhow!("--nodes {entry}: {id:?} is not a node id"))?),
+                    None => (entry.as_str(), trailing_number(entry)?),
+                };
+                if store.node_id_in(name) == Some(node_id) && store.paths(Kind::Node, name).1.is_file() {
+                    println!("kept {}", store.paths(Kind::Node, name).0.display());
+                    continue;
+                }
+                let sans: Vec<String> = std::iter::once(name.to_string()).chain(san.iter().cloned()).collect();
+                print_issued("node", &store.issue_node(name, node_id, &sans, 825)?);
+            }
             let wanted = server
                 .iter()
                 .map(|s| (Kind::Server, s, san.clone()))
-                .chain(nodes.iter().map(|n| (Kind::Node, n, std::iter::once(n.clone()).chain(san.iter().cloned()).collect())))
                 .chain(admins.iter().map(|a| (Kind::Admin, a, Vec::new())))
                 .chain(devices.iter().map(|d| (Kind::Device, d, Vec::new())));
             for (kind, name, sans) in wanted {
@@ -146,12 +169,22 @@ pub fn run(args: PkiArgs) -> anyhow::Result<()> {
                     println!("kept {}", cert.display());
                     continue;
                 }
-                let days = if matches!(kind, Kind::Server | Kind::Node) { 825 } else { 365 };
+                let days = if kind == Kind::Server { 825 } else { 365 };
                 print_issued(&format!("{kind:?}").to_lowercase(), &store.issue(kind, name, &sans, days)?);
             }
         }
     }
     Ok(())
+}
+
+/// The node id a node name stands for when none is given: the number it ends in.
+fn trailing_number(name: &str) -> anyhow::Result<u64> {
+    let digits = name.len() - name.trim_end_matches(|c: char| c.is_ascii_digit()).len();
+    name[name.len() - digits..]
+        .parse()
+        .ok()
+        .filter(|&id: &u64| id > 0)
+        .ok_or_else(|| anyhow::anyhow!("node {name:?}: give its node id (--node-id N, or NAME=N); the name does not end in one"))
 }
 
 fn print_issued(what: &str, issued: &Issued) {

@@ -28,6 +28,26 @@ use rcgen::{
 use serde::{Deserialize, Serialize};
 use time::{Duration, OffsetDateTime};
 
+/// What a node certificate's URI name starts with; the node id follows (`urn:rampart:node:2`).
+pub const NODE_URI_PREFIX: &str = "urn:rampart:node:";
+
+/// The URI name that binds a node certificate to `node_id`.
+pub fn node_uri(node_id: u64) -> String {
+    format!("{NODE_URI_PREFIX}{node_id}")
+}
+
+/// The node id a certificate is bound to: its one `urn:rampart:node:<id>` URI name (none when it
+/// has no such name, or more than one).
+pub fn node_id_of(cert: &x509_parser::certificate::X509Certificate<'_>) -> Option<u64> {
+    let names = cert.subject_alternative_name().ok()??;
+    let mut ids = names.value.general_names.iter().filter_map(|name| match name {
+        x509_parser::extensions::GeneralName::URI(uri) => uri.strip_prefix(NODE_URI_PREFIX),
+        _ => None,
+    });
+    let id = ids.next()?.parse().ok().filter(|&id| id > 0)?;
+    ids.next().is_none().then_some(id)
+}
+
 /// Organizational unit marking cluster node certificates.
 pub const NODE_OU: &str = "rampart-node";
 /// Organizational unit marking admin API certificates.
@@ -195,6 +215,29 @@ impl Store {
     /// DNS names or IP addresses (servers and nodes). An existing certificate for the same name
     /// is moved aside as `<name>.<serial>.old.pem` and reported in [`Issued::replaced`].
     pub fn issue(&self, kind: Kind, name: &str, sans: &[String], days: u32) -> anyhow::Result<Issued> {
+        if kind == Kind::Node {
+            bail!("a node certificate carries its node id: issue it with `issue_node`");
+        }
+        self.issue_with(kind, name, sans, None, days)
+    }
+
+    /// Issues a cluster node certificate for node `node_id`: its id is bound to the certificate
+    /// (a `urn:rampart:node:<id>` URI name), which the other nodes check against the id it claims.
+    pub fn issue_node(&self, name: &str, node_id: u64, sans: &[String], days: u32) -> anyhow::Result<Issued> {
+        if node_id == 0 {
+            bail!("node ids start at 1");
+        }
+        self.issue_with(Kind::Node, name, sans, Some(SanType::URI(node_uri(node_id).try_into()?)), days)
+    }
+
+    /// The node id the node certificate `name` is bound to, if it exists and is bound to one.
+    pub fn node_id_in(&self, name: &str) -> Option<u64> {
+        let der = pem_to_der(&fs::read(self.paths(Kind::Node, name).0).ok()?).ok()?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
+        node_id_of(&cert)
+    }
+
+    fn issue_with(&self, kind: Kind, name: &str, sans: &[String], bound_to: Option<SanType>, days: u32) -> anyhow::Result<Issued> {
         check_name(name)?;
         let issuer = self.issuer()?;
         let (cert_path, key_path) = self.paths(kind, name);
@@ -214,6 +257,7 @@ impl Store {
         if matches!(kind, Kind::Server | Kind::Node) && params.subject_alt_names.is_empty() {
             params.subject_alt_names.push(SanType::DnsName(name.try_into()?));
         }
+        params.subject_alt_names.extend(bound_to);
         params.distinguished_name = self::name(name, kind.unit());
         params.extended_key_usages = kind.usages();
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -414,13 +458,19 @@ pub fn ensure_dev_pki(dir: &Path, nodes: usize) -> anyhow::Result<DevPki> {
         (Kind::Admin, "admin".into(), vec![]),
     ]
     .into_iter()
-    .chain(DEV_DEVICES.iter().map(|d| (Kind::Device, d.to_string(), vec![])))
-    .chain((1..=nodes).map(|n| (Kind::Node, format!("node-{n}"), vec!["localhost".into(), "127.0.0.1".into()])));
+    .chain(DEV_DEVICES.iter().map(|d| (Kind::Device, d.to_string(), vec![])));
     for (kind, name, sans) in wanted {
         let name = name.as_str();
         let (cert, key) = store.paths(kind, name);
         if !cert.is_file() || !key.is_file() {
             store.issue(kind, name, &sans, 825)?;
+        }
+    }
+    for n in 1..=nodes as u64 {
+        let name = format!("node-{n}");
+        // A node certificate from before node ids were bound to certificates is replaced.
+        if !store.paths(Kind::Node, &name).1.is_file() || store.node_id_in(&name) != Some(n) {
+            store.issue_node(&name, n, &["localhost".into(), "127.0.0.1".into()], 825)?;
         }
     }
     let auth_state = dir.join("auth.toml");
