@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub mod mosquitto;
 pub mod relay;
 
 use mqttbytes::v5;
@@ -119,6 +120,8 @@ pub struct Options {
     pub suback_barrier_timeout_ms: u64,
     /// `cluster.puback` of every node (`local` or `cluster`).
     pub puback: &'static str,
+    /// Lines of every node's `[limits]` section (TOML), e.g. `max_sessions_per_identity = 2`.
+    pub limits: &'static str,
 }
 
 impl Default for Options {
@@ -132,6 +135,7 @@ impl Default for Options {
             suback_barrier: "local",
             suback_barrier_timeout_ms: 1000,
             puback: "local",
+            limits: "",
         }
     }
 }
@@ -182,6 +186,8 @@ level = "info,openraft=warn"
 bind = "127.0.0.1:{http}"
 [auth]
 state_file = {auth:?}
+[limits]
+{limits}
 [listeners.tcp]
 enabled = false
 [listeners.tls]
@@ -224,6 +230,7 @@ ca_file = {ca:?}
                     suback_barrier = options.suback_barrier,
                     suback_barrier_timeout_ms = options.suback_barrier_timeout_ms,
                     puback = options.puback,
+                    limits = options.limits,
                 ),
             )?;
             let log = dir.path().join(format!("node-{id}.log"));

@@ -281,6 +281,22 @@ impl Mailbox {
         state.persist = Some(Persist { client_id, store });
     }
 
+    /// Copies of the queued deliveries after sequence `after` (0: all of them), oldest first,
+    /// and the sequence of the newest one queued; the queue stays as it is.
+    pub fn queued_after(&self, after: u64) -> (Vec<Delivery>, u64) {
+        let state = self.lock();
+        let copies = state.queue.iter().filter(|(sequence, _)| *sequence > after).map(|(_, d)| d.clone()).collect();
+        (copies, state.next_sequence)
+    }
+
+    /// Queues another copy's deliveries of this session (without waiting), except those whose
+    /// message is already queued here; returns how many it queued.
+    pub fn merge(&self, deliveries: Vec<Delivery>) -> usize {
+        let queued: HashSet<MessageId> = self.lock().queue.iter().filter_map(|(_, d)| d.message.id).collect();
+        let fresh = deliveries.into_iter().filter(|d| d.message.id.is_none_or(|id| !queued.contains(&id)));
+        fresh.map(|d| self.push_congested(d)).filter(|pushed| pushed.is_queued()).count()
+    }
+
     /// Starts (`true`) or ends (`false`) the window of a session move during which a message is
     /// queued at most once, however many ways it arrives.
     pub fn set_moving_in(&self, moving: bool) {
@@ -356,6 +372,22 @@ mod tests {
         mailbox.set_moving_in(false);
         mailbox.try_push(with_id(delivery(QoS::ExactlyOnce, 1), 1)).unwrap();
         assert_eq!(payloads(&mailbox), [1], "after the move nothing is remembered");
+    }
+
+    #[test]
+    fn a_copy_of_the_queue_leaves_it_as_it_is_and_a_merge_adds_only_what_is_missing() {
+        let mailbox = Mailbox::new(10);
+        for n in 1..=3 {
+            mailbox.try_push(with_id(delivery(QoS::AtLeastOnce, n), n.into())).unwrap();
+        }
+        let (all, through) = mailbox.queued_after(0);
+        assert_eq!((all.len(), through), (3, 3));
+        mailbox.try_push(with_id(delivery(QoS::AtLeastOnce, 4), 4)).unwrap();
+        let (tail, through) = mailbox.queued_after(through);
+        assert_eq!((tail.iter().map(|d| d.message.payload[0]).collect::<Vec<_>>(), through), (vec![4], 4));
+        let other = [2, 5].map(|n| with_id(delivery(QoS::AtLeastOnce, n), n.into())).to_vec();
+        assert_eq!(mailbox.merge(other), 1);
+        assert_eq!(payloads(&mailbox), [1, 2, 3, 4, 5]);
     }
 
     #[test]

@@ -15,7 +15,7 @@ pub mod state;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
@@ -136,6 +136,15 @@ impl LocalRoutes {
     }
 }
 
+/// A session moving to another node: kept here, collecting messages, until the move is settled.
+struct MovingOut {
+    session: SessionState,
+    /// The sequence of the newest queued message the new node has a copy of.
+    through: u64,
+    /// When it is given back unless settled.
+    deadline: tokio::time::Instant,
+}
+
 /// The broker. Cloning is cheap; every clone is the same broker.
 #[derive(Clone)]
 pub struct Broker {
@@ -152,8 +161,8 @@ struct Inner {
     routes: LocalRoutes,
     /// Set once when the node is part of a cluster.
     remote: OnceLock<Arc<dyn Remote>>,
-    /// Sessions that moved to another node and still collect messages for it (by client id).
-    moving_out: Mutex<HashMap<String, SessionState>>,
+    /// Sessions moving to another node, kept until the move is settled (by client id).
+    moving_out: Mutex<HashMap<String, MovingOut>>,
     /// This node's id in the cluster, and the number of the next message published here.
     node_id: OnceLock<u64>,
     next_message: AtomicU64,
@@ -216,47 +225,74 @@ impl Broker {
     }
 
     /// Hands a connection the session of its client id (see [`Registry::attach`]): taken over
-    /// from a live connection of the same owner, resumed, fresh, or moved here from another node.
+    /// from a live connection of the same owner, resumed, fresh, or moved here from another node
+    /// (or several: a session one node gave back while another took it is merged).
     pub async fn attach(&self, request: AttachRequest<'_>, now: Instant) -> Result<Attached, AttachError> {
-        let moved = match self.inner.remote.get() {
+        let remote = self.inner.remote.get();
+        let moved = match remote {
             Some(remote) => remote.claim(request.client_id, request.owner, request.clean_start).await?,
-            None => None,
+            None => Vec::new(),
         };
         let registry = &self.inner.registry;
-        let mut attached =
-            registry.attach(request.client_id, request.owner, request.clean_start, now, self.inner.settings.takeover_timeout).await?;
+        let attached =
+            registry.attach(request.client_id, request.owner, request.clean_start, now, self.inner.settings.takeover_timeout).await;
+        let mut attached = match (attached, remote) {
+            (Ok(attached), _) => attached,
+            (Err(e), Some(remote)) => {
+                // The sessions released for this connection go back where they were.
+                for (from, _) in &moved {
+                    remote.settle_move(*from, request.client_id, false);
+                }
+                return Err(e);
+            }
+            (Err(e), None) => return Err(e),
+        };
         if let Some(old) = attached.discarded.take() {
             self.drop_subscriptions(&old);
         }
         attached.session.durable = request.durable && self.inner.store.is_some();
         attached.session.mailbox.set_capacity(request.queue_capacity);
-        if let Some((from, moved)) = moved {
-            if attached.present {
-                tracing::warn!(client_id = request.client_id, "a session existed here and on another node; the one here is kept");
-            } else {
-                attached.session.mailbox.set_moving_in(true);
-                self.install_moved(&mut attached.session, moved);
-                attached.present = true;
-                self.collect_move_tail(from, request.client_id, attached.session.mailbox.clone());
+        if !moved.is_empty() {
+            attached.session.mailbox.set_moving_in(true);
+            let mut froms = Vec::with_capacity(moved.len());
+            for (from, moved) in moved {
+                if attached.present {
+                    tracing::warn!(client_id = request.client_id, from, "a session existed here and on another node; merged");
+                    self.merge_moved(&mut attached.session, moved);
+                } else {
+                    self.install_moved(&mut attached.session, moved);
+                    attached.present = true;
+                }
+                froms.push(from);
             }
+            self.collect_move_tails(froms, request.client_id, attached.session.mailbox.clone());
         }
         Ok(attached)
     }
 
     /// The second phase of a session move, after the client has its CONNACK: once the other
-    /// nodes route by this node's new subscriptions, the old node stops collecting messages for
-    /// the session and hands over what it collected since the first phase; a message that came
-    /// both ways is queued once.
-    fn collect_move_tail(&self, from: u64, client_id: &str, mailbox: Arc<mailbox::Mailbox>) {
+    /// nodes route by this node's new subscriptions, each old node stops collecting messages for
+    /// the session and hands over what it collected since the first phase (a message that came
+    /// both ways is queued once); then the move is settled and the old node drops its copy.
+    fn collect_move_tails(&self, froms: Vec<u64>, client_id: &str, mailbox: Arc<mailbox::Mailbox>) {
         let Some(remote) = self.inner.remote.get().cloned() else { return };
         let (client_id, version) = (client_id.to_string(), *self.inner.routes.version.borrow());
         tokio::spawn(async move {
-            let tail = remote.complete_move(from, &client_id, version).await;
-            let count = tail.len();
-            for message in tail {
-                mailbox.push_congested(message.into_delivery());
+            for from in froms {
+                match remote.complete_move(from, &client_id, version).await {
+                    Some(tail) => {
+                        let count = tail.len();
+                        for message in tail {
+                            mailbox.push_congested(message.into_delivery());
+                        }
+                        remote.settle_move(from, &client_id, true);
+                        tracing::info!(%client_id, from, messages = count, "session move completed");
+                    }
+                    // Unsettled, the old node keeps its copy and takes it back: a later
+                    // connection of the client claims it again (at least once, never lost).
+                    None => tracing::warn!(%client_id, from, "session move: the old node's tail did not arrive; it keeps its copy"),
+                }
             }
-            tracing::info!(%client_id, from, messages = count, "session move completed");
             // Copies of the tail's messages still on their way here directly are recognised a
             // little longer.
             tokio::time::sleep(MOVE_DUPLICATE_WINDOW).await;
@@ -269,19 +305,23 @@ impl Broker {
         session.expiry = moved.session.expiry();
         session.awaiting_pubrel = moved.session.awaiting_pubrel.iter().copied().collect();
         session.inflight = moved.session.take_inflight().map(|(id, seq, f)| (id, (seq, f))).collect();
+        self.merge_moved(session, moved);
+    }
+
+    /// Adds a moved session's subscriptions and queued messages to a session here.
+    fn merge_moved(&self, session: &mut SessionState, moved: MovedSession) {
         for (filter, options) in moved.session.subscriptions() {
             self.add_subscription(session, filter, options);
         }
-        for message in moved.queued {
-            session.mailbox.push_congested(message.into_delivery());
-        }
+        session.mailbox.merge(moved.queued.into_iter().map(MovedMessage::into_delivery).collect());
     }
 
     /// Gives up this node's session of `client_id` to another node where a client of `owner`
-    /// connects (see [`registry::Registry::release`]); returns its state unless `clean_start`
-    /// or it ends with its connection. A session that moves keeps its subscriptions here and
-    /// collects what reaches it until the new node asks for that tail ([`Broker::finish_move`]),
-    /// or for at most `abandon_after`.
+    /// connects (see [`registry::Registry::release`]); returns a copy of its state unless
+    /// `clean_start` or it ends with its connection. The session itself stays here — with its
+    /// subscriptions, collecting what reaches it, and its stored copy when durable — until the
+    /// move is settled ([`Broker::end_move`], [`Broker::give_back`]); unsettled after
+    /// `abandon_after` (renewed when the new node asks for the tail), it is given back.
     pub async fn release(
         &self,
         client_id: &str,
@@ -299,47 +339,81 @@ impl Broker {
             tracing::info!(%client_id, "session ended: its client connected on another node");
             return Ok(None);
         }
+        let (queued, through) = session.mailbox.queued_after(0);
         let moved = MovedSession {
             session: StoredSession::capture(&session, now + session.expiry),
-            queued: std::iter::from_fn(|| session.mailbox.pop()).map(|d| MovedMessage::from_delivery(&d)).collect(),
+            queued: queued.iter().map(MovedMessage::from_delivery).collect(),
         };
-        // Collected in memory from now on: the new node owns the session, the stored copy goes.
-        session.mailbox.set_online();
-        session.mailbox.set_offline(None);
         let id = session.id;
-        self.inner.moving_out.lock().unwrap_or_else(|p| p.into_inner()).insert(client_id.to_string(), session);
+        let deadline = tokio::time::Instant::now() + abandon_after;
+        let moving = MovingOut { session, through, deadline };
+        self.moving_out().insert(client_id.to_string(), moving);
         tracing::info!(%client_id, queued = moved.queued.len(), "session handed to another node");
         let (broker, client_id) = (self.clone(), client_id.to_string());
         tokio::spawn(async move {
-            tokio::time::sleep(abandon_after).await;
-            if let Some(session) = broker.take_moving_out(&client_id, id) {
-                let lost = session.mailbox.len();
-                broker.drop_subscriptions(&session);
-                session.mailbox.close();
-                (0..lost).for_each(|_| crate::telemetry::metrics::dropped(crate::telemetry::metrics::DropReason::MoveAbandoned));
-                tracing::warn!(%client_id, lost, "session moved to another node that did not collect its tail in time");
+            // Given back unless settled in time; the deadline moves when the new node asks for the tail.
+            loop {
+                let deadline = match broker.moving_out().get(&client_id) {
+                    Some(moving) if moving.session.id == id => moving.deadline,
+                    _ => return,
+                };
+                if deadline <= tokio::time::Instant::now() {
+                    broker.give_back(&client_id, "the new node did not settle the move in time");
+                    return;
+                }
+                tokio::time::sleep_until(deadline).await;
             }
         });
         Ok(Some(moved))
     }
 
-    /// Ends a session move on this (the old) node: stops collecting messages for the session
-    /// after `linger` (messages already on their way here still arrive meanwhile) and returns
-    /// what it collected since [`Broker::release`].
-    pub async fn finish_move(&self, client_id: &str, linger: Duration) -> Vec<MovedMessage> {
-        tokio::time::sleep(linger).await;
-        let Some(session) = self.inner.moving_out.lock().unwrap_or_else(|p| p.into_inner()).remove(client_id) else {
-            return Vec::new();
-        };
-        self.drop_subscriptions(&session);
-        let tail = std::iter::from_fn(|| session.mailbox.pop()).map(|d| MovedMessage::from_delivery(&d)).collect();
-        session.mailbox.close();
-        tail
+    fn moving_out(&self) -> MutexGuard<'_, HashMap<String, MovingOut>> {
+        self.inner.moving_out.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn take_moving_out(&self, client_id: &str, id: message::SessionId) -> Option<SessionState> {
-        let mut moving = self.inner.moving_out.lock().unwrap_or_else(|p| p.into_inner());
-        moving.get(client_id).is_some_and(|s| s.id == id).then(|| moving.remove(client_id)).flatten()
+    /// The tail of a move out of this node, once the new node routes to the session: after
+    /// `linger` (messages already on their way here still arrive meanwhile), copies of what
+    /// the session collected since [`Broker::release`]. `None` when no move of `client_id` is
+    /// under way here. The session stays until the move is settled (`abandon_after` from now).
+    pub async fn finish_move(&self, client_id: &str, linger: Duration, abandon_after: Duration) -> Option<Vec<MovedMessage>> {
+        tokio::time::sleep(linger).await;
+        let mut moving_out = self.moving_out();
+        let moving = moving_out.get_mut(client_id)?;
+        moving.deadline = tokio::time::Instant::now() + abandon_after;
+        let (tail, through) = moving.session.mailbox.queued_after(moving.through);
+        moving.through = through;
+        Some(tail.iter().map(MovedMessage::from_delivery).collect())
+    }
+
+    /// The new node holds the session that moved out of here: its copy here (subscriptions,
+    /// queue, stored copy) goes.
+    pub fn end_move(&self, client_id: &str) {
+        let Some(moving) = self.moving_out().remove(client_id) else { return };
+        self.drop_subscriptions(&moving.session);
+        moving.session.mailbox.close();
+        tracing::debug!(%client_id, "moved session settled; the copy here is dropped");
+    }
+
+    /// The session that was moving out of here stays here after all (the new node could not
+    /// take it, or did not settle in time): offline again, as before its client connected
+    /// elsewhere. Its messages go to a session of the same owner that started here meanwhile.
+    pub fn give_back(&self, client_id: &str, reason: &str) {
+        let Some(moving) = self.moving_out().remove(client_id) else { return };
+        let session = moving.session;
+        let queued = session.mailbox.len();
+        match self.inner.registry.give_back(client_id, session, Instant::now()) {
+            Ok(()) => tracing::warn!(%client_id, queued, %reason, "moved session taken back: it stays here, offline"),
+            Err(occupied) => {
+                let registry::Occupied { session, current } = *occupied;
+                let (copies, _) = session.mailbox.queued_after(0);
+                let merged = current.map_or(0, |mailbox| mailbox.merge(copies));
+                let lost = queued - merged.min(queued);
+                self.drop_subscriptions(&session);
+                session.mailbox.close();
+                (0..lost).for_each(|_| crate::telemetry::metrics::dropped(crate::telemetry::metrics::DropReason::MoveAbandoned));
+                tracing::warn!(%client_id, queued, merged, lost, %reason, "moved session taken back while another session of its client id started here");
+            }
+        }
     }
 
     /// The default offline queue limit of a client type (durable: APPLICATION).

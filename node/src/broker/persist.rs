@@ -137,6 +137,11 @@ fn from_unix(secs: u64) -> Instant {
 }
 
 impl StoredMessage {
+    /// About how many bytes it takes serialized.
+    pub fn wire_size(&self) -> usize {
+        self.topic.len() + self.payload.len() + self.properties.wire_size() + self.subscription_ids.len() * 4 + 24
+    }
+
     pub fn from_delivery(d: &Delivery) -> StoredMessage {
         let m = &d.message;
         StoredMessage {

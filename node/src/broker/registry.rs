@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{watch, Notify};
 
+use super::mailbox::Mailbox;
 use super::message::SessionId;
 use super::state::SessionState;
 use crate::auth::policy::Owner;
@@ -22,12 +23,22 @@ use crate::auth::policy::Owner;
 struct SlotState {
     /// The session, while no connection holds it.
     session: Option<SessionState>,
+    /// The session's mailbox (also while a connection holds it).
+    mailbox: Arc<Mailbox>,
     /// Who the session belongs to (also while a connection holds it).
     owner: Owner,
     /// False until a connection has used the session (a new slot holds a blank one).
     started: bool,
     /// When the offline session expires.
     expires_at: Option<Instant>,
+}
+
+impl SlotState {
+    /// Keeps `session` until a connection takes it.
+    fn hold(&mut self, session: SessionState) {
+        self.mailbox = session.mailbox.clone();
+        self.session = Some(session);
+    }
 }
 
 #[derive(Debug)]
@@ -40,9 +51,9 @@ pub struct Slot {
 
 impl Slot {
     fn new(session: SessionState, started: bool, expires_at: Option<Instant>) -> Arc<Slot> {
-        let owner = session.owner.clone();
+        let (owner, mailbox) = (session.owner.clone(), session.mailbox.clone());
         Arc::new(Slot {
-            state: Mutex::new(SlotState { session: Some(session), owner, started, expires_at }),
+            state: Mutex::new(SlotState { session: Some(session), mailbox, owner, started, expires_at }),
             handed_back: Notify::new(),
             generation: watch::channel(0).0,
         })
@@ -101,6 +112,15 @@ pub enum AttachError {
     TooManySessions { owner: Owner, limit: usize },
     #[error("nodes {0:?} did not answer whether they hold this client id's session (cluster.remote_session_unreachable = \"refuse\")")]
     PeersUnreachable(Vec<u64>),
+}
+
+/// A session given back while its client id had a session here again.
+#[derive(Debug)]
+pub struct Occupied {
+    /// The session given back.
+    pub session: SessionState,
+    /// The mailbox of the session now here, when it has the same owner.
+    pub current: Option<Arc<Mailbox>>,
 }
 
 /// A session handed to a connection.
@@ -226,6 +246,7 @@ impl Registry {
             old
         });
         let present = started && discarded.is_none();
+        slot.lock().mailbox = session.mailbox.clone();
         session.mailbox.set_online();
         let taken_over = slot.generation.subscribe();
         Ok(Attached { attachment: Attachment { client_id, generation, taken_over, slot }, session, present, discarded })
@@ -284,7 +305,7 @@ impl Registry {
         let mut slots = self.slots();
         {
             let mut state = slot.lock();
-            state.session = Some(self.blank(Owner::Anonymous));
+            state.hold(self.blank(Owner::Anonymous));
             state.owner = Owner::Anonymous;
             state.started = false;
             state.expires_at = None;
@@ -305,7 +326,7 @@ impl Registry {
         let ended = if session.expiry.is_zero() {
             session.mailbox.close();
             let mut state = slot.lock();
-            state.session = Some(self.blank(Owner::Anonymous));
+            state.hold(self.blank(Owner::Anonymous));
             state.owner = Owner::Anonymous;
             state.started = false;
             state.expires_at = None;
@@ -313,7 +334,7 @@ impl Registry {
         } else {
             let mut state = slot.lock();
             state.expires_at = Some(now + session.expiry);
-            state.session = Some(session);
+            state.hold(session);
             None
         };
         if let Some(ended) = &ended {
@@ -344,7 +365,7 @@ impl Registry {
                 return true;
             }
             let session = state.session.take().expect("checked above");
-            state.session = Some(self.blank(Owner::Anonymous));
+            state.hold(self.blank(Owner::Anonymous));
             state.owner = Owner::Anonymous;
             state.started = false;
             state.expires_at = None;
@@ -359,9 +380,27 @@ impl Registry {
 
     /// Puts back a session read from the session store, offline until its client reconnects.
     pub fn restore(&self, client_id: Arc<str>, session: SessionState, expires_at: Instant) {
-        let mut slots = self.slots();
+        Self::insert_offline(&mut self.slots(), client_id, session, expires_at);
+    }
+
+    fn insert_offline(slots: &mut Slots, client_id: Arc<str>, session: SessionState, expires_at: Instant) {
         slots.count(&session.owner, 1);
         slots.by_client_id.insert(client_id, Slot::new(session, true, Some(expires_at)));
+    }
+
+    /// Puts back a session that was moving to another node, offline, unless its client id has
+    /// a session here again: then it comes back with that session's mailbox when both have the
+    /// same owner (so its messages can go there).
+    pub fn give_back(&self, client_id: &str, session: SessionState, now: Instant) -> Result<(), Box<Occupied>> {
+        let mut slots = self.slots();
+        if let Some(slot) = slots.by_client_id.get(client_id) {
+            let state = slot.lock();
+            let same_owner = state.started && state.owner == session.owner;
+            return Err(Box::new(Occupied { session, current: same_owner.then(|| state.mailbox.clone()) }));
+        }
+        let expires_at = now + session.expiry;
+        Self::insert_offline(&mut slots, client_id.into(), session, expires_at);
+        Ok(())
     }
 
     /// Number of sessions (online and offline).

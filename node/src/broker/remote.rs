@@ -13,13 +13,13 @@ use super::retained::Stamp;
 use super::AttachError;
 use crate::auth::policy::Owner;
 
-/// What a remote claim on a client id yields: the session moved from the node that held it, and
-/// that node's id.
-pub type ClaimFuture<'a> =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Option<(u64, MovedSession)>, AttachError>> + Send + 'a>>;
+/// What a remote claim on a client id yields: the sessions moved from the nodes that held one
+/// (normally at most one), with those nodes' ids.
+pub type ClaimFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<(u64, MovedSession)>, AttachError>> + Send + 'a>>;
 
-/// What the old node of a moved session collected for it since the move began.
-pub type TailFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Vec<MovedMessage>> + Send + 'a>>;
+/// What the old node of a moved session collected for it since the move began; `None` when it
+/// could not be had.
+pub type TailFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Option<Vec<MovedMessage>>> + Send + 'a>>;
 
 /// What waiting for the other nodes to learn this node's routes is.
 pub type BarrierFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
@@ -33,13 +33,20 @@ pub trait Remote: Send + Sync + 'static {
 
     /// Makes `client_id` this node's, cluster-wide, before a client of `owner` attaches here:
     /// refused when another node holds it for another principal; a live connection elsewhere is
-    /// taken over, and a persistent session there moves here (unless `clean_start`).
+    /// taken over, and a persistent session there moves here (unless `clean_start`). Every
+    /// session it returns must be settled ([`Remote::settle_move`]); when it fails, the sessions
+    /// already released are given back to their nodes.
     fn claim<'a>(&'a self, client_id: &'a str, owner: &'a Owner, clean_start: bool) -> ClaimFuture<'a>;
 
     /// The second phase of a session move: once every peer with a live link routes by this
     /// node's routes as of `version` (bounded in time), asks node `from` to stop collecting for
-    /// `client_id` and returns what it collected (nothing if it cannot be asked).
+    /// `client_id` and returns what it collected (`None` if it cannot be had).
     fn complete_move<'a>(&'a self, from: u64, client_id: &'a str, version: u64) -> TailFuture<'a>;
+
+    /// Ends the move of `client_id` from node `from`: this node holds the session and its tail
+    /// (`installed`: the old node drops its copy), or could not take it (the old node takes its
+    /// session back).
+    fn settle_move(&self, from: u64, client_id: &str, installed: bool);
 
     /// Completes once the other nodes route by this node's routes as of `version` (as the
     /// cluster's SUBACK barrier setting says, and bounded in time).

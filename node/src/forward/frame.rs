@@ -13,11 +13,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::policy::Owner;
 use crate::broker::message::{Message, MessageId};
-use crate::broker::persist::{MovedMessage, MovedSession, StoredProperties};
+use crate::broker::persist::{MovedMessage, MovedSession, StoredInflight, StoredMessage, StoredOptions, StoredProperties, StoredSession};
 use crate::broker::retained::{RetainedEntry, Stamp};
 
 /// The ALPN protocol of a forwarding link; a peer speaking another version is refused.
-pub const ALPN: &[u8] = b"rampart-fwd/4";
+pub const ALPN: &[u8] = b"rampart-fwd/5";
 
 /// Largest frame a node sends or accepts. No frame is built over it: a message that would not
 /// fit is refused (see [`crate::config::MAX_CLUSTERED_PACKET_SIZE`]) and big state travels in
@@ -57,6 +57,10 @@ pub enum Control {
     /// other nodes route to it: the accepting node stops collecting messages for it and sends
     /// what it collected (answered by [`Reply::Claimed`] with [`ClaimOutcome::Tail`]).
     MoveDone { request: u64, client_id: String },
+    /// The end of a move of `client_id` away from the accepting node: the dialling node holds the
+    /// session and its tail (`installed`; the old copy can go), or could not take it (the
+    /// accepting node takes its session back).
+    MoveSettled { client_id: String, installed: bool },
 }
 
 /// From the accepting node, on the control stream.
@@ -71,6 +75,12 @@ pub enum Reply {
         request: u64,
         outcome: ClaimOutcome,
     },
+    /// A piece of the session (or tail) a [`Reply::Claimed`] announced; `last` ends it.
+    MovePiece {
+        request: u64,
+        parts: Vec<MovedPart>,
+        last: bool,
+    },
 }
 
 /// How a node answered a [`Control::Claim`].
@@ -80,14 +90,71 @@ pub enum ClaimOutcome {
     NotHere,
     /// Its session belongs to another principal.
     Refused { owner: Owner },
-    /// Its session (and connection) is gone; here is its state, unless clean start was asked
-    /// or it was not persistent.
-    Released(Option<Box<MovedSession>>),
-    /// It could not decide (the hand-over timed out).
+    /// Its connection is gone and its session is on its way, unless clean start was asked or
+    /// it was not persistent: the session's state here, its subscriptions, messages in flight
+    /// and queued messages in [`Reply::MovePiece`]s. The old node keeps its copy until the move
+    /// is settled ([`Control::MoveSettled`]).
+    Released(Option<Box<ReleasedSession>>),
+    /// It could not decide (the hand-over timed out), or has no session moving out.
     Failed(String),
     /// What it collected for a moved session since it released it (the answer to
-    /// [`Control::MoveDone`]).
-    Tail(Vec<MovedMessage>),
+    /// [`Control::MoveDone`]), in [`Reply::MovePiece`]s.
+    Tail,
+}
+
+impl ClaimOutcome {
+    /// Whether [`Reply::MovePiece`]s follow.
+    pub fn has_pieces(&self) -> bool {
+        matches!(self, ClaimOutcome::Released(Some(_)) | ClaimOutcome::Tail)
+    }
+}
+
+/// The head of a released session: its client id, and its state without the parts that travel
+/// in pieces (subscriptions, messages in flight).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReleasedSession {
+    pub client_id: String,
+    pub session: StoredSession,
+}
+
+/// One part of a moving session, in a [`Reply::MovePiece`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum MovedPart {
+    Subscription(String, StoredOptions),
+    Inflight(StoredInflight),
+    Queued(MovedMessage),
+}
+
+impl MovedPart {
+    /// About how many bytes it takes on the wire.
+    pub fn wire_size(&self) -> usize {
+        match self {
+            MovedPart::Subscription(filter, _) => filter.len() + 16,
+            MovedPart::Inflight(inflight) => inflight.message.as_ref().map_or(0, StoredMessage::wire_size) + 16,
+            MovedPart::Queued(queued) => queued.message.wire_size() + 24,
+        }
+    }
+
+    /// A session as its head and its parts (subscriptions, messages in flight, queued messages).
+    pub fn split(client_id: &str, mut moved: MovedSession) -> (ReleasedSession, Vec<MovedPart>) {
+        let subscriptions = std::mem::take(&mut moved.session.subscriptions).into_iter().map(|(f, o)| MovedPart::Subscription(f, o));
+        let inflight = std::mem::take(&mut moved.session.inflight).into_iter().map(MovedPart::Inflight);
+        let parts = subscriptions.chain(inflight).chain(moved.queued.into_iter().map(MovedPart::Queued)).collect();
+        (ReleasedSession { client_id: client_id.into(), session: moved.session }, parts)
+    }
+
+    /// The session again from its head and parts (in the order [`MovedPart::split`] gave them).
+    pub fn join(mut session: StoredSession, parts: Vec<MovedPart>) -> MovedSession {
+        let mut queued = Vec::new();
+        for part in parts {
+            match part {
+                MovedPart::Subscription(filter, options) => session.subscriptions.push((filter, options)),
+                MovedPart::Inflight(inflight) => session.inflight.push(inflight),
+                MovedPart::Queued(message) => queued.push(message),
+            }
+        }
+        MovedSession { session, queued }
+    }
 }
 
 /// Every message of publish stream `stream` up to `sequence` is queued for the accepting node's

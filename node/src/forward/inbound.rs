@@ -12,7 +12,7 @@ use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, watch, Semaphore};
 
-use super::frame::{self, Ack, ClaimOutcome, Control, Forwarded, Reply, StreamHeader};
+use super::frame::{self, Ack, ClaimOutcome, Control, Forwarded, MovedPart, Reply, StreamHeader};
 use super::routes::RouteTable;
 use super::{peer_certificate, Forwarder, Peer};
 use crate::cluster::Cluster;
@@ -140,13 +140,16 @@ async fn read_control(
                     tokio::spawn(async move {
                         let _turn = turn;
                         let abandon_after = forwarder.move_abandon_after();
-                        let outcome = match forwarder.broker.release(&client_id, &owner, clean_start, abandon_after).await {
-                            Ok(None) => ClaimOutcome::NotHere,
-                            Ok(Some(moved)) => ClaimOutcome::Released(Some(Box::new(moved))),
-                            Err(crate::broker::AttachError::NotOwner { owner, .. }) => ClaimOutcome::Refused { owner },
-                            Err(e) => ClaimOutcome::Failed(e.to_string()),
+                        let (outcome, parts) = match forwarder.broker.release(&client_id, &owner, clean_start, abandon_after).await {
+                            Ok(None) => (ClaimOutcome::NotHere, None),
+                            Ok(Some(moved)) => {
+                                let (released, parts) = MovedPart::split(&client_id, moved);
+                                (ClaimOutcome::Released(Some(Box::new(released))), Some(parts))
+                            }
+                            Err(crate::broker::AttachError::NotOwner { owner, .. }) => (ClaimOutcome::Refused { owner }, None),
+                            Err(e) => (ClaimOutcome::Failed(e.to_string()), None),
                         };
-                        let _ = replies.send(Reply::Claimed { request, outcome }).await;
+                        answer(&replies, request, outcome, parts).await;
                     });
                 }
                 Control::MoveDone { request, client_id } => {
@@ -154,9 +157,26 @@ async fn read_control(
                     let turn = claims.clone().acquire_owned().await.map_err(|e| e.to_string())?;
                     tokio::spawn(async move {
                         let _turn = turn;
-                        let tail = forwarder.broker.finish_move(&client_id, super::MOVE_LINGER).await;
-                        let _ = replies.send(Reply::Claimed { request, outcome: ClaimOutcome::Tail(tail) }).await;
+                        let abandon_after = forwarder.move_abandon_after();
+                        match forwarder.broker.finish_move(&client_id, super::MOVE_LINGER, abandon_after).await {
+                            Some(tail) => {
+                                answer(&replies, request, ClaimOutcome::Tail, Some(tail.into_iter().map(MovedPart::Queued).collect())).await
+                            }
+                            None => {
+                                answer(
+                                    &replies,
+                                    request,
+                                    ClaimOutcome::Failed("no session of this client id is moving out here".into()),
+                                    None,
+                                )
+                                .await
+                            }
+                        }
                     });
+                }
+                Control::MoveSettled { client_id, installed: true } => forwarder.broker.end_move(&client_id),
+                Control::MoveSettled { client_id, installed: false } => {
+                    forwarder.broker.give_back(&client_id, "the new node could not take it");
                 }
             }
         }
@@ -164,6 +184,23 @@ async fn read_control(
             return Ok(());
         }
     }
+}
+
+/// Answers a claim (or a tail request): the outcome, then its parts in pieces of about
+/// [`frame::CHUNK_BYTES`], through the bounded reply queue.
+async fn answer(replies: &mpsc::Sender<Reply>, request: u64, outcome: ClaimOutcome, parts: Option<Vec<MovedPart>>) {
+    if replies.send(Reply::Claimed { request, outcome }).await.is_err() {
+        return;
+    }
+    let Some(parts) = parts else { return };
+    let mut pieces = frame::pieces(parts, MovedPart::wire_size);
+    let last = pieces.pop().unwrap_or_default();
+    for parts in pieces {
+        if replies.send(Reply::MovePiece { request, parts, last: false }).await.is_err() {
+            return;
+        }
+    }
+    let _ = replies.send(Reply::MovePiece { request, parts: last, last: true }).await;
 }
 
 /// Routes the messages of one publish stream to the local sessions, in order; after each read,

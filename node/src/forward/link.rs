@@ -256,6 +256,7 @@ async fn serve_inner(
                             peer.routes_applied.send_if_modified(|applied| std::mem::replace(applied, version.max(*applied)) < version);
                         }
                         Reply::Claimed { request, outcome } => peer.answered(request, outcome),
+                        Reply::MovePiece { request, parts, last } => peer.piece(request, parts, last),
                         Reply::Welcome => return Err("a second Welcome".into()),
                     }
                 }

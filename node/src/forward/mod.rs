@@ -36,7 +36,7 @@ use crate::broker::{AttachError, BarrierFuture, Broker, ClaimFuture, Remote, Rem
 use crate::cluster::Cluster;
 use crate::telemetry::metrics::LinkGauge;
 use crate::tls::caller::NodeCertificate;
-use frame::{ClaimOutcome, Control, Recipients};
+use frame::{ClaimOutcome, Control, MovedPart, Recipients};
 use queue::{Outgoing, PeerQueue};
 use routes::RouteTable;
 use tokio::sync::oneshot;
@@ -98,10 +98,11 @@ pub struct Peer {
     forwarded: AtomicU64,
     /// QoS 1/2 messages dropped from the replay buffer unacknowledged (replay budget exceeded).
     replay_dropped: AtomicU64,
-    /// Claims waiting to go out on our link, and the answers awaited by request.
+    /// Claims and move settlements waiting to go out on our link, and the answers awaited by
+    /// request.
     claims: Mutex<Vec<Control>>,
     claims_ready: tokio::sync::Notify,
-    pending: Mutex<HashMap<u64, oneshot::Sender<ClaimOutcome>>>,
+    pending: Mutex<HashMap<u64, Awaited>>,
     /// Its open connections (our link to it, its link to us), closed when it stops being a
     /// member or its certificate is revoked.
     connections: Mutex<Vec<quinn::Connection>>,
@@ -150,21 +151,75 @@ impl Peer {
         });
     }
 
-    /// Sends a claim on our link; the answer comes through the returned channel (closed if the
-    /// link goes down first).
-    fn claim(&self, request: u64, claim: Control) -> oneshot::Receiver<ClaimOutcome> {
-        let (answer, answered) = oneshot::channel();
-        self.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(request, answer);
-        self.claims.lock().unwrap_or_else(|p| p.into_inner()).push(claim);
+    /// Sends a claim (or a move's tail request) on our link; the answer comes through the
+    /// returned channels, the outcome first and then, for an outcome with pieces, the parts
+    /// (each closed if the link goes down first).
+    fn claim(&self, request: u64, claim: Control) -> Answer {
+        let (outcome, outcome_rx) = oneshot::channel();
+        let (parts, parts_rx) = oneshot::channel();
+        let awaited = Awaited { outcome: Some(outcome), parts: Vec::new(), assembled: parts };
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(request, awaited);
+        self.send_control(claim);
+        Answer { outcome: outcome_rx, parts: parts_rx }
+    }
+
+    fn send_control(&self, control: Control) {
+        self.claims.lock().unwrap_or_else(|p| p.into_inner()).push(control);
         self.claims_ready.notify_one();
-        answered
+    }
+
+    /// No answer to `request` is awaited any longer; a session released for it after all goes
+    /// back to its node.
+    fn forget(&self, request: u64) {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&request);
     }
 
     fn answered(&self, request: u64, outcome: ClaimOutcome) {
-        if let Some(answer) = self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&request) {
-            let _ = answer.send(outcome);
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        match pending.get_mut(&request) {
+            Some(awaited) => {
+                let has_pieces = outcome.has_pieces();
+                if let Some(answer) = awaited.outcome.take() {
+                    let _ = answer.send(outcome);
+                }
+                if !has_pieces {
+                    pending.remove(&request);
+                }
+            }
+            None => {
+                drop(pending);
+                if let ClaimOutcome::Released(Some(released)) = outcome {
+                    tracing::info!(peer = self.node_id, client_id = %released.client_id, "a session released after its claim was given up goes back");
+                    self.send_control(Control::MoveSettled { client_id: released.client_id, installed: false });
+                }
+            }
         }
     }
+
+    fn piece(&self, request: u64, parts: Vec<MovedPart>, last: bool) {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(awaited) = pending.get_mut(&request) else { return };
+        awaited.parts.extend(parts);
+        if last {
+            if let Some(awaited) = pending.remove(&request) {
+                let _ = awaited.assembled.send(awaited.parts);
+            }
+        }
+    }
+}
+
+/// An answer awaited from a peer: its outcome, then the parts that follow it in pieces.
+#[derive(Debug)]
+struct Awaited {
+    outcome: Option<oneshot::Sender<ClaimOutcome>>,
+    parts: Vec<MovedPart>,
+    assembled: oneshot::Sender<Vec<MovedPart>>,
+}
+
+/// Where the answer to a claim arrives.
+struct Answer {
+    outcome: oneshot::Receiver<ClaimOutcome>,
+    parts: oneshot::Receiver<Vec<MovedPart>>,
 }
 
 /// The forwarding plane of this node.
@@ -260,10 +315,12 @@ impl Forwarder {
         true
     }
 
-    /// How long an old node collects messages for a moved session before it gives up on the
-    /// new node (which asks within two claim timeouts and the linger).
+    /// How long an old node keeps a moving session without hearing from the new node before it
+    /// takes the session back: the new node receives it (a claim timeout, then the transfer),
+    /// attaches, waits for its routes (a claim timeout) and asks for the tail; asked for the
+    /// tail, the old node waits as long again for the settlement.
     fn move_abandon_after(&self) -> Duration {
-        self.settings.claim_timeout * 3 + MOVE_LINGER
+        self.transfer_timeout() + self.settings.claim_timeout * 4 + MOVE_LINGER
     }
 
     /// Completes once every peer with a live link has applied our routes as of `version`, or
@@ -279,34 +336,42 @@ impl Forwarder {
         tokio::time::timeout(timeout, futures_util::future::join_all(applied)).await.is_ok()
     }
 
+    /// How long the parts of a session (or tail) may take to arrive after its outcome.
+    fn transfer_timeout(&self) -> Duration {
+        self.settings.claim_timeout * 4
+    }
+
     /// Phase two of a session move; see [`Remote::complete_move`].
-    async fn collect_tail(&self, from: u64, client_id: &str, version: u64) -> Vec<MovedMessage> {
+    async fn collect_tail(&self, from: u64, client_id: &str, version: u64) -> Option<Vec<MovedMessage>> {
         if !self.routes_applied(version, self.settings.claim_timeout).await {
             tracing::warn!(%client_id, "moved session: not every node confirmed its routes in time; collecting its tail anyway");
         }
         let Some(peer) = self.peer(from).filter(|p| p.up.load(Ordering::Relaxed)) else {
-            tracing::warn!(%client_id, node = from, "moved session: its old node cannot be reached; what it collected since is lost");
-            return Vec::new();
+            tracing::warn!(%client_id, node = from, "moved session: its old node cannot be reached for the tail");
+            return None;
         };
         let request = self.next_claim.fetch_add(1, Ordering::Relaxed);
-        let answered = peer.claim(request, Control::MoveDone { request, client_id: client_id.into() });
-        match tokio::time::timeout(self.settings.claim_timeout + MOVE_LINGER, answered).await {
-            Ok(Ok(ClaimOutcome::Tail(tail))) => tail,
-            _ => {
-                peer.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&request);
-                tracing::warn!(%client_id, node = from, "moved session: its old node did not send what it collected; that is lost");
-                Vec::new()
+        let answer = peer.claim(request, Control::MoveDone { request, client_id: client_id.into() });
+        let tail = async {
+            match tokio::time::timeout(self.settings.claim_timeout + MOVE_LINGER, answer.outcome).await {
+                Ok(Ok(ClaimOutcome::Tail)) => tokio::time::timeout(self.transfer_timeout(), answer.parts).await.ok()?.ok(),
+                Ok(Ok(ClaimOutcome::Failed(reason))) => {
+                    tracing::warn!(%client_id, node = from, %reason, "moved session: its old node has no tail");
+                    None
+                }
+                _ => None,
             }
-        }
+        };
+        let Some(parts) = tail.await else {
+            peer.forget(request);
+            tracing::warn!(%client_id, node = from, "moved session: its old node did not send what it collected");
+            return None;
+        };
+        Some(parts.into_iter().filter_map(|part| if let MovedPart::Queued(message) = part { Some(message) } else { None }).collect())
     }
 
     /// Asks every peer to give up `client_id`; see [`Remote::claim`].
-    async fn claim_everywhere(
-        &self,
-        client_id: &str,
-        owner: &Owner,
-        clean_start: bool,
-    ) -> Result<Option<(u64, MovedSession)>, AttachError> {
+    async fn claim_everywhere(&self, client_id: &str, owner: &Owner, clean_start: bool) -> Result<Vec<(u64, MovedSession)>, AttachError> {
         let peers: Vec<Arc<Peer>> = self.peers.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
         let mut unreachable = Vec::new();
         let mut asked = Vec::new();
@@ -320,30 +385,48 @@ impl Forwarder {
             asked.push((peer.clone(), request, peer.claim(request, claim)));
         }
         let deadline = tokio::time::Instant::now() + self.settings.claim_timeout;
-        let mut moved = None;
-        for (peer, request, answered) in asked {
-            match tokio::time::timeout_at(deadline, answered).await {
-                Ok(Ok(ClaimOutcome::NotHere)) => {}
-                Ok(Ok(ClaimOutcome::Released(session))) => moved = moved.or(session.map(|s| (peer.node_id, *s))),
-                Ok(Ok(ClaimOutcome::Refused { owner: existing })) => {
-                    return Err(AttachError::NotOwner { owner: existing, requester: owner.clone() });
-                }
+        let mut moved = Vec::new();
+        let mut refused = None;
+        for (peer, request, answer) in asked {
+            match tokio::time::timeout_at(deadline, answer.outcome).await {
+                Ok(Ok(ClaimOutcome::NotHere | ClaimOutcome::Released(None))) => {}
+                Ok(Ok(ClaimOutcome::Released(Some(released)))) => match tokio::time::timeout(self.transfer_timeout(), answer.parts).await {
+                    Ok(Ok(parts)) => moved.push((peer.node_id, MovedPart::join(released.session, parts))),
+                    _ => {
+                        tracing::warn!(peer = peer.node_id, %client_id, "a released session did not arrive whole; it goes back");
+                        peer.forget(request);
+                        peer.send_control(Control::MoveSettled { client_id: client_id.into(), installed: false });
+                        unreachable.push(peer.node_id);
+                    }
+                },
+                Ok(Ok(ClaimOutcome::Refused { owner: existing })) => refused = refused.or(Some(existing)),
                 Ok(Ok(ClaimOutcome::Failed(reason))) => {
                     tracing::warn!(peer = peer.node_id, %client_id, %reason, "a node could not give up the client id");
                     unreachable.push(peer.node_id);
                 }
                 // A tail is no answer to a claim.
-                Ok(Ok(ClaimOutcome::Tail(_))) | Ok(Err(_)) | Err(_) => {
-                    peer.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&request);
+                Ok(Ok(ClaimOutcome::Tail)) | Ok(Err(_)) | Err(_) => {
+                    peer.forget(request);
                     unreachable.push(peer.node_id);
                 }
             }
         }
-        if !unreachable.is_empty() {
-            if self.settings.refuse_when_unreachable {
-                return Err(AttachError::PeersUnreachable(unreachable));
+        let refusal = match refused {
+            Some(existing) => Some(AttachError::NotOwner { owner: existing, requester: owner.clone() }),
+            None if !unreachable.is_empty() && self.settings.refuse_when_unreachable => Some(AttachError::PeersUnreachable(unreachable)),
+            None => {
+                if !unreachable.is_empty() {
+                    tracing::info!(%client_id, nodes = ?unreachable, "client id claimed without the nodes that did not answer");
+                }
+                None
             }
-            tracing::info!(%client_id, nodes = ?unreachable, "client id claimed without the nodes that did not answer");
+        };
+        if let Some(refusal) = refusal {
+            // What was released for this connection goes back where it was.
+            for (from, _) in &moved {
+                self.settle_move(*from, client_id, false);
+            }
+            return Err(refusal);
         }
         Ok(moved)
     }
@@ -368,6 +451,15 @@ impl Remote for Forwarder {
 
     fn complete_move<'a>(&'a self, from: u64, client_id: &'a str, version: u64) -> TailFuture<'a> {
         Box::pin(self.collect_tail(from, client_id, version))
+    }
+
+    /// Sent on our link to `from` (when it is down, once it is up again; until then the old
+    /// node's own deadline gives the session back if it was not installed).
+    fn settle_move(&self, from: u64, client_id: &str, installed: bool) {
+        match self.peer(from) {
+            Some(peer) => peer.send_control(Control::MoveSettled { client_id: client_id.into(), installed }),
+            None => tracing::warn!(%client_id, node = from, installed, "a session move is not settled: its old node is no longer a member"),
+        }
     }
 
     /// Queues the message for every peer with a matching route; a retained message goes to
