@@ -495,6 +495,20 @@ pub struct MqttClient {
 
 /// How a connection attempt ended: the CONNACK reason code (0 = accepted).
 pub async fn mqtt_connect(port: u16, ca: &Path, cert: &Path, key: &Path, client_id: &str) -> anyhow::Result<(u8, MqttClient)> {
+    let mut connect = v5::Connect::new(client_id);
+    connect.keep_alive = 60;
+    let (connack, client) = mqtt_connect_with(port, ca, cert, key, connect).await?;
+    Ok((connack.code as u8, client))
+}
+
+/// Sends `connect` over mutual TLS and returns the CONNACK (whatever its code) and the connection.
+pub async fn mqtt_connect_with(
+    port: u16,
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+    connect: v5::Connect,
+) -> anyhow::Result<(v5::ConnAck, MqttClient)> {
     use rustls_pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls_pki_types::CertificateDer::pem_file_iter(ca)? {
@@ -505,28 +519,18 @@ pub async fn mqtt_connect(port: u16, ca: &Path, cert: &Path, key: &Path, client_
     let config = rustls::ClientConfig::builder().with_root_certificates(roots).with_client_auth_cert(chain, key)?;
     let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
     let name = rustls_pki_types::ServerName::try_from("localhost")?;
-    let mut stream = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await?;
-    stream.write_all(&connect_packet(client_id)).await?;
-    let mut header = [0u8; 2];
-    stream.read_exact(&mut header).await?;
-    let mut body = vec![0u8; usize::from(header[1])];
-    stream.read_exact(&mut body).await?;
-    anyhow::ensure!(header[0] == 0x20 && body.len() >= 2, "expected CONNACK, got {header:02x?} {body:02x?}");
-    Ok((body[1], MqttClient { stream, input: bytes::BytesMut::new() }))
-}
-
-/// A v5 CONNECT with clean start, keep alive 60 s and no properties.
-fn connect_packet(client_id: &str) -> Vec<u8> {
-    let mut variable = vec![0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 60, 0];
-    variable.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
-    variable.extend_from_slice(client_id.as_bytes());
-    let mut packet = vec![0x10, variable.len() as u8];
-    packet.extend(variable);
-    packet
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await?;
+    let mut client = MqttClient { stream, input: bytes::BytesMut::new() };
+    client.send(&Packet::Connect(connect)).await?;
+    match client.next_packet(Duration::from_secs(20)).await? {
+        Some(Packet::ConnAck(connack)) => Ok((connack, client)),
+        other => anyhow::bail!("expected CONNACK, got {other:?}"),
+    }
 }
 
 impl MqttClient {
-    async fn send(&mut self, packet: &Packet) -> anyhow::Result<()> {
+    /// Sends one packet.
+    pub async fn send(&mut self, packet: &Packet) -> anyhow::Result<()> {
         let mut out = bytes::BytesMut::new();
         codec::encode(ProtocolVersion::V5, packet, &mut out, None)?;
         Ok(self.stream.write_all(&out).await?)
@@ -546,14 +550,32 @@ impl MqttClient {
         }
     }
 
-    /// Subscribes to `filter` at QoS 1 and waits for the SUBACK.
+    /// Subscribes to `filter` at QoS 1 and waits for the SUBACK, the next packet.
     pub async fn subscribe(&mut self, filter: &str) -> anyhow::Result<()> {
-        let mut subscribe = v5::Subscribe::new(filter, mqttbytes::QoS::AtLeastOnce);
+        let mut early = Vec::new();
+        self.subscribe_keeping(filter, mqttbytes::QoS::AtLeastOnce, &mut early).await?;
+        anyhow::ensure!(early.is_empty(), "packets before the SUBACK: {early:?}");
+        Ok(())
+    }
+
+    /// Subscribes to `filter` at `qos` and waits for the SUBACK granting it, keeping the packets
+    /// that arrive before it (e.g. queued messages of a resumed session) in `early`.
+    pub async fn subscribe_keeping(&mut self, filter: &str, qos: mqttbytes::QoS, early: &mut Vec<Packet>) -> anyhow::Result<()> {
+        let mut subscribe = v5::Subscribe::new(filter, qos);
         subscribe.pkid = 1;
         self.send(&Packet::Subscribe(subscribe)).await?;
-        match self.next_packet(Duration::from_secs(10)).await? {
-            Some(Packet::SubAck(ack)) if ack.return_codes == [v5::SubscribeReasonCode::QoS1] => Ok(()),
-            other => anyhow::bail!("expected SUBACK granting QoS 1, got {other:?}"),
+        let granted = match qos {
+            mqttbytes::QoS::AtMostOnce => v5::SubscribeReasonCode::QoS0,
+            mqttbytes::QoS::AtLeastOnce => v5::SubscribeReasonCode::QoS1,
+            mqttbytes::QoS::ExactlyOnce => v5::SubscribeReasonCode::QoS2,
+        };
+        loop {
+            match self.next_packet(Duration::from_secs(10)).await? {
+                Some(Packet::SubAck(ack)) if ack.return_codes == [granted] => return Ok(()),
+                Some(Packet::SubAck(ack)) => anyhow::bail!("expected SUBACK granting {qos:?}, got {ack:?}"),
+                Some(other) => early.push(other),
+                None => anyhow::bail!("no SUBACK within 10 s"),
+            }
         }
     }
 

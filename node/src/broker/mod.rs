@@ -599,11 +599,14 @@ impl Broker {
         (published, unserved)
     }
 
-    /// Waits for the other nodes' acknowledgements of published messages (bounded in time).
-    pub async fn wait_remote_acks(&self, acks: Vec<Arc<RemoteAcks>>) {
+    /// Waits for the other nodes' acknowledgements of published messages (bounded in time);
+    /// false when one of the messages was dropped on its way to a node (it must not be
+    /// acknowledged to its publisher).
+    pub async fn wait_remote_acks(&self, acks: Vec<Arc<RemoteAcks>>) -> bool {
         if let (Some(remote), false) = (self.inner.remote.get(), acks.is_empty()) {
-            remote.wait_acks(acks).await;
+            remote.wait_acks(acks.clone()).await;
         }
+        !acks.iter().any(|acks| acks.is_lost())
     }
 
     /// Waits until the session-store write `ticket` is on disk.

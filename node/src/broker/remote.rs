@@ -2,7 +2,7 @@
 //! forwarding plane), and [`RemoteAcks`], what a publisher waits for under the `cluster` PUBACK
 //! policy.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::Notify;
@@ -62,16 +62,28 @@ pub trait Remote: Send + Sync + 'static {
 }
 
 /// The peers that have yet to acknowledge one forwarded message (queued it for their
-/// subscribers); one waiter.
+/// subscribers), and whether one of them will never get it; one waiter.
 #[derive(Debug)]
 pub struct RemoteAcks {
     left: AtomicUsize,
+    lost: AtomicBool,
     done: Notify,
 }
 
 impl RemoteAcks {
     pub fn new(peers: usize) -> RemoteAcks {
-        RemoteAcks { left: AtomicUsize::new(peers), done: Notify::new() }
+        RemoteAcks { left: AtomicUsize::new(peers), lost: AtomicBool::new(false), done: Notify::new() }
+    }
+
+    /// One peer will never get the message (dropped on its way there): the publisher must not
+    /// be told it is held.
+    pub fn lost(&self) {
+        self.lost.store(true, Ordering::Release);
+        self.acknowledged();
+    }
+
+    pub fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::Acquire)
     }
 
     /// One peer acknowledged the message.
@@ -108,5 +120,11 @@ mod tests {
         let early = RemoteAcks::new(1);
         early.acknowledged();
         tokio::time::timeout(std::time::Duration::from_secs(1), early.all()).await.expect("acknowledged before anyone waited");
+        assert!(!early.is_lost());
+        let dropped = RemoteAcks::new(2);
+        dropped.acknowledged();
+        dropped.lost();
+        tokio::time::timeout(std::time::Duration::from_secs(1), dropped.all()).await.expect("a lost message ends the wait");
+        assert!(dropped.is_lost());
     }
 }

@@ -127,6 +127,7 @@ async fn read_control(
                 Control::RoutesAdded(filters) => filters.iter().for_each(|filter| routes().insert(filter)),
                 Control::RoutesRemoved(filters) => filters.iter().for_each(|filter| routes().remove(filter)),
                 Control::RoutesThrough(version) => {
+                    peer.routes_known.store(true, Ordering::Relaxed);
                     let _ = replies.send(Reply::RoutesApplied(version)).await;
                 }
                 Control::Hello { .. } => return Err("a second Hello".into()),

@@ -75,7 +75,7 @@ impl Outbox {
                 let oldest = self.unacked[stream].pop_front();
                 *dropped = oldest.is_some();
                 if let Some((_, _, Some(acks))) = oldest {
-                    acks.acknowledged();
+                    acks.lost();
                 }
             }
             self.unacked[stream].push_back((self.sequences[stream], bytes.clone(), acks));
@@ -279,6 +279,9 @@ async fn serve_inner(
                         Err(e) => {
                             tracing::warn!(peer = peer.node_id, topic = %message.topic, error = %e, "message not forwarded: it does not fit in a link frame");
                             crate::telemetry::metrics::dropped(crate::telemetry::metrics::DropReason::TooLargeForLink);
+                            if let Some(acks) = &outgoing.acks {
+                                acks.lost();
+                            }
                             continue;
                         }
                     };
@@ -319,6 +322,18 @@ mod tests {
             id: None,
         };
         Forwarded::new(seq, &message, None, frame::Recipients::SUBSCRIBERS, Instant::now())
+    }
+
+    #[test]
+    fn a_message_pushed_out_of_the_replay_budget_is_lost_to_its_waiting_publisher() {
+        let mut outbox = Outbox::new(1, 1);
+        let mut dropped = false;
+        let (first, second) = (Arc::new(RemoteAcks::new(1)), Arc::new(RemoteAcks::new(1)));
+        outbox.add(0, forwarded, QoS::AtLeastOnce, Some(first.clone()), &mut dropped).unwrap();
+        outbox.add(0, forwarded, QoS::AtLeastOnce, Some(second.clone()), &mut dropped).unwrap();
+        assert!(dropped && first.is_lost(), "no peer holds it: its publisher is not told it is");
+        outbox.acknowledge(Ack { stream: 0, sequence: 2 });
+        assert!(!second.is_lost());
     }
 
     #[test]

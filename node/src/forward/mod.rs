@@ -85,6 +85,10 @@ pub struct Peer {
     pub queue: PeerQueue,
     /// The filters it announced on its link to us.
     routes: RwLock<RouteTable>,
+    /// Whether it has announced its whole route table since this node started; until then every
+    /// message goes to it (it routes by its own subscriptions), so a node that just started
+    /// loses nothing for the other nodes' subscribers while it learns their routes.
+    routes_known: AtomicBool,
     /// The version of our route table it confirmed having applied (the SUBACK barrier).
     routes_applied: watch::Sender<u64>,
     /// Its process incarnation, as announced; a new one resets what we know of it.
@@ -116,6 +120,7 @@ impl Peer {
             quic_addr,
             queue: PeerQueue::new(settings.queue_messages),
             routes: RwLock::new(RouteTable::default()),
+            routes_known: AtomicBool::new(false),
             routes_applied: watch::channel(0).0,
             incarnation: AtomicU64::new(0),
             delivered: Mutex::new(HashMap::new()),
@@ -484,7 +489,7 @@ impl Remote for Forwarder {
                     }
                 }
             });
-            let subscribers = message.retain || routes.matches(&message.topic);
+            let subscribers = message.retain || !peer.routes_known.load(Ordering::Relaxed) || routes.matches(&message.topic);
             recipients.push((peer, Recipients { subscribers, ..Recipients::default() }, waits && peer.up.load(Ordering::Relaxed)));
         }
         for (group, candidates) in groups {

@@ -47,9 +47,12 @@ impl PeerQueue {
             if message.message.qos == QoS::AtMostOnce {
                 return;
             }
-            match messages.iter().position(|m| m.message.qos == QoS::AtMostOnce) {
-                Some(i) => drop(messages.remove(i)),
-                None => drop(messages.pop_front()),
+            let dropped = match messages.iter().position(|m| m.message.qos == QoS::AtMostOnce) {
+                Some(i) => messages.remove(i),
+                None => messages.pop_front(),
+            };
+            if let Some(acks) = dropped.and_then(|m| m.acks) {
+                acks.lost();
             }
         }
         messages.push_back(message);
@@ -114,5 +117,15 @@ mod tests {
         queue.push(message(QoS::AtLeastOnce, 6));
         assert_eq!(drain(&queue), [3, 5, 6]);
         assert_eq!(queue.dropped.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn a_dropped_message_is_lost_to_its_waiting_publisher() {
+        let queue = PeerQueue::new(1);
+        let acks = Arc::new(RemoteAcks::new(1));
+        queue.push(Outgoing { acks: Some(acks.clone()), ..message(QoS::AtLeastOnce, 1) });
+        queue.push(message(QoS::AtLeastOnce, 2));
+        assert!(acks.is_lost());
+        assert_eq!(drain(&queue), [2]);
     }
 }

@@ -135,7 +135,15 @@ where
     let (mut auths, mut reauth) = (Vec::new(), None);
 
     loop {
-        run_actions(&mut session, broker, &mut auths).await;
+        if !run_actions(&mut session, broker, &mut auths).await {
+            // Its acknowledgement would promise what no node holds: the client re-sends it.
+            session.output().clear();
+            crate::telemetry::metrics::puback_cluster_lost();
+            session.kick(
+                DisconnectReasonCode::UnspecifiedError,
+                "a published message was dropped on its way to another node (puback = cluster); not acknowledged",
+            );
+        }
         for auth in auths.drain(..) {
             reauthenticate(&mut session, auth, &mut reauth, &principal, &ctx);
         }
@@ -198,8 +206,11 @@ where
         tracing::info!(%peer, %client_id, reason = ?close.reason, detail = %close.detail, "client disconnected");
     }
     metrics::connection_closed();
-    broker.detach(attachment, state, will, Instant::now());
-    // Only now, with the session offline (or ended), does the client see the close.
+    if let Some(ticket) = broker.detach(attachment, state, will, Instant::now()) {
+        broker.wait_durable(ticket).await;
+    }
+    // Only now, with the session offline (or ended) and a durable one on disk, does the client
+    // see the close.
     close_gracefully(&mut reader, &mut writer, &farewell, &mut input).await;
 }
 
@@ -448,8 +459,10 @@ async fn read_connect<R: AsyncRead + Unpin>(
 }
 
 /// Carries out the session's broker work in order; returns once every session-store write it
-/// caused is durable, so acknowledgements written afterwards never promise more than the disk holds.
-async fn run_actions(session: &mut Session, broker: &Broker, auths: &mut Vec<Auth>) {
+/// caused is durable, so acknowledgements written afterwards never promise more than the disk
+/// holds, and whether every published message is held where the PUBACK policy asks (false: one
+/// was dropped on its way to another node).
+async fn run_actions(session: &mut Session, broker: &Broker, auths: &mut Vec<Auth>) -> bool {
     let mut durable_ticket = None;
     let mut remote_acks = Vec::new();
     let mut subscribed = false;
@@ -480,10 +493,11 @@ async fn run_actions(session: &mut Session, broker: &Broker, auths: &mut Vec<Aut
     if let Some(ticket) = durable_ticket {
         broker.wait_durable(ticket).await;
     }
-    broker.wait_remote_acks(remote_acks).await;
+    let held = broker.wait_remote_acks(remote_acks).await;
     if subscribed {
         broker.routes_announced().await;
     }
+    held
 }
 
 /// Moves queued messages into the session while its send window is open.

@@ -132,6 +132,7 @@ struct Metrics {
     client_limit_refusals: [AtomicU64; 2],
     suback_barrier_timeouts: AtomicU64,
     puback_cluster_timeouts: AtomicU64,
+    puback_cluster_lost: AtomicU64,
     shared_redispatched: [AtomicU64; 3],
 }
 
@@ -152,6 +153,7 @@ static METRICS: Metrics = Metrics {
     client_limit_refusals: [const { AtomicU64::new(0) }; 2],
     suback_barrier_timeouts: AtomicU64::new(0),
     puback_cluster_timeouts: AtomicU64::new(0),
+    puback_cluster_lost: AtomicU64::new(0),
     shared_redispatched: [const { AtomicU64::new(0) }; 3],
 };
 
@@ -163,6 +165,12 @@ pub fn shared_redispatched(reason: RedispatchReason) {
 /// A PUBACK went out before every peer acknowledged the message (`puback = "cluster"`).
 pub fn puback_cluster_timed_out() {
     METRICS.puback_cluster_timeouts.fetch_add(1, Ordering::Relaxed);
+}
+
+/// A publisher was disconnected without its acknowledgement: a message it published was dropped
+/// on its way to another node (`puback = "cluster"`).
+pub fn puback_cluster_lost() {
+    METRICS.puback_cluster_lost.fetch_add(1, Ordering::Relaxed);
 }
 
 /// A SUBACK went out before every peer confirmed the new route (`suback_barrier = "ack"`).
@@ -344,6 +352,12 @@ pub fn render(gauges: Gauges) -> String {
         "counter",
         "PUBACK/PUBREC sent before every peer acknowledged the message (puback = \"cluster\").",
         &[("", load(&METRICS.puback_cluster_timeouts))],
+    );
+    metric(
+        "rampart_forward_puback_refused_total",
+        "counter",
+        "Publishers disconnected without their PUBACK/PUBREC because a message was dropped on its way to a peer (puback = \"cluster\").",
+        &[("", load(&METRICS.puback_cluster_lost))],
     );
     metric(
         "rampart_shared_redispatched_total",
