@@ -26,7 +26,7 @@ use message::{min_qos, Delivery, Message, MessageId, SharedDelivery, Will};
 use persist::{MovedMessage, MovedSession, SessionStore, StoredSession};
 use registry::Registry;
 pub use registry::{AttachError, Attached, Attachment};
-pub use remote::{BarrierFuture, ClaimFuture, Remote, RemoteAcks, TailFuture};
+pub use remote::{BarrierFuture, ClaimFuture, Forwarding, Remote, RemoteAcks, TailFuture};
 use retained::{RetainedEntry, RetainedStore, Stamp};
 pub use state::{Inflight, SessionState};
 
@@ -507,7 +507,11 @@ impl Broker {
         let stamp = message.retain.then(|| self.inner.retained.set_local(message.clone()).1);
         let (mut published, _) = self.route_locally(message.clone(), Audience::Everyone).await;
         if let Some(remote) = self.inner.remote.get() {
-            published.remote_acks = remote.forward(&message, stamp);
+            let forwarding = remote.forward(&message, stamp);
+            if let Some(room) = forwarding.room {
+                room.await;
+            }
+            published.remote_acks = forwarding.acks;
         }
         published
     }

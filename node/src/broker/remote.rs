@@ -24,12 +24,22 @@ pub type TailFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Opt
 /// What waiting for the other nodes to learn this node's routes is.
 pub type BarrierFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
 
+/// What the publisher of a forwarded message waits for.
+#[derive(Default)]
+pub struct Forwarding {
+    /// Room for the message with live peers whose queues are full (the back-pressure of slow
+    /// subscribers, bounded in time), before the publisher reads its next packet.
+    pub room: Option<BarrierFuture<'static>>,
+    /// The acknowledgements to wait for before the publisher's PUBACK, when the cluster's PUBACK
+    /// policy asks for them.
+    pub acks: Option<Arc<RemoteAcks>>,
+}
+
 /// The other nodes of the cluster, as the broker needs them (the forwarding plane).
 pub trait Remote: Send + Sync + 'static {
     /// A message published on this node, after it was routed to the local sessions; a retained
-    /// one with the stamp it got in the retained store. Returns the acknowledgements to wait for
-    /// before the publisher's PUBACK, when the cluster's PUBACK policy asks for them.
-    fn forward(&self, message: &Arc<Message>, retained: Option<Stamp>) -> Option<Arc<RemoteAcks>>;
+    /// one with the stamp it got in the retained store.
+    fn forward(&self, message: &Arc<Message>, retained: Option<Stamp>) -> Forwarding;
 
     /// Makes `client_id` this node's, cluster-wide, before a client of `owner` attaches here:
     /// refused when another node holds it for another principal; a live connection elsewhere is

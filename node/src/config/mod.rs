@@ -871,6 +871,7 @@ impl Config {
                 PubackPolicy::Local => Duration::ZERO,
                 PubackPolicy::Cluster => Duration::from_millis(c.puback_cluster_timeout_ms.max(1)),
             },
+            slow_peer_timeout: Duration::from_millis(self.limits.slow_subscriber_timeout_ms),
         })
     }
 

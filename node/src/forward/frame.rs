@@ -435,6 +435,48 @@ mod tests {
     }
 
     #[test]
+    fn a_session_split_into_parts_travels_in_pieces_and_joins_again() {
+        let options = StoredOptions { qos: 1, no_local: false, retain_as_published: false, subscription_id: None };
+        let stored = |n: u8| StoredMessage {
+            topic: format!("t/{n}"),
+            payload: Bytes::from(vec![n; 100_000]),
+            message_qos: 1,
+            delivery_qos: 1,
+            retain: false,
+            subscription_ids: Vec::new(),
+            expires_at: None,
+            properties: StoredProperties::default(),
+        };
+        let session = StoredSession {
+            owner: Owner::Anonymous,
+            expiry_secs: 60,
+            expires_at: 0,
+            subscriptions: vec![("a/#".into(), options.clone()), ("b/+".into(), options)],
+            inflight: vec![StoredInflight { packet_id: 7, sequence: 1, message: Some(stored(0)) }],
+            awaiting_pubrel: vec![3],
+        };
+        let queued = (1..=20).map(|n| MovedMessage { id: None, message: stored(n) }).collect();
+        let (head, parts) = MovedPart::split("c-1", MovedSession { session, queued });
+        assert!(head.session.subscriptions.is_empty() && head.session.inflight.is_empty(), "they travel as parts");
+        let pieces = pieces(parts, MovedPart::wire_size);
+        assert!(pieces.len() > 5, "2 MB of queue in pieces of {CHUNK_BYTES} bytes");
+        let mut wire = BytesMut::new();
+        for parts in &pieces {
+            encode(&Reply::MovePiece { request: 1, parts: parts.clone(), last: false }, &mut wire).unwrap();
+            assert!(wire.len() <= 2 * CHUNK_BYTES, "a piece stays about the chunk size");
+            wire.clear();
+        }
+        let moved = MovedPart::join(head.session, pieces.into_iter().flatten().collect());
+        assert_eq!((head.client_id.as_str(), moved.session.awaiting_pubrel.as_slice()), ("c-1", &[3][..]));
+        assert_eq!(moved.session.subscriptions.iter().map(|(f, _)| f.as_str()).collect::<Vec<_>>(), ["a/#", "b/+"]);
+        assert_eq!(moved.session.inflight.len(), 1);
+        assert_eq!(
+            moved.queued.iter().map(|m| m.message.topic.clone()).collect::<Vec<_>>(),
+            (1..=20).map(|n| format!("t/{n}")).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
     fn oversized_and_garbage_frames_are_errors() {
         let mut huge = BytesMut::from(&((MAX_FRAME + 1) as u32).to_be_bytes()[..]);
         assert_eq!(decode::<Control>(&mut huge), Err(FrameError::TooLarge(MAX_FRAME + 1)));

@@ -111,10 +111,12 @@ pub async fn run(forwarder: Arc<Forwarder>, peer: Arc<Peer>) {
             Ok(connection) => {
                 let connected = Instant::now();
                 let ended = serve(&forwarder, &peer, &connection, &mut outbox, &mut stop).await;
+                peer.up.store(false, Ordering::Relaxed);
+                // Publishers waiting for room with this peer wait no longer.
+                peer.queue.release_waiting();
                 if connected.elapsed() >= STABLE_LINK {
                     backoff = BACKOFF_MIN;
                 }
-                peer.up.store(false, Ordering::Relaxed);
                 // Claims waiting for an answer on this link get none: their senders learn it now.
                 peer.pending.lock().unwrap_or_else(|p| p.into_inner()).clear();
                 connection.close(0u32.into(), b"link closed");

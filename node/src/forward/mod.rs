@@ -32,7 +32,7 @@ use crate::auth::store::AuthStore;
 use crate::broker::message::Message;
 use crate::broker::persist::{MovedMessage, MovedSession};
 use crate::broker::retained::Stamp;
-use crate::broker::{AttachError, BarrierFuture, Broker, ClaimFuture, Remote, RemoteAcks, TailFuture};
+use crate::broker::{AttachError, BarrierFuture, Broker, ClaimFuture, Forwarding, Remote, RemoteAcks, TailFuture};
 use crate::cluster::Cluster;
 use crate::telemetry::metrics::LinkGauge;
 use crate::tls::caller::NodeCertificate;
@@ -73,6 +73,9 @@ pub struct ForwardSettings {
     /// How long a QoS 1/2 publisher's acknowledgement waits for the peers with a live link the
     /// message went to; zero: it does not wait (`puback = "local"`).
     pub puback_cluster: Duration,
+    /// How long a publisher waits for room with a live peer whose queue is full
+    /// (`limits.slow_subscriber_timeout_ms`).
+    pub slow_peer_timeout: Duration,
 }
 
 /// One other member, as this node sees it.
@@ -473,7 +476,9 @@ impl Remote for Forwarder {
     /// first).
     /// Under the `cluster` PUBACK policy, a QoS 1/2 message's publisher waits for the peers with
     /// a live link it went to.
-    fn forward(&self, message: &Arc<Message>, retained: Option<Stamp>) -> Option<Arc<RemoteAcks>> {
+    /// A live peer whose queue is full makes the publisher wait for room, as a slow local
+    /// subscriber does (up to `limits.slow_subscriber_timeout_ms`).
+    fn forward(&self, message: &Arc<Message>, retained: Option<Stamp>) -> Forwarding {
         let peers = self.peers.read().unwrap_or_else(|p| p.into_inner());
         let waits = !self.settings.puback_cluster.is_zero() && message.qos != mqttbytes::QoS::AtMostOnce;
         // Each peer, whom the message is for there, and whether the publisher waits for it.
@@ -499,11 +504,24 @@ impl Remote for Forwarder {
         recipients.retain(|(_, r, _)| r.subscribers || !r.shared.is_empty());
         let count = recipients.iter().filter(|(_, _, waited)| *waited).count();
         let acks = (count > 0).then(|| Arc::new(RemoteAcks::new(count)));
+        let mut full: Vec<(Arc<Peer>, Outgoing)> = Vec::new();
         for (peer, recipients, waited) in recipients {
             let acks = acks.clone().filter(|_| waited);
-            peer.queue.push(Outgoing { message: message.clone(), retained, recipients, acks });
+            let outgoing = Outgoing { message: message.clone(), retained, recipients, acks };
+            if let Err(outgoing) = peer.queue.try_push(outgoing, peer.up.load(Ordering::Relaxed)) {
+                full.push((peer.clone(), outgoing));
+            }
         }
-        acks
+        let deadline = tokio::time::Instant::now() + self.settings.slow_peer_timeout;
+        let room = (!full.is_empty()).then(|| {
+            let waits = full.into_iter().map(move |(peer, outgoing)| async move {
+                peer.queue.push_wait(outgoing, deadline, || peer.up.load(Ordering::Relaxed)).await;
+            });
+            Box::pin(async move {
+                futures_util::future::join_all(waits).await;
+            }) as BarrierFuture<'static>
+        });
+        Forwarding { room, acks }
     }
 
     fn redispatch(&self, message: &Arc<Message>, route: &str) -> bool {

@@ -1,6 +1,10 @@
-//! The bounded queue of messages waiting for one peer's link. Publishers never wait on it: when
-//! it is full, a QoS 0 message is dropped first (the new one, or the oldest queued), otherwise the
-//! oldest message; every drop is counted. A slow or dead peer thus never stalls local publishers.
+//! The bounded queue of messages waiting for one peer's link, with the back-pressure of a slow
+//! local subscriber: while the peer's link is up, a publisher that finds the queue full waits for
+//! room (up to the slow-subscriber timeout). A peer that stays full that long is *congested*:
+//! until its queue drains to half, nobody waits for it. Without waiting — congested, link down,
+//! or past the wait — a full queue drops a QoS 0 message first (the new one, or the oldest
+//! queued), otherwise the oldest message; every drop is counted. So a slow peer slows its
+//! publishers as a slow subscriber does, and a dead or cut-off one never stalls anybody.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,23 +29,81 @@ pub struct Outgoing {
     pub acks: Option<Arc<RemoteAcks>>,
 }
 
+#[derive(Debug, Default)]
+struct State {
+    messages: VecDeque<Outgoing>,
+    /// Set when a publisher waited for room in vain; cleared at half capacity.
+    congested: bool,
+}
+
 #[derive(Debug)]
 pub struct PeerQueue {
-    messages: Mutex<VecDeque<Outgoing>>,
+    state: Mutex<State>,
     capacity: usize,
     readable: Notify,
+    writable: Notify,
     /// Messages dropped because the queue was full.
     pub dropped: AtomicU64,
 }
 
 impl PeerQueue {
     pub fn new(capacity: usize) -> PeerQueue {
-        PeerQueue { messages: Mutex::new(VecDeque::new()), capacity: capacity.max(1), readable: Notify::new(), dropped: AtomicU64::new(0) }
+        PeerQueue {
+            state: Mutex::new(State::default()),
+            capacity: capacity.max(1),
+            readable: Notify::new(),
+            writable: Notify::new(),
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a message when there is room; a full queue of a `live` peer that is not congested
+    /// hands it back, for the publisher to wait ([`PeerQueue::push_wait`]); otherwise the
+    /// overflow policy applies.
+    pub fn try_push(&self, message: Outgoing, live: bool) -> Result<(), Outgoing> {
+        let state = self.lock();
+        if state.messages.len() >= self.capacity && live && !state.congested {
+            return Err(message);
+        }
+        self.push_locked(state, message);
+        Ok(())
+    }
+
+    /// Queues a message, waiting for room until `deadline` while the peer is `live`; past it the
+    /// peer is congested and the overflow policy applies.
+    pub async fn push_wait(&self, mut message: Outgoing, deadline: tokio::time::Instant, live: impl Fn() -> bool) {
+        loop {
+            let writable = self.writable.notified();
+            tokio::pin!(writable);
+            writable.as_mut().enable();
+            match self.try_push(message, live()) {
+                Ok(()) => return,
+                Err(back) => message = back,
+            }
+            if tokio::time::timeout_at(deadline, writable).await.is_err() {
+                let mut state = self.lock();
+                state.congested = true;
+                return self.push_locked(state, message);
+            }
+        }
+    }
+
+    /// Wakes the publishers waiting for room: the peer's link went down, they wait no longer.
+    pub fn release_waiting(&self) {
+        self.writable.notify_waiters();
     }
 
     /// Queues a message without waiting, applying the overflow policy.
     pub fn push(&self, message: Outgoing) {
-        let mut messages = self.messages.lock().unwrap_or_else(|p| p.into_inner());
+        self.push_locked(self.lock(), message)
+    }
+
+    fn push_locked(&self, mut state: std::sync::MutexGuard<'_, State>, message: Outgoing) {
+        let messages = &mut state.messages;
         if messages.len() >= self.capacity {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             if message.message.qos == QoS::AtMostOnce {
@@ -56,12 +118,22 @@ impl PeerQueue {
             }
         }
         messages.push_back(message);
-        drop(messages);
+        drop(state);
         self.readable.notify_one();
     }
 
     pub fn pop(&self) -> Option<Outgoing> {
-        self.messages.lock().unwrap_or_else(|p| p.into_inner()).pop_front()
+        let mut state = self.lock();
+        let was_full = state.messages.len() >= self.capacity;
+        let message = state.messages.pop_front();
+        if state.congested && state.messages.len() <= self.capacity / 2 {
+            state.congested = false;
+        }
+        drop(state);
+        if was_full && message.is_some() {
+            self.writable.notify_waiters();
+        }
+        message
     }
 
     /// Waits until something may have been queued.
@@ -75,7 +147,7 @@ impl PeerQueue {
     }
 
     pub fn len(&self) -> usize {
-        self.messages.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.lock().messages.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -117,6 +189,36 @@ mod tests {
         queue.push(message(QoS::AtLeastOnce, 6));
         assert_eq!(drain(&queue), [3, 5, 6]);
         assert_eq!(queue.dropped.load(Ordering::Relaxed), 3);
+    }
+
+    #[tokio::test]
+    async fn a_publisher_waits_for_a_live_peer_and_a_stuck_one_becomes_congested() {
+        let queue = std::sync::Arc::new(PeerQueue::new(2));
+        for n in 1..=2 {
+            queue.try_push(message(QoS::AtMostOnce, n), true).unwrap();
+        }
+        assert!(queue.try_push(message(QoS::AtMostOnce, 3), true).is_err(), "full and live: the publisher waits");
+        assert!(queue.try_push(message(QoS::AtMostOnce, 3), false).is_ok(), "full and down: dropped, nobody waits");
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        let waiting = tokio::spawn({
+            let queue = queue.clone();
+            async move { queue.push_wait(message(QoS::AtMostOnce, 4), deadline, || true).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        assert_eq!(queue.pop().map(|m| m.message.payload[0]), Some(1));
+        waiting.await.unwrap();
+        assert_eq!(drain(&queue), [2, 4]);
+        // Nobody drains it: the wait ends at the deadline, and then nobody waits until half drained.
+        for n in 5..=6 {
+            queue.push(message(QoS::AtLeastOnce, n));
+        }
+        queue.push_wait(message(QoS::AtLeastOnce, 7), tokio::time::Instant::now() + std::time::Duration::from_millis(20), || true).await;
+        assert!(queue.try_push(message(QoS::AtLeastOnce, 8), true).is_ok(), "congested: no wait");
+        assert_eq!(drain(&queue), [7, 8]);
+        assert!(queue.try_push(message(QoS::AtLeastOnce, 9), true).is_ok());
+        assert!(queue.try_push(message(QoS::AtLeastOnce, 10), true).is_ok());
+        assert!(queue.try_push(message(QoS::AtLeastOnce, 11), true).is_err(), "drained: waits again");
     }
 
     #[test]
