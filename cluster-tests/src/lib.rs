@@ -529,11 +529,12 @@ pub async fn mqtt_connect_with(
 }
 
 impl MqttClient {
-    /// Sends one packet.
+    /// Sends one packet (flushed: TLS may keep written bytes until then).
     pub async fn send(&mut self, packet: &Packet) -> anyhow::Result<()> {
         let mut out = bytes::BytesMut::new();
         codec::encode(ProtocolVersion::V5, packet, &mut out, None)?;
-        Ok(self.stream.write_all(&out).await?)
+        self.stream.write_all(&out).await?;
+        Ok(self.stream.flush().await?)
     }
 
     /// The next packet from the broker if one comes within `wait`.

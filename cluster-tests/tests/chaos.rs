@@ -188,7 +188,7 @@ async fn receive(
     loop {
         match client.next_packet(Duration::from_secs(30)).await {
             Ok(Some(_)) => {}
-            Ok(None) => anyhow::bail!("node {node} did not close the connection after the DISCONNECT"),
+            Ok(None) => anyhow::bail!("node {node} did not close the connection of {client_id} within 30 s after its DISCONNECT"),
             Err(_) => return Ok(()),
         }
     }
@@ -237,8 +237,18 @@ async fn acknowledged_messages_survive_killed_nodes_cut_links_and_moving_session
     let seconds = std::env::var("RAMPART_CHAOS_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
     let options = Options { quic_relay: Some(3), puback: "cluster", link_idle_timeout_ms: 2000, ..Options::default() };
     let mut cluster = TestCluster::start(options)?;
+    let outcome = chaos(&mut cluster, Duration::from_secs(seconds)).await;
+    if let Ok(dir) = std::env::var("RAMPART_CHAOS_LOGS") {
+        for node in &cluster.nodes {
+            let _ = std::fs::copy(&node.log, std::path::Path::new(&dir).join(format!("node-{}.log", node.id)));
+        }
+    }
+    outcome
+}
+
+async fn chaos(cluster: &mut TestCluster, duration: Duration) -> anyhow::Result<()> {
     cluster.wait_until_serving().await?;
-    device_is_an_application(&cluster, "device-1");
+    device_is_an_application(cluster, "device-1");
     let endpoints = Endpoints {
         ports: cluster.nodes.iter().map(|n| n.ports.mtls).collect(),
         ca: cluster.pki.ca_cert.clone(),
@@ -275,7 +285,7 @@ async fn acknowledged_messages_survive_killed_nodes_cut_links_and_moving_session
     let started = Instant::now();
     let mut round = 0u64;
     let mut faults = Vec::new();
-    while started.elapsed() < Duration::from_secs(seconds) {
+    while started.elapsed() < duration {
         round += 1;
         // The APPLICATION session moves to the next node, takes what is there, and goes offline.
         let node = [2, 3, 1][(round % 3) as usize];
@@ -336,11 +346,6 @@ async fn acknowledged_messages_survive_killed_nodes_cut_links_and_moving_session
         (missing, twice)
     };
     eprintln!("{} rounds in {:?}:\n  {}", round, started.elapsed(), faults.join("\n  "));
-    if let Ok(dir) = std::env::var("RAMPART_CHAOS_LOGS") {
-        for node in &cluster.nodes {
-            let _ = std::fs::copy(&node.log, std::path::Path::new(&dir).join(format!("node-{}.log", node.id)));
-        }
-    }
     let (missing, twice) = report("QoS 2, APPLICATION session moving", application_published, &application_received);
     assert!(missing.is_empty(), "acknowledged QoS 2 messages lost: {missing:?}");
     assert!(twice.is_empty(), "QoS 2 messages delivered more than once: {twice:?}");
