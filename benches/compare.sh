@@ -119,9 +119,15 @@ start_broker() {
         if [ "$scenario" = fan-in-qos1-offline ]; then
           [ "$transport" = mtls ] || printf '[auth]\n'
           printf 'state_file = "%s/durable.toml"\n[node]\ndata_dir = "%s/data-%s"\n' "$work" "$work" "$port"
-          printf '[limits]\napplication_max_queued_messages = 1000000\n'
           printf '[defaults]\nanonymous = true\nclient_type = "APPLICATION"\nunknown_certificate = "default_rules"\nrules = [{ access = "readWrite", pattern = "#" }]\nanonymous_rules = [{ access = "readWrite", pattern = "#" }]\n' > "$work/durable.toml"
+        elif [ "$transport" = mtls ]; then
+          # As a fleet runs: every device certificate gets topic rules (compiled per connection).
+          printf 'state_file = "%s/fleet.toml"\n' "$work"
+          printf '[defaults]\nunknown_certificate = "default_rules"\nrules = [{ access = "readWrite", pattern = "#" }]\n' > "$work/fleet.toml"
         fi
+        # The load generator shares 8 client certificates among all its connections.
+        printf '[limits]\nmax_sessions_per_identity = 1000000\n'
+        if [ "$scenario" = fan-in-qos1-offline ]; then printf 'application_max_queued_messages = 1000000\n'; fi
       } > "$work/rampart.toml"
       "$rampart" serve --config "$work/rampart.toml" 2>>"$work/rampart.log" &
       ;;

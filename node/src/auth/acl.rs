@@ -9,8 +9,10 @@ use crate::topic;
 
 #[derive(Debug, Clone)]
 struct Matchers {
-    allow_regex: RegexSet,
-    deny_regex: RegexSet,
+    /// `None` when there is no such rule: an empty set still costs kilobytes, and most
+    /// credentials have plain topic patterns only.
+    allow_regex: Option<RegexSet>,
+    deny_regex: Option<RegexSet>,
     allow_patterns: Vec<String>,
     deny_patterns: Vec<String>,
 }
@@ -27,7 +29,12 @@ impl Matchers {
                 .filter_map(|text| subst(text, regex, deny))
                 .collect()
         };
-        let set = |patterns: Vec<String>| RegexSet::new(patterns.iter().map(|p| format!("^(?:{p})$"))).map_err(|e| e.to_string());
+        let set = |patterns: Vec<String>| -> Result<Option<RegexSet>, String> {
+            if patterns.is_empty() {
+                return Ok(None);
+            }
+            RegexSet::new(patterns.iter().map(|p| format!("^(?:{p})$"))).map(Some).map_err(|e| e.to_string())
+        };
         Ok(Matchers {
             allow_regex: set(pick(false, true))?,
             deny_regex: set(pick(true, true))?,
@@ -38,14 +45,14 @@ impl Matchers {
 
     /// The rule that decides for one topic name: deny rules first, then allow rules.
     fn decide_topic<'a>(&'a self, name: &str) -> Verdict<'a> {
-        if self.deny_regex.is_match(name) {
-            return Verdict::Regex { allow: false, set: &self.deny_regex };
+        if let Some(set) = self.deny_regex.as_ref().filter(|set| set.is_match(name)) {
+            return Verdict::Regex { allow: false, set };
         }
         if let Some(p) = self.deny_patterns.iter().find(|p| topic::matches(p, name)) {
             return Verdict::Pattern { allow: false, pattern: p };
         }
-        if self.allow_regex.is_match(name) {
-            return Verdict::Regex { allow: true, set: &self.allow_regex };
+        if let Some(set) = self.allow_regex.as_ref().filter(|set| set.is_match(name)) {
+            return Verdict::Regex { allow: true, set };
         }
         match self.allow_patterns.iter().find(|p| topic::matches(p, name)) {
             Some(p) => Verdict::Pattern { allow: true, pattern: p },
@@ -70,8 +77,8 @@ impl Matchers {
         if let Some(p) = self.allow_patterns.iter().find(|p| topic::intersects(p, filter)) {
             return Verdict::Pattern { allow: true, pattern: p };
         }
-        if !self.allow_regex.is_empty() {
-            return Verdict::Regex { allow: true, set: &self.allow_regex };
+        if let Some(set) = &self.allow_regex {
+            return Verdict::Regex { allow: true, set };
         }
         Verdict::NoRule
     }
@@ -277,6 +284,9 @@ mod tests {
         assert!(!acl.may_subscribe("other/#"), "nothing under it is readable");
         assert!(!acl.may_subscribe("$SYS/#"), "$SYS needs an explicit rule");
         assert!(!acl.may_subscribe("+/x"));
+        let directions = acl.rules.as_ref().expect("rules");
+        let sets = [&directions.read, &directions.write].map(|m| (m.allow_regex.is_some(), m.deny_regex.is_some()));
+        assert_eq!(sets, [(false, false); 2], "pattern rules compile no regex set");
     }
 
     #[test]
