@@ -263,6 +263,12 @@ async fn a_retained_store_bigger_than_a_frame_reaches_a_restarted_node_and_its_l
     cluster.kill(3);
     cluster.start_node(3)?;
     cluster.wait_until_serving().await?;
+    // The snapshot streams in after the links are up (20 MB take a moment).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cluster.metric(3, "rampart_retained_messages") < BLOBS as i64 {
+        assert!(Instant::now() < deadline, "node 3 has {} retained messages", cluster.metric(3, "rampart_retained_messages"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let reader = Client { cluster: &cluster, node: 3, device: "device-1", client_id: "device-1-reader", version: "mqttv5" };
     let mut got = Vec::new();
     for group in ["a", "b"] {

@@ -139,6 +139,8 @@ impl LocalRoutes {
 /// A session moving to another node: kept here, collecting messages, until the move is settled.
 struct MovingOut {
     session: SessionState,
+    /// The node it moves to: only that node's word settles the move.
+    to: u64,
     /// The sequence of the newest queued message the new node has a copy of.
     through: u64,
     /// When it is given back unless settled.
@@ -327,6 +329,7 @@ impl Broker {
         client_id: &str,
         owner: &Owner,
         clean_start: bool,
+        to: u64,
         abandon_after: Duration,
     ) -> Result<Option<MovedSession>, AttachError> {
         let now = Instant::now();
@@ -346,7 +349,7 @@ impl Broker {
         };
         let id = session.id;
         let deadline = tokio::time::Instant::now() + abandon_after;
-        let moving = MovingOut { session, through, deadline };
+        let moving = MovingOut { session, to, through, deadline };
         self.moving_out().insert(client_id.to_string(), moving);
         tracing::info!(%client_id, queued = moved.queued.len(), "session handed to another node");
         let (broker, client_id) = (self.clone(), client_id.to_string());
@@ -358,7 +361,7 @@ impl Broker {
                     _ => return,
                 };
                 if deadline <= tokio::time::Instant::now() {
-                    broker.give_back(&client_id, "the new node did not settle the move in time");
+                    broker.give_back(&client_id, to, "the new node did not settle the move in time");
                     return;
                 }
                 tokio::time::sleep_until(deadline).await;
@@ -371,14 +374,21 @@ impl Broker {
         self.inner.moving_out.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Takes the session of `client_id` moving out of here to node `to` (not one moving
+    /// elsewhere: a late word from an earlier move settles nothing).
+    fn take_moving_out(&self, client_id: &str, to: u64) -> Option<MovingOut> {
+        let mut moving_out = self.moving_out();
+        moving_out.get(client_id).is_some_and(|m| m.to == to).then(|| moving_out.remove(client_id)).flatten()
+    }
+
     /// The tail of a move out of this node, once the new node routes to the session: after
     /// `linger` (messages already on their way here still arrive meanwhile), copies of what
     /// the session collected since [`Broker::release`]. `None` when no move of `client_id` is
     /// under way here. The session stays until the move is settled (`abandon_after` from now).
-    pub async fn finish_move(&self, client_id: &str, linger: Duration, abandon_after: Duration) -> Option<Vec<MovedMessage>> {
+    pub async fn finish_move(&self, client_id: &str, to: u64, linger: Duration, abandon_after: Duration) -> Option<Vec<MovedMessage>> {
         tokio::time::sleep(linger).await;
         let mut moving_out = self.moving_out();
-        let moving = moving_out.get_mut(client_id)?;
+        let moving = moving_out.get_mut(client_id).filter(|m| m.to == to)?;
         moving.deadline = tokio::time::Instant::now() + abandon_after;
         let (tail, through) = moving.session.mailbox.queued_after(moving.through);
         moving.through = through;
@@ -387,8 +397,8 @@ impl Broker {
 
     /// The new node holds the session that moved out of here: its copy here (subscriptions,
     /// queue, stored copy) goes.
-    pub fn end_move(&self, client_id: &str) {
-        let Some(moving) = self.moving_out().remove(client_id) else { return };
+    pub fn end_move(&self, client_id: &str, to: u64) {
+        let Some(moving) = self.take_moving_out(client_id, to) else { return };
         self.drop_subscriptions(&moving.session);
         moving.session.mailbox.close();
         tracing::debug!(%client_id, "moved session settled; the copy here is dropped");
@@ -397,8 +407,8 @@ impl Broker {
     /// The session that was moving out of here stays here after all (the new node could not
     /// take it, or did not settle in time): offline again, as before its client connected
     /// elsewhere. Its messages go to a session of the same owner that started here meanwhile.
-    pub fn give_back(&self, client_id: &str, reason: &str) {
-        let Some(moving) = self.moving_out().remove(client_id) else { return };
+    pub fn give_back(&self, client_id: &str, to: u64, reason: &str) {
+        let Some(moving) = self.take_moving_out(client_id, to) else { return };
         let session = moving.session;
         let queued = session.mailbox.len();
         match self.inner.registry.give_back(client_id, session, Instant::now()) {
@@ -705,5 +715,30 @@ impl Broker {
             retained_bytes: self.inner.retained.bytes(),
             links: Vec::new(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn only_the_node_a_session_moves_to_settles_the_move_and_a_failed_move_gives_it_back() {
+        let broker = Broker::new(BrokerSettings::default(), None);
+        let owner = Owner::Certificate { identity: "d".into(), issuer: "CN=CA".into() };
+        let request = AttachRequest { client_id: "d-1", owner: &owner, clean_start: false, durable: false, queue_capacity: 10 };
+        let mut attached = broker.attach(request.clone(), Instant::now()).await.unwrap();
+        attached.session.expiry = Duration::from_secs(60);
+        broker.detach(attached.attachment, attached.session, None, Instant::now());
+        let abandon_after = Duration::from_secs(60);
+        assert!(broker.release("d-1", &owner, false, 2, abandon_after).await.unwrap().is_some());
+        // A late word from another node settles nothing.
+        broker.end_move("d-1", 3);
+        broker.give_back("d-1", 3, "a late word");
+        assert!(broker.finish_move("d-1", 3, Duration::ZERO, abandon_after).await.is_none());
+        assert!(broker.finish_move("d-1", 2, Duration::ZERO, abandon_after).await.is_some(), "still moving to node 2");
+        broker.give_back("d-1", 2, "the new node could not take it");
+        assert!(!broker.moving_out().contains_key("d-1"));
+        assert!(broker.attach(request, Instant::now()).await.unwrap().present, "back here, resumable by its owner");
     }
 }

@@ -136,12 +136,12 @@ async fn read_control(
                     forwarder.broker.merge_retained(entries.into_iter().map(|e| e.into_entry(now)).collect());
                 }
                 Control::Claim { request, client_id, owner, clean_start } => {
-                    let (forwarder, replies) = (forwarder.clone(), replies.clone());
+                    let (forwarder, replies, node) = (forwarder.clone(), replies.clone(), peer.node_id);
                     let turn = claims.clone().acquire_owned().await.map_err(|e| e.to_string())?;
                     tokio::spawn(async move {
                         let _turn = turn;
                         let abandon_after = forwarder.move_abandon_after();
-                        let (outcome, parts) = match forwarder.broker.release(&client_id, &owner, clean_start, abandon_after).await {
+                        let (outcome, parts) = match forwarder.broker.release(&client_id, &owner, clean_start, node, abandon_after).await {
                             Ok(None) => (ClaimOutcome::NotHere, None),
                             Ok(Some(moved)) => {
                                 let (released, parts) = MovedPart::split(&client_id, moved);
@@ -154,12 +154,12 @@ async fn read_control(
                     });
                 }
                 Control::MoveDone { request, client_id } => {
-                    let (forwarder, replies) = (forwarder.clone(), replies.clone());
+                    let (forwarder, replies, node) = (forwarder.clone(), replies.clone(), peer.node_id);
                     let turn = claims.clone().acquire_owned().await.map_err(|e| e.to_string())?;
                     tokio::spawn(async move {
                         let _turn = turn;
                         let abandon_after = forwarder.move_abandon_after();
-                        match forwarder.broker.finish_move(&client_id, super::MOVE_LINGER, abandon_after).await {
+                        match forwarder.broker.finish_move(&client_id, node, super::MOVE_LINGER, abandon_after).await {
                             Some(tail) => {
                                 answer(&replies, request, ClaimOutcome::Tail, Some(tail.into_iter().map(MovedPart::Queued).collect())).await
                             }
@@ -175,9 +175,9 @@ async fn read_control(
                         }
                     });
                 }
-                Control::MoveSettled { client_id, installed: true } => forwarder.broker.end_move(&client_id),
+                Control::MoveSettled { client_id, installed: true } => forwarder.broker.end_move(&client_id, peer.node_id),
                 Control::MoveSettled { client_id, installed: false } => {
-                    forwarder.broker.give_back(&client_id, "the new node could not take it");
+                    forwarder.broker.give_back(&client_id, peer.node_id, "the new node could not take it");
                 }
             }
         }

@@ -512,8 +512,8 @@ impl Remote for Forwarder {
                 full.push((peer.clone(), outgoing));
             }
         }
-        let deadline = tokio::time::Instant::now() + self.settings.slow_peer_timeout;
         let room = (!full.is_empty()).then(|| {
+            let deadline = tokio::time::Instant::now() + self.settings.slow_peer_timeout;
             let waits = full.into_iter().map(move |(peer, outgoing)| async move {
                 peer.queue.push_wait(outgoing, deadline, || peer.up.load(Ordering::Relaxed)).await;
             });
