@@ -55,7 +55,7 @@ rules = [{{ access = "write", pattern = "pw/#" }}]
 [[credentials]]
 name = "kiosk"
 password = {{ client_id = "kiosk-1", hash = "{hash}" }}
-rules = [{{ access = "write", pattern = "kiosk/%c" }}]
+rules = [{{ access = "write", pattern = "kiosk/%c" }}, {{ access = "write", pattern = "users/%u/#" }}]
 "#
     )
 }
@@ -163,6 +163,12 @@ fn a_password_credential_bound_to_a_client_id_alone() {
     // No user name and no credential for the client id: basic does not apply, the client is
     // anonymous, and anonymous clients are not allowed.
     assert_eq!(Raw::socket(tcp, V5).connack_with(login("kiosk-2", "", "s3cret")), ConnectReturnCode::NotAuthorized);
+    // A user name it sends (MQTT 3.1.1 needs one beside a password) is not verified by this
+    // credential: it never becomes %u, so the kiosk cannot speak as another user.
+    let mut hostile = Raw::socket(tcp, V5);
+    assert_eq!(hostile.connack_with(login("kiosk-1", "device-9", "s3cret")), ConnectReturnCode::Success);
+    assert_eq!(publish(&mut hostile, "users/device-9/cmd"), PubAckReason::NotAuthorized, "%u is not the unverified user name");
+    assert_eq!(publish(&mut hostile, "kiosk/kiosk-1"), PubAckReason::Success);
 }
 
 #[test]

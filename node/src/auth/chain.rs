@@ -7,7 +7,7 @@ use mqttbytes::v5::ConnectReturnCode;
 
 use super::http::{CertificateQuery, Decision, HttpDelegate, HttpQuery};
 use super::index::{AuthIndex, PasswordCheck};
-use super::policy::{self, AuthPolicy, ClaimedIdentity, PeerAuth, Principal, Verified};
+use super::policy::{self, AuthPolicy, ClaimedIdentity, PasswordKey, PeerAuth, Principal, Verified};
 use super::state::OnUnavailable;
 use super::state::ProviderKind;
 use super::Refusal;
@@ -83,7 +83,12 @@ pub fn authenticate(
                     Ok(None) => continue,
                     Ok(Some(key)) => Ok(Principal {
                         identity: None,
-                        username: request.username.clone(),
+                        // Only a user name the password verified is one (`%u`): a credential
+                        // bound to a client id verifies none, whatever the client sent.
+                        username: match &key {
+                            PasswordKey::Username(name) => Some(name.clone()),
+                            PasswordKey::ClientId(_) => None,
+                        },
                         certificate: None,
                         verified: Some(Verified::Password(key)),
                     }),
@@ -157,7 +162,7 @@ pub fn authenticate(
 mod tests {
     use super::*;
     use crate::auth::identity::PeerCertificate;
-    use crate::auth::policy::{Owner, PasswordKey};
+    use crate::auth::policy::Owner;
     use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 
     const SECRET: &str = "chain-test-secret-chain-test-secret";
