@@ -451,28 +451,31 @@ ca_file = {ca:?}
         let mut endpoint = quinn::Endpoint::client(([127, 0, 0, 1], 0).into())?;
         endpoint.set_default_client_config(config);
         let connection = endpoint.connect(([127, 0, 0, 1], self.node(target).ports.quic).into(), "localhost")?.await?;
-        let (mut control, mut replies) = connection.open_bi().await?;
-        let mut out = bytes::BytesMut::new();
-        frame::encode(&Control::Hello { node_id: claimed, incarnation: 1 }, &mut out)?;
-        control.write_all(&out).await?;
-        let mut input = bytes::BytesMut::new();
-        let answer = tokio::time::timeout(Duration::from_secs(10), async {
+        let exchange = async {
+            let (mut control, mut replies) = connection.open_bi().await?;
+            let mut out = bytes::BytesMut::new();
+            frame::encode(&Control::Hello { node_id: claimed, incarnation: 1 }, &mut out)?;
+            control.write_all(&out).await?;
+            let mut input = bytes::BytesMut::new();
             loop {
                 if let Some(reply) = frame::decode::<Reply>(&mut input)? {
                     return anyhow::Ok(format!("{reply:?}"));
                 }
                 let mut chunk = [0u8; 4096];
-                match replies.read(&mut chunk).await {
-                    Ok(Some(n)) => input.extend_from_slice(&chunk[..n]),
-                    Ok(None) => anyhow::bail!("the stream ended without a reply"),
-                    Err(quinn::ReadError::ConnectionLost(quinn::ConnectionError::ApplicationClosed(close))) => {
-                        return Ok(String::from_utf8_lossy(&close.reason).into_owned());
-                    }
-                    Err(e) => anyhow::bail!("{e}"),
+                match replies.read(&mut chunk).await? {
+                    Some(n) => input.extend_from_slice(&chunk[..n]),
+                    None => anyhow::bail!("the stream ended without a reply"),
                 }
             }
-        })
-        .await??;
+        };
+        let answer = match tokio::time::timeout(Duration::from_secs(10), exchange).await? {
+            Ok(reply) => reply,
+            // The node may close the connection at any step (before it reads the Hello, too).
+            Err(e) => match connection.close_reason() {
+                Some(quinn::ConnectionError::ApplicationClosed(close)) => String::from_utf8_lossy(&close.reason).into_owned(),
+                _ => return Err(e),
+            },
+        };
         connection.close(0u32.into(), b"done");
         endpoint.wait_idle().await;
         Ok(answer)
