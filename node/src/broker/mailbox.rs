@@ -55,6 +55,23 @@ impl Pushed {
 struct Persist {
     client_id: Arc<str>,
     store: StoreHandle,
+    /// The identities of the queued messages: a message that reaches the stored queue again
+    /// (a link re-sends what this node had stored but not yet acknowledged when it was killed)
+    /// is queued once.
+    queued: HashSet<MessageId>,
+}
+
+impl Persist {
+    fn new(client_id: Arc<str>, store: StoreHandle, queue: &VecDeque<(u64, Delivery)>) -> Persist {
+        Persist { client_id, store, queued: queue.iter().filter_map(|(_, d)| d.message.id).collect() }
+    }
+
+    fn dequeue(&mut self, sequence: u64, delivery: &Delivery) {
+        if let Some(id) = delivery.message.id {
+            self.queued.remove(&id);
+        }
+        self.store.submit(StoreOp::Dequeue { client_id: self.client_id.clone(), sequence });
+    }
 }
 
 #[derive(Debug)]
@@ -80,8 +97,10 @@ impl State {
         if self.closed {
             return Ok(Pushed::Closed);
         }
-        if let (Some(seen), Some(id)) = (&self.moving_in, delivery.message.id) {
-            if seen.contains(&id) {
+        if let Some(id) = delivery.message.id {
+            let moved_in = self.moving_in.as_ref().is_some_and(|seen| seen.contains(&id));
+            let stored = self.persist.as_ref().is_some_and(|p| p.queued.contains(&id));
+            if moved_in || stored {
                 metrics::dropped(DropReason::MoveDuplicate);
                 return Ok(Pushed::Dropped);
             }
@@ -102,9 +121,9 @@ impl State {
             metrics::dropped(DropReason::SlowSubscriberQos0);
             return Ok(Pushed::Dropped);
         }
-        if let Some((sequence, _)) = self.queue.pop_front() {
-            if let Some(p) = &self.persist {
-                p.store.submit(StoreOp::Dequeue { client_id: p.client_id.clone(), sequence });
+        if let Some((sequence, oldest)) = self.queue.pop_front() {
+            if let Some(p) = &mut self.persist {
+                p.dequeue(sequence, &oldest);
             }
         }
         metrics::dropped(if self.online { DropReason::SlowSubscriberTimeout } else { DropReason::QueueFull });
@@ -118,7 +137,10 @@ impl State {
         }
         self.next_sequence += 1;
         let sequence = self.next_sequence;
-        let ticket = self.persist.as_ref().map(|p| {
+        let ticket = self.persist.as_mut().map(|p| {
+            if let Some(id) = delivery.message.id {
+                p.queued.insert(id);
+            }
             let message = Box::new(StoredMessage::from_delivery(&delivery));
             p.store.submit(StoreOp::Enqueue { client_id: p.client_id.clone(), sequence, message })
         });
@@ -221,9 +243,9 @@ impl Mailbox {
         let mut state = self.lock();
         let (shared, kept): (VecDeque<_>, VecDeque<_>) = state.queue.drain(..).partition(|(_, d)| d.shared.is_some());
         state.queue = kept;
-        if let Some(p) = &state.persist {
-            for (sequence, _) in &shared {
-                p.store.submit(StoreOp::Dequeue { client_id: p.client_id.clone(), sequence: *sequence });
+        if let Some(p) = &mut state.persist {
+            for (sequence, delivery) in &shared {
+                p.dequeue(*sequence, delivery);
             }
         }
         drop(state);
@@ -263,7 +285,7 @@ impl Mailbox {
         let ticket = persist.map(|(client_id, store, session)| {
             let queued = state.queue.iter().map(|(seq, d)| (*seq, StoredMessage::from_delivery(d))).collect();
             let ticket = store.submit(StoreOp::Save { client_id: client_id.clone(), session: Box::new(session), queued });
-            state.persist = Some(Persist { client_id, store });
+            state.persist = Some(Persist::new(client_id, store, &state.queue));
             ticket
         });
         drop(state);
@@ -278,7 +300,7 @@ impl Mailbox {
         state.next_sequence = queued.last().map_or(0, |(seq, _)| *seq);
         metrics::queued(queued.len() as i64);
         state.queue = queued.into();
-        state.persist = Some(Persist { client_id, store });
+        state.persist = Some(Persist::new(client_id, store, &state.queue));
     }
 
     /// Copies of the queued deliveries after sequence `after` (0: all of them), oldest first,
@@ -388,6 +410,21 @@ mod tests {
         let other = [2, 5].map(|n| with_id(delivery(QoS::AtLeastOnce, n), n.into())).to_vec();
         assert_eq!(mailbox.merge(other), 1);
         assert_eq!(payloads(&mailbox), [1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn a_stored_queue_takes_a_message_once_however_often_it_arrives() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::broker::persist::SessionStore::open(dir.path()).unwrap();
+        let mailbox = Mailbox::new(10);
+        mailbox.restore(vec![(1, with_id(delivery(QoS::ExactlyOnce, 1), 1))], "c".into(), store.handle().clone());
+        // A link re-sends what was stored but not acknowledged before a restart.
+        assert_eq!(mailbox.try_push(with_id(delivery(QoS::ExactlyOnce, 1), 1)).ok(), Some(Pushed::Dropped));
+        assert!(mailbox.try_push(with_id(delivery(QoS::ExactlyOnce, 2), 2)).unwrap().is_queued());
+        assert_eq!(mailbox.try_push(with_id(delivery(QoS::ExactlyOnce, 2), 2)).ok(), Some(Pushed::Dropped));
+        assert!(mailbox.try_push(delivery(QoS::ExactlyOnce, 3)).unwrap().is_queued(), "no identity: kept");
+        mailbox.set_online();
+        assert_eq!(payloads(&mailbox), [1, 2, 3]);
     }
 
     #[test]

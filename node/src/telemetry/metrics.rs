@@ -38,7 +38,8 @@ pub enum DropReason {
     /// Queued for a session that moved to another node which never collected it (the move was
     /// not completed in time).
     MoveAbandoned,
-    /// Reached a session moving here a second time (directly and with the old node's tail).
+    /// Reached a session a second time: directly and with a moving session's tail, or re-sent
+    /// by a link into a stored queue that already held it (after this node restarted).
     MoveDuplicate,
     /// Would not fit in one frame of a forwarding link (not forwarded to that peer).
     TooLargeForLink,
