@@ -263,9 +263,9 @@ async fn serve_inner(
                     }
                 }
             }
-            _ = peer.claims_ready.notified() => {
-                let claims = std::mem::take(&mut *peer.claims.lock().unwrap_or_else(|p| p.into_inner()));
-                write_frames(&mut control, claims).await?;
+            _ = peer.control_ready.notified() => {
+                let frames = std::mem::take(&mut *peer.control.lock().unwrap_or_else(|p| p.into_inner()));
+                write_frames(&mut control, frames).await?;
             }
             _ = peer.queue.readable() => {
                 // One write per publish stream for the whole batch.

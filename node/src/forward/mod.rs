@@ -105,10 +105,11 @@ pub struct Peer {
     forwarded: AtomicU64,
     /// QoS 1/2 messages dropped from the replay buffer unacknowledged (replay budget exceeded).
     replay_dropped: AtomicU64,
-    /// Claims and move settlements waiting to go out on our link, and the answers awaited by
+    /// Control frames (claims, tail requests, move settlements) waiting to go out on our link,
+    /// and the answers awaited by
     /// request.
-    claims: Mutex<Vec<Control>>,
-    claims_ready: tokio::sync::Notify,
+    control: Mutex<Vec<Control>>,
+    control_ready: tokio::sync::Notify,
     pending: Mutex<HashMap<u64, Awaited>>,
     /// Its open connections (our link to it, its link to us), closed when it stops being a
     /// member or its certificate is revoked.
@@ -130,8 +131,8 @@ impl Peer {
             up: AtomicBool::new(false),
             forwarded: AtomicU64::new(0),
             replay_dropped: AtomicU64::new(0),
-            claims: Mutex::new(Vec::new()),
-            claims_ready: tokio::sync::Notify::new(),
+            control: Mutex::new(Vec::new()),
+            control_ready: tokio::sync::Notify::new(),
             pending: Mutex::new(HashMap::new()),
             connections: Mutex::new(Vec::new()),
             stop: watch::channel(false).0,
@@ -172,8 +173,8 @@ impl Peer {
     }
 
     fn send_control(&self, control: Control) {
-        self.claims.lock().unwrap_or_else(|p| p.into_inner()).push(control);
-        self.claims_ready.notify_one();
+        self.control.lock().unwrap_or_else(|p| p.into_inner()).push(control);
+        self.control_ready.notify_one();
     }
 
     /// No answer to `request` is awaited any longer; a session released for it after all goes
