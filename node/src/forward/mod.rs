@@ -106,8 +106,7 @@ pub struct Peer {
     /// QoS 1/2 messages dropped from the replay buffer unacknowledged (replay budget exceeded).
     replay_dropped: AtomicU64,
     /// Control frames (claims, tail requests, move settlements) waiting to go out on our link,
-    /// and the answers awaited by
-    /// request.
+    /// and the answers awaited by request.
     control: Mutex<Vec<Control>>,
     control_ready: tokio::sync::Notify,
     pending: Mutex<HashMap<u64, Awaited>>,
