@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use imbl::HashMap;
+use foldhash::quality::RandomState;
 use mqttbytes::QoS;
 
 use super::mailbox::Mailbox;
@@ -57,6 +57,10 @@ impl ShareGroup {
         Some(Route { shared: Some(self.route.clone()), ..to_route(chosen) })
     }
 }
+
+/// A persistent map of a trie node, hashed with a per-process random seed (topic levels come
+/// from clients).
+type HashMap<K, V> = imbl::GenericHashMap<K, V, RandomState, imbl::shared_ptr::DefaultSharedPtr>;
 
 #[derive(Debug, Clone, Default)]
 struct Node {

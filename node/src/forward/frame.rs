@@ -4,6 +4,7 @@
 //! accepting node answers with [`Ack`]s; each of the link's publish streams (unidirectional)
 //! starts with a [`StreamHeader`] and then carries [`Forwarded`] messages in order.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -176,7 +177,7 @@ pub struct StreamHeader {
 pub struct WireRetained {
     pub topic: String,
     pub stamp: Stamp,
-    pub message: Option<Forwarded>,
+    pub message: Option<Forwarded<'static>>,
 }
 
 impl WireRetained {
@@ -189,7 +190,7 @@ impl WireRetained {
         WireRetained {
             topic: entry.topic.clone(),
             stamp: entry.stamp,
-            message: entry.message.as_ref().map(|m| Forwarded::new(0, m, None, Recipients::SUBSCRIBERS, now)),
+            message: entry.message.as_ref().map(|m| Forwarded::new(0, m, None, Recipients::SUBSCRIBERS, now).into_owned()),
         }
     }
 
@@ -215,11 +216,12 @@ impl Recipients {
     pub const SUBSCRIBERS: Recipients = Recipients { subscribers: true, shared: Vec::new(), redispatched: false };
 }
 
-/// One published message crossing the link, numbered per stream.
+/// One published message crossing the link, numbered per stream. The sending node encodes it
+/// with the topic borrowed from its message; a decoded one owns its topic.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Forwarded {
+pub struct Forwarded<'a> {
     pub sequence: u64,
-    pub topic: String,
+    pub topic: Cow<'a, str>,
     /// Serialized as one byte string (the same bytes postcard writes for a `Vec<u8>`).
     pub payload: Bytes,
     pub qos: u8,
@@ -242,11 +244,11 @@ fn qos_of(n: u8) -> QoS {
     }
 }
 
-impl Forwarded {
-    pub fn new(sequence: u64, m: &Message, retained_stamp: Option<Stamp>, recipients: Recipients, now: Instant) -> Forwarded {
+impl<'a> Forwarded<'a> {
+    pub fn new(sequence: u64, m: &'a Message, retained_stamp: Option<Stamp>, recipients: Recipients, now: Instant) -> Forwarded<'a> {
         Forwarded {
             sequence,
-            topic: m.topic.clone(),
+            topic: Cow::Borrowed(&m.topic),
             payload: m.payload.clone(),
             qos: m.qos as u8,
             retain: m.retain,
@@ -262,6 +264,13 @@ impl Forwarded {
         qos_of(self.qos)
     }
 
+    /// The same message, owning its topic.
+    pub fn into_owned(self) -> Forwarded<'static> {
+        let Forwarded { sequence, topic, payload, qos, retain, expires_in_ms, properties, retained_stamp, recipients, id } = self;
+        let topic = Cow::Owned(topic.into_owned());
+        Forwarded { sequence, topic, payload, qos, retain, expires_in_ms, properties, retained_stamp, recipients, id }
+    }
+
     /// About how many bytes it takes on the wire.
     pub fn wire_size(&self) -> usize {
         let groups: usize = self.recipients.shared.iter().map(|g| g.len() + 2).sum();
@@ -271,7 +280,7 @@ impl Forwarded {
     /// The message as the receiving node routes it.
     pub fn into_message(self, now: Instant) -> Arc<Message> {
         Arc::new(Message {
-            topic: self.topic,
+            topic: self.topic.into_owned(),
             payload: self.payload,
             qos: qos_of(self.qos),
             retain: self.retain,
@@ -407,7 +416,7 @@ mod tests {
         };
         let mut out = BytesMut::new();
         encode(&Forwarded::new(9, &message, None, Recipients::SUBSCRIBERS, now), &mut out).unwrap();
-        let back: Forwarded = decode(&mut out).unwrap().unwrap();
+        let back: Forwarded<'static> = decode(&mut out).unwrap().unwrap();
         assert_eq!((back.sequence, back.qos()), (9, QoS::AtLeastOnce));
         let copy = back.into_message(now);
         assert_eq!((copy.topic.as_str(), copy.retain, &copy.properties), ("t/1", true, &message.properties));

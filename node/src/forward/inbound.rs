@@ -225,7 +225,7 @@ async fn deliver_stream(
         }
         if let Some((index, delivered)) = &header {
             let mut acknowledge = None;
-            while let Some(forwarded) = frame::decode::<Forwarded>(&mut input).map_err(|e| e.to_string())? {
+            while let Some(forwarded) = frame::decode::<Forwarded<'static>>(&mut input).map_err(|e| e.to_string())? {
                 let sequence = forwarded.sequence;
                 if forwarded.qos() != mqttbytes::QoS::AtMostOnce {
                     acknowledge = Some(sequence);
@@ -247,7 +247,7 @@ async fn deliver_stream(
 
 /// Routes one forwarded message (not seen before) to the local sessions, waiting until it is
 /// queued for each (and on disk for durable ones).
-async fn deliver(forwarder: &Forwarder, peer: &Peer, forwarded: Forwarded) {
+async fn deliver(forwarder: &Forwarder, peer: &Peer, forwarded: Forwarded<'static>) {
     let (stamp, recipients) = (forwarded.retained_stamp, forwarded.recipients.clone());
     let message = forwarded.into_message(Instant::now());
     let broker = &forwarder.broker;

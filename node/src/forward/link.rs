@@ -4,7 +4,6 @@
 //! peer acknowledges it — re-sending what is unacknowledged after a reconnect.
 
 use std::collections::{HashSet, VecDeque};
-use std::hash::{Hash, Hasher};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,10 +22,6 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// Messages sent per wake-up before acknowledgements and route changes get a turn.
 const BATCH: usize = 256;
-
-/// Room a message's frame needs beside its topic and payload (length, sequence, flags, ids),
-/// so it is encoded without growing its buffer (properties, when present, may still grow it).
-const FRAME_OVERHEAD: usize = 64;
 
 /// A link that stays up this long resets the reconnect backoff; one that fails sooner (a peer
 /// that accepts and then drops it) keeps backing off.
@@ -53,23 +48,21 @@ impl Outbox {
         self.unacked.iter().map(VecDeque::len).sum()
     }
 
-    /// Numbers a message for its stream, encodes it and keeps it until acknowledged (QoS 1/2).
-    /// Returns the frame, or the error of a message that does not fit in one; `dropped` is set
-    /// when the replay budget forced the oldest unacknowledged message of that stream out (its
-    /// publisher waits no longer).
-    fn add(
+    /// Numbers a message for its stream, appends its frame to `out` and keeps a copy of the
+    /// frame until acknowledged (QoS 1/2). Returns the error of a message that does not fit in
+    /// a frame (`out` is left as it was); `dropped` is set when the replay budget forced the
+    /// oldest unacknowledged message of that stream out (its publisher waits no longer).
+    fn add<'m>(
         &mut self,
         stream: usize,
-        forwarded: impl FnOnce(u64) -> Forwarded,
-        qos: QoS,
-        acks: Option<Arc<RemoteAcks>>,
+        forwarded: impl FnOnce(u64) -> Forwarded<'m>,
+        (qos, acks): (QoS, Option<Arc<RemoteAcks>>),
+        out: &mut BytesMut,
         dropped: &mut bool,
-    ) -> Result<Bytes, frame::FrameError> {
-        let forwarded = forwarded(self.sequences[stream] + 1);
-        let mut out = BytesMut::with_capacity(FRAME_OVERHEAD + forwarded.topic.len() + forwarded.payload.len());
-        frame::encode(&forwarded, &mut out)?;
+    ) -> Result<(), frame::FrameError> {
+        let start = out.len();
+        frame::encode(&forwarded(self.sequences[stream] + 1), out)?;
         self.sequences[stream] += 1;
-        let bytes = out.freeze();
         if qos != QoS::AtMostOnce {
             if self.len() >= self.capacity {
                 let oldest = self.unacked[stream].pop_front();
@@ -78,9 +71,9 @@ impl Outbox {
                     acks.lost();
                 }
             }
-            self.unacked[stream].push_back((self.sequences[stream], bytes.clone(), acks));
+            self.unacked[stream].push_back((self.sequences[stream], Bytes::copy_from_slice(&out[start..]), acks));
         }
-        Ok(bytes)
+        Ok(())
     }
 
     fn acknowledge(&mut self, ack: Ack) {
@@ -94,11 +87,10 @@ impl Outbox {
     }
 }
 
-/// The stream a topic travels on.
+/// The stream a topic travels on (FNV-1a of the topic: cheap, and the same on every run).
 fn stream_of(topic: &str, streams: usize) -> usize {
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    topic.hash(&mut hasher);
-    (hasher.finish() % streams as u64) as usize
+    let hash = topic.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(0x100_0000_01b3));
+    (hash % streams as u64) as usize
 }
 
 /// Keeps a link to `peer` until the peer leaves the membership or the node stops.
@@ -235,6 +227,7 @@ async fn serve_inner(
         streams.push(stream);
     }
     let mut batches = vec![BytesMut::new(); streams.len()];
+    let mut popped = Vec::with_capacity(BATCH);
     loop {
         tokio::select! {
             _ = stop.changed() => return Ok(()),
@@ -270,33 +263,31 @@ async fn serve_inner(
             _ = peer.queue.readable() => {
                 // One write per publish stream for the whole batch.
                 let now = Instant::now();
-                for _ in 0..BATCH {
-                    let Some(outgoing) = peer.queue.pop() else { break };
+                peer.queue.pop_into(&mut popped, BATCH);
+                let mut sent = 0;
+                for outgoing in popped.drain(..) {
                     let message = &outgoing.message;
                     let stream = stream_of(&message.topic, streams.len());
                     let mut dropped = false;
                     let forwarded = |seq| Forwarded::new(seq, message, outgoing.retained, outgoing.recipients.clone(), now);
-                    let bytes = match outbox.add(stream, forwarded, message.qos, outgoing.acks.clone(), &mut dropped) {
-                        Ok(bytes) => bytes,
-                        Err(e) => {
-                            tracing::warn!(peer = peer.node_id, topic = %message.topic, error = %e, "message not forwarded: it does not fit in a link frame");
-                            crate::telemetry::metrics::dropped(crate::telemetry::metrics::DropReason::TooLargeForLink);
-                            if let Some(acks) = &outgoing.acks {
-                                acks.lost();
-                            }
-                            continue;
+                    if let Err(e) = outbox.add(stream, forwarded, (message.qos, outgoing.acks.clone()), &mut batches[stream], &mut dropped) {
+                        tracing::warn!(peer = peer.node_id, topic = %message.topic, error = %e, "message not forwarded: it does not fit in a link frame");
+                        crate::telemetry::metrics::dropped(crate::telemetry::metrics::DropReason::TooLargeForLink);
+                        if let Some(acks) = &outgoing.acks {
+                            acks.lost();
                         }
-                    };
+                        continue;
+                    }
                     if dropped {
                         peer.replay_dropped.fetch_add(1, Ordering::Relaxed);
                     }
-                    batches[stream].extend_from_slice(&bytes);
-                    peer.forwarded.fetch_add(1, Ordering::Relaxed);
+                    sent += 1;
                 }
+                peer.forwarded.fetch_add(sent, Ordering::Relaxed);
                 for (stream, batch) in streams.iter_mut().zip(&mut batches) {
                     if !batch.is_empty() {
-                        stream.write_all(batch).await.map_err(|e| failed(&e))?;
-                        batch.clear();
+                        // Handed over whole: quinn keeps the buffer instead of copying it.
+                        stream.write_chunk(batch.split().freeze()).await.map_err(|e| failed(&e))?;
                     }
                 }
                 if !peer.queue.is_empty() {
@@ -312,7 +303,7 @@ mod tests {
     use super::*;
     use crate::broker::message::Message;
 
-    fn forwarded(seq: u64) -> Forwarded {
+    fn forwarded(seq: u64) -> Forwarded<'static> {
         let message = Message {
             topic: "t".into(),
             payload: Bytes::from_static(b"x"),
@@ -323,16 +314,16 @@ mod tests {
             publisher: None,
             id: None,
         };
-        Forwarded::new(seq, &message, None, frame::Recipients::SUBSCRIBERS, Instant::now())
+        Forwarded::new(seq, &message, None, frame::Recipients::SUBSCRIBERS, Instant::now()).into_owned()
     }
 
     #[test]
     fn a_message_pushed_out_of_the_replay_budget_is_lost_to_its_waiting_publisher() {
         let mut outbox = Outbox::new(1, 1);
-        let mut dropped = false;
+        let (mut out, mut dropped) = (BytesMut::new(), false);
         let (first, second) = (Arc::new(RemoteAcks::new(1)), Arc::new(RemoteAcks::new(1)));
-        outbox.add(0, forwarded, QoS::AtLeastOnce, Some(first.clone()), &mut dropped).unwrap();
-        outbox.add(0, forwarded, QoS::AtLeastOnce, Some(second.clone()), &mut dropped).unwrap();
+        outbox.add(0, forwarded, (QoS::AtLeastOnce, Some(first.clone())), &mut out, &mut dropped).unwrap();
+        outbox.add(0, forwarded, (QoS::AtLeastOnce, Some(second.clone())), &mut out, &mut dropped).unwrap();
         assert!(dropped && first.is_lost(), "no peer holds it: its publisher is not told it is");
         outbox.acknowledge(Ack { stream: 0, sequence: 2 });
         assert!(!second.is_lost());
@@ -341,15 +332,17 @@ mod tests {
     #[test]
     fn unacknowledged_messages_wait_for_their_ack_and_the_budget_is_kept() {
         let mut outbox = Outbox::new(2, 3);
-        let mut dropped = false;
+        let (mut out, mut dropped) = (BytesMut::new(), false);
         for _ in 0..2 {
-            outbox.add(0, forwarded, QoS::AtLeastOnce, None, &mut dropped).unwrap();
+            outbox.add(0, forwarded, (QoS::AtLeastOnce, None), &mut out, &mut dropped).unwrap();
         }
-        outbox.add(1, forwarded, QoS::AtMostOnce, None, &mut dropped).unwrap();
-        outbox.add(1, forwarded, QoS::ExactlyOnce, None, &mut dropped).unwrap();
+        outbox.add(1, forwarded, (QoS::AtMostOnce, None), &mut out, &mut dropped).unwrap();
+        let before = out.len();
+        outbox.add(1, forwarded, (QoS::ExactlyOnce, None), &mut out, &mut dropped).unwrap();
+        assert_eq!(outbox.unacked[1][0].1, out[before..], "the copy kept for a replay is the frame sent");
         assert_eq!(outbox.len(), 3, "QoS 0 is never kept");
         assert_eq!(outbox.sequences, [2, 2]);
-        outbox.add(0, forwarded, QoS::AtLeastOnce, None, &mut dropped).unwrap();
+        outbox.add(0, forwarded, (QoS::AtLeastOnce, None), &mut out, &mut dropped).unwrap();
         assert!(dropped, "past the budget the oldest of the stream goes");
         outbox.acknowledge(Ack { stream: 0, sequence: 3 });
         outbox.acknowledge(Ack { stream: 1, sequence: 1 });

@@ -122,18 +122,19 @@ impl PeerQueue {
         self.readable.notify_one();
     }
 
-    pub fn pop(&self) -> Option<Outgoing> {
+    /// Moves up to `max` of the oldest messages into `out`, under one lock.
+    pub fn pop_into(&self, out: &mut Vec<Outgoing>, max: usize) {
         let mut state = self.lock();
         let was_full = state.messages.len() >= self.capacity;
-        let message = state.messages.pop_front();
+        let taken = max.min(state.messages.len());
+        out.extend(state.messages.drain(..taken));
         if state.congested && state.messages.len() <= self.capacity / 2 {
             state.congested = false;
         }
         drop(state);
-        if was_full && message.is_some() {
+        if was_full && taken > 0 {
             self.writable.notify_waiters();
         }
-        message
     }
 
     /// Waits until something may have been queued.
@@ -175,7 +176,15 @@ mod tests {
     }
 
     fn drain(queue: &PeerQueue) -> Vec<u8> {
-        std::iter::from_fn(|| queue.pop()).map(|m| m.message.payload[0]).collect()
+        let mut out = Vec::new();
+        queue.pop_into(&mut out, usize::MAX);
+        out.iter().map(|m| m.message.payload[0]).collect()
+    }
+
+    fn pop(queue: &PeerQueue) -> Option<u8> {
+        let mut out = Vec::new();
+        queue.pop_into(&mut out, 1);
+        out.first().map(|m| m.message.payload[0])
     }
 
     #[test]
@@ -206,7 +215,7 @@ mod tests {
         });
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished());
-        assert_eq!(queue.pop().map(|m| m.message.payload[0]), Some(1));
+        assert_eq!(pop(&queue), Some(1));
         waiting.await.unwrap();
         assert_eq!(drain(&queue), [2, 4]);
         // Nobody drains it: the wait ends at the deadline, and then nobody waits until half drained.

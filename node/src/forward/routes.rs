@@ -2,7 +2,10 @@
 //! subscription groups it has members of (`$share/<group>/<filter>`), as it announced them, in a
 //! trie so a topic is matched in O(levels). Pure.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+
+/// Hashed with a per-process random seed (filters come from clients, through the peer).
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::quality::RandomState>;
 
 #[derive(Debug, Default, Clone)]
 struct Node {
