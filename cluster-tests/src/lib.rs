@@ -86,6 +86,8 @@ fn free_udp_port() -> u16 {
 #[derive(Debug, Clone, Copy)]
 pub struct Ports {
     pub mtls: u16,
+    /// Plain TCP, for anonymous clients (the development state allows them on `demo/#`).
+    pub tcp: u16,
     pub cluster: u16,
     pub admin: u16,
     /// Metrics and health (`/readyz`).
@@ -157,7 +159,14 @@ impl TestCluster {
         let dir = tempfile::tempdir()?;
         let pki = rampart_node::pki::ensure_dev_pki(&dir.path().join("pki"), options.nodes as usize)?;
         let ports: Vec<Ports> = (0..options.nodes)
-            .map(|_| Ports { mtls: free_port(), cluster: free_port(), admin: free_port(), http: free_port(), quic: free_udp_port() })
+            .map(|_| Ports {
+                mtls: free_port(),
+                tcp: free_port(),
+                cluster: free_port(),
+                admin: free_port(),
+                http: free_port(),
+                quic: free_udp_port(),
+            })
             .collect();
         let relay = match options.quic_relay {
             Some(id) => Some(UdpRelay::start(([127, 0, 0, 1], ports[id as usize - 1].quic).into())?),
@@ -189,7 +198,7 @@ state_file = {auth:?}
 [limits]
 {limits}
 [listeners.tcp]
-enabled = false
+bind = "127.0.0.1:{tcp}"
 [listeners.tls]
 bind = "127.0.0.1:{mtls}"
 cert_file = {server_cert:?}
@@ -218,6 +227,7 @@ ca_file = {ca:?}
 "#,
                     auth = pki.auth_state,
                     mtls = p.mtls,
+                    tcp = p.tcp,
                     cluster = p.cluster,
                     quic = p.quic,
                     admin = p.admin,

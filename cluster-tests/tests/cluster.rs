@@ -513,10 +513,18 @@ async fn providers_are_set_through_the_admin_cli_and_check_access_verifies_token
     let claims = serde_json::json!({"sub": "app-9", "exp": exp});
     let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes());
     let token = jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key)?;
-    let check = |token: &str, topic: &str| {
-        let args = ["--output", "json", "check-access", "--token", token, "--client-id", "c1", "--action", "publish", "--topic", topic];
+    let check_as = |client_id: &str, token: &str, topic: &str| {
+        let args =
+            ["--output", "json", "check-access", "--token", token, "--client-id", client_id, "--action", "publish", "--topic", topic];
         serde_json::from_slice::<serde_json::Value>(&cluster.cli(1, &args).stdout).unwrap_or_default()
     };
+    let check = |token: &str, topic: &str| check_as("app-9-c1", token, topic);
+    // The token's subject owns the client ids of its name, as a CONNECT would find.
+    let foreign = check_as("c1", &token, "apps/app-9/x");
+    assert!(
+        foreign["decided_by"].as_str().unwrap_or_default().contains("client id \"c1\" is not allowed for identity \"app-9\""),
+        "{foreign}"
+    );
     let granted = check(&token, "apps/app-9/x");
     assert_eq!(granted["allowed"], true, "{granted}");
     assert!(granted["decided_by"].as_str().unwrap_or_default().starts_with("token of \"app-9\", the jwt provider's rules"), "{granted}");

@@ -62,7 +62,7 @@ pub fn certificate_first(index: &AuthIndex, peer: &PeerAuth, request: ClaimedIde
 pub fn authenticate(
     index: &AuthIndex,
     peer: &PeerAuth,
-    request: ClaimedIdentity<'_>,
+    mut request: ClaimedIdentity<'_>,
     policy: &AuthPolicy,
     presented: Presented<'_>,
 ) -> Result<Principal, Refusal> {
@@ -141,7 +141,7 @@ pub fn authenticate(
                 })
             }
         };
-        match outcome {
+        match outcome.and_then(|principal| bind_client_id(principal, policy, &mut request)) {
             Ok(principal) => return Ok(principal),
             Err(refusal) => failures.push((provider, refusal)),
         }
@@ -156,6 +156,17 @@ pub fn authenticate(
     };
     let reason = failures.iter().map(|(p, r)| format!("{p}: {}", r.reason)).collect::<Vec<_>>().join("; ");
     Err(Refusal { code, reason })
+}
+
+/// Puts the client id in the namespace of a principal other than a certificate, as the `x509`
+/// provider does for a certificate identity (see [`AuthPolicy::bind_client_id`]).
+pub fn bind_client_id(principal: Principal, policy: &AuthPolicy, request: &mut ClaimedIdentity<'_>) -> Result<Principal, Refusal> {
+    if principal.certificate.is_none() {
+        if let Some(name) = principal.owner().name() {
+            policy.bind_client_id(name, request)?;
+        }
+    }
+    Ok(principal)
 }
 
 #[cfg(test)]
@@ -201,7 +212,18 @@ mod tests {
     }
 
     fn run(index: &AuthIndex, peer: &PeerAuth, username: Option<&str>, password: Option<&str>) -> Result<Principal, Refusal> {
-        let (mut client_id, mut username) = ("plc-1".to_string(), username.map(str::to_string));
+        run_as(index, peer, "plc-1", username, password)
+    }
+
+    /// [`run`] with a client id of the test's choice.
+    fn run_as(
+        index: &AuthIndex,
+        peer: &PeerAuth,
+        client_id: &str,
+        username: Option<&str>,
+        password: Option<&str>,
+    ) -> Result<Principal, Refusal> {
+        let (mut client_id, mut username) = (client_id.to_string(), username.map(str::to_string));
         let claim = ClaimedIdentity { client_id: &mut client_id, assigned_client_id: false, username: &mut username };
         let presented = Presented { password, now: NOW, password_check: PasswordCheck::Verify, listener: "tcp", peer: None, http: None };
         authenticate(index, peer, claim, &AuthPolicy::default(), presented)
@@ -254,14 +276,17 @@ mod tests {
     #[test]
     fn jwt_clients_own_their_sessions_by_subject() {
         let chain = index(r#"["x509", "basic", "jwt"]"#);
-        let p = run(&chain, &PeerAuth::Anonymous, Some("whoever"), Some(&token("app-7"))).unwrap();
+        let p = run_as(&chain, &PeerAuth::Anonymous, "app-7-ui", Some("whoever"), Some(&token("app-7"))).unwrap();
         assert_eq!(p.owner(), Owner::Token { issuer: String::new(), subject: "app-7".into() });
-        let grant = chain.authorize(&p, "plc-1").unwrap();
+        let grant = chain.authorize(&p, "app-7-ui").unwrap();
         assert!(grant.acl.may_publish("jwt/app-7") && !grant.acl.may_publish("jwt/whoever"));
         assert_eq!(grant.expires_at, None, "disconnect_at_expiry is off");
+        // The client id is the subject's (client_id_policy prefix), as for a certificate.
+        let err = run_as(&chain, &PeerAuth::Anonymous, "plc-1", None, Some(&token("app-7"))).unwrap_err();
+        assert!(err.reason.contains("client id \"plc-1\" is not allowed for identity \"app-7\""), "{}", err.reason);
         // A subject with a wildcard never widens a rule.
-        let p = run(&chain, &PeerAuth::Anonymous, None, Some(&token("#"))).unwrap();
-        assert!(!chain.authorize(&p, "plc-1").unwrap().acl.may_publish("jwt/x"));
+        let p = run_as(&chain, &PeerAuth::Anonymous, "#", None, Some(&token("#"))).unwrap();
+        assert!(!chain.authorize(&p, "#").unwrap().acl.may_publish("jwt/x"));
     }
 
     #[test]

@@ -1,5 +1,7 @@
-//! The CONNECT policy for certificate identities: the identity becomes the user name, and the
-//! client id must match it so one device cannot take over another device's session. Pure.
+//! The CONNECT policy: a certificate identity becomes the user name, and client ids belong to
+//! names — a principal with a name (certificate identity, password user name, token subject,
+//! HTTP principal) may use only the client ids the policy binds to that name, and always wins
+//! such an id from a session another principal left there. Pure.
 
 use mqttbytes::v5::ConnectReturnCode;
 use serde::{Deserialize, Serialize};
@@ -8,17 +10,18 @@ use super::identity::PeerCertificate;
 use super::jwt::VerifiedToken;
 use super::Refusal;
 
-/// Which client ids a certificate identity may use.
+/// Which client ids belong to a principal's name (certificate identity, password user name,
+/// token subject, HTTP principal); a named principal may use only those.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ClientIdPolicy {
     /// Any client id.
     Any,
-    /// The client id must equal the identity.
+    /// The client id must equal the name.
     MustEqualIdentity,
-    /// The client id must be the identity, or the identity followed by the separator and a
-    /// suffix (`device-1` and `device-1-telemetry`, never `device-10`): a device may hold
-    /// several connections.
+    /// The client id must be the name, or the name followed by the separator and a suffix
+    /// (`device-1` and `device-1-telemetry`, never `device-10`): a device may hold several
+    /// connections.
     #[default]
     Prefix,
 }
@@ -61,8 +64,48 @@ pub struct AuthPolicy {
     pub use_identity_as_username: bool,
     pub username_mismatch: UsernameMismatch,
     pub client_id_policy: ClientIdPolicy,
-    /// What separates the identity from the suffix under the `prefix` policy.
+    /// What separates the name from the suffix under the `prefix` policy.
     pub client_id_separator: char,
+}
+
+impl AuthPolicy {
+    /// Whether the policy binds `client_id` to the principal named `name`.
+    pub fn binds(&self, name: &str, client_id: &str) -> bool {
+        match self.client_id_policy {
+            ClientIdPolicy::Any => false,
+            ClientIdPolicy::MustEqualIdentity => client_id == name,
+            ClientIdPolicy::Prefix => {
+                client_id.strip_prefix(name).is_some_and(|rest| rest.is_empty() || rest.starts_with(self.client_id_separator))
+            }
+        }
+    }
+
+    /// Whether a client of `requester` takes `client_id` from a session of `holder` (another
+    /// principal): the policy binds the id to the requester and not to the holder.
+    pub fn supersedes(&self, requester: &Owner, holder: &Owner, client_id: &str) -> bool {
+        let bound = |owner: &Owner| owner.name().is_some_and(|name| self.binds(name, client_id));
+        bound(requester) && !bound(holder)
+    }
+
+    /// Puts the client id of a CONNECT from the principal named `name` in its namespace: an
+    /// assigned (generated) id is prefixed with the name, or becomes the name; a chosen id the
+    /// policy does not bind to the name is refused.
+    pub fn bind_client_id(&self, name: &str, claim: &mut ClaimedIdentity<'_>) -> Result<(), Refusal> {
+        if claim.assigned_client_id {
+            *claim.client_id = match self.client_id_policy {
+                ClientIdPolicy::MustEqualIdentity => name.to_string(),
+                ClientIdPolicy::Prefix => format!("{name}{}{}", self.client_id_separator, claim.client_id),
+                ClientIdPolicy::Any => std::mem::take(claim.client_id),
+            };
+        }
+        if self.client_id_policy == ClientIdPolicy::Any || self.binds(name, claim.client_id) {
+            return Ok(());
+        }
+        Err(not_authorized(format!(
+            "client id {:?} is not allowed for identity {name:?} (client_id_policy {})",
+            *claim.client_id, self.client_id_policy
+        )))
+    }
 }
 
 impl Default for AuthPolicy {
@@ -102,6 +145,22 @@ pub enum Owner {
     Token { issuer: String, subject: String },
     /// A client the HTTP endpoint allowed, by the principal it named.
     Http { principal: String },
+}
+
+impl Owner {
+    /// The name client ids are bound to: the certificate identity, the password user name (or
+    /// the client id a password credential is bound to), the token subject, the HTTP principal;
+    /// none for an anonymous client.
+    pub fn name(&self) -> Option<&str> {
+        match self {
+            Owner::Certificate { identity, .. } => Some(identity),
+            Owner::Password { username } => Some(username),
+            Owner::Anonymous => None,
+            Owner::PasswordClientId { client_id } => Some(client_id),
+            Owner::Token { subject, .. } => Some(subject),
+            Owner::Http { principal } => Some(principal),
+        }
+    }
 }
 
 impl std::fmt::Display for Owner {
@@ -182,7 +241,7 @@ pub struct ClaimedIdentity<'a> {
 }
 
 /// Applies the policy to what a validated CONNECT claims.
-pub fn authenticate(peer: &PeerAuth, request: ClaimedIdentity<'_>, policy: &AuthPolicy) -> Result<Principal, Refusal> {
+pub fn authenticate(peer: &PeerAuth, mut request: ClaimedIdentity<'_>, policy: &AuthPolicy) -> Result<Principal, Refusal> {
     let cert = match peer {
         PeerAuth::Anonymous => {
             return Ok(Principal { identity: None, username: request.username.clone(), certificate: None, verified: None })
@@ -201,27 +260,7 @@ pub fn authenticate(peer: &PeerAuth, request: ClaimedIdentity<'_>, policy: &Auth
     } else {
         request.username.clone()
     };
-    if request.assigned_client_id {
-        *request.client_id = match policy.client_id_policy {
-            ClientIdPolicy::MustEqualIdentity => identity.clone(),
-            ClientIdPolicy::Prefix => format!("{identity}{}{}", policy.client_id_separator, request.client_id),
-            ClientIdPolicy::Any => std::mem::take(request.client_id),
-        };
-    }
-    let allowed = match policy.client_id_policy {
-        ClientIdPolicy::Any => true,
-        ClientIdPolicy::MustEqualIdentity => *request.client_id == *identity,
-        ClientIdPolicy::Prefix => request
-            .client_id
-            .strip_prefix(identity.as_str())
-            .is_some_and(|rest| rest.is_empty() || rest.starts_with(policy.client_id_separator)),
-    };
-    if !allowed {
-        return Err(not_authorized(format!(
-            "client id {:?} is not allowed for identity {identity:?} (client_id_policy {})",
-            *request.client_id, policy.client_id_policy
-        )));
-    }
+    policy.bind_client_id(identity, &mut request)?;
     *request.username = username.clone();
     Ok(Principal { identity: Some(identity.clone()), username, certificate: Some(cert.clone()), verified: None })
 }
@@ -311,5 +350,30 @@ mod tests {
         assert_eq!((p.identity, p.username.as_deref()), (None, Some("u")));
         let err = authenticate(&PeerAuth::Rejected("bad identity".into()), request("x", None).claim(), &AuthPolicy::default()).unwrap_err();
         assert_eq!(err.code, ConnectReturnCode::NotAuthorized);
+    }
+
+    #[test]
+    fn client_ids_belong_to_names_and_a_bound_principal_wins_over_others() {
+        let policy = AuthPolicy::default();
+        let alice = Owner::Password { username: "alice".into() };
+        let device = Owner::Certificate { identity: "device-2".into(), issuer: "CN=CA".into() };
+        assert!(policy.binds("alice", "alice") && policy.binds("alice", "alice-ui") && !policy.binds("alice", "alicex"));
+        assert!(policy.supersedes(&device, &Owner::Anonymous, "device-2"), "the device wins its id from an anonymous session");
+        assert!(policy.supersedes(&device, &alice, "device-2-ui"), "and from a password principal's");
+        assert!(!policy.supersedes(&alice, &device, "device-2"), "never the other way round");
+        assert!(!policy.supersedes(&Owner::Anonymous, &alice, "x"), "an anonymous client is bound to nothing");
+        let any = AuthPolicy { client_id_policy: ClientIdPolicy::Any, ..policy };
+        assert!(!any.supersedes(&device, &Owner::Anonymous, "device-2"), "`any` binds nothing: the first session keeps its id");
+
+        let mut assigned = request("", None);
+        policy.bind_client_id("alice", &mut assigned.claim()).unwrap();
+        assert_eq!(assigned.client_id, "alice-rampart-9", "a generated id goes in the name's namespace");
+        let mut chosen = request("device-2", None);
+        let err = policy.bind_client_id("alice", &mut chosen.claim()).unwrap_err();
+        assert_eq!(err.code, ConnectReturnCode::NotAuthorized);
+        let exact = AuthPolicy { client_id_policy: ClientIdPolicy::MustEqualIdentity, ..policy };
+        let mut assigned = request("", None);
+        exact.bind_client_id("alice", &mut assigned.claim()).unwrap();
+        assert_eq!(assigned.client_id, "alice");
     }
 }

@@ -20,12 +20,12 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::auth::policy::Owner;
+use crate::auth::policy::{AuthPolicy, Owner};
 use index::{Subscriber, SubscriptionIndex, SubscriptionOptions};
 use message::{min_qos, Delivery, Message, MessageId, SharedDelivery, Will};
 use persist::{MovedMessage, MovedSession, SessionStore, StoredSession};
-use registry::Registry;
 pub use registry::{AttachError, Attached, Attachment};
+use registry::{Ownership, Registry};
 pub use remote::{BarrierFuture, ClaimFuture, Forwarding, Remote, RemoteAcks, TailFuture};
 use retained::{RetainedEntry, RetainedStore, Stamp};
 pub use state::{Inflight, SessionState};
@@ -52,6 +52,11 @@ pub struct BrokerSettings {
     pub takeover_timeout: Duration,
     /// Sessions (online and offline) one certificate identity or password credential may hold.
     pub max_sessions_per_identity: usize,
+    /// Sessions (online and offline) all anonymous clients together may hold.
+    pub max_anonymous_sessions: usize,
+    /// Whose client ids are whose: a principal the policy binds an id to takes it from a
+    /// session another principal left there.
+    pub client_ids: AuthPolicy,
     /// How many retained messages, and how many bytes of them, this node keeps.
     pub retained: retained::RetainedLimits,
 }
@@ -64,6 +69,8 @@ impl Default for BrokerSettings {
             slow_subscriber_timeout: Duration::from_secs(5),
             takeover_timeout: Duration::from_secs(10),
             max_sessions_per_identity: 100,
+            max_anonymous_sessions: 10_000,
+            client_ids: AuthPolicy::default(),
             retained: retained::RetainedLimits::default(),
         }
     }
@@ -176,7 +183,14 @@ impl Broker {
             inner: Arc::new(Inner {
                 index: SubscriptionIndex::new(),
                 retained: RetainedStore::new(settings.retained),
-                registry: Registry::new(settings.max_queued_messages, settings.max_sessions_per_identity),
+                registry: Registry::new(
+                    settings.max_queued_messages,
+                    Ownership {
+                        max_per_owner: settings.max_sessions_per_identity,
+                        max_anonymous: settings.max_anonymous_sessions,
+                        client_ids: settings.client_ids,
+                    },
+                ),
                 settings,
                 store,
                 routes: LocalRoutes { counts: Mutex::new(HashMap::new()), version: watch::channel(0).0 },
@@ -336,10 +350,11 @@ impl Broker {
         let Some(session) = self.inner.registry.release(client_id, owner, now, self.inner.settings.takeover_timeout).await? else {
             return Ok(None);
         };
-        if clean_start || session.expiry.is_zero() {
+        // Another principal's session (the client-id policy gave the id to `owner`) ends here.
+        if clean_start || session.expiry.is_zero() || session.owner != *owner {
             self.drop_subscriptions(&session);
             session.mailbox.close();
-            tracing::info!(%client_id, "session ended: its client connected on another node");
+            tracing::info!(%client_id, "session ended: its client id connected on another node");
             return Ok(None);
         }
         let (queued, through) = session.mailbox.queued_after(0);

@@ -17,7 +17,7 @@ use tokio::sync::{watch, Notify};
 use super::mailbox::Mailbox;
 use super::message::SessionId;
 use super::state::SessionState;
-use crate::auth::policy::Owner;
+use crate::auth::policy::{AuthPolicy, Owner};
 
 #[derive(Debug)]
 struct SlotState {
@@ -137,15 +137,12 @@ pub struct Attached {
 #[derive(Debug, Default)]
 struct Slots {
     by_client_id: HashMap<Arc<str>, Arc<Slot>>,
-    /// Started sessions per owner (certificate and password owners only).
+    /// Started sessions per owner (all anonymous clients count as one).
     per_owner: HashMap<Owner, usize>,
 }
 
 impl Slots {
     fn count(&mut self, owner: &Owner, delta: isize) {
-        if *owner == Owner::Anonymous {
-            return;
-        }
         let count = self.per_owner.entry(owner.clone()).or_default();
         *count = count.saturating_add_signed(delta);
         if *count == 0 {
@@ -154,17 +151,44 @@ impl Slots {
     }
 }
 
+/// Who may hold how many sessions, and whose client ids are whose.
+#[derive(Debug, Clone, Copy)]
+pub struct Ownership {
+    /// Sessions one principal may hold.
+    pub max_per_owner: usize,
+    /// Sessions all anonymous clients together may hold.
+    pub max_anonymous: usize,
+    /// The client-id policy: a principal it binds an id to takes the id from a session of a
+    /// principal it does not bind it to.
+    pub client_ids: AuthPolicy,
+}
+
+impl Ownership {
+    fn limit(&self, owner: &Owner) -> usize {
+        if *owner == Owner::Anonymous {
+            self.max_anonymous
+        } else {
+            self.max_per_owner
+        }
+    }
+
+    /// Whether `requester` may have the session of `client_id` that `holder` holds.
+    fn may_take(&self, requester: &Owner, holder: &Owner, client_id: &str) -> bool {
+        requester == holder || self.client_ids.supersedes(requester, holder, client_id)
+    }
+}
+
 #[derive(Debug)]
 pub struct Registry {
     slots: Mutex<Slots>,
     next_id: AtomicU64,
     queue_capacity: usize,
-    max_sessions_per_owner: usize,
+    ownership: Ownership,
 }
 
 impl Registry {
-    pub fn new(queue_capacity: usize, max_sessions_per_owner: usize) -> Registry {
-        Registry { slots: Mutex::new(Slots::default()), next_id: AtomicU64::new(1), queue_capacity, max_sessions_per_owner }
+    pub fn new(queue_capacity: usize, ownership: Ownership) -> Registry {
+        Registry { slots: Mutex::new(Slots::default()), next_id: AtomicU64::new(1), queue_capacity, ownership }
     }
 
     fn slots(&self) -> MutexGuard<'_, Slots> {
@@ -180,9 +204,11 @@ impl Registry {
     }
 
     /// Hands the session of `client_id` to a new connection of `owner`: refused when the
-    /// session (live, or offline and not expired) belongs to another principal; otherwise a
-    /// connected holder is told to close and its state is awaited (up to `wait`). The session
-    /// is fresh when `clean_start`, or when the old one expired.
+    /// session (live, or offline and not expired) belongs to another principal, unless the
+    /// client-id policy binds the id to `owner` and not to that principal (its session is then
+    /// discarded); otherwise a connected holder is told to close and its state is awaited (up
+    /// to `wait`). The session is fresh when `clean_start`, when the old one expired, or when it
+    /// was another principal's.
     pub async fn attach(
         &self,
         client_id: &str,
@@ -201,20 +227,25 @@ impl Registry {
             let counted = {
                 let state = slot.lock();
                 let live = state.started && state.expires_at.is_none_or(|at| at > now);
-                if live && state.owner != *owner {
+                if live && !self.ownership.may_take(owner, &state.owner, client_id) {
                     return Err(AttachError::NotOwner { owner: state.owner.clone(), requester: owner.clone() });
                 }
-                if !live {
-                    let held = slots.per_owner.get(owner).copied().unwrap_or(0);
-                    if *owner != Owner::Anonymous && held >= self.max_sessions_per_owner {
-                        return Err(AttachError::TooManySessions { owner: owner.clone(), limit: self.max_sessions_per_owner });
+                // A new session for `owner`: none was live, or another principal's is discarded.
+                let starts = !live || state.owner != *owner;
+                if starts {
+                    let (held, limit) = (slots.per_owner.get(owner).copied().unwrap_or(0), self.ownership.limit(owner));
+                    if held >= limit {
+                        return Err(AttachError::TooManySessions { owner: owner.clone(), limit });
+                    }
+                    if live {
+                        tracing::info!(client_id, holder = %state.owner, %owner, "client id taken from a principal the client-id policy does not bind it to");
                     }
                     if state.started {
                         slots.count(&state.owner, -1);
                     }
                     slots.count(owner, 1);
                 }
-                !live
+                starts
             };
             slots.by_client_id.insert(key.clone(), slot.clone());
             let mut generation = 0;
@@ -271,7 +302,8 @@ impl Registry {
     }
 
     /// Gives up the session of `client_id` to another node where `requester` connects: refused
-    /// when a live session belongs to another principal; otherwise a connected holder is told to
+    /// when a live session belongs to another principal that `requester` may not take the id
+    /// from (see [`Registry::attach`]); otherwise a connected holder is told to
     /// close (taken over), its state awaited (up to `wait`) and the session removed from this
     /// node. `None`: no live session here.
     pub async fn release(
@@ -290,7 +322,7 @@ impl Registry {
                 if !live {
                     return Ok(None);
                 }
-                if state.owner != *requester {
+                if !self.ownership.may_take(requester, &state.owner, client_id) {
                     return Err(AttachError::NotOwner { owner: state.owner.clone(), requester: requester.clone() });
                 }
             }
@@ -423,9 +455,13 @@ mod tests {
         Owner::Certificate { identity: identity.into(), issuer: "CN=CA".into() }
     }
 
+    fn ownership(max_per_owner: usize) -> Ownership {
+        Ownership { max_per_owner, max_anonymous: 3, client_ids: AuthPolicy::default() }
+    }
+
     #[tokio::test]
     async fn only_the_owner_resumes_or_takes_over() {
-        let registry = Registry::new(10, 100);
+        let registry = Registry::new(10, ownership(100));
         let now = Instant::now();
         let mut a = registry.attach("device-1", &cert("device-1"), false, now, WAIT).await.unwrap();
         assert!(!a.present);
@@ -448,8 +484,37 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_principal_bound_to_a_client_id_takes_it_from_another_principals_session() {
+        let registry = Arc::new(Registry::new(10, ownership(100)));
+        let now = Instant::now();
+        let mut squatter = registry.attach("device-2", &Owner::Anonymous, false, now, WAIT).await.unwrap();
+        squatter.session.expiry = Duration::from_secs(3600);
+        let squatted = squatter.session.id;
+        let device = tokio::spawn({
+            let registry = registry.clone();
+            async move { registry.attach("device-2", &cert("device-2"), false, Instant::now(), WAIT).await }
+        });
+        while !squatter.attachment.is_taken_over() {
+            tokio::task::yield_now().await;
+        }
+        registry.detach(squatter.attachment, squatter.session, now);
+        let mut device = device.await.unwrap().unwrap();
+        assert!(!device.present && device.session.id != squatted, "never the squatter's session");
+        assert_eq!(device.discarded.as_ref().map(|s| s.id), Some(squatted));
+        device.session.expiry = Duration::from_secs(60);
+        registry.detach(device.attachment, device.session, now);
+        for intruder in [Owner::Anonymous, cert("device-20"), Owner::Password { username: "device".into() }] {
+            let refused = registry.attach("device-2", &intruder, false, now, WAIT).await.unwrap_err();
+            assert!(matches!(refused, AttachError::NotOwner { .. }), "{intruder}: {refused}");
+        }
+        let same_name = Owner::Certificate { identity: "device-2".into(), issuer: "CN=Other CA".into() };
+        let refused = registry.attach("device-2", &same_name, false, now, WAIT).await.unwrap_err();
+        assert!(matches!(refused, AttachError::NotOwner { .. }), "bound to both: the first keeps it: {refused}");
+    }
+
+    #[tokio::test]
     async fn takeover_hands_over_the_session() {
-        let registry = Arc::new(Registry::new(10, 100));
+        let registry = Arc::new(Registry::new(10, ownership(100)));
         let now = Instant::now();
         let mut first = registry.attach("c", &Owner::Anonymous, false, now, WAIT).await.unwrap();
         first.session.expiry = Duration::from_secs(60);
@@ -470,7 +535,7 @@ mod tests {
 
     #[tokio::test]
     async fn expiry_zero_ends_at_detach_and_offline_sessions_expire() {
-        let registry = Registry::new(10, 100);
+        let registry = Registry::new(10, ownership(100));
         let now = Instant::now();
         let a = registry.attach("a", &Owner::Anonymous, false, now, WAIT).await.unwrap();
         assert!(registry.detach(a.attachment, a.session, now).is_some());
@@ -485,7 +550,7 @@ mod tests {
 
     #[tokio::test]
     async fn release_gives_a_session_to_its_owner_on_another_node_only() {
-        let registry = Arc::new(Registry::new(10, 100));
+        let registry = Arc::new(Registry::new(10, ownership(100)));
         let now = Instant::now();
         let mut live = registry.attach("device-1", &cert("device-1"), false, now, WAIT).await.unwrap();
         live.session.expiry = Duration::from_secs(60);
@@ -508,7 +573,7 @@ mod tests {
 
     #[tokio::test]
     async fn sessions_per_identity_are_bounded() {
-        let registry = Registry::new(10, 2);
+        let registry = Registry::new(10, ownership(2));
         let now = Instant::now();
         let owner = cert("app");
         let mut held = Vec::new();
@@ -519,7 +584,11 @@ mod tests {
         }
         let refused = registry.attach("app-3", &owner, false, now, WAIT).await.unwrap_err();
         assert!(matches!(refused, AttachError::TooManySessions { limit: 2, .. }));
-        assert!(registry.attach("other", &Owner::Anonymous, false, now, WAIT).await.is_ok(), "anonymous is not counted");
+        for id in ["anonymous-1", "anonymous-2", "anonymous-3"] {
+            registry.attach(id, &Owner::Anonymous, false, now, WAIT).await.unwrap().session.expiry = Duration::from_secs(60);
+        }
+        let refused = registry.attach("anonymous-4", &Owner::Anonymous, false, now, WAIT).await.unwrap_err();
+        assert!(matches!(refused, AttachError::TooManySessions { limit: 3, .. }), "all anonymous clients together: {refused}");
         let mut first = held.remove(0);
         first.session.expiry = Duration::ZERO;
         registry.detach(first.attachment, first.session, now);

@@ -313,6 +313,8 @@ pub struct LimitsConfig {
     pub shared_ack_timeout_ms: u64,
     /// Sessions (online and offline) one certificate identity or password credential may hold.
     pub max_sessions_per_identity: usize,
+    /// Sessions (online and offline) all anonymous clients together may hold.
+    pub max_anonymous_sessions: usize,
     /// Idle time before TCP keepalive probes start on an accepted socket; 0 turns keepalive off.
     pub tcp_keepalive_secs: u64,
     /// Time between TCP keepalive probes.
@@ -352,6 +354,7 @@ impl Default for LimitsConfig {
             max_outgoing_topic_aliases: 64,
             shared_ack_timeout_ms: 30_000,
             max_sessions_per_identity: 100,
+            max_anonymous_sessions: 10_000,
             tcp_keepalive_secs: 60,
             tcp_keepalive_interval_secs: 10,
             password_checks_concurrent: 4,
@@ -883,6 +886,8 @@ impl Config {
             slow_subscriber_timeout: Duration::from_millis(l.slow_subscriber_timeout_ms),
             takeover_timeout: Duration::from_secs(l.takeover_timeout_secs),
             max_sessions_per_identity: l.max_sessions_per_identity,
+            max_anonymous_sessions: l.max_anonymous_sessions,
+            client_ids: self.auth_policy(),
             retained: RetainedLimits { max_messages: l.max_retained_messages, max_bytes: l.max_retained_bytes },
         }
     }

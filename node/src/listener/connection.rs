@@ -369,7 +369,13 @@ async fn enhanced_auth<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     let (username, server_final) = pending.finish(&client_final)?;
     request.auth_data = Some(server_final.into());
     request.username = Some(username.clone());
-    Ok(policy::Principal { identity: None, username: Some(username.clone()), certificate: None, verified: Some(Verified::Scram(username)) })
+    let principal = policy::Principal {
+        identity: None,
+        username: Some(username.clone()),
+        certificate: None,
+        verified: Some(Verified::Scram(username)),
+    };
+    chain::bind_client_id(principal, &ctx.auth, &mut request.claimed_identity())
 }
 
 fn auth_packet(reason: AuthReason, method: &str, data: Vec<u8>) -> Auth {

@@ -29,7 +29,7 @@ class ScramClient(mqtt.Client):
     """A paho client that answers AUTH packets with a scramp client."""
 
     def __init__(self, method, password, replay_final=None):
-        super().__init__(mqtt.CallbackAPIVersion.VERSION2, client_id=f"scram-{method}-{os.getpid()}", protocol=mqtt.MQTTv5)
+        super().__init__(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{USER}-{method}-{os.getpid()}", protocol=mqtt.MQTTv5)
         self.method = method
         self.password = password
         self.replay_final = replay_final
