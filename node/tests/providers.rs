@@ -234,3 +234,32 @@ fn mosquitto_clients_log_in_with_tokens() {
         assert!(stderr.to_lowercase().contains("bad user name or password"), "{why}: {stderr}");
     }
 }
+
+/// Defect (issue 22, 3): a stored argon2 hash's costs were used as they were, so one credential
+/// with m = 4 GiB made every CONNECT naming its user name allocate 4 GiB, and unusual costs told
+/// known user names from unknown ones by their timing. Such a state is now refused when it is
+/// written, naming the file and the key; the broker never serves with it.
+#[test]
+fn a_state_with_a_costly_argon2_hash_is_refused_naming_the_file_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("auth.toml");
+    let costly = "$argon2id$v=19$m=4194304,t=1,p=1$c29tZXNhbHRzb21lc2FsdA$YWJjZGVmZ2hpamtsbW5vcHFyc3R1dnd4eXphYmNkZWY";
+    std::fs::write(&state, format!("[[credentials]]\nname = \"greedy\"\npassword = {{ username = \"greedy\", hash = \"{costly}\" }}\n"))
+        .unwrap();
+    let config = dir.path().join("rampart.toml");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    std::fs::write(
+        &config,
+        format!("[node]\ndata_dir = {:?}\n[http]\nenabled = false\n[listeners.tcp]\nbind = \"127.0.0.1:{port}\"\n[auth]\nstate_file = {state:?}\n", dir.path().join("data")),
+    )
+    .unwrap();
+    let mut serve = common::rampart();
+    serve.args(["serve", "--config"]).arg(&config);
+    let out = common::run_with_timeout(serve, Duration::from_secs(20));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the broker must not serve with it: {stderr}");
+    assert!(
+        stderr.contains("auth.toml") && stderr.contains("password.hash") && stderr.contains("differ from the broker's m=19456,t=2,p=1"),
+        "{stderr}"
+    );
+}
