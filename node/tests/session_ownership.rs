@@ -504,6 +504,43 @@ fn an_administratively_kicked_client_does_not_publish_its_will() {
     assert!(published.is_empty(), "the will of an administratively kicked client was published: {published:?}");
 }
 
+/// Defect (issue 22, 4): a will with a delay was published when the delay ended even if the
+/// client's certificate had been revoked (or its write permission removed) meanwhile. The will is
+/// checked again when it fires: a revocation during the delay withholds it.
+#[test]
+fn a_delayed_will_is_withheld_when_the_certificate_is_revoked_during_the_delay() {
+    let state = |revocations: &str| {
+        format!(
+            "[[credentials]]\nname = \"device-1\"\nx509 = {{ identity = \"device-1\" }}\nrules = [{{ access = \"write\", pattern = \"status/%u\" }}]\n\n\
+             [[credentials]]\nname = \"monitor\"\nx509 = {{ identity = \"device-2\" }}\nrules = [{{ access = \"read\", pattern = \"status/#\" }}]\n{revocations}"
+        )
+    };
+    let f = fleet(&state(""), "");
+    let mut monitor = f.connected(V5, "device-2", "device-2");
+    assert_eq!(subscribe(&mut monitor, &["status/#"]), [SubscribeReasonCode::QoS1], "setup");
+    let mut connect = persistent(V5, "device-1");
+    let mut will = v5::LastWill::new("status/device-1", "gone", QoS::AtLeastOnce, false);
+    will.properties = Some(v5::WillProperties {
+        delay_interval: Some(2),
+        payload_format_indicator: None,
+        message_expiry_interval: None,
+        content_type: None,
+        response_topic: None,
+        correlation_data: None,
+        user_properties: Vec::new(),
+    });
+    connect.last_will = Some(will);
+    let mut doomed = f.device(V5, "device-1");
+    assert_eq!(connack(&mut doomed, connect).code, ConnectReturnCode::Success, "setup");
+    drop(doomed);
+    f.broker.wait_for_log("client disconnected", Duration::from_secs(5)).expect("setup: the lost client is noticed");
+    // Revoked during the will delay.
+    f.reload(&state(&f.revocation_of("device-1")));
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(delivered(&mut monitor).is_empty(), "the will of a certificate revoked during its delay was published");
+    f.broker.wait_for_log("will not published", Duration::from_secs(5)).expect("the withheld will is logged");
+}
+
 /// Defect: when the broker ends a connection with a reason (here DISCONNECT 0x98 once anonymous
 /// clients are no longer allowed), it closes the socket at once. While the client is still
 /// writing, that close is a reset, and what the client has not received yet — the DISCONNECT

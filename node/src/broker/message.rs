@@ -91,6 +91,10 @@ pub fn max_qos(a: QoS, b: QoS) -> QoS {
     }
 }
 
+/// Decides, when a will fires, whether its client may still publish it: its certificate may
+/// have been revoked, or its permission removed, during the will delay. `Err` says why not.
+pub type WillCheck = Box<dyn FnOnce(&Will) -> Result<(), String> + Send>;
+
 /// A last-will message and when to send it after an abnormal disconnect.
 #[derive(Debug, Clone)]
 pub struct Will {

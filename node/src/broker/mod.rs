@@ -22,7 +22,7 @@ use tokio::sync::watch;
 
 use crate::auth::policy::{AuthPolicy, Owner};
 use index::{Subscriber, SubscriptionIndex, SubscriptionOptions};
-use message::{min_qos, Delivery, Message, MessageId, SharedDelivery, Will};
+use message::{min_qos, Delivery, Message, MessageId, SharedDelivery, Will, WillCheck};
 use persist::{MovedMessage, MovedSession, SessionStore, StoredSession};
 pub use registry::{AttachError, Attached, Attachment};
 use registry::{Ownership, Registry};
@@ -448,15 +448,15 @@ impl Broker {
 
     /// Gives a session back when its connection ends: it ends now (expiry zero), or stays
     /// offline — saved to the session store when durable. The will, if any, is published after
-    /// its delay unless the client reconnected meanwhile. Shared-group messages the session holds
+    /// its delay unless the client reconnected meanwhile or its check then refuses it. Shared-group messages the session holds
     /// go to other members of their groups, unless another connection took the session over.
     /// Returns the store ticket of the save.
-    pub fn detach(&self, attachment: Attachment, mut session: SessionState, will: Option<Will>, now: Instant) -> Option<u64> {
+    pub fn detach(&self, attachment: Attachment, mut session: SessionState, will: Option<(Will, WillCheck)>, now: Instant) -> Option<u64> {
         if !attachment.is_taken_over() {
             self.redispatch_held(&mut session);
         }
-        if let Some(will) = will {
-            self.schedule_will(will, session.expiry, &attachment);
+        if let Some((will, check)) = will {
+            self.schedule_will(will, check, session.expiry, &attachment);
         }
         let persist = match (&self.inner.store, session.durable && !session.expiry.is_zero()) {
             (Some(store), true) => {
@@ -472,13 +472,19 @@ impl Broker {
         ticket
     }
 
-    fn schedule_will(&self, will: Will, expiry: Duration, attachment: &Attachment) {
+    fn schedule_will(&self, will: Will, check: WillCheck, expiry: Duration, attachment: &Attachment) {
         let broker = self.clone();
         let reconnected = attachment.reconnect_watch();
         let delay = will.delay.min(expiry);
+        let client_id = attachment.client_id.clone();
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
             if delay.is_zero() || !reconnected.reconnected() {
+                if let Err(why) = check(&will) {
+                    tracing::info!(%client_id, topic = %will.topic, %why, "will not published");
+                    crate::telemetry::metrics::dropped(crate::telemetry::metrics::DropReason::NotAuthorized);
+                    return;
+                }
                 let published = broker.publish(will.into_message(Instant::now())).await;
                 if let Some(ticket) = published.durable_ticket {
                     broker.wait_durable(ticket).await;

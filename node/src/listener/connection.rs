@@ -23,7 +23,7 @@ use crate::auth::state::ClientType;
 use crate::auth::state::ProviderKind;
 use crate::auth::store::AuthStore;
 use crate::broker::clients::{ClientInfo, ConnectedClients};
-use crate::broker::message::Delivery;
+use crate::broker::message::{Delivery, WillCheck};
 use crate::broker::{AttachError, AttachRequest, Broker};
 use crate::mqtt::codec::{self, Auth, AuthReason, Packet};
 use crate::mqtt::connect::{self, Handshake, Handshaked, SessionLimits};
@@ -202,6 +202,15 @@ where
     let close = session.close_reason().cloned();
     let farewell = session.output().split();
     let (state, will) = session.finish();
+    // A delayed will is checked again when it fires: the client may have lost the right meanwhile.
+    let will = will.map(|will| {
+        let (store, principal, client_id) = (ctx.auth_store.clone(), principal.clone(), client_id.clone());
+        let check: WillCheck = Box::new(move |will| {
+            let grant = store.authorize(&principal, &client_id).map_err(|refusal| refusal.reason)?;
+            grant.acl.may_publish(&will.topic).then_some(()).ok_or_else(|| "its topic is no longer authorized".to_string())
+        });
+        (will, check)
+    });
     if let Some(close) = &close {
         tracing::info!(%peer, %client_id, reason = ?close.reason, detail = %close.detail, "client disconnected");
     }
