@@ -2,6 +2,7 @@
 pub mod admin;
 pub mod auth;
 pub mod broker;
+pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod dev_cluster;

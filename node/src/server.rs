@@ -42,7 +42,7 @@ impl Server {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let clients = Arc::new(ConnectedClients::default());
         let mut tasks = JoinSet::new();
-        let (auth, cluster, forwarder) = match (&config.cluster, config.forward_settings()) {
+        let (auth, cluster, forwarder) = match (&config.cluster, crate::forward::ForwardSettings::of(config)) {
             (Some(cluster_config), Some(forward)) => {
                 let auth = Arc::new(AuthStore::replicated());
                 let seed = config.auth.state_file.as_deref().map(read_state).transpose()?;

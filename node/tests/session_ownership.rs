@@ -541,6 +541,31 @@ fn a_delayed_will_is_withheld_when_the_certificate_is_revoked_during_the_delay()
     f.broker.wait_for_log("will not published", Duration::from_secs(5)).expect("the withheld will is logged");
 }
 
+/// Defect (issue 22, 5): one client could fill the node-wide retained store, after which every
+/// other client's new retained topics were refused. Each principal now has its own quota
+/// (`limits.max_retained_per_client`): past it, its retained PUBLISH gets PUBACK 0x97 and goes
+/// nowhere, while the other devices keep storing theirs.
+#[test]
+fn one_device_filling_its_retained_quota_does_not_crowd_out_the_others() {
+    let state = "[[credentials]]\nname = \"devices\"\nx509 = { identity_regex = \"device-[0-9]+\" }\nrules = [{ access = \"readWrite\", pattern = \"#\" }]\n";
+    let f = fleet(state, "[limits]\nmax_retained_per_client = 3\nmax_retained_messages = 5");
+    let mut greedy = f.connected(V5, "device-1", "device-1");
+    for n in 1..=3 {
+        assert_eq!(publish(&mut greedy, &format!("status/greedy/{n}"), true), Some(PubAckReason::Success), "setup: #{n}");
+    }
+    assert_eq!(publish(&mut greedy, "status/greedy/4", true), Some(PubAckReason::QuotaExceeded), "past its quota");
+    assert_eq!(publish(&mut greedy, "status/greedy/1", true), Some(PubAckReason::Success), "replacing its own topic stays allowed");
+    assert_eq!(publish(&mut greedy, "status/greedy/live", false), Some(PubAckReason::Success), "non-retained messages are not limited");
+    let mut other = f.connected(V5, "device-2", "device-2");
+    assert_eq!(publish(&mut other, "status/other/1", true), Some(PubAckReason::Success), "another device still stores its own");
+    let mut late = f.connected(V5, "device-10", "device-10");
+    assert_eq!(subscribe(&mut late, &["status/#"]), [SubscribeReasonCode::QoS1]);
+    let mut retained = delivered(&mut late);
+    retained.sort();
+    assert_eq!(retained, ["status/greedy/1", "status/greedy/2", "status/greedy/3", "status/other/1"], "the refused one went nowhere");
+    assert_eq!(f.broker.metric("rampart_retained_refused_total{limit=\"client_messages\"}"), 1);
+}
+
 /// Defect: when the broker ends a connection with a reason (here DISCONNECT 0x98 once anonymous
 /// clients are no longer allowed), it closes the socket at once. While the client is still
 /// writing, that close is a reset, and what the client has not received yet — the DISCONNECT

@@ -599,7 +599,7 @@ fn dry_run_connect(
         } else {
             crate::auth::serial::normalize_serial(&r.serial).map_err(|e| invalid(format!("serial: {e}")))?
         };
-        let now = crate::cluster::unix_now();
+        let now = crate::clock::unix_now();
         PeerAuth::Certificate(PeerCertificate {
             identity: r.identity.clone(),
             serial,
@@ -615,7 +615,7 @@ fn dry_run_connect(
             let password = request.password.clone();
             let presented = Presented {
                 password: password.as_deref().filter(|_| !r.password_user),
-                now: crate::cluster::unix_now(),
+                now: crate::clock::unix_now(),
                 password_check: PasswordCheck::Assume(r.password_user),
                 listener: "check-access",
                 peer: None,

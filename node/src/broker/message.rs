@@ -7,6 +7,8 @@ use bytes::Bytes;
 use mqttbytes::v5::{self, PublishProperties};
 use mqttbytes::QoS;
 
+use crate::auth::policy::Owner;
+
 /// Identifies one session (not one connection) inside this node.
 pub type SessionId = u64;
 
@@ -92,8 +94,9 @@ pub fn max_qos(a: QoS, b: QoS) -> QoS {
 }
 
 /// Decides, when a will fires, whether its client may still publish it: its certificate may
-/// have been revoked, or its permission removed, during the will delay. `Err` says why not.
-pub type WillCheck = Box<dyn FnOnce(&Will) -> Result<(), String> + Send>;
+/// have been revoked, or its permission removed, during the will delay. `Ok`: the principal it
+/// is published as (whose retained quota it counts against); `Err` says why not.
+pub type WillCheck = Box<dyn FnOnce(&Will) -> Result<Owner, String> + Send>;
 
 /// A last-will message and when to send it after an abnormal disconnect.
 #[derive(Debug, Clone)]

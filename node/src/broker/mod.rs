@@ -21,13 +21,14 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use crate::auth::policy::{AuthPolicy, Owner};
+use crate::telemetry::metrics::RetainedLimit;
 use index::{Subscriber, SubscriptionIndex, SubscriptionOptions};
 use message::{min_qos, Delivery, Message, MessageId, SharedDelivery, Will, WillCheck};
 use persist::{MovedMessage, MovedSession, SessionStore, StoredSession};
 pub use registry::{AttachError, Attached, Attachment};
 use registry::{Ownership, Registry};
 pub use remote::{BarrierFuture, ClaimFuture, Forwarding, Remote, RemoteAcks, TailFuture};
-use retained::{RetainedEntry, RetainedStore, Stamp};
+use retained::{RetainedEntry, RetainedStore, SetOutcome, Stamp};
 pub use state::{Inflight, SessionState};
 
 use crate::telemetry::metrics::Gauges;
@@ -108,6 +109,8 @@ pub struct Published {
     /// The other nodes' acknowledgements to wait for before acknowledging the publisher (PUBACK
     /// policy `cluster`), if any.
     pub remote_acks: Option<Arc<RemoteAcks>>,
+    /// The publisher's retained quota refused the message: it went nowhere.
+    pub over_quota: Option<RetainedLimit>,
 }
 
 /// The filters this node has local subscribers for, and the shared groups it has members of (as
@@ -416,7 +419,7 @@ impl Broker {
         let Some(moving) = self.take_moving_out(client_id, to) else { return };
         self.drop_subscriptions(&moving.session);
         moving.session.mailbox.close();
-        tracing::debug!(%client_id, "moved session settled; the copy here is dropped");
+        tracing::info!(%client_id, to, "moved session settled; the copy here is dropped");
     }
 
     /// The session that was moving out of here stays here after all (the new node could not
@@ -480,12 +483,15 @@ impl Broker {
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
             if delay.is_zero() || !reconnected.reconnected() {
-                if let Err(why) = check(&will) {
-                    tracing::info!(%client_id, topic = %will.topic, %why, "will not published");
-                    crate::telemetry::metrics::dropped(crate::telemetry::metrics::DropReason::NotAuthorized);
-                    return;
-                }
-                let published = broker.publish(will.into_message(Instant::now())).await;
+                let publisher = match check(&will) {
+                    Ok(publisher) => publisher,
+                    Err(why) => {
+                        tracing::info!(%client_id, topic = %will.topic, %why, "will not published");
+                        crate::telemetry::metrics::dropped(crate::telemetry::metrics::DropReason::NotAuthorized);
+                        return;
+                    }
+                };
+                let published = broker.publish(will.into_message(Instant::now()), Some(&publisher)).await;
                 if let Some(ticket) = published.durable_ticket {
                     broker.wait_durable(ticket).await;
                 }
@@ -530,12 +536,17 @@ impl Broker {
 
     /// Routes a message published on this node: to the local sessions (see
     /// [`Broker::publish_forwarded`]), then to the nodes with matching subscribers.
-    pub async fn publish(&self, mut message: Message) -> Published {
+    pub async fn publish(&self, mut message: Message, publisher: Option<&Owner>) -> Published {
         if let Some(node) = self.inner.node_id.get() {
             message.id = Some(MessageId { node: *node, number: self.inner.next_message.fetch_add(1, Ordering::Relaxed) });
         }
         let message = Arc::new(message);
-        let stamp = message.retain.then(|| self.inner.retained.set_local(message.clone()).1);
+        let stamp = match message.retain.then(|| self.inner.retained.set_local(message.clone(), publisher)) {
+            Some((SetOutcome::Refused(limit @ (RetainedLimit::ClientMessages | RetainedLimit::ClientBytes)), _)) => {
+                return Published { over_quota: Some(limit), ..Published::default() };
+            }
+            set => set.map(|(_, stamp)| stamp),
+        };
         let (mut published, _) = self.route_locally(message.clone(), Audience::Everyone).await;
         if let Some(remote) = self.inner.remote.get() {
             let forwarding = remote.forward(&message, stamp);

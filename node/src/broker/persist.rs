@@ -15,7 +15,7 @@
 use std::path::Path;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use mqttbytes::v5::PublishProperties;
@@ -27,6 +27,7 @@ use super::index::SubscriptionOptions;
 use super::message::{Delivery, Message, MessageId};
 use super::state::{Inflight, SessionState};
 use crate::auth::policy::Owner;
+use crate::clock::{from_unix, to_unix};
 
 /// A stored session without its queue.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -121,19 +122,6 @@ fn qos(n: u8) -> QoS {
         1 => QoS::AtLeastOnce,
         _ => QoS::AtMostOnce,
     }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
-/// `Instant` → seconds since the Unix epoch (for times within the process lifetime).
-fn to_unix(at: Instant) -> u64 {
-    unix_now() + at.saturating_duration_since(Instant::now()).as_secs()
-}
-
-fn from_unix(secs: u64) -> Instant {
-    Instant::now() + Duration::from_secs(secs.saturating_sub(unix_now()))
 }
 
 impl StoredMessage {

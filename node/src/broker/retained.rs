@@ -1,5 +1,7 @@
 //! Retained messages: the last retained message of each topic, handed to new subscribers, kept
-//! within this node's bounds (`limits.max_retained_messages`, `limits.max_retained_bytes`).
+//! within this node's bounds (`limits.max_retained_messages`, `limits.max_retained_bytes`) and
+//! each principal's quota of what it published here (`limits.max_retained_per_client`,
+//! `limits.max_retained_bytes_per_client`), so one client cannot fill the store for the others.
 //!
 //! In a cluster every node keeps every retained message. Each change carries a [`Stamp`] (wall
 //! clock milliseconds, then node id) and the latest stamp of a topic wins, whatever order changes
@@ -14,6 +16,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use super::message::Message;
+use crate::auth::policy::Owner;
 use crate::telemetry::metrics::{self, RetainedLimit};
 use crate::topic;
 
@@ -24,11 +27,20 @@ pub struct RetainedLimits {
     pub max_messages: usize,
     /// Bytes of retained messages, counted as topic + payload.
     pub max_bytes: usize,
+    /// Retained messages one principal may have set here (all anonymous clients count as one).
+    pub per_owner_messages: usize,
+    /// Bytes of them.
+    pub per_owner_bytes: usize,
 }
 
 impl Default for RetainedLimits {
     fn default() -> Self {
-        RetainedLimits { max_messages: 1_000_000, max_bytes: 1024 * 1024 * 1024 }
+        RetainedLimits {
+            max_messages: 1_000_000,
+            max_bytes: 1024 * 1024 * 1024,
+            per_owner_messages: 10_000,
+            per_owner_bytes: 64 * 1024 * 1024,
+        }
     }
 }
 
@@ -41,7 +53,8 @@ pub enum SetOutcome {
     Replaced,
     /// Empty payload: the topic's retained message, if any, is gone.
     Cleared,
-    /// A new topic while the store is full: not stored (the message itself is still routed).
+    /// A new topic while the store is full: not stored (the message itself is still routed); or
+    /// past its publisher's quota: neither stored nor routed (the publisher is told 0x97).
     Refused(RetainedLimit),
     /// Older than what the store has for the topic (a change from another node arriving late).
     Stale,
@@ -77,6 +90,10 @@ struct Inner {
     /// No stored message expires before this (it may be earlier than the true earliest expiry:
     /// it is only lowered on insert and recomputed by a purge).
     earliest_expiry: Option<Instant>,
+    /// Who set each message published on this node (one merged from another node has none).
+    owners: HashMap<String, Owner>,
+    /// Messages and bytes each principal has set here.
+    usage: HashMap<Owner, (usize, usize)>,
 }
 
 impl Inner {
@@ -84,7 +101,37 @@ impl Inner {
         let removed = self.messages.remove(topic)?;
         self.stamps.remove(topic);
         self.bytes -= size(&removed);
+        self.disown(topic, size(&removed));
         Some(removed)
+    }
+
+    /// Takes a removed message of `bytes` off its owner's usage.
+    fn disown(&mut self, topic: &str, bytes: usize) {
+        let Some(owner) = self.owners.remove(topic) else { return };
+        if let Some((messages, used)) = self.usage.get_mut(&owner) {
+            *messages -= 1;
+            *used -= bytes;
+            if *messages == 0 {
+                self.usage.remove(&owner);
+            }
+        }
+    }
+
+    /// Which quota of `owner` storing `message` would break (replacing its own message of the
+    /// topic frees that one's share).
+    fn over_quota(&self, limits: &RetainedLimits, owner: &Owner, message: &Message) -> Option<RetainedLimit> {
+        let (mut messages, mut bytes) = self.usage.get(owner).copied().unwrap_or_default();
+        match self.messages.get(&message.topic).filter(|_| self.owners.get(&message.topic) == Some(owner)) {
+            Some(own) => bytes -= size(own),
+            None => messages += 1,
+        }
+        if messages > limits.per_owner_messages {
+            Some(RetainedLimit::ClientMessages)
+        } else if bytes + size(message) > limits.per_owner_bytes {
+            Some(RetainedLimit::ClientBytes)
+        } else {
+            None
+        }
     }
 
     /// Drops expired messages if any may have expired by `now`.
@@ -92,17 +139,10 @@ impl Inner {
         if self.earliest_expiry.is_none_or(|at| at > now) {
             return;
         }
-        let mut freed = 0;
-        let stamps = &mut self.stamps;
-        self.messages.retain(|topic, m| {
-            let keep = !m.is_expired(now);
-            if !keep {
-                freed += size(m);
-                stamps.remove(topic);
-            }
-            keep
-        });
-        self.bytes -= freed;
+        let expired: Vec<String> = self.messages.iter().filter(|(_, m)| m.is_expired(now)).map(|(topic, _)| topic.clone()).collect();
+        for topic in expired {
+            self.remove(&topic);
+        }
         self.earliest_expiry = self.messages.values().filter_map(|m| m.expires_at).min();
     }
 
@@ -176,11 +216,11 @@ impl RetainedStore {
         }
     }
 
-    /// Stores (or clears) a retained message published on this node; returns what happened and
-    /// the stamp it got.
-    pub fn set_local(&self, message: Arc<Message>) -> (SetOutcome, Stamp) {
+    /// Stores (or clears) a retained message published on this node by `owner` (`None`: the
+    /// broker itself); returns what happened and the stamp it got.
+    pub fn set_local(&self, message: Arc<Message>, owner: Option<&Owner>) -> (SetOutcome, Stamp) {
         let stamp = self.next_stamp();
-        (self.set(message, stamp), stamp)
+        (self.set(message, stamp, owner), stamp)
     }
 
     /// Everything the store holds, tombstones included, for another node to merge.
@@ -194,7 +234,7 @@ impl RetainedStore {
     /// Applies a topic's state from another node, if it is newer than ours.
     pub fn merge(&self, entry: RetainedEntry) -> SetOutcome {
         match entry.message {
-            Some(message) => self.set(message, entry.stamp),
+            Some(message) => self.set(message, entry.stamp, None),
             None => {
                 let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
                 if inner.is_stale(&entry.topic, entry.stamp) {
@@ -206,10 +246,11 @@ impl RetainedStore {
         }
     }
 
-    /// Stores `message` as the retained message of its topic; an empty payload clears it.
-    /// Replacing or clearing always works; a new topic is refused when the store is full (after
-    /// expired messages are dropped), counted in `rampart_retained_refused_total`.
-    fn set(&self, message: Arc<Message>, stamp: Stamp) -> SetOutcome {
+    /// Stores `message` as the retained message of its topic, set by `owner`; an empty payload
+    /// clears it. Clearing always works, and so does replacing within the owner's quota; a new
+    /// topic is refused when the store is full (after expired messages are dropped); refusals are
+    /// counted in `rampart_retained_refused_total`.
+    fn set(&self, message: Arc<Message>, stamp: Stamp, owner: Option<&Owner>) -> SetOutcome {
         let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
         if inner.is_stale(&message.topic, stamp) {
             return SetOutcome::Stale;
@@ -217,6 +258,17 @@ impl RetainedStore {
         if message.payload.is_empty() {
             inner.clear(&message.topic, stamp);
             return SetOutcome::Cleared;
+        }
+        if let Some(owner) = owner {
+            if inner.over_quota(&self.limits, owner, &message).is_some() {
+                inner.purge_expired(Instant::now());
+            }
+            if let Some(limit) = inner.over_quota(&self.limits, owner, &message) {
+                drop(inner);
+                metrics::retained_refused(limit);
+                tracing::debug!(topic = %message.topic, %owner, ?limit, "retained quota of the publisher reached; message refused");
+                return SetOutcome::Refused(limit);
+            }
         }
         let added = size(&message);
         let outcome = if inner.remove(&message.topic).is_some() {
@@ -238,6 +290,11 @@ impl RetainedStore {
         }
         inner.bytes += added;
         inner.stamps.insert(message.topic.clone(), stamp);
+        if let Some(owner) = owner {
+            let usage = inner.usage.entry(owner.clone()).or_default();
+            (usage.0, usage.1) = (usage.0 + 1, usage.1 + added);
+            inner.owners.insert(message.topic.clone(), owner.clone());
+        }
         inner.messages.insert(message.topic.clone(), message);
         outcome
     }
@@ -295,7 +352,7 @@ mod tests {
     }
 
     fn bounded(max_messages: usize, max_bytes: usize) -> RetainedStore {
-        RetainedStore::new(RetainedLimits { max_messages, max_bytes })
+        RetainedStore::new(RetainedLimits { max_messages, max_bytes, ..RetainedLimits::default() })
     }
 
     fn entry(topic: &str, payload: &'static [u8], millis: u64, node: u64) -> RetainedEntry {
@@ -328,28 +385,28 @@ mod tests {
     fn local_stamps_always_increase() {
         let store = RetainedStore::default();
         store.set_node(7);
-        let stamps: Vec<Stamp> = (0..100).map(|i| store.set_local(msg("t", if i % 2 == 0 { b"x" } else { b"" }, None)).1).collect();
+        let stamps: Vec<Stamp> = (0..100).map(|i| store.set_local(msg("t", if i % 2 == 0 { b"x" } else { b"" }, None), None).1).collect();
         assert!(stamps.windows(2).all(|w| w[0] < w[1] && w[1].node == 7));
     }
 
     #[test]
     fn store_replace_clear() {
         let store = RetainedStore::default();
-        assert_eq!(store.set_local(msg("a/b", b"1", None)).0, SetOutcome::Stored);
-        assert_eq!(store.set_local(msg("a/b", b"2", None)).0, SetOutcome::Replaced);
-        store.set_local(msg("a/c", b"3", None));
+        assert_eq!(store.set_local(msg("a/b", b"1", None), None).0, SetOutcome::Stored);
+        assert_eq!(store.set_local(msg("a/b", b"2", None), None).0, SetOutcome::Replaced);
+        store.set_local(msg("a/c", b"3", None), None);
         assert_eq!(store.len(), 2);
         let got = store.matching("a/b");
         assert_eq!(got[0].payload, Bytes::from_static(b"2"));
         assert_eq!(store.matching("a/+").len(), 2);
-        assert_eq!(store.set_local(msg("a/b", b"", None)).0, SetOutcome::Cleared);
+        assert_eq!(store.set_local(msg("a/b", b"", None), None).0, SetOutcome::Cleared);
         assert_eq!(store.matching("#").len(), 1);
     }
 
     #[test]
     fn expired_messages_are_not_delivered() {
         let store = RetainedStore::default();
-        store.set_local(msg("x", b"old", Some(Instant::now() - Duration::from_secs(1))));
+        store.set_local(msg("x", b"old", Some(Instant::now() - Duration::from_secs(1))), None);
         assert!(store.matching("x").is_empty());
         assert!(store.is_empty());
         assert_eq!(store.bytes(), 0);
@@ -358,7 +415,7 @@ mod tests {
     #[test]
     fn dollar_topics_need_explicit_filters() {
         let store = RetainedStore::default();
-        store.set_local(msg("$SYS/uptime", b"1", None));
+        store.set_local(msg("$SYS/uptime", b"1", None), None);
         assert!(store.matching("#").is_empty());
         assert_eq!(store.matching("$SYS/#").len(), 1);
     }
@@ -366,45 +423,45 @@ mod tests {
     #[test]
     fn bytes_count_topic_and_payload_through_replace_clear_and_expiry() {
         let store = RetainedStore::default();
-        store.set_local(msg("a/b", b"12345", None));
+        store.set_local(msg("a/b", b"12345", None), None);
         assert_eq!(store.bytes(), 3 + 5);
-        store.set_local(msg("a/b", b"1", None));
+        store.set_local(msg("a/b", b"1", None), None);
         assert_eq!(store.bytes(), 3 + 1);
-        store.set_local(msg("c", b"xy", Some(Instant::now() - Duration::from_secs(1))));
+        store.set_local(msg("c", b"xy", Some(Instant::now() - Duration::from_secs(1))), None);
         assert_eq!(store.bytes(), 4 + 3);
         assert!(store.matching("c").is_empty());
         assert_eq!(store.bytes(), 4);
-        store.set_local(msg("a/b", b"", None));
-        store.set_local(msg("never/stored", b"", None));
+        store.set_local(msg("a/b", b"", None), None);
+        store.set_local(msg("never/stored", b"", None), None);
         assert_eq!(store.bytes(), 0);
     }
 
     #[test]
     fn a_new_topic_past_the_message_limit_is_refused_and_replacing_still_works() {
         let store = bounded(2, 1000);
-        store.set_local(msg("a", b"1", None));
-        store.set_local(msg("b", b"1", None));
-        assert_eq!(store.set_local(msg("c", b"1", None)).0, SetOutcome::Refused(RetainedLimit::Messages));
+        store.set_local(msg("a", b"1", None), None);
+        store.set_local(msg("b", b"1", None), None);
+        assert_eq!(store.set_local(msg("c", b"1", None), None).0, SetOutcome::Refused(RetainedLimit::Messages));
         assert!(store.matching("c").is_empty());
         assert_eq!(store.len(), 2);
-        assert_eq!(store.set_local(msg("a", b"2", None)).0, SetOutcome::Replaced);
+        assert_eq!(store.set_local(msg("a", b"2", None), None).0, SetOutcome::Replaced);
         assert_eq!(store.matching("a")[0].payload, Bytes::from_static(b"2"));
-        assert_eq!(store.set_local(msg("b", b"", None)).0, SetOutcome::Cleared);
-        assert_eq!(store.set_local(msg("c", b"1", None)).0, SetOutcome::Stored);
+        assert_eq!(store.set_local(msg("b", b"", None), None).0, SetOutcome::Cleared);
+        assert_eq!(store.set_local(msg("c", b"1", None), None).0, SetOutcome::Stored);
     }
 
     #[test]
     fn a_new_topic_past_the_byte_limit_is_refused_and_a_bigger_replacement_still_works() {
         let store = bounded(100, 10);
-        assert_eq!(store.set_local(msg("a", b"1234", None)).0, SetOutcome::Stored); // 5 bytes
-        assert_eq!(store.set_local(msg("b", b"1234", None)).0, SetOutcome::Stored); // 10 bytes: exactly full
-        assert_eq!(store.set_local(msg("c", b"", None)).0, SetOutcome::Cleared);
-        assert_eq!(store.set_local(msg("c", b"1", None)).0, SetOutcome::Refused(RetainedLimit::Bytes));
-        assert_eq!(store.set_local(msg("a", b"123456789", None)).0, SetOutcome::Replaced);
+        assert_eq!(store.set_local(msg("a", b"1234", None), None).0, SetOutcome::Stored); // 5 bytes
+        assert_eq!(store.set_local(msg("b", b"1234", None), None).0, SetOutcome::Stored); // 10 bytes: exactly full
+        assert_eq!(store.set_local(msg("c", b"", None), None).0, SetOutcome::Cleared);
+        assert_eq!(store.set_local(msg("c", b"1", None), None).0, SetOutcome::Refused(RetainedLimit::Bytes));
+        assert_eq!(store.set_local(msg("a", b"123456789", None), None).0, SetOutcome::Replaced);
         assert_eq!(store.bytes(), 15);
-        assert_eq!(store.set_local(msg("a", b"", None)).0, SetOutcome::Cleared);
+        assert_eq!(store.set_local(msg("a", b"", None), None).0, SetOutcome::Cleared);
         assert_eq!(store.bytes(), 5);
-        assert_eq!(store.set_local(msg("c", b"1234", None)).0, SetOutcome::Stored);
+        assert_eq!(store.set_local(msg("c", b"1234", None), None).0, SetOutcome::Stored);
     }
 
     #[test]
@@ -412,11 +469,29 @@ mod tests {
         let store = bounded(2, 1000);
         let past = Instant::now() - Duration::from_secs(1);
         let future = Instant::now() + Duration::from_secs(3600);
-        store.set_local(msg("gone", b"1", Some(past)));
-        store.set_local(msg("later", b"1", Some(future)));
-        assert_eq!(store.set_local(msg("new", b"1", None)).0, SetOutcome::Stored);
+        store.set_local(msg("gone", b"1", Some(past)), None);
+        store.set_local(msg("later", b"1", Some(future)), None);
+        assert_eq!(store.set_local(msg("new", b"1", None), None).0, SetOutcome::Stored);
         assert_eq!(store.len(), 2);
         assert_eq!(store.bytes(), 6 + 4);
-        assert_eq!(store.set_local(msg("next", b"1", None)).0, SetOutcome::Refused(RetainedLimit::Messages));
+        assert_eq!(store.set_local(msg("next", b"1", None), None).0, SetOutcome::Refused(RetainedLimit::Messages));
+    }
+
+    #[test]
+    fn each_publisher_keeps_to_its_own_quota_and_leaves_room_for_the_others() {
+        let store = RetainedStore::new(RetainedLimits { per_owner_messages: 2, per_owner_bytes: 12, ..RetainedLimits::default() });
+        let (greedy, other) = (Owner::Password { username: "greedy".into() }, Owner::Anonymous);
+        assert_eq!(store.set_local(msg("g/1", b"1", None), Some(&greedy)).0, SetOutcome::Stored);
+        assert_eq!(store.set_local(msg("g/2", b"1", None), Some(&greedy)).0, SetOutcome::Stored);
+        assert_eq!(store.set_local(msg("g/3", b"1", None), Some(&greedy)).0, SetOutcome::Refused(RetainedLimit::ClientMessages));
+        assert_eq!(store.set_local(msg("g/2", b"12345", None), Some(&greedy)).0, SetOutcome::Replaced, "its own topic: within quota");
+        assert_eq!(store.set_local(msg("g/1", b"123456", None), Some(&greedy)).0, SetOutcome::Refused(RetainedLimit::ClientBytes));
+        assert_eq!(store.set_local(msg("o/1", b"1", None), Some(&other)).0, SetOutcome::Stored, "the others are not affected");
+        // Another principal replacing one of its topics takes it over; a clear frees it.
+        assert_eq!(store.set_local(msg("g/1", b"1", None), Some(&other)).0, SetOutcome::Replaced);
+        assert_eq!(store.set_local(msg("g/2", b"", None), Some(&greedy)).0, SetOutcome::Cleared);
+        assert_eq!(store.set_local(msg("g/3", b"1", None), Some(&greedy)).0, SetOutcome::Stored);
+        assert_eq!(store.set_local(msg("g/4", b"1", None), Some(&greedy)).0, SetOutcome::Stored);
+        assert_eq!(store.set_local(msg("g/5", b"1", None), None).0, SetOutcome::Stored, "the broker's own messages count for nobody");
     }
 }

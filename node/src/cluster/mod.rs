@@ -88,13 +88,8 @@ impl AuthCmd {
     pub fn new(caller: impl Into<String>, op: Op) -> AuthCmd {
         use rand_core::RngCore;
         let request_id = (u128::from(rand_core::OsRng.next_u64()) << 64) | u128::from(rand_core::OsRng.next_u64());
-        AuthCmd { request_id, caller: caller.into(), at: unix_now(), op }
+        AuthCmd { request_id, caller: caller.into(), at: crate::clock::unix_now(), op }
     }
-}
-
-/// Seconds since the Unix epoch.
-pub fn unix_now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
 /// Where a committed entry has been applied, as far as the members answered.

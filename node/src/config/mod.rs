@@ -329,6 +329,11 @@ pub struct LimitsConfig {
     pub max_retained_messages: usize,
     /// Bytes of retained messages (topic + payload) stored on this node; same effect as `max_retained_messages`.
     pub max_retained_bytes: usize,
+    /// Retained messages one principal may have set on this node; past it a retained PUBLISH to
+    /// a new topic is refused (PUBACK/PUBREC 0x97).
+    pub max_retained_per_client: usize,
+    /// Bytes of them; same effect.
+    pub max_retained_bytes_per_client: usize,
 }
 
 impl Default for LimitsConfig {
@@ -362,6 +367,8 @@ impl Default for LimitsConfig {
             password_checks_burst: 20,
             max_retained_messages: 1_000_000,
             max_retained_bytes: 1024 * 1024 * 1024,
+            max_retained_per_client: 10_000,
+            max_retained_bytes_per_client: 64 * 1024 * 1024,
         }
     }
 }
@@ -763,6 +770,12 @@ impl Config {
         if l.max_retained_bytes == 0 {
             return err("limits.max_retained_bytes", "must be at least 1".into());
         }
+        if l.max_retained_per_client == 0 {
+            return err("limits.max_retained_per_client", "must be at least 1".into());
+        }
+        if l.max_retained_bytes_per_client == 0 {
+            return err("limits.max_retained_bytes_per_client", "must be at least 1".into());
+        }
         if let Some(path) = self.auth.state_file.as_ref().filter(|p| !p.is_file()) {
             return err("auth.state_file", format!("{} is not a readable file", path.display()));
         }
@@ -852,32 +865,6 @@ impl Config {
     }
 
     /// The forwarding plane's sizing (cluster members only).
-    pub fn forward_settings(&self) -> Option<crate::forward::ForwardSettings> {
-        let c = self.cluster.as_ref()?;
-        Some(crate::forward::ForwardSettings {
-            node_id: c.node_id,
-            bind: c.quic_bind,
-            cert_file: c.cert_file.clone(),
-            key_file: c.key_file.clone(),
-            ca_file: c.ca_file.clone(),
-            streams: c.forward_streams,
-            queue_messages: c.forward_queue_messages,
-            replay_messages: c.forward_replay_messages,
-            idle_timeout: Duration::from_millis(c.link_idle_timeout_ms),
-            claim_timeout: Duration::from_millis(c.claim_timeout_ms),
-            refuse_when_unreachable: c.remote_session_unreachable == RemoteSessionUnreachable::Refuse,
-            suback_barrier: match c.suback_barrier {
-                SubackBarrier::Local => Duration::ZERO,
-                SubackBarrier::Ack => Duration::from_millis(c.suback_barrier_timeout_ms.max(1)),
-            },
-            puback_cluster: match c.puback {
-                PubackPolicy::Local => Duration::ZERO,
-                PubackPolicy::Cluster => Duration::from_millis(c.puback_cluster_timeout_ms.max(1)),
-            },
-            slow_peer_timeout: Duration::from_millis(self.limits.slow_subscriber_timeout_ms),
-        })
-    }
-
     pub fn broker_settings(&self) -> BrokerSettings {
         let l = &self.limits;
         BrokerSettings {
@@ -888,7 +875,12 @@ impl Config {
             max_sessions_per_identity: l.max_sessions_per_identity,
             max_anonymous_sessions: l.max_anonymous_sessions,
             client_ids: self.auth_policy(),
-            retained: RetainedLimits { max_messages: l.max_retained_messages, max_bytes: l.max_retained_bytes },
+            retained: RetainedLimits {
+                max_messages: l.max_retained_messages,
+                max_bytes: l.max_retained_bytes,
+                per_owner_messages: l.max_retained_per_client,
+                per_owner_bytes: l.max_retained_bytes_per_client,
+            },
         }
     }
 
@@ -977,6 +969,8 @@ mod tests {
             ("[limits]\npassword_checks_burst = 0\n", "limits.password_checks_burst"),
             ("[limits]\nmax_retained_messages = 0\n", "limits.max_retained_messages"),
             ("[limits]\nmax_retained_bytes = 0\n", "limits.max_retained_bytes"),
+            ("[limits]\nmax_retained_per_client = 0\n", "limits.max_retained_per_client"),
+            ("[limits]\nmax_retained_bytes_per_client = 0\n", "limits.max_retained_bytes_per_client"),
             ("[limits]\npassword_checks_per_source_per_minute = -1\n", "limits.password_checks_per_source_per_minute"),
         ] {
             let err = parse(text, &[]).unwrap_err();
@@ -985,8 +979,9 @@ mod tests {
         }
         let config = parse("[limits]\npassword_checks_per_source_per_minute = 0\npassword_checks_burst = 0\n", &[]).unwrap();
         assert_eq!(config.limits.password_checks_per_source_per_minute, 0);
-        let settings = parse("[limits]\nmax_retained_messages = 5\nmax_retained_bytes = 100\n", &[]).unwrap().broker_settings();
-        assert_eq!(settings.retained, RetainedLimits { max_messages: 5, max_bytes: 100 });
+        let text = "[limits]\nmax_retained_messages = 5\nmax_retained_bytes = 100\nmax_retained_per_client = 2\nmax_retained_bytes_per_client = 50\n";
+        let settings = parse(text, &[]).unwrap().broker_settings();
+        assert_eq!(settings.retained, RetainedLimits { max_messages: 5, max_bytes: 100, per_owner_messages: 2, per_owner_bytes: 50 });
     }
 
     #[test]

@@ -34,6 +34,7 @@ use crate::broker::persist::{MovedMessage, MovedSession};
 use crate::broker::retained::Stamp;
 use crate::broker::{AttachError, BarrierFuture, Broker, ClaimFuture, Forwarding, Remote, RemoteAcks, TailFuture};
 use crate::cluster::Cluster;
+use crate::config::{Config, PubackPolicy, RemoteSessionUnreachable, SubackBarrier};
 use crate::telemetry::metrics::LinkGauge;
 use crate::tls::caller::NodeCertificate;
 use frame::{ClaimOutcome, Control, MovedPart, Recipients};
@@ -76,6 +77,36 @@ pub struct ForwardSettings {
     /// How long a publisher waits for room with a live peer whose queue is full
     /// (`limits.slow_subscriber_timeout_ms`).
     pub slow_peer_timeout: Duration,
+}
+
+impl ForwardSettings {
+    /// The settings of a node's `[cluster]` section (and the slow-subscriber timeout, which
+    /// paces a slow peer as it paces a slow subscriber); `None` for a standalone node.
+    pub fn of(config: &Config) -> Option<ForwardSettings> {
+        let c = config.cluster.as_ref()?;
+        Some(ForwardSettings {
+            node_id: c.node_id,
+            bind: c.quic_bind,
+            cert_file: c.cert_file.clone(),
+            key_file: c.key_file.clone(),
+            ca_file: c.ca_file.clone(),
+            streams: c.forward_streams,
+            queue_messages: c.forward_queue_messages,
+            replay_messages: c.forward_replay_messages,
+            idle_timeout: Duration::from_millis(c.link_idle_timeout_ms),
+            claim_timeout: Duration::from_millis(c.claim_timeout_ms),
+            refuse_when_unreachable: c.remote_session_unreachable == RemoteSessionUnreachable::Refuse,
+            suback_barrier: match c.suback_barrier {
+                SubackBarrier::Local => Duration::ZERO,
+                SubackBarrier::Ack => Duration::from_millis(c.suback_barrier_timeout_ms.max(1)),
+            },
+            puback_cluster: match c.puback {
+                PubackPolicy::Local => Duration::ZERO,
+                PubackPolicy::Cluster => Duration::from_millis(c.puback_cluster_timeout_ms.max(1)),
+            },
+            slow_peer_timeout: Duration::from_millis(config.limits.slow_subscriber_timeout_ms),
+        })
+    }
 }
 
 /// One other member, as this node sees it.

@@ -126,7 +126,7 @@ where
         cert_serial: cert.map(|c| c.serial.clone()).unwrap_or_default(),
         cert_issuer: cert.map(|c| c.issuer.clone()).unwrap_or_default(),
         cert_not_after: cert.map_or(0, |c| c.not_after),
-        connected_at: crate::cluster::unix_now(),
+        connected_at: crate::clock::unix_now(),
         peer: peer.to_string(),
     });
     let mut session = Session::start(request, attached.session, present, ctx.limits.clone(), grant.acl, Instant::now());
@@ -135,7 +135,7 @@ where
     let (mut auths, mut reauth) = (Vec::new(), None);
 
     loop {
-        if !run_actions(&mut session, broker, &mut auths).await {
+        if !run_actions(&mut session, broker, &owner, &mut auths).await {
             // Its acknowledgement would promise what no node holds: the client re-sends it.
             session.output().clear();
             crate::telemetry::metrics::puback_cluster_lost();
@@ -207,7 +207,7 @@ where
         let (store, principal, client_id) = (ctx.auth_store.clone(), principal.clone(), client_id.clone());
         let check: WillCheck = Box::new(move |will| {
             let grant = store.authorize(&principal, &client_id).map_err(|refusal| refusal.reason)?;
-            grant.acl.may_publish(&will.topic).then_some(()).ok_or_else(|| "its topic is no longer authorized".to_string())
+            grant.acl.may_publish(&will.topic).then(|| principal.owner()).ok_or_else(|| "its topic is no longer authorized".to_string())
         });
         (will, check)
     });
@@ -270,7 +270,7 @@ async fn authorize<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         let grant = ctx.auth_store.authorize(&principal, &request.client_id)?;
         return Ok((request, principal, grant));
     }
-    let now = crate::cluster::unix_now();
+    let now = crate::clock::unix_now();
     let (store, runtime) = (ctx.auth_store.clone(), tokio::runtime::Handle::current());
     let run = move |index: &AuthIndex, request: &mut connect::ConnectRequest, peer_auth: &PeerAuth, policy: &AuthPolicy| {
         let password = request.password.clone();
@@ -477,14 +477,17 @@ async fn read_connect<R: AsyncRead + Unpin>(
 /// caused is durable, so acknowledgements written afterwards never promise more than the disk
 /// holds, and whether every published message is held where the PUBACK policy asks (false: one
 /// was dropped on its way to another node).
-async fn run_actions(session: &mut Session, broker: &Broker, auths: &mut Vec<Auth>) -> bool {
+async fn run_actions(session: &mut Session, broker: &Broker, publisher: &policy::Owner, auths: &mut Vec<Auth>) -> bool {
     let mut durable_ticket = None;
     let mut remote_acks = Vec::new();
     let mut subscribed = false;
     while let Some(action) = session.next_action() {
         match action {
-            Action::Publish(message) => {
-                let published = broker.publish(message).await;
+            Action::Publish(message, held) => {
+                let published = broker.publish(message, Some(publisher)).await;
+                if let Some(held) = held {
+                    session.retained_published(held, published.over_quota);
+                }
                 durable_ticket = durable_ticket.max(published.durable_ticket);
                 remote_acks.extend(published.remote_acks);
             }
@@ -538,7 +541,7 @@ async fn write_flush<W: AsyncWrite + Unpin>(writer: &mut W, data: &[u8]) -> std:
 /// Sleeps until a time in seconds since the epoch (forever for `None`).
 async fn sleep_until_unix(at: Option<i64>) {
     match at {
-        Some(at) => tokio::time::sleep(Duration::from_secs(at.saturating_sub(crate::cluster::unix_now()).max(0) as u64)).await,
+        Some(at) => tokio::time::sleep(Duration::from_secs(at.saturating_sub(crate::clock::unix_now()).max(0) as u64)).await,
         None => std::future::pending().await,
     }
 }

@@ -22,7 +22,7 @@ use crate::broker::index::SubscriptionOptions;
 use crate::broker::message::Will;
 use crate::broker::message::{Delivery, Message};
 use crate::broker::{Inflight, SessionState};
-use crate::telemetry::metrics::{self, DropReason, RedispatchReason};
+use crate::telemetry::metrics::{self, DropReason, RedispatchReason, RetainedLimit};
 use crate::topic;
 
 /// Shortest time between two log lines about a client's unauthorized PUBLISHes.
@@ -39,8 +39,10 @@ pub enum RetainHandling {
 /// Broker work the driver must carry out, in order, before writing [`Session::output`].
 #[derive(Debug)]
 pub enum Action {
-    /// Route a message to subscribers (and the retained store).
-    Publish(Message),
+    /// Route a message to subscribers (and the retained store). A retained message comes with
+    /// its acknowledgement held until the broker has taken it (the publisher's retained quota
+    /// may refuse it): hand it back with [`Session::retained_published`].
+    Publish(Message, Option<HeldAck>),
     /// Add or replace a subscription; then queue matching retained messages with
     /// [`Session::queue_retained`] as `retain_handling` says.
     Subscribe { filter: String, options: SubscriptionOptions, retain_handling: RetainHandling },
@@ -52,6 +54,14 @@ pub enum Action {
     /// Give a message this session got as a shared-group member to another member: the client
     /// refused it, or did not acknowledge it within `shared_ack_timeout`.
     Redispatch { delivery: Delivery, reason: RedispatchReason },
+}
+
+/// The acknowledgement of a retained PUBLISH, waiting for the broker's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldAck {
+    qos: QoS,
+    pkid: u16,
+    topic: String,
 }
 
 /// Why the connection ends.
@@ -366,7 +376,7 @@ impl Session {
                 return self.acknowledge(publish.qos, publish.pkid);
             }
             return self.refuse_publish(
-                &publish,
+                (publish.qos, publish.pkid, &publish.topic),
                 Reason::NotAuthorized,
                 DropReason::NotAuthorized,
                 "not authorized to publish to this topic",
@@ -374,13 +384,14 @@ impl Session {
         }
         if props.payload_format_indicator == Some(1) && std::str::from_utf8(&publish.payload).is_err() {
             return self.refuse_publish(
-                &publish,
+                (publish.qos, publish.pkid, &publish.topic),
                 Reason::PayloadFormatInvalid,
                 DropReason::Refused,
                 "payload is not UTF-8 as its format indicator says",
             );
         }
-        let (qos, pkid) = (publish.qos, publish.pkid);
+        let (qos, pkid, retain) = (publish.qos, publish.pkid, publish.retain);
+        let held = retain.then(|| HeldAck { qos, pkid, topic: publish.topic.clone() });
         let expires_at = props.message_expiry_interval.take().map(|s| now + Duration::from_secs(s.into()));
         let message = Message {
             topic: publish.topic,
@@ -392,8 +403,32 @@ impl Session {
             publisher: Some(self.state.id),
             id: None,
         };
-        self.actions.push_back(Action::Publish(message));
-        self.acknowledge(qos, pkid);
+        self.actions.push_back(Action::Publish(message, held));
+        if !retain {
+            self.acknowledge(qos, pkid);
+        } else if qos == QoS::ExactlyOnce {
+            // A re-sent copy arriving before the answer is recognised as one.
+            self.state.awaiting_pubrel.insert(pkid);
+        }
+    }
+
+    /// The broker's answer to a retained PUBLISH: taken (acknowledged now), or refused by the
+    /// publisher's retained quota (`over_quota`: PUBACK/PUBREC 0x97 in MQTT 5; MQTT 3.1.1,
+    /// which has no reason codes, closes the connection).
+    pub fn retained_published(&mut self, held: HeldAck, over_quota: Option<RetainedLimit>) {
+        let Some(limit) = over_quota else {
+            return match held.qos {
+                QoS::ExactlyOnce => self.send(Packet::PubRec(v5::PubRec::new(held.pkid))),
+                qos => self.acknowledge(qos, held.pkid),
+            };
+        };
+        self.state.awaiting_pubrel.remove(&held.pkid);
+        let detail = match limit {
+            RetainedLimit::ClientBytes => "retained quota reached (limits.max_retained_bytes_per_client)",
+            _ => "retained quota reached (limits.max_retained_per_client)",
+        };
+        tracing::info!(client_id = %self.client_id, topic = %held.topic, "retained PUBLISH refused: {detail}");
+        self.refuse_publish((held.qos, held.pkid, &held.topic), Reason::QuotaExceeded, DropReason::Refused, detail);
     }
 
     /// Logs an unauthorized PUBLISH: the first at once, then at most one line per
@@ -421,21 +456,21 @@ impl Session {
     }
 
     /// Answers a QoS 1/2 PUBLISH that is not accepted with a failure reason (MQTT 5) or closes (3.1.1).
-    fn refuse_publish(&mut self, publish: &v5::Publish, reason: Reason, counted_as: DropReason, detail: &str) {
+    fn refuse_publish(&mut self, (qos, pkid, topic): (QoS, u16, &str), reason: Reason, counted_as: DropReason, detail: &str) {
         metrics::dropped(counted_as);
         let code = reason as u8;
-        match (self.version, publish.qos) {
-            (ProtocolVersion::V311, _) => self.fail(reason, format!("PUBLISH to {:?}: {detail}", publish.topic)),
+        match (self.version, qos) {
+            (ProtocolVersion::V311, _) => self.fail(reason, format!("PUBLISH to {topic:?}: {detail}")),
             (ProtocolVersion::V5, QoS::AtMostOnce) => {}
             (ProtocolVersion::V5, QoS::AtLeastOnce) => {
-                let mut ack = v5::PubAck::new(publish.pkid);
+                let mut ack = v5::PubAck::new(pkid);
                 ack.reason = puback_reason(code);
                 ack.properties =
                     self.reason_string(detail).map(|r| v5::PubAckProperties { reason_string: Some(r), user_properties: Vec::new() });
                 self.send(Packet::PubAck(ack));
             }
             (ProtocolVersion::V5, QoS::ExactlyOnce) => {
-                let mut rec = v5::PubRec::new(publish.pkid);
+                let mut rec = v5::PubRec::new(pkid);
                 rec.reason = pubrec_reason(code);
                 rec.properties =
                     self.reason_string(detail).map(|r| v5::PubRecProperties { reason_string: Some(r), user_properties: Vec::new() });
@@ -1098,8 +1133,43 @@ mod tests {
     fn qos1_publish_is_routed_before_its_puback() {
         let mut s = start(ProtocolVersion::V5, None);
         feed(&mut s, ProtocolVersion::V5, &[Packet::Publish(publish("a/b", QoS::AtLeastOnce, 7))]);
-        assert!(matches!(actions(&mut s).as_slice(), [Action::Publish(m)] if m.topic == "a/b"));
+        assert!(matches!(actions(&mut s).as_slice(), [Action::Publish(m, None)] if m.topic == "a/b"));
         assert!(matches!(read(&mut s, ProtocolVersion::V5).as_slice(), [Packet::PubAck(a)] if a.pkid == 7));
+    }
+
+    #[test]
+    fn a_retained_publish_is_acknowledged_once_the_broker_took_it_or_refused_with_0x97() {
+        let mut s = start(ProtocolVersion::V5, None);
+        let retained = |topic: &str, qos, pkid| {
+            let mut p = publish(topic, qos, pkid);
+            p.retain = true;
+            Packet::Publish(p)
+        };
+        feed(&mut s, ProtocolVersion::V5, &[retained("a/1", QoS::AtLeastOnce, 1), retained("a/2", QoS::ExactlyOnce, 2)]);
+        let held: Vec<HeldAck> = actions(&mut s)
+            .into_iter()
+            .map(|a| match a {
+                Action::Publish(_, Some(held)) => held,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert!(read(&mut s, ProtocolVersion::V5).is_empty(), "no acknowledgement before the broker's answer");
+        // A re-sent copy of the QoS 2 message meanwhile is not routed again.
+        let mut again = publish("a/2", QoS::ExactlyOnce, 2);
+        (again.retain, again.dup) = (true, true);
+        feed(&mut s, ProtocolVersion::V5, &[Packet::Publish(again)]);
+        assert!(actions(&mut s).is_empty());
+        read(&mut s, ProtocolVersion::V5);
+        s.retained_published(held[0].clone(), None);
+        s.retained_published(held[1].clone(), Some(RetainedLimit::ClientMessages));
+        match read(&mut s, ProtocolVersion::V5).as_slice() {
+            [Packet::PubAck(ack), Packet::PubRec(rec)] => {
+                assert_eq!((ack.pkid, ack.reason), (1, v5::PubAckReason::Success));
+                assert_eq!((rec.pkid, rec.reason), (2, v5::PubRecReason::QuotaExceeded));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!s.state.awaiting_pubrel.contains(&2), "a refused QoS 2 message waits for no PUBREL");
     }
 
     #[test]
@@ -1220,7 +1290,7 @@ mod tests {
         let topics: Vec<String> = actions(&mut s)
             .into_iter()
             .map(|a| match a {
-                Action::Publish(m) => m.topic.clone(),
+                Action::Publish(m, _) => m.topic.clone(),
                 other => panic!("{other:?}"),
             })
             .collect();

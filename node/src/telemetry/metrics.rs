@@ -93,6 +93,10 @@ pub enum RetainedLimit {
     Messages,
     /// `limits.max_retained_bytes`.
     Bytes,
+    /// `limits.max_retained_per_client`: the publisher's quota (PUBACK/PUBREC 0x97).
+    ClientMessages,
+    /// `limits.max_retained_bytes_per_client`.
+    ClientBytes,
 }
 
 /// Why a shared-group message went to another member of its group
@@ -126,7 +130,7 @@ struct Metrics {
     malformed: AtomicU64,
     oversized: AtomicU64,
     queued: AtomicI64,
-    retained_refused: [AtomicU64; 2],
+    retained_refused: [AtomicU64; 4],
     password_checks_in_progress: AtomicI64,
     password_checks_rate_limited: AtomicU64,
     password_check_waits: AtomicU64,
@@ -147,7 +151,7 @@ static METRICS: Metrics = Metrics {
     malformed: AtomicU64::new(0),
     oversized: AtomicU64::new(0),
     queued: AtomicI64::new(0),
-    retained_refused: [const { AtomicU64::new(0) }; 2],
+    retained_refused: [const { AtomicU64::new(0) }; 4],
     password_checks_in_progress: AtomicI64::new(0),
     password_checks_rate_limited: AtomicU64::new(0),
     password_check_waits: AtomicU64::new(0),
@@ -375,8 +379,11 @@ pub fn render(gauges: Gauges) -> String {
     metric(
         "rampart_retained_refused_total",
         "counter",
-        "Retained messages for a new topic not stored because a retained store limit was reached, by limit.",
-        &labelled(&["{limit=\"messages\"}", "{limit=\"bytes\"}"], &METRICS.retained_refused),
+        "Retained messages not stored because a retained store limit or the publisher's quota was reached, by limit.",
+        &labelled(
+            &["{limit=\"messages\"}", "{limit=\"bytes\"}", "{limit=\"client_messages\"}", "{limit=\"client_bytes\"}"],
+            &METRICS.retained_refused,
+        ),
     );
     metric(
         "rampart_password_checks_in_progress",
@@ -418,6 +425,8 @@ mod tests {
         for name in [
             "rampart_retained_refused_total{limit=\"messages\"}",
             "rampart_retained_refused_total{limit=\"bytes\"}",
+            "rampart_retained_refused_total{limit=\"client_messages\"}",
+            "rampart_retained_refused_total{limit=\"client_bytes\"}",
             "rampart_password_checks_in_progress",
             "rampart_password_checks_rate_limited_total",
             "rampart_password_check_waits_total",
