@@ -63,79 +63,63 @@ const CLOSE_DRAIN: Duration = Duration::from_secs(2);
 /// Longest wait for the final DISCONNECT to be written.
 const CLOSE_WRITE: Duration = Duration::from_secs(5);
 
-/// Serves one client connection to completion.
-pub async fn serve<S>(stream: S, peer: SocketAddr, peer_auth: PeerAuth, ctx: Arc<ConnectionContext>, listener: &'static str)
+/// What a connection past its CONNECT keeps: its session state machine, who the client is, and
+/// its ties to the broker.
+struct Live<'a> {
+    session: Session,
+    principal: policy::Principal,
+    owner: policy::Owner,
+    client_id: String,
+    mailbox: Arc<crate::broker::mailbox::Mailbox>,
+    attachment: crate::broker::Attachment,
+    registration: crate::broker::clients::Registration<'a>,
+    /// When the client's token expires (its connection then ends), if it has one.
+    expires_at: Option<i64>,
+}
+
+/// Serves one client connection to completion. Establishing it and closing it run in their own
+/// allocations (`Box::pin`), and the stream is split before the connection's future exists:
+/// only what a live connection needs stays in the task of an idle one.
+pub fn serve<S>(
+    stream: S,
+    peer: SocketAddr,
+    peer_auth: PeerAuth,
+    ctx: Arc<ConnectionContext>,
+    listener: &'static str,
+) -> impl std::future::Future<Output = ()> + Send
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let (mut reader, mut writer) = tokio::io::split(stream);
+    let (reader, writer) = tokio::io::split(stream);
+    pump(reader, writer, peer, peer_auth, ctx, listener)
+}
+
+async fn pump<S>(
+    mut reader: tokio::io::ReadHalf<S>,
+    mut writer: tokio::io::WriteHalf<S>,
+    peer: SocketAddr,
+    peer_auth: PeerAuth,
+    ctx: Arc<ConnectionContext>,
+    listener: &'static str,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
     let mut input = BytesMut::with_capacity(INITIAL_READ_BUFFER);
     // Watched from before authentication, so a change applied meanwhile is re-checked below.
     let mut auth_changes = ctx.auth_store.changes();
     auth_changes.borrow_and_update();
+    let live = Box::pin(establish(peer, &peer_auth, &ctx, listener, (&mut reader, &mut writer, &mut input)));
+    let Some(Live { mut session, principal, owner, client_id, mailbox, mut attachment, mut registration, mut expires_at }) = live.await
+    else {
+        return;
+    };
     let broker = &ctx.broker;
-    let handshake = Handshake::new(ctx.limits.clone(), ctx.connect_timeout, Instant::now());
-    let request = match read_connect(&handshake, &mut reader, &mut input, broker).await {
-        Ok(request) => request,
-        Err((reply, reason)) => return refuse(&mut writer, &reply, peer, &reason).await,
-    };
-    let version = request.version;
-    let (request, principal, grant) =
-        match authorize(request, (peer, listener), &peer_auth, &ctx, (&mut reader, &mut writer, &mut input)).await {
-            Ok(accepted) => accepted,
-            Err(refusal) => return refuse(&mut writer, &connect::refusal_reply(version, refusal.code), peer, &refusal.reason).await,
-        };
-    let owner = principal.owner();
-    let durable = grant.client_type == ClientType::Application;
-    let attach = AttachRequest {
-        client_id: &request.client_id,
-        owner: &owner,
-        clean_start: request.clean_start,
-        durable,
-        queue_capacity: grant.max_queued_messages.unwrap_or_else(|| broker.default_queue_capacity(durable)),
-    };
-    let attached = match broker.attach(attach, Instant::now()).await {
-        Ok(attached) => attached,
-        Err(e) => {
-            let code = match e {
-                AttachError::NotOwner { .. } => v5::ConnectReturnCode::NotAuthorized,
-                AttachError::TooManySessions { .. } => {
-                    metrics::client_limit_refusal(metrics::ClientLimit::SessionsPerIdentity);
-                    v5::ConnectReturnCode::QuotaExceeded
-                }
-                AttachError::TakeoverTimeout(_) | AttachError::Superseded => v5::ConnectReturnCode::ServerBusy,
-                AttachError::PeersUnreachable(_) => v5::ConnectReturnCode::ServerUnavailable,
-            };
-            let reason = format!("client id {:?}: {e}", request.client_id);
-            return refuse(&mut writer, &connect::refusal_reply(version, code), peer, &reason).await;
-        }
-    };
-    let client_id = request.client_id.clone();
-    let identity = principal.identity.as_deref().unwrap_or("-");
-    let present = attached.present;
-    tracing::info!(%peer, %client_id, %identity, ?version, clean_start = request.clean_start, session_present = present, "client connected");
-    metrics::connection_opened();
-    let mailbox = attached.session.mailbox.clone();
-    let mut attachment = attached.attachment;
-    let cert = principal.certificate.as_ref();
-    let mut registration = ctx.clients.register(ClientInfo {
-        client_id: client_id.clone(),
-        identity: principal.identity.clone().or(principal.username.clone()).unwrap_or_default(),
-        client_type: grant.client_type,
-        credential: grant.source.credential().unwrap_or_default().to_string(),
-        cert_serial: cert.map(|c| c.serial.clone()).unwrap_or_default(),
-        cert_issuer: cert.map(|c| c.issuer.clone()).unwrap_or_default(),
-        cert_not_after: cert.map_or(0, |c| c.not_after),
-        connected_at: crate::clock::unix_now(),
-        peer: peer.to_string(),
-    });
-    let mut session = Session::start(request, attached.session, present, ctx.limits.clone(), grant.acl, Instant::now());
     let mut shutdown = ctx.shutdown.clone();
-    let mut expires_at = grant.expires_at;
     let (mut auths, mut reauth) = (Vec::new(), None);
 
     loop {
-        if !run_actions(&mut session, broker, &owner, &mut auths).await {
+        // Boxed: publishing's state is large, and an idle connection keeps none of it.
+        if session.has_actions() && !Box::pin(run_actions(&mut session, broker, &owner, &mut auths)).await {
             // Its acknowledgement would promise what no node holds: the client re-sends it.
             session.output().clear();
             crate::telemetry::metrics::puback_cluster_lost();
@@ -215,12 +199,95 @@ where
         tracing::info!(%peer, %client_id, reason = ?close.reason, detail = %close.detail, "client disconnected");
     }
     metrics::connection_closed();
-    if let Some(ticket) = broker.detach(attachment, state, will, Instant::now()) {
-        broker.wait_durable(ticket).await;
-    }
-    // Only now, with the session offline (or ended) and a durable one on disk, does the client
-    // see the close.
-    close_gracefully(&mut reader, &mut writer, &farewell, &mut input).await;
+    Box::pin(async {
+        if let Some(ticket) = broker.detach(attachment, state, will, Instant::now()) {
+            broker.wait_durable(ticket).await;
+        }
+        // Only now, with the session offline (or ended) and a durable one on disk, does the
+        // client see the close.
+        close_gracefully(&mut reader, &mut writer, &farewell, &mut input).await;
+    })
+    .await;
+}
+
+/// Reads and authorizes the CONNECT, hands the connection its session and registers it; `None`
+/// when the connection is refused (the refusal is written and logged).
+async fn establish<'a, R, W>(
+    peer: SocketAddr,
+    peer_auth: &PeerAuth,
+    ctx: &'a ConnectionContext,
+    listener: &'static str,
+    (reader, writer, input): (&mut R, &mut W, &mut BytesMut),
+) -> Option<Live<'a>>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let broker = &ctx.broker;
+    let handshake = Handshake::new(ctx.limits.clone(), ctx.connect_timeout, Instant::now());
+    let request = match read_connect(&handshake, reader, input, broker).await {
+        Ok(request) => request,
+        Err((reply, reason)) => {
+            refuse(writer, &reply, peer, &reason).await;
+            return None;
+        }
+    };
+    let version = request.version;
+    let (request, principal, grant) =
+        match authorize(request, (peer, listener), peer_auth, ctx, (&mut *reader, &mut *writer, &mut *input)).await {
+            Ok(accepted) => accepted,
+            Err(refusal) => {
+                refuse(writer, &connect::refusal_reply(version, refusal.code), peer, &refusal.reason).await;
+                return None;
+            }
+        };
+    let owner = principal.owner();
+    let durable = grant.client_type == ClientType::Application;
+    let attach = AttachRequest {
+        client_id: &request.client_id,
+        owner: &owner,
+        clean_start: request.clean_start,
+        durable,
+        queue_capacity: grant.max_queued_messages.unwrap_or_else(|| broker.default_queue_capacity(durable)),
+    };
+    let attached = match broker.attach(attach, Instant::now()).await {
+        Ok(attached) => attached,
+        Err(e) => {
+            let code = match e {
+                AttachError::NotOwner { .. } => v5::ConnectReturnCode::NotAuthorized,
+                AttachError::TooManySessions { .. } => {
+                    metrics::client_limit_refusal(metrics::ClientLimit::SessionsPerIdentity);
+                    v5::ConnectReturnCode::QuotaExceeded
+                }
+                AttachError::TakeoverTimeout(_) | AttachError::Superseded => v5::ConnectReturnCode::ServerBusy,
+                AttachError::PeersUnreachable(_) => v5::ConnectReturnCode::ServerUnavailable,
+            };
+            let reason = format!("client id {:?}: {e}", request.client_id);
+            refuse(writer, &connect::refusal_reply(version, code), peer, &reason).await;
+            return None;
+        }
+    };
+    let client_id = request.client_id.clone();
+    let identity = principal.identity.as_deref().unwrap_or("-");
+    let present = attached.present;
+    tracing::info!(%peer, %client_id, %identity, ?version, clean_start = request.clean_start, session_present = present, "client connected");
+    metrics::connection_opened();
+    let mailbox = attached.session.mailbox.clone();
+    let attachment = attached.attachment;
+    let cert = principal.certificate.as_ref();
+    let registration = ctx.clients.register(ClientInfo {
+        client_id: client_id.clone(),
+        identity: principal.identity.clone().or(principal.username.clone()).unwrap_or_default(),
+        client_type: grant.client_type,
+        credential: grant.source.credential().unwrap_or_default().to_string(),
+        cert_serial: cert.map(|c| c.serial.clone()).unwrap_or_default(),
+        cert_issuer: cert.map(|c| c.issuer.clone()).unwrap_or_default(),
+        cert_not_after: cert.map_or(0, |c| c.not_after),
+        connected_at: crate::clock::unix_now(),
+        peer: peer.to_string(),
+    });
+    let session = Session::start(request, attached.session, present, ctx.limits.clone(), grant.acl, Instant::now());
+    Some(Live { session, principal, owner, client_id, mailbox, attachment, registration, expires_at: grant.expires_at })
 }
 
 /// Writes the last bytes (a DISCONNECT with its reason), half-closes, and reads until the client
@@ -397,7 +464,7 @@ fn auth_packet(reason: AuthReason, method: &str, data: Vec<u8>) -> Auth {
 fn reauthenticate(
     session: &mut Session,
     auth: Auth,
-    pending: &mut Option<scram::Pending>,
+    pending: &mut Option<Box<scram::Pending>>,
     principal: &policy::Principal,
     ctx: &ConnectionContext,
 ) {
@@ -407,7 +474,7 @@ fn reauthenticate(
         (AuthReason::ReAuthenticate, None, Some(mechanism)) => {
             let index = ctx.auth_store.current();
             scram::start(mechanism, &data, |u| index.scram_verifier(u, mechanism)).map(|(server_first, started)| {
-                *pending = Some(started);
+                *pending = Some(Box::new(started));
                 auth_packet(AuthReason::ContinueAuthentication, &method, server_first)
             })
         }

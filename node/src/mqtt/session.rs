@@ -219,6 +219,11 @@ impl Session {
         &mut self.out
     }
 
+    /// Whether broker work is waiting.
+    pub fn has_actions(&self) -> bool {
+        !self.actions.is_empty()
+    }
+
     /// The next piece of broker work.
     pub fn next_action(&mut self) -> Option<Action> {
         self.actions.pop_front()
