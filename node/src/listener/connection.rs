@@ -49,9 +49,13 @@ pub struct ConnectionContext {
     pub shutdown: watch::Receiver<bool>,
 }
 
-/// Initial size of a connection's read buffer; it grows for larger packets. Kept small because
-/// most connections are idle devices.
-const INITIAL_READ_BUFFER: usize = 1024;
+/// Room a connection's read buffer keeps for the next read while the client sends little: most
+/// connections are idle devices. A read that fills the room doubles it for the next one (up to
+/// [`MAX_READ_ROOM`]), so a busy publisher reads in large pieces; quiet reads halve it again.
+const INITIAL_READ_BUFFER: usize = 256;
+
+/// The most room a read is given (larger packets still grow the buffer to fit).
+const MAX_READ_ROOM: usize = 64 * 1024;
 
 /// Largest batch of queued messages written per wake-up, so one busy client cannot starve its own reads.
 const MAX_DELIVERIES_PER_BATCH: usize = 1024;
@@ -115,7 +119,7 @@ async fn pump<S>(
     };
     let broker = &ctx.broker;
     let mut shutdown = ctx.shutdown.clone();
-    let (mut auths, mut reauth) = (Vec::new(), None);
+    let (mut auths, mut reauth, mut read_room) = (Vec::new(), None, INITIAL_READ_BUFFER);
 
     loop {
         // Boxed: publishing's state is large, and an idle connection keeps none of it.
@@ -156,11 +160,14 @@ async fn pump<S>(
             break;
         }
         let deadline = session.deadline().map(tokio::time::Instant::from_std);
-        input.reserve(INITIAL_READ_BUFFER);
+        input.reserve(read_room);
         tokio::select! {
             read = reader.read_buf(&mut input) => match read {
                 Ok(0) => session.lost("connection closed by client without DISCONNECT"),
-                Ok(_) => session.handle_input(&mut input, Instant::now()),
+                Ok(n) => {
+                    read_room = next_read_room(read_room, n);
+                    session.handle_input(&mut input, Instant::now());
+                }
                 Err(e) => session.lost(format!("read failed: {e}")),
             },
             _ = mailbox.readable(), if session.can_send() => {}
@@ -288,6 +295,17 @@ where
     });
     let session = Session::start(request, attached.session, present, ctx.limits.clone(), grant.acl, Instant::now());
     Some(Live { session, principal, owner, client_id, mailbox, attachment, registration, expires_at: grant.expires_at })
+}
+
+/// The room for the next read after one of `read` bytes was given `room`.
+fn next_read_room(room: usize, read: usize) -> usize {
+    if read >= room {
+        (room * 2).min(MAX_READ_ROOM)
+    } else if read < room / 4 {
+        (room / 2).max(INITIAL_READ_BUFFER)
+    } else {
+        room
+    }
 }
 
 /// Writes the last bytes (a DISCONNECT with its reason), half-closes, and reads until the client
@@ -632,4 +650,23 @@ async fn refuse<W: AsyncWrite + Unpin>(writer: &mut W, reply: &[u8], peer: Socke
 fn refused(peer: SocketAddr, why: &str) {
     metrics::connection_refused();
     tracing::info!(%peer, reason = why, "connection refused");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_busy_reader_gets_more_room_and_a_quiet_one_gives_it_back() {
+        let mut room = INITIAL_READ_BUFFER;
+        for _ in 0..20 {
+            room = next_read_room(room, room);
+        }
+        assert_eq!(room, MAX_READ_ROOM, "full reads double it, up to the cap");
+        assert_eq!(next_read_room(room, room / 2), room, "half-full reads keep it");
+        for _ in 0..20 {
+            room = next_read_room(room, 2);
+        }
+        assert_eq!(room, INITIAL_READ_BUFFER, "quiet reads halve it back to the floor");
+    }
 }
