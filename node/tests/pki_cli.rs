@@ -125,3 +125,32 @@ fn node_certificates_are_bound_to_their_node_id() {
     assert!(ensured.contains("issued node certificate") && ensured.contains("nodes/rampart-0.pem"), "{ensured}");
     assert_eq!(node_uri_of(&dir, "nodes/rampart-0.pem").as_deref(), Some("urn:rampart:node:2"));
 }
+
+/// Issue 28, 1: `--days 0` wrote a certificate that expired an hour before it was issued. Zero
+/// validity is refused, naming the option; a new certificate starts only minutes before now.
+#[test]
+fn zero_days_of_validity_are_refused_and_new_certificates_start_minutes_ago() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("pki");
+    ok(pki(&dir, &["init-ca"]));
+    for args in [&["issue-device", "plc-0", "--days", "0"][..], &["crl", "--days", "0"], &["issue-admin", "--name", "a", "--days", "0"]] {
+        let out = pki(&dir, args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains("--days"), "{args:?}: {stderr}");
+    }
+    assert!(!dir.join("devices/plc-0.pem").exists(), "nothing was written");
+    ok(pki(&dir, &["issue-device", "plc-1", "--days", "1"]));
+    let dates = Command::new("openssl")
+        .args(["x509", "-noout", "-startdate", "-enddate", "-in"])
+        .arg(dir.join("devices/plc-1.pem"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&dates.stdout).to_string();
+    let field = |name: &str| text.lines().find_map(|l| l.strip_prefix(name)).unwrap_or_default().to_string();
+    let parse = |date: String| {
+        let out = Command::new("date").args(["-u", "-d", &date, "+%s"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().parse::<i64>().unwrap()
+    };
+    let (start, end) = (parse(field("notBefore=")), parse(field("notAfter=")));
+    assert_eq!(end - start, 86_400 + 300, "{text}");
+}

@@ -275,6 +275,9 @@ fn prefix_client_id_policy_does_not_let_device_1_claim_device_10() {
         ack.session_present
     );
     drop(intruder);
+    // Issue 28, 3: the refusal's log line names the client id it asked for.
+    let line = f.broker.wait_for_log("connection refused", Duration::from_secs(5)).expect("the refusal is logged");
+    assert!(line.contains("client_id=\"device-10\"") || line.contains("client_id=device-10"), "{line}");
 
     for client_id in ["device-1", "device-1-telemetry"] {
         let mut own = f.device(V311, "device-1");

@@ -235,16 +235,17 @@ where
     let request = match read_connect(&handshake, reader, input, broker).await {
         Ok(request) => request,
         Err((reply, reason)) => {
-            refuse(writer, &reply, peer, &reason).await;
+            refuse(writer, &reply, (peer, None), &reason).await;
             return None;
         }
     };
-    let version = request.version;
+    let (version, asked_for) = (request.version, request.client_id.clone());
     let (request, principal, grant) =
         match authorize(request, (peer, listener), peer_auth, ctx, (&mut *reader, &mut *writer, &mut *input)).await {
             Ok(accepted) => accepted,
             Err(refusal) => {
-                refuse(writer, &connect::refusal_reply(version, refusal.code), peer, &refusal.reason).await;
+                let reply = connect::refusal_reply(version, refusal.code);
+                refuse(writer, &reply, (peer, Some(&asked_for)), &refusal.reason).await;
                 return None;
             }
         };
@@ -270,7 +271,7 @@ where
                 AttachError::PeersUnreachable(_) => v5::ConnectReturnCode::ServerUnavailable,
             };
             let reason = format!("client id {:?}: {e}", request.client_id);
-            refuse(writer, &connect::refusal_reply(version, code), peer, &reason).await;
+            refuse(writer, &connect::refusal_reply(version, code), (peer, Some(&request.client_id)), &reason).await;
             return None;
         }
     };
@@ -523,11 +524,11 @@ where
     let (mut reader, mut writer) = tokio::io::split(stream);
     let mut input = BytesMut::new();
     let handshake = Handshake::new(ctx.limits.clone(), ctx.connect_timeout, Instant::now());
-    let reply = match read_connect(&handshake, &mut reader, &mut input, &ctx.broker).await {
-        Ok(request) => connect::refusal_reply(request.version, v5::ConnectReturnCode::ServerBusy),
-        Err((reply, _)) => reply,
+    let (reply, client_id) = match read_connect(&handshake, &mut reader, &mut input, &ctx.broker).await {
+        Ok(request) => (connect::refusal_reply(request.version, v5::ConnectReturnCode::ServerBusy), Some(request.client_id)),
+        Err((reply, _)) => (reply, None),
     };
-    refuse(&mut writer, &reply, peer, "connection limit reached").await;
+    refuse(&mut writer, &reply, (peer, client_id.as_deref()), "connection limit reached").await;
 }
 
 /// Reads until the handshake has a validated CONNECT, or the reply and reason to refuse with.
@@ -639,17 +640,15 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 }
 
 /// Writes a refusing CONNACK (if any), closes and logs the refusal.
-async fn refuse<W: AsyncWrite + Unpin>(writer: &mut W, reply: &[u8], peer: SocketAddr, why: &str) {
+/// Answers a refused CONNECT with `reply` and logs the refusal with the client id it asked for
+/// (when its CONNECT was read) and why.
+async fn refuse<W: AsyncWrite + Unpin>(writer: &mut W, reply: &[u8], (peer, client_id): (SocketAddr, Option<&str>), why: &str) {
     if !reply.is_empty() {
         let _ = tokio::time::timeout(CLOSE_WRITE, write_flush(writer, reply)).await;
         let _ = tokio::time::timeout(CLOSE_WRITE, writer.shutdown()).await;
     }
-    refused(peer, why);
-}
-
-fn refused(peer: SocketAddr, why: &str) {
     metrics::connection_refused();
-    tracing::info!(%peer, reason = why, "connection refused");
+    tracing::info!(%peer, client_id = client_id.unwrap_or("-"), reason = why, "connection refused");
 }
 
 #[cfg(test)]

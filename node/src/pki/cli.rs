@@ -22,8 +22,8 @@ pub enum PkiCommand {
         /// Common name of the CA certificate.
         #[arg(long, default_value = "Rampart Fleet CA")]
         name: String,
-        /// Validity in days.
-        #[arg(long, default_value_t = 3650)]
+        /// Validity in days (at least 1).
+        #[arg(long, default_value_t = 3650, value_parser = clap::value_parser!(u32).range(1..))]
         days: u32,
         /// An RSA key of this many bits (2048, 3072 or 4096) instead of ECDSA P-256.
         #[arg(long, value_name = "BITS")]
@@ -37,8 +37,8 @@ pub enum PkiCommand {
         /// DNS name or IP address (repeatable); defaults to the name.
         #[arg(long)]
         san: Vec<String>,
-        /// Validity in days.
-        #[arg(long, default_value_t = 825)]
+        /// Validity in days (at least 1).
+        #[arg(long, default_value_t = 825, value_parser = clap::value_parser!(u32).range(1..))]
         days: u32,
     },
     /// Issue a cluster node certificate (server and client authentication), bound to its node id.
@@ -54,8 +54,8 @@ pub enum PkiCommand {
         /// DNS name or IP address the other nodes reach it by (repeatable); defaults to the id.
         #[arg(long)]
         san: Vec<String>,
-        /// Validity in days.
-        #[arg(long, default_value_t = 825)]
+        /// Validity in days (at least 1).
+        #[arg(long, default_value_t = 825, value_parser = clap::value_parser!(u32).range(1..))]
         days: u32,
     },
     /// Issue an admin API client certificate.
@@ -63,16 +63,16 @@ pub enum PkiCommand {
         /// Admin name (common name; recorded as the caller in the audit trail).
         #[arg(long)]
         name: String,
-        /// Validity in days.
-        #[arg(long, default_value_t = 365)]
+        /// Validity in days (at least 1).
+        #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u32).range(1..))]
         days: u32,
     },
     /// Issue a device certificate (CN = the device id). Re-issuing rotates it.
     IssueDevice {
         /// Device id (common name, and file name under devices/).
         id: String,
-        /// Validity in days.
-        #[arg(long, default_value_t = 365)]
+        /// Validity in days (at least 1).
+        #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u32).range(1..))]
         days: u32,
     },
     /// Record the revocation of a certificate issued by this CA (then run `crl`).
@@ -87,8 +87,8 @@ pub enum PkiCommand {
     },
     /// Write crl.pem, signed by the CA, with every recorded revocation.
     Crl {
-        /// Days until the CRL's next update.
-        #[arg(long, default_value_t = 7)]
+        /// Days until the CRL's next update (at least 1).
+        #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(u32).range(1..))]
         days: u32,
     },
     /// Create whatever of this set is missing; never replaces what exists (for scripts and compose).

@@ -356,11 +356,15 @@ fn san(value: &str) -> anyhow::Result<SanType> {
     })
 }
 
+/// Valid from a few minutes ago (for clocks a little behind) for `days` days.
 fn validity(params: &mut CertificateParams, days: u32) {
     let now = OffsetDateTime::now_utc();
-    params.not_before = now - Duration::hours(1);
+    params.not_before = now - Duration::minutes(CLOCK_SKEW_MINUTES);
     params.not_after = now + Duration::days(days.into());
 }
+
+/// How far back a new certificate's validity starts.
+const CLOCK_SKEW_MINUTES: i64 = 5;
 
 fn reason_code(reason: &str) -> anyhow::Result<RevocationReason> {
     Ok(match reason::code_of(reason).map_err(anyhow::Error::msg)? {
