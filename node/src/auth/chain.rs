@@ -57,8 +57,9 @@ pub fn certificate_first(index: &AuthIndex, peer: &PeerAuth, request: ClaimedIde
 /// nor client-id credential for `basic`; no password for `jwt`) is skipped; one that applies
 /// and fails is remembered and the next is tried. No provider applied: an anonymous principal
 /// (the authorization state decides whether anonymous clients may connect). Every provider that
-/// applied failed: the refusal names each reason, with 0x86 (bad user name or password) when a
-/// password or token was wrong, else 0x87.
+/// applied failed: the refusal names each reason, with 0x87 (not authorized) when one of them
+/// verified what the client presented and refused it, else 0x86 (bad user name or password) when
+/// a password or token was wrong.
 pub fn authenticate(
     index: &AuthIndex,
     peer: &PeerAuth,
@@ -149,11 +150,13 @@ pub fn authenticate(
     if failures.is_empty() {
         return Ok(Principal { identity: None, username: request.username.clone(), certificate: None, verified: None });
     }
-    let code = if failures.iter().any(|(_, r)| r.code == ConnectReturnCode::BadUserNamePassword) {
-        ConnectReturnCode::BadUserNamePassword
-    } else {
-        failures[0].1.code
-    };
+    // A provider that verified what the client presented and refused it (0x87: a token whose
+    // binding does not hold, a refused certificate identity or client id, an HTTP deny) says
+    // more than one that did not recognise it (0x86: wrong password, unknown user name, bad token).
+    let code = [ConnectReturnCode::NotAuthorized, ConnectReturnCode::BadUserNamePassword]
+        .into_iter()
+        .find(|code| failures.iter().any(|(_, r)| r.code == *code))
+        .unwrap_or(failures[0].1.code);
     let reason = failures.iter().map(|(p, r)| format!("{p}: {}", r.reason)).collect::<Vec<_>>().join("; ");
     Err(Refusal { code, reason })
 }
@@ -287,6 +290,19 @@ mod tests {
         // A subject with a wildcard never widens a rule.
         let p = run_as(&chain, &PeerAuth::Anonymous, "#", None, Some(&token("#"))).unwrap();
         assert!(!chain.authorize(&p, "#").unwrap().acl.may_publish("jwt/x"));
+    }
+
+    #[test]
+    fn a_verified_token_bound_to_another_client_id_is_not_authorized_even_when_basic_also_failed() {
+        // MQTT 3.1.1 sends a user name with the token, so `basic` runs too and fails (0x86).
+        let text =
+            format!("[providers]\norder = [\"basic\", \"jwt\"]\n[providers.jwt]\nhmac_secret = \"{SECRET}\"\nclient_id_claim = \"cid\"\n");
+        let chain = AuthIndex::build(toml::from_str(&text).unwrap()).unwrap();
+        let claims = serde_json::json!({"sub": "app-7", "exp": NOW + 60, "cid": "app-7-other"});
+        let bound = encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(SECRET.as_bytes())).unwrap();
+        let err = run_as(&chain, &PeerAuth::Anonymous, "app-7-ui", Some("app-7"), Some(&bound)).unwrap_err();
+        assert_eq!(err.code, ConnectReturnCode::NotAuthorized, "{}", err.reason);
+        assert!(err.reason.contains("basic: ") && err.reason.contains("jwt: token: "), "{}", err.reason);
     }
 
     #[test]
