@@ -102,7 +102,7 @@ pub async fn run(listener: BoundListener, ctx: Arc<ConnectionContext>, slots: Ar
             },
         };
         tokio::spawn(async move {
-            handle(kind, tcp, peer, tls, identity, ctx, busy).await;
+            handle(Accepted { kind, tcp, peer, tls, identity, ctx, busy }).await;
             drop(permit);
         });
     }
@@ -121,33 +121,29 @@ fn tune(tcp: &TcpStream, keepalive: Option<&TcpKeepalive>, peer: SocketAddr, kin
 /// A client connection to run once its transport is established.
 type Connection = Pin<Box<dyn Future<Output = ()> + Send>>;
 
-async fn handle(
+/// An accepted socket and what its listener does with it.
+struct Accepted {
     kind: ListenerKind,
     tcp: TcpStream,
     peer: SocketAddr,
     tls: Option<TlsAcceptor>,
     identity: Option<Arc<IdentityRule>>,
     ctx: Arc<ConnectionContext>,
+    /// Past the connection limit: only the "busy" answer.
     busy: bool,
-) {
+}
+
+async fn handle(accepted: Accepted) {
     // The handshakes run boxed and are over before the connection runs, so the task of a
     // connection holds neither their state nor room for another transport's.
-    if let Some(connection) = Box::pin(transport(kind, tcp, peer, tls, identity, ctx, busy)).await {
+    if let Some(connection) = Box::pin(transport(accepted)).await {
         connection.await;
     }
 }
 
 /// Completes the transport's handshakes (TLS, WebSocket) within the connect timeout; `None`
 /// when one failed (logged and counted).
-async fn transport(
-    kind: ListenerKind,
-    tcp: TcpStream,
-    peer: SocketAddr,
-    tls: Option<TlsAcceptor>,
-    identity: Option<Arc<IdentityRule>>,
-    ctx: Arc<ConnectionContext>,
-    busy: bool,
-) -> Option<Connection> {
+async fn transport(Accepted { kind, tcp, peer, tls, identity, ctx, busy }: Accepted) -> Option<Connection> {
     let deadline = ctx.connect_timeout;
     let max_message = ctx.limits.max_packet_size;
     let failed = |reason: &str| {
@@ -218,7 +214,7 @@ mod tests {
     /// short-lived allocations. Before they were split out, 3.5 KiB and 6.4 KiB (issue 23).
     #[test]
     fn an_idle_connection_keeps_only_small_futures() {
-        fn output_size<A, B, C, D, E, G, H, R>(_: fn(A, B, C, D, E, G, H) -> R) -> usize {
+        fn output_size<A, R>(_: fn(A) -> R) -> usize {
             std::mem::size_of::<R>()
         }
         fn serve_size<A, B, C, D, E, R>(_: fn(A, B, C, D, E) -> R) -> usize {
