@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
+use crate::auth::authenticator::Authenticator;
 use crate::auth::store::{read_state, AuthStore};
 use crate::broker::clients::ConnectedClients;
 use crate::broker::Broker;
@@ -57,9 +58,13 @@ impl Server {
         let ctx = Arc::new(ConnectionContext {
             broker: broker.clone(),
             limits: config.session_limits(),
-            auth: config.auth_policy(),
+            authenticator: Authenticator::new(
+                config.auth_policy(),
+                auth.clone(),
+                config.password_gate(),
+                Duration::from_secs(config.limits.connect_timeout_secs),
+            ),
             auth_store: auth.clone(),
-            password_gate: config.password_gate(),
             clients: clients.clone(),
             connect_timeout: Duration::from_secs(config.limits.connect_timeout_secs),
             write_timeout: Duration::from_secs(config.limits.write_timeout_secs),

@@ -3,6 +3,7 @@
 //! or network.
 
 pub mod acl;
+pub mod authenticator;
 pub mod chain;
 pub mod http;
 pub mod identity;
@@ -11,6 +12,7 @@ pub mod jwt;
 pub mod password;
 pub mod password_gate;
 pub mod policy;
+pub mod sasl;
 pub mod scram;
 pub mod serial;
 pub mod state;

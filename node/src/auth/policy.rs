@@ -240,6 +240,13 @@ pub struct ClaimedIdentity<'a> {
     pub username: &'a mut Option<String>,
 }
 
+impl ClaimedIdentity<'_> {
+    /// The same claim, borrowed again (for a call that may rewrite it).
+    pub fn reborrow(&mut self) -> ClaimedIdentity<'_> {
+        ClaimedIdentity { client_id: &mut *self.client_id, assigned_client_id: self.assigned_client_id, username: &mut *self.username }
+    }
+}
+
 /// Applies the policy to what a validated CONNECT claims.
 pub fn authenticate(peer: &PeerAuth, mut request: ClaimedIdentity<'_>, policy: &AuthPolicy) -> Result<Principal, Refusal> {
     let cert = match peer {

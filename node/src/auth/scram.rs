@@ -285,7 +285,7 @@ fn stand_in(mechanism: Mechanism, username: &str) -> Verifier {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// RFC 7677 §3: user "user", password "pencil", 4096 iterations, the RFC's nonces and salt.
@@ -340,7 +340,7 @@ mod tests {
 
     /// A minimal client, to drive the server through both outcomes (the independent client is
     /// the Python test, `tests/python/scram_client.py`).
-    fn client_final(password: &str, client_first_bare: &str, server_first: &str, m: Mechanism) -> String {
+    pub(crate) fn client_final(password: &str, client_first_bare: &str, server_first: &str, m: Mechanism) -> String {
         let fields: Vec<&str> = server_first.split(',').collect();
         let nonce = fields[0].strip_prefix("r=").unwrap();
         let salt = B64.decode(fields[1].strip_prefix("s=").unwrap()).unwrap();

@@ -662,17 +662,18 @@ impl Broker {
         }
     }
 
-    /// Adds or replaces a subscription of a session. Returns whether it is new and the retained
-    /// messages it matches (as deliveries at the granted QoS) when `with_retained` says so.
+    /// Puts a subscription a live session decided on (`is_new`: added, else replaced) into the
+    /// index, and announces a new filter to the other nodes. Returns the retained messages it
+    /// gets when `with_retained`. The session keeps its own record of its subscriptions.
     pub fn subscribe(
         &self,
-        session: &mut SessionState,
+        session: &SessionState,
         filter: &str,
         options: SubscriptionOptions,
-        with_retained: impl FnOnce(bool) -> bool,
+        (is_new, with_retained): (bool, bool),
     ) -> Vec<Delivery> {
-        let is_new = self.add_subscription(session, filter, options.clone());
-        if !with_retained(is_new) {
+        self.index_subscription(session, filter, options.clone(), is_new);
+        if !with_retained {
             return Vec::new();
         }
         let parsed = topic::parse_filter(filter, topic::TopicLimits::UNLIMITED);
@@ -688,26 +689,26 @@ impl Broker {
             .collect()
     }
 
-    fn add_subscription(&self, session: &mut SessionState, filter: &str, options: SubscriptionOptions) -> bool {
+    /// Adds a subscription to an offline session (restored or moved here) and to the index.
+    fn add_subscription(&self, session: &mut SessionState, filter: &str, options: SubscriptionOptions) {
+        let is_new = session.subscriptions.insert(filter.to_string(), options.clone()).is_none();
+        self.index_subscription(session, filter, options, is_new);
+    }
+
+    fn index_subscription(&self, session: &SessionState, filter: &str, options: SubscriptionOptions, is_new: bool) {
         let Ok(parsed) = topic::parse_filter(filter, topic::TopicLimits::UNLIMITED) else {
-            return false;
+            return;
         };
-        let subscriber = Subscriber { session: session.id, mailbox: session.mailbox.clone(), options: options.clone() };
+        let subscriber = Subscriber { session: session.id, mailbox: session.mailbox.clone(), options };
         self.inner.index.subscribe(parsed.filter, parsed.share_group, subscriber);
-        let is_new = session.subscriptions.insert(filter.to_string(), options).is_none();
         if is_new {
             self.inner.routes.change(filter, true);
         }
-        is_new
     }
 
-    /// Removes a subscription of a session. Returns whether it existed.
-    pub fn unsubscribe(&self, session: &mut SessionState, filter: &str) -> bool {
-        if session.subscriptions.remove(filter).is_none() {
-            return false;
-        }
+    /// Takes a subscription a live session removed out of the index.
+    pub fn unsubscribe(&self, session: &SessionState, filter: &str) {
         self.remove_subscription(session.id, filter);
-        true
     }
 
     fn drop_subscriptions(&self, session: &SessionState) {

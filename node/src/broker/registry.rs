@@ -114,6 +114,19 @@ pub enum AttachError {
     PeersUnreachable(Vec<u64>),
 }
 
+impl AttachError {
+    /// The CONNACK code of a CONNECT refused with this error.
+    pub fn connect_code(&self) -> mqttbytes::v5::ConnectReturnCode {
+        use mqttbytes::v5::ConnectReturnCode;
+        match self {
+            AttachError::NotOwner { .. } => ConnectReturnCode::NotAuthorized,
+            AttachError::TooManySessions { .. } => ConnectReturnCode::QuotaExceeded,
+            AttachError::TakeoverTimeout(_) | AttachError::Superseded => ConnectReturnCode::ServerBusy,
+            AttachError::PeersUnreachable(_) => ConnectReturnCode::ServerUnavailable,
+        }
+    }
+}
+
 /// A session given back while its client id had a session here again.
 #[derive(Debug)]
 pub struct Occupied {
@@ -235,6 +248,7 @@ impl Registry {
                 if starts {
                     let (held, limit) = (slots.per_owner.get(owner).copied().unwrap_or(0), self.ownership.limit(owner));
                     if held >= limit {
+                        crate::telemetry::metrics::client_limit_refusal(crate::telemetry::metrics::ClientLimit::SessionsPerIdentity);
                         return Err(AttachError::TooManySessions { owner: owner.clone(), limit });
                     }
                     if live {

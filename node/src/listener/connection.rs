@@ -1,9 +1,10 @@
-//! The IO pump of one client connection: reads the CONNECT, authenticates, attaches to the
-//! session through the broker, then runs the [`Session`] state machine against the socket, the
-//! session's mailbox, its timer and the broker's signals (takeover, shutdown, authorization
-//! changes, kicks) until the connection ends; then detaches and closes gracefully. Protocol
-//! decisions are the session's, session lifecycle decisions the broker's; this file moves bytes
-//! and runs actions.
+//! The IO pump of one client connection: runs the CONNECT [`Handshake`] against the socket,
+//! has the [`Authenticator`] decide who the client is, attaches to the session through the
+//! broker, then runs the [`Session`] state machine against the socket, the session's mailbox, its
+//! timer and the broker's signals (takeover, shutdown, authorization changes, kicks) until the
+//! connection ends; then detaches and closes gracefully. Protocol decisions are the handshake's
+//! and the session's, authentication decisions the authenticator's, session lifecycle decisions
+//! the broker's; this file moves bytes and runs actions.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,34 +15,28 @@ use mqttbytes::v5::{self, DisconnectReasonCode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
-use crate::auth::chain::{self, Presented};
-use crate::auth::index::{AuthIndex, PasswordCheck};
-use crate::auth::policy::Verified;
-use crate::auth::policy::{self, AuthPolicy, PeerAuth};
-use crate::auth::scram;
+use crate::auth::authenticator::{Authenticated, Authenticator, Origin, Proof};
+use crate::auth::policy::{self, PeerAuth};
 use crate::auth::state::ClientType;
-use crate::auth::state::ProviderKind;
 use crate::auth::store::AuthStore;
 use crate::broker::clients::{ClientInfo, ConnectedClients};
 use crate::broker::message::{Delivery, WillCheck};
-use crate::broker::{AttachError, AttachRequest, Broker};
-use crate::mqtt::codec::{self, Auth, AuthReason, Packet};
+use crate::broker::{AttachRequest, Broker};
 use crate::mqtt::connect::{self, Handshake, Handshaked, SessionLimits};
-use crate::mqtt::session::{Action, RetainHandling, Session};
+use crate::mqtt::session::{Action, Session};
 use crate::telemetry::metrics;
 
 /// Everything a connection needs from the node.
 pub struct ConnectionContext {
     pub broker: Broker,
     pub limits: SessionLimits,
-    pub auth: AuthPolicy,
-    /// Credentials, permissions and revocations in force.
+    /// Decides who a client is and what it may do.
+    pub authenticator: Authenticator,
+    /// Credentials, permissions and revocations in force (re-checked when they change).
     pub auth_store: Arc<AuthStore>,
     /// Who is connected here, for the admin API.
     pub clients: Arc<ConnectedClients>,
-    /// Bounds password checks (concurrency, and rate per source address).
-    pub password_gate: crate::auth::password_gate::PasswordGate,
-    /// Time allowed from accept to a complete CONNECT.
+    /// Time allowed from accept to a complete CONNECT (with its AUTH exchange).
     pub connect_timeout: Duration,
     /// Time a write may make no progress before the client is dropped.
     pub write_timeout: Duration,
@@ -119,11 +114,11 @@ async fn pump<S>(
     };
     let broker = &ctx.broker;
     let mut shutdown = ctx.shutdown.clone();
-    let (mut auths, mut reauth, mut read_room) = (Vec::new(), None, INITIAL_READ_BUFFER);
+    let mut read_room = INITIAL_READ_BUFFER;
 
     loop {
         // Boxed: publishing's state is large, and an idle connection keeps none of it.
-        if session.has_actions() && !Box::pin(run_actions(&mut session, broker, &owner, &mut auths)).await {
+        if session.has_actions() && !Box::pin(run_actions(&mut session, broker, &owner)).await {
             // Its acknowledgement would promise what no node holds: the client re-sends it.
             session.output().clear();
             crate::telemetry::metrics::puback_cluster_lost();
@@ -131,9 +126,6 @@ async fn pump<S>(
                 DisconnectReasonCode::UnspecifiedError,
                 "a published message was dropped on its way to another node (puback = cluster); not acknowledged",
             );
-        }
-        for auth in auths.drain(..) {
-            reauthenticate(&mut session, auth, &mut reauth, &principal, &ctx);
         }
         if session.close_reason().is_some() {
             break;
@@ -231,8 +223,9 @@ where
     W: AsyncWrite + Unpin,
 {
     let broker = &ctx.broker;
-    let handshake = Handshake::new(ctx.limits.clone(), ctx.connect_timeout, Instant::now());
-    let request = match read_connect(&handshake, reader, input, broker).await {
+    let mut handshake = Handshake::new(ctx.limits.clone(), ctx.connect_timeout, Instant::now());
+    let start_exchange = |method: &str| ctx.authenticator.start_exchange(method, peer);
+    let mut request = match read_connect(&mut handshake, (reader, writer, input), broker, start_exchange).await {
         Ok(request) => request,
         Err((reply, reason)) => {
             refuse(writer, &reply, (peer, None), &reason).await;
@@ -240,15 +233,20 @@ where
         }
     };
     let (version, asked_for) = (request.version, request.client_id.clone());
-    let (request, principal, grant) =
-        match authorize(request, (peer, listener), peer_auth, ctx, (&mut *reader, &mut *writer, &mut *input)).await {
-            Ok(accepted) => accepted,
-            Err(refusal) => {
-                let reply = connect::refusal_reply(version, refusal.code);
-                refuse(writer, &reply, (peer, Some(&asked_for)), &refusal.reason).await;
-                return None;
-            }
-        };
+    let origin = Origin { peer, listener, peer_auth };
+    let (password, verified_user) = (request.password.take(), request.verified_user.clone());
+    let proof = match &verified_user {
+        Some(user) => Proof::Exchanged(user),
+        None => Proof::Password(password.as_deref()),
+    };
+    let Authenticated { principal, grant } = match ctx.authenticator.authenticate(request.claimed_identity(), proof, origin).await {
+        Ok(authenticated) => authenticated,
+        Err(refusal) => {
+            let reply = connect::refusal_reply(version, refusal.code);
+            refuse(writer, &reply, (peer, Some(&asked_for)), &refusal.reason).await;
+            return None;
+        }
+    };
     let owner = principal.owner();
     let durable = grant.client_type == ClientType::Application;
     let attach = AttachRequest {
@@ -261,17 +259,8 @@ where
     let attached = match broker.attach(attach, Instant::now()).await {
         Ok(attached) => attached,
         Err(e) => {
-            let code = match e {
-                AttachError::NotOwner { .. } => v5::ConnectReturnCode::NotAuthorized,
-                AttachError::TooManySessions { .. } => {
-                    metrics::client_limit_refusal(metrics::ClientLimit::SessionsPerIdentity);
-                    v5::ConnectReturnCode::QuotaExceeded
-                }
-                AttachError::TakeoverTimeout(_) | AttachError::Superseded => v5::ConnectReturnCode::ServerBusy,
-                AttachError::PeersUnreachable(_) => v5::ConnectReturnCode::ServerUnavailable,
-            };
             let reason = format!("client id {:?}: {e}", request.client_id);
-            refuse(writer, &connect::refusal_reply(version, code), (peer, Some(&request.client_id)), &reason).await;
+            refuse(writer, &connect::refusal_reply(version, e.connect_code()), (peer, Some(&request.client_id)), &reason).await;
             return None;
         }
     };
@@ -294,7 +283,8 @@ where
         connected_at: crate::clock::unix_now(),
         peer: peer.to_string(),
     });
-    let session = Session::start(request, attached.session, present, ctx.limits.clone(), grant.acl, Instant::now());
+    let methods = ctx.authenticator.reauthentication();
+    let session = Session::start(request, attached.session, present, ctx.limits.clone(), grant.acl, methods, Instant::now());
     Some(Live { session, principal, owner, client_id, mailbox, attachment, registration, expires_at: grant.expires_at })
 }
 
@@ -334,187 +324,6 @@ where
     let _ = tokio::time::timeout(CLOSE_DRAIN, drain).await;
 }
 
-/// Authenticates (the provider chain: certificate, password, token, HTTP, in the configured
-/// order; SCRAM when CONNECT names it) and authorizes a validated CONNECT. Unless a certificate
-/// decides first, a CONNECT with a user name or password is checked on a blocking thread behind
-/// the password gate (argon2id is slow by design, signatures cost too), and so is any CONNECT
-/// while the `http` provider is enabled (its call blocks).
-async fn authorize<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
-    mut request: connect::ConnectRequest,
-    (peer, listener): (SocketAddr, &'static str),
-    peer_auth: &PeerAuth,
-    ctx: &ConnectionContext,
-    io: (&mut R, &mut W, &mut BytesMut),
-) -> Result<(connect::ConnectRequest, policy::Principal, crate::auth::index::Grant), crate::auth::Refusal> {
-    if request.auth_method.is_some() {
-        let principal = enhanced_auth(&mut request, peer, ctx, io).await?;
-        let grant = ctx.auth_store.authorize(&principal, &request.client_id)?;
-        return Ok((request, principal, grant));
-    }
-    let index = ctx.auth_store.current();
-    if let Some(principal) = chain::certificate_first(&index, peer_auth, request.claimed_identity(), &ctx.auth) {
-        let grant = ctx.auth_store.authorize(&principal, &request.client_id)?;
-        return Ok((request, principal, grant));
-    }
-    let now = crate::clock::unix_now();
-    let (store, runtime) = (ctx.auth_store.clone(), tokio::runtime::Handle::current());
-    let run = move |index: &AuthIndex, request: &mut connect::ConnectRequest, peer_auth: &PeerAuth, policy: &AuthPolicy| {
-        let password = request.password.clone();
-        let presented = Presented {
-            password: password.as_deref(),
-            now,
-            password_check: PasswordCheck::Verify,
-            listener,
-            peer: Some(peer.ip()),
-            http: store.http().map(|delegate| (delegate, &runtime)),
-        };
-        chain::authenticate(index, peer_auth, request.claimed_identity(), policy, presented)
-    };
-    let costly = chain::is_costly(request.username.as_deref(), request.password.as_deref());
-    // The HTTP provider blocks on the network: the chain then runs on a blocking thread too.
-    let principal = if index.state().is_some() && (costly || chain::calls_out(&index)) {
-        let refusal = |code, reason: String| crate::auth::Refusal { code, reason };
-        let permit = if costly {
-            ctx.password_gate
-                .admit(peer.ip(), Instant::now())
-                .map_err(|e| refusal(v5::ConnectReturnCode::ConnectionRateExceeded, e.to_string()))?;
-            let permit = tokio::time::timeout(ctx.connect_timeout, ctx.password_gate.permit())
-                .await
-                .map_err(|_| refusal(v5::ConnectReturnCode::ServerBusy, "no free password check slot".into()))?;
-            Some(permit)
-        } else {
-            None
-        };
-        let (peer_auth, policy) = (peer_auth.clone(), ctx.auth);
-        // The permit moves into the check, so the slot stays taken until argon2 is done even
-        // if this connection goes away first.
-        let check = move || {
-            let _permit = permit;
-            let principal = run(&index, &mut request, &peer_auth, &policy);
-            (request, principal)
-        };
-        let (checked, principal) = tokio::task::spawn_blocking(check)
-            .await
-            .map_err(|e| refusal(v5::ConnectReturnCode::ServerUnavailable, format!("credential check failed: {e}")))?;
-        request = checked;
-        principal?
-    } else {
-        run(&index, &mut request, peer_auth, &ctx.auth)?
-    };
-    let grant = ctx.auth_store.authorize(&principal, &request.client_id)?;
-    Ok((request, principal, grant))
-}
-
-/// MQTT 5 enhanced authentication at CONNECT, by the `scram` provider alone (a CONNECT naming a
-/// method is never passed to the other providers): AUTH with the server-first-message, the
-/// client's AUTH with its final message, and the server-final-message goes into the CONNACK.
-/// The exchange costs the server only hashes, so it runs here, paced by the password gate's
-/// per-source rate.
-async fn enhanced_auth<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
-    request: &mut connect::ConnectRequest,
-    peer: SocketAddr,
-    ctx: &ConnectionContext,
-    (reader, writer, input): (&mut R, &mut W, &mut BytesMut),
-) -> Result<policy::Principal, crate::auth::Refusal> {
-    let refusal = |code, reason: String| crate::auth::Refusal { code, reason };
-    let method = request.auth_method.clone().unwrap_or_default();
-    let index = ctx.auth_store.current();
-    let mechanism =
-        scram::Mechanism::from_method(&method).filter(|_| index.provider_order().contains(&ProviderKind::Scram)).ok_or_else(|| {
-            refusal(v5::ConnectReturnCode::BadAuthenticationMethod, format!("authentication method {method:?} is not enabled"))
-        })?;
-    ctx.password_gate
-        .admit(peer.ip(), Instant::now())
-        .map_err(|e| refusal(v5::ConnectReturnCode::ConnectionRateExceeded, e.to_string()))?;
-    let client_first = request.auth_data.take().unwrap_or_default();
-    let (server_first, pending) = scram::start(mechanism, &client_first, |u| index.scram_verifier(u, mechanism))?;
-    let mut out = BytesMut::new();
-    codec::encode(request.version, &Packet::Auth(auth_packet(AuthReason::ContinueAuthentication, &method, server_first)), &mut out, None)
-        .map_err(|e| refusal(v5::ConnectReturnCode::UnspecifiedError, format!("AUTH: {e}")))?;
-    let lost = |e: String| refusal(v5::ConnectReturnCode::UnspecifiedError, e);
-    write_flush(writer, &out).await.map_err(|e| lost(format!("write failed during AUTH: {e}")))?;
-    let read = async {
-        loop {
-            match codec::decode(request.version, input, ctx.limits.max_packet_size) {
-                Ok(Some(packet)) => return Ok(packet),
-                Ok(None) => {}
-                Err(e) => return Err(refusal(v5::ConnectReturnCode::MalformedPacket, format!("during AUTH: {e}"))),
-            }
-            match reader.read_buf(input).await {
-                Ok(0) => return Err(lost("closed during AUTH".into())),
-                Ok(_) => {}
-                Err(e) => return Err(lost(format!("read failed during AUTH: {e}"))),
-            }
-        }
-    };
-    let reply = tokio::time::timeout(ctx.connect_timeout, read)
-        .await
-        .map_err(|_| lost(format!("no AUTH reply within {:?}", ctx.connect_timeout)))??;
-    let client_final = match reply {
-        Packet::Auth(a) if a.reason == AuthReason::ContinueAuthentication && a.method.as_deref() == Some(method.as_str()) => {
-            a.data.unwrap_or_default()
-        }
-        _ => {
-            return Err(refusal(
-                v5::ConnectReturnCode::ProtocolError,
-                "expected AUTH (continue authentication) with the CONNECT's method".into(),
-            ))
-        }
-    };
-    let (username, server_final) = pending.finish(&client_final)?;
-    request.auth_data = Some(server_final.into());
-    request.username = Some(username.clone());
-    let principal = policy::Principal {
-        identity: None,
-        username: Some(username.clone()),
-        certificate: None,
-        verified: Some(Verified::Scram(username)),
-    };
-    chain::bind_client_id(principal, &ctx.auth, &mut request.claimed_identity())
-}
-
-fn auth_packet(reason: AuthReason, method: &str, data: Vec<u8>) -> Auth {
-    Auth { reason, method: Some(method.to_string()), data: Some(data.into()), reason_string: None, user_properties: Vec::new() }
-}
-
-/// One step of MQTT 5 re-authentication during a session (SCRAM again, same user): AUTH 0x19
-/// starts it, AUTH 0x18 finishes it, AUTH 0x00 with the server-final-message confirms it. A
-/// failure ends the session (DISCONNECT 0x87).
-fn reauthenticate(
-    session: &mut Session,
-    auth: Auth,
-    pending: &mut Option<Box<scram::Pending>>,
-    principal: &policy::Principal,
-    ctx: &ConnectionContext,
-) {
-    let method = auth.method.clone().unwrap_or_default();
-    let data = auth.data.clone().unwrap_or_default();
-    let outcome = match (auth.reason, pending.take(), scram::Mechanism::from_method(&method)) {
-        (AuthReason::ReAuthenticate, None, Some(mechanism)) => {
-            let index = ctx.auth_store.current();
-            scram::start(mechanism, &data, |u| index.scram_verifier(u, mechanism)).map(|(server_first, started)| {
-                *pending = Some(Box::new(started));
-                auth_packet(AuthReason::ContinueAuthentication, &method, server_first)
-            })
-        }
-        (AuthReason::ContinueAuthentication, Some(started), _) => match started.finish(&data) {
-            Ok((username, server_final)) if principal.verified == Some(Verified::Scram(username.clone())) => {
-                Ok(auth_packet(AuthReason::Success, &method, server_final))
-            }
-            Ok((username, _)) => Err(crate::auth::Refusal {
-                code: v5::ConnectReturnCode::NotAuthorized,
-                reason: format!("re-authenticated as {username:?}, not as the session's user"),
-            }),
-            Err(refusal) => Err(refusal),
-        },
-        _ => return session.kick(DisconnectReasonCode::ProtocolError, "AUTH out of sequence"),
-    };
-    match outcome {
-        Ok(reply) => session.send_auth(reply),
-        Err(refusal) => session.kick(DisconnectReasonCode::NotAuthorized, format!("re-authentication failed: {}", refusal.reason)),
-    }
-}
-
 /// Answers a connection past the connection limit: CONNACK "server busy" (MQTT 5) / "server
 /// unavailable" (3.1.1) once its CONNECT arrives, then close.
 pub async fn refuse_busy<S>(stream: S, peer: SocketAddr, ctx: &ConnectionContext)
@@ -523,29 +332,32 @@ where
 {
     let (mut reader, mut writer) = tokio::io::split(stream);
     let mut input = BytesMut::new();
-    let handshake = Handshake::new(ctx.limits.clone(), ctx.connect_timeout, Instant::now());
-    let (reply, client_id) = match read_connect(&handshake, &mut reader, &mut input, &ctx.broker).await {
-        Ok(request) => (connect::refusal_reply(request.version, v5::ConnectReturnCode::ServerBusy), Some(request.client_id)),
+    let mut handshake = Handshake::new(ctx.limits.clone(), ctx.connect_timeout, Instant::now());
+    let busy = || crate::auth::Refusal { code: v5::ConnectReturnCode::ServerBusy, reason: "connection limit reached".into() };
+    let connect = read_connect(&mut handshake, (&mut reader, &mut writer, &mut input), &ctx.broker, |_: &str| Err(busy())).await;
+    let (reply, client_id) = match connect {
+        Ok(request) => (connect::refusal_reply(request.version, busy().code), Some(request.client_id)),
         Err((reply, _)) => (reply, None),
     };
     refuse(&mut writer, &reply, (peer, client_id.as_deref()), "connection limit reached").await;
 }
 
-/// Reads until the handshake has a validated CONNECT, or the reply and reason to refuse with.
-async fn read_connect<R: AsyncRead + Unpin>(
-    handshake: &Handshake,
-    reader: &mut R,
-    input: &mut BytesMut,
+/// Runs the handshake against the socket until it has a validated (and, with an AUTH exchange,
+/// verified) CONNECT, or the reply and reason to refuse with.
+async fn read_connect<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    handshake: &mut Handshake,
+    (reader, writer, input): (&mut R, &mut W, &mut BytesMut),
     broker: &Broker,
+    start_exchange: impl Fn(&str) -> Result<Box<dyn crate::auth::sasl::Exchange>, crate::auth::Refusal>,
 ) -> Result<connect::ConnectRequest, (BytesMut, String)> {
     let deadline = tokio::time::Instant::from_std(handshake.deadline());
     loop {
-        let step = match handshake.handle_input(input, || broker.generate_client_id()) {
+        let step = match handshake.handle_input(input, || broker.generate_client_id(), &start_exchange) {
             Handshaked::Pending => tokio::select! {
                 read = reader.read_buf(input) => match read {
-                    Ok(0) => Handshaked::Refused { reply: BytesMut::new(), reason: "closed before CONNECT".into() },
+                    Ok(0) => Handshaked::Refused { reply: BytesMut::new(), reason: "closed during CONNECT".into() },
                     Ok(_) => Handshaked::Pending,
-                    Err(e) => Handshaked::Refused { reply: BytesMut::new(), reason: format!("read failed before CONNECT: {e}") },
+                    Err(e) => Handshaked::Refused { reply: BytesMut::new(), reason: format!("read failed during CONNECT: {e}") },
                 },
                 _ = tokio::time::sleep_until(deadline) => handshake.tick(Instant::now()).unwrap_or(Handshaked::Pending),
             },
@@ -553,6 +365,11 @@ async fn read_connect<R: AsyncRead + Unpin>(
         };
         match step {
             Handshaked::Pending => {}
+            Handshaked::Send(out) => match tokio::time::timeout_at(deadline, write_flush(writer, &out)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err((BytesMut::new(), format!("write failed during authentication: {e}"))),
+                Err(_) => return Err((BytesMut::new(), "authentication not complete by the CONNECT deadline".into())),
+            },
             Handshaked::Connect(request) => return Ok(*request),
             Handshaked::Refused { reply, reason } => return Err((reply, reason)),
         }
@@ -563,7 +380,7 @@ async fn read_connect<R: AsyncRead + Unpin>(
 /// caused is durable, so acknowledgements written afterwards never promise more than the disk
 /// holds, and whether every published message is held where the PUBACK policy asks (false: one
 /// was dropped on its way to another node).
-async fn run_actions(session: &mut Session, broker: &Broker, publisher: &policy::Owner, auths: &mut Vec<Auth>) -> bool {
+async fn run_actions(session: &mut Session, broker: &Broker, publisher: &policy::Owner) -> bool {
     let mut durable_ticket = None;
     let mut remote_acks = Vec::new();
     let mut subscribed = false;
@@ -577,21 +394,13 @@ async fn run_actions(session: &mut Session, broker: &Broker, publisher: &policy:
                 durable_ticket = durable_ticket.max(published.durable_ticket);
                 remote_acks.extend(published.remote_acks);
             }
-            Action::Subscribe { filter, options, retain_handling } => {
-                let wants_retained = |is_new: bool| match retain_handling {
-                    RetainHandling::Always => true,
-                    RetainHandling::IfNew => is_new,
-                    RetainHandling::Never => false,
-                };
-                let retained = broker.subscribe(session.state_mut(), &filter, options, wants_retained);
+            Action::Subscribe { filter, options, is_new, with_retained } => {
+                let retained = broker.subscribe(session.state(), &filter, options, (is_new, with_retained));
                 session.queue_retained(retained);
                 subscribed = true;
             }
-            Action::Unsubscribe { filter } => {
-                broker.unsubscribe(session.state_mut(), &filter);
-            }
-            Action::Authenticate(auth) => auths.push(auth),
-            Action::Redispatch { delivery, reason } => broker.redispatch(delivery, session.state_mut().id, reason),
+            Action::Unsubscribe { filter } => broker.unsubscribe(session.state(), &filter),
+            Action::Redispatch { delivery, reason } => broker.redispatch(delivery, session.state().id, reason),
         }
     }
     if let Some(ticket) = durable_ticket {

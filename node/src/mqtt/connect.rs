@@ -1,5 +1,6 @@
 //! The CONNECT phase of a connection, free of IO: [`Handshake`] takes bytes until a CONNECT is
-//! complete and turns it into the parameters of a new session ([`ConnectRequest`]), or into the
+//! complete — and, for MQTT 5 enhanced authentication, until its AUTH exchange has verified the
+//! client — and turns it into the parameters of a new session ([`ConnectRequest`]), or into the
 //! CONNACK refusal the client gets; time comes in as an argument. No broker state.
 
 use std::time::{Duration, Instant};
@@ -7,8 +8,10 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use mqttbytes::v5::{self, ConnectReturnCode};
 
+use super::auth_exchange::{AuthExchange, Exchanged};
 use super::codec::{self, DecodeError, Packet, ProtocolVersion};
 use crate::auth::policy::{ClaimedIdentity, UnauthorizedPublish};
+use crate::auth::sasl;
 use crate::auth::Refusal;
 use crate::broker::message::Will;
 use crate::topic::{self, TopicLimits};
@@ -18,39 +21,77 @@ use crate::topic::{self, TopicLimits};
 pub enum Handshaked {
     /// More bytes are needed.
     Pending,
-    /// A CONNECT arrived and passed validation; authentication comes next.
+    /// Write these bytes (an AUTH of the exchange), then go on with the input.
+    Send(BytesMut),
+    /// A CONNECT arrived, passed validation and finished its AUTH exchange if it started one;
+    /// authentication comes next.
     Connect(Box<ConnectRequest>),
     /// The connection ends: `reply` (a refusing CONNACK, or nothing) is written first.
     Refused { reply: BytesMut, reason: String },
 }
 
-/// The CONNECT phase: the first packet must be a valid CONNECT, before a deadline.
+/// The CONNECT phase: the first packet must be a valid CONNECT, and any AUTH exchange it starts
+/// must be over, before a deadline.
 #[derive(Debug)]
 pub struct Handshake {
     limits: SessionLimits,
     timeout: Duration,
     deadline: Instant,
+    /// The CONNECT whose AUTH exchange is in progress.
+    exchange: Option<(Box<ConnectRequest>, AuthExchange)>,
 }
 
 impl Handshake {
     /// A connection accepted at `now` that must complete its CONNECT within `timeout`.
     pub fn new(limits: SessionLimits, timeout: Duration, now: Instant) -> Handshake {
-        Handshake { limits, timeout, deadline: now + timeout }
+        Handshake { limits, timeout, deadline: now + timeout, exchange: None }
     }
 
-    /// When the connection is dropped if no CONNECT has arrived.
+    /// When the connection is dropped if the CONNECT phase is not over.
     pub fn deadline(&self) -> Instant {
         self.deadline
     }
 
-    /// Decodes and validates a CONNECT from `input`. `generate_id` supplies a client id for a
-    /// client that sent none.
-    pub fn handle_input(&self, input: &mut BytesMut, generate_id: impl FnOnce() -> String) -> Handshaked {
+    /// Decodes and validates a CONNECT from `input`, then the client's side of its AUTH
+    /// exchange. `generate_id` supplies a client id for a client that sent none; `start_exchange`
+    /// the server side of the Authentication Method a CONNECT names.
+    pub fn handle_input(
+        &mut self,
+        input: &mut BytesMut,
+        generate_id: impl FnOnce() -> String,
+        start_exchange: impl FnOnce(&str) -> Result<Box<dyn sasl::Exchange>, Refusal>,
+    ) -> Handshaked {
+        if let Some((request, _)) = &self.exchange {
+            return match codec::decode(request.version, input, self.limits.max_packet_size) {
+                Ok(None) => Handshaked::Pending,
+                Ok(Some(Packet::Auth(auth))) => {
+                    let (request, mut exchange) = self.exchange.take().expect("an exchange in progress");
+                    let exchanged = exchange.on_auth(auth);
+                    self.exchanged(request, exchange, exchanged)
+                }
+                Ok(Some(other)) => {
+                    let reason = format!("expected AUTH during authentication, got {}", super::session::packet_name(&other));
+                    refused(request.version, Refusal { code: ConnectReturnCode::ProtocolError, reason })
+                }
+                Err(e) => {
+                    refused(request.version, Refusal { code: ConnectReturnCode::MalformedPacket, reason: format!("during AUTH: {e}") })
+                }
+            };
+        }
         match codec::decode_connect(input, self.limits.max_packet_size) {
             Ok(None) => Handshaked::Pending,
             Ok(Some((version, connect))) => match validate(version, connect, &self.limits, generate_id) {
-                Ok(request) => Handshaked::Connect(Box::new(request)),
-                Err(refusal) => Handshaked::Refused { reply: refusal_reply(version, refusal.code), reason: refusal.reason },
+                Ok(mut request) => match request.auth_method.clone() {
+                    None => Handshaked::Connect(Box::new(request)),
+                    Some(method) => {
+                        let first = request.auth_data.take().unwrap_or_default();
+                        match start_exchange(&method).and_then(|server| AuthExchange::start(&method, server, &first)) {
+                            Ok((exchange, exchanged)) => self.exchanged(Box::new(request), exchange, Ok(exchanged)),
+                            Err(refusal) => refused(version, refusal),
+                        }
+                    }
+                },
+                Err(refusal) => refused(version, refusal),
             },
             Err(DecodeError::UnsupportedVersion(level)) => Handshaked::Refused {
                 reply: refusal_reply(ProtocolVersion::V311, ConnectReturnCode::UnsupportedProtocolVersion),
@@ -60,11 +101,39 @@ impl Handshake {
         }
     }
 
-    /// The end of a connection whose CONNECT did not arrive by the deadline (`None` before it).
-    pub fn tick(&self, now: Instant) -> Option<Handshaked> {
-        (now >= self.deadline)
-            .then(|| Handshaked::Refused { reply: BytesMut::new(), reason: format!("no CONNECT within {:?}", self.timeout) })
+    /// Goes on after a step of the exchange: another AUTH to send, or the verified CONNECT.
+    fn exchanged(&mut self, mut request: Box<ConnectRequest>, exchange: AuthExchange, step: Result<Exchanged, Refusal>) -> Handshaked {
+        match step {
+            Ok(Exchanged::Continue(auth)) => {
+                let mut out = BytesMut::new();
+                if let Err(e) = codec::encode(request.version, &Packet::Auth(auth), &mut out, None) {
+                    let refusal = Refusal { code: ConnectReturnCode::UnspecifiedError, reason: format!("AUTH: {e}") };
+                    return refused(request.version, refusal);
+                }
+                self.exchange = Some((request, exchange));
+                Handshaked::Send(out)
+            }
+            Ok(Exchanged::Verified { user, data }) => {
+                request.auth_data = Some(data.into());
+                request.username = Some(user.clone());
+                request.verified_user = Some(user);
+                Handshaked::Connect(request)
+            }
+            Err(refusal) => refused(request.version, refusal),
+        }
     }
+
+    /// The end of a connection whose CONNECT phase is not over by the deadline (`None` before it).
+    pub fn tick(&self, now: Instant) -> Option<Handshaked> {
+        let waiting_for = if self.exchange.is_some() { "authentication" } else { "CONNECT" };
+        (now >= self.deadline)
+            .then(|| Handshaked::Refused { reply: BytesMut::new(), reason: format!("no complete {waiting_for} within {:?}", self.timeout) })
+    }
+}
+
+/// The refusing CONNACK of `refusal`, and why.
+fn refused(version: ProtocolVersion, refusal: Refusal) -> Handshaked {
+    Handshaked::Refused { reply: refusal_reply(version, refusal.code), reason: refusal.reason }
 }
 
 /// The CONNACK refusing a connection with `code` (mapped to a 3.1.1 return code for 3.1.1).
@@ -157,6 +226,8 @@ pub struct ConnectRequest {
     /// The CONNECT's Authentication Data; once enhanced authentication succeeded, the server's
     /// final data for the CONNACK.
     pub auth_data: Option<bytes::Bytes>,
+    /// The user the AUTH exchange verified (also the user name from then on).
+    pub verified_user: Option<String>,
 }
 
 impl ConnectRequest {
@@ -236,6 +307,7 @@ pub fn validate(
         problem_information: props.as_ref().and_then(|p| p.request_problem_info) != Some(0),
         auth_method: props.as_ref().and_then(|p| p.authentication_method.clone()),
         auth_data: props.as_ref().and_then(|p| p.authentication_data.clone()),
+        verified_user: None,
     })
 }
 
@@ -278,11 +350,117 @@ fn lift_will(will: v5::LastWill, limits: &SessionLimits) -> Result<Will, Refusal
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use crate::mqtt::auth_exchange::auth_packet;
+
+    /// CONNECT properties with nothing set.
+    pub(crate) fn no_properties() -> v5::ConnectProperties {
+        v5::ConnectProperties {
+            session_expiry_interval: None,
+            receive_maximum: None,
+            max_packet_size: None,
+            topic_alias_max: None,
+            request_response_info: None,
+            request_problem_info: None,
+            user_properties: Vec::new(),
+            authentication_method: None,
+            authentication_data: None,
+        }
+    }
+    use crate::mqtt::codec::AuthReason;
 
     fn handshake(now: Instant) -> Handshake {
         Handshake::new(SessionLimits::default(), Duration::from_secs(10), now)
+    }
+
+    fn no_exchange(method: &str) -> Result<Box<dyn sasl::Exchange>, Refusal> {
+        panic!("no exchange expected, {method:?} asked for")
+    }
+
+    fn knock(method: &str) -> Result<Box<dyn sasl::Exchange>, Refusal> {
+        crate::mqtt::auth_exchange::tests::knock_methods().start(method)
+    }
+
+    fn encoded(version: ProtocolVersion, packet: Packet) -> BytesMut {
+        let mut bytes = BytesMut::new();
+        codec::encode(version, &packet, &mut bytes, None).unwrap();
+        bytes
+    }
+
+    fn connect_with_method(method: &str, data: &str) -> BytesMut {
+        let mut connect = v5::Connect::new("c1");
+        connect.properties = Some(v5::ConnectProperties {
+            authentication_method: Some(method.into()),
+            authentication_data: Some(bytes::Bytes::copy_from_slice(data.as_bytes())),
+            ..no_properties()
+        });
+        encoded(ProtocolVersion::V5, Packet::Connect(connect))
+    }
+
+    fn auth(reason: AuthReason, method: &str, data: &str) -> BytesMut {
+        encoded(ProtocolVersion::V5, Packet::Auth(auth_packet(reason, method, data.as_bytes().to_vec())))
+    }
+
+    fn sent_auth(step: Handshaked) -> codec::Auth {
+        match step {
+            Handshaked::Send(mut out) => match codec::decode(ProtocolVersion::V5, &mut out, usize::MAX) {
+                Ok(Some(Packet::Auth(auth))) => auth,
+                other => panic!("expected AUTH, got {other:?}"),
+            },
+            other => panic!("expected AUTH to send, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_auth_exchange_ends_in_a_verified_connect() {
+        let mut h = handshake(Instant::now());
+        let challenge = sent_auth(h.handle_input(&mut connect_with_method("KNOCK", "dev:1"), || unreachable!(), knock));
+        assert_eq!((challenge.reason, challenge.data.as_deref()), (AuthReason::ContinueAuthentication, Some(&b"prove"[..])));
+        let mut answer = auth(AuthReason::ContinueAuthentication, "KNOCK", "secret");
+        let mut first_half = answer.split_to(3);
+        assert!(matches!(h.handle_input(&mut first_half, || unreachable!(), no_exchange), Handshaked::Pending));
+        first_half.unsplit(answer);
+        match h.handle_input(&mut first_half, || unreachable!(), no_exchange) {
+            Handshaked::Connect(request) => {
+                assert_eq!(request.verified_user.as_deref(), Some("dev"));
+                assert_eq!(request.username.as_deref(), Some("dev"));
+                assert_eq!(request.auth_data.as_deref(), Some(&b"welcome"[..]), "the server's final data goes into the CONNACK");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_auth_exchange_refuses_unknown_methods_wrong_answers_and_other_packets() {
+        let refusal = |step: Handshaked| match step {
+            Handshaked::Refused { mut reply, reason } => (connack_code(ProtocolVersion::V5, &mut reply), reason),
+            other => panic!("expected a refusal, got {other:?}"),
+        };
+        let mut h = handshake(Instant::now());
+        let (code, _) = refusal(h.handle_input(&mut connect_with_method("PLAIN", "x"), || unreachable!(), knock));
+        assert_eq!(code, ConnectReturnCode::BadAuthenticationMethod);
+        let started = || {
+            let mut h = handshake(Instant::now());
+            sent_auth(h.handle_input(&mut connect_with_method("KNOCK", "dev:1"), || unreachable!(), knock));
+            h
+        };
+        let wrong = refusal(started().handle_input(
+            &mut auth(AuthReason::ContinueAuthentication, "KNOCK", "guess"),
+            || unreachable!(),
+            no_exchange,
+        ));
+        assert_eq!(wrong.0, ConnectReturnCode::BadUserNamePassword);
+        let other_method =
+            started().handle_input(&mut auth(AuthReason::ContinueAuthentication, "OTHER", "secret"), || unreachable!(), no_exchange);
+        assert_eq!(refusal(other_method).0, ConnectReturnCode::ProtocolError);
+        let (code, reason) =
+            refusal(started().handle_input(&mut encoded(ProtocolVersion::V5, Packet::PingReq), || unreachable!(), no_exchange));
+        assert_eq!(code, ConnectReturnCode::ProtocolError);
+        assert!(reason.contains("expected AUTH during authentication, got PINGREQ"), "{reason}");
+        let waiting = started();
+        let late = waiting.tick(waiting.deadline());
+        assert!(matches!(late, Some(Handshaked::Refused { reason, .. }) if reason.contains("no complete authentication within 10s")));
     }
 
     fn connack_code(version: ProtocolVersion, reply: &mut BytesMut) -> ConnectReturnCode {
@@ -296,11 +474,11 @@ mod tests {
     fn a_connect_in_pieces_becomes_a_request() {
         let mut bytes = BytesMut::new();
         codec::encode(ProtocolVersion::V5, &Packet::Connect(v5::Connect::new("c1")), &mut bytes, None).unwrap();
-        let h = handshake(Instant::now());
+        let mut h = handshake(Instant::now());
         let mut input = bytes.split_to(5);
-        assert!(matches!(h.handle_input(&mut input, || unreachable!()), Handshaked::Pending));
+        assert!(matches!(h.handle_input(&mut input, || unreachable!(), no_exchange), Handshaked::Pending));
         input.extend_from_slice(&bytes);
-        match h.handle_input(&mut input, || unreachable!()) {
+        match h.handle_input(&mut input, || unreachable!(), no_exchange) {
             Handshaked::Connect(request) => assert_eq!((request.client_id.as_str(), request.version), ("c1", ProtocolVersion::V5)),
             other => panic!("{other:?}"),
         }
@@ -308,9 +486,9 @@ mod tests {
 
     #[test]
     fn refusals_carry_the_connack_to_send() {
-        let h = handshake(Instant::now());
+        let mut h = handshake(Instant::now());
         let mut unsupported = BytesMut::from(&[0x10, 0x0C, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x09, 0x02, 0x00, 0x3C, 0x00, 0x00][..]);
-        match h.handle_input(&mut unsupported, || unreachable!()) {
+        match h.handle_input(&mut unsupported, || unreachable!(), no_exchange) {
             Handshaked::Refused { mut reply, reason } => {
                 assert_eq!(connack_code(ProtocolVersion::V311, &mut reply), ConnectReturnCode::UnsupportedProtocolVersion);
                 assert!(reason.contains("protocol level 9"), "{reason}");
@@ -321,14 +499,16 @@ mod tests {
         connect.clean_session = false;
         let mut bytes = BytesMut::new();
         codec::encode(ProtocolVersion::V311, &Packet::Connect(connect), &mut bytes, None).unwrap();
-        match h.handle_input(&mut bytes, || "generated".into()) {
+        match h.handle_input(&mut bytes, || "generated".into(), no_exchange) {
             Handshaked::Refused { mut reply, .. } => {
                 assert_eq!(connack_code(ProtocolVersion::V311, &mut reply), ConnectReturnCode::ClientIdentifierNotValid)
             }
             other => panic!("{other:?}"),
         }
         let mut not_connect = BytesMut::from(&[0xC0, 0x00][..]);
-        assert!(matches!(h.handle_input(&mut not_connect, || unreachable!()), Handshaked::Refused { reply, .. } if reply.is_empty()));
+        assert!(
+            matches!(h.handle_input(&mut not_connect, || unreachable!(), no_exchange), Handshaked::Refused { reply, .. } if reply.is_empty())
+        );
     }
 
     #[test]
@@ -336,7 +516,9 @@ mod tests {
         let start = Instant::now();
         let h = handshake(start);
         assert!(h.tick(start + Duration::from_secs(9)).is_none());
-        assert!(matches!(h.tick(h.deadline()), Some(Handshaked::Refused { reason, .. }) if reason.contains("no CONNECT within 10s")));
+        assert!(
+            matches!(h.tick(h.deadline()), Some(Handshaked::Refused { reason, .. }) if reason.contains("no complete CONNECT within 10s"))
+        );
     }
 
     #[test]

@@ -8,16 +8,19 @@
 //! the subscription is live.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use mqttbytes::v5::{self, DisconnectReasonCode as Reason};
 use mqttbytes::QoS;
 
-use super::codec::{self, Auth, Packet, ProtocolVersion};
+use super::auth_exchange::{auth_packet, AuthExchange, Exchanged};
+use super::codec::{self, Auth, AuthReason, Packet, ProtocolVersion};
 use super::connect::{ConnectRequest, SessionLimits};
 use crate::auth::acl::{Acl, SessionAcl};
 use crate::auth::policy::UnauthorizedPublish;
+use crate::auth::sasl;
 use crate::broker::index::SubscriptionOptions;
 use crate::broker::message::Will;
 use crate::broker::message::{Delivery, Message};
@@ -28,29 +31,22 @@ use crate::topic;
 /// Shortest time between two log lines about a client's unauthorized PUBLISHes.
 const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
-/// When retained messages are sent for a new subscription (MQTT 5 Retain Handling).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RetainHandling {
-    Always,
-    IfNew,
-    Never,
-}
-
 /// Broker work the driver must carry out, in order, before writing [`Session::output`].
+// Publish is by far the most frequent action: boxing its message would cost an allocation per
+// message to save bytes in a queue that is drained at once.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Action {
     /// Route a message to subscribers (and the retained store). A retained message comes with
     /// its acknowledgement held until the broker has taken it (the publisher's retained quota
     /// may refuse it): hand it back with [`Session::retained_published`].
     Publish(Message, Option<HeldAck>),
-    /// Add or replace a subscription; then queue matching retained messages with
-    /// [`Session::queue_retained`] as `retain_handling` says.
-    Subscribe { filter: String, options: SubscriptionOptions, retain_handling: RetainHandling },
-    /// Remove a subscription.
+    /// Put a subscription the session added (`is_new`) or replaced into the broker's index;
+    /// when `with_retained`, queue the matching retained messages with
+    /// [`Session::queue_retained`].
+    Subscribe { filter: String, options: SubscriptionOptions, is_new: bool, with_retained: bool },
+    /// Take a subscription the session removed out of the broker's index.
     Unsubscribe { filter: String },
-    /// An AUTH packet of the connection's authentication method (re-authentication), for the
-    /// driver to answer with [`Session::send_auth`] or end the session.
-    Authenticate(Auth),
     /// Give a message this session got as a shared-group member to another member: the client
     /// refused it, or did not acknowledge it within `shared_ack_timeout`.
     Redispatch { delivery: Delivery, reason: RedispatchReason },
@@ -105,19 +101,30 @@ pub struct Session {
     out: BytesMut,
     actions: VecDeque<Action>,
     close: Option<Close>,
-    /// The enhanced authentication method of CONNECT, if any: AUTH packets must use it.
-    auth_method: Option<String>,
+    /// Re-authentication, for a client that authenticated with an AUTH exchange at CONNECT.
+    reauth: Option<Box<Reauthentication>>,
+}
+
+/// A session's re-authentication (MQTT 5 §4.12.1): AUTH 0x19 starts an exchange of the CONNECT's
+/// method, which must verify the same user again; a failure ends the session (DISCONNECT 0x87).
+struct Reauthentication {
+    method: String,
+    user: String,
+    methods: Arc<dyn sasl::Methods>,
+    exchange: Option<AuthExchange>,
 }
 
 impl Session {
     /// Starts a session for an accepted CONNECT: writes the CONNACK and re-sends, with DUP set,
-    /// every message the session still has in flight.
+    /// every message the session still has in flight. `methods` answer re-authentication when the
+    /// CONNECT authenticated with an AUTH exchange.
     pub fn start(
         request: ConnectRequest,
         mut state: SessionState,
         session_present: bool,
         limits: SessionLimits,
         acl: Acl,
+        methods: Arc<dyn sasl::Methods>,
         now: Instant,
     ) -> Session {
         state.expiry = request.session_expiry;
@@ -150,7 +157,11 @@ impl Session {
             out: BytesMut::new(),
             actions: VecDeque::new(),
             close: None,
-            auth_method: request.auth_method.clone(),
+            reauth: request
+                .auth_method
+                .clone()
+                .zip(request.verified_user.clone())
+                .map(|(method, user)| Box::new(Reauthentication { method, user, methods, exchange: None })),
             limits,
             state,
         };
@@ -197,6 +208,7 @@ impl Session {
             .collect();
         for filter in denied {
             tracing::info!(client_id = %self.client_id, %filter, "subscription removed: no longer authorized");
+            self.state.subscriptions.remove(&filter);
             self.actions.push_back(Action::Unsubscribe { filter });
         }
     }
@@ -209,9 +221,10 @@ impl Session {
         self.version
     }
 
-    /// The session state, for the broker work in [`Action`]s.
-    pub fn state_mut(&mut self) -> &mut SessionState {
-        &mut self.state
+    /// The session state (its subscriptions, messages in flight), for the broker work in
+    /// [`Action`]s; only the session changes it while it is live.
+    pub fn state(&self) -> &SessionState {
+        &self.state
     }
 
     /// Encoded bytes waiting to be written to the client.
@@ -327,14 +340,41 @@ impl Session {
             Packet::PingReq => self.send(Packet::PingResp),
             Packet::Disconnect(disconnect) => self.on_disconnect(disconnect),
             Packet::Connect(_) => self.fail(Reason::ProtocolError, "second CONNECT on one connection".into()),
-            Packet::Auth(auth) => match &self.auth_method {
-                None => self.fail(Reason::ProtocolError, "AUTH without an authentication method in CONNECT".into()),
-                Some(method) if auth.method.as_ref() != Some(method) => {
-                    self.fail(Reason::ProtocolError, "AUTH with another authentication method than CONNECT's".into())
-                }
-                Some(_) => self.actions.push_back(Action::Authenticate(auth)),
-            },
+            Packet::Auth(auth) => self.on_auth(auth),
             other => self.fail(Reason::ProtocolError, format!("a client must not send {}", packet_name(&other))),
+        }
+    }
+
+    /// One step of re-authentication: AUTH 0x19 starts it, AUTH 0x18 goes on with it, and the
+    /// session's user verified again is confirmed with AUTH 0x00.
+    fn on_auth(&mut self, auth: Auth) {
+        let Some(reauth) = self.reauth.as_mut() else {
+            return self.fail(Reason::ProtocolError, "AUTH without an authentication method in CONNECT".into());
+        };
+        if auth.method.as_deref() != Some(reauth.method.as_str()) {
+            return self.fail(Reason::ProtocolError, "AUTH with another authentication method than CONNECT's".into());
+        }
+        let step = match (auth.reason, reauth.exchange.take()) {
+            (AuthReason::ReAuthenticate, None) => {
+                let first = auth.data.unwrap_or_default();
+                (reauth.methods.start(&reauth.method)).and_then(|server| AuthExchange::start(&reauth.method, server, &first))
+            }
+            (AuthReason::ContinueAuthentication, Some(mut exchange)) => exchange.on_auth(auth).map(|step| (exchange, step)),
+            _ => return self.fail(Reason::ProtocolError, "AUTH out of sequence".into()),
+        };
+        match step {
+            Ok((exchange, Exchanged::Continue(challenge))) => {
+                reauth.exchange = Some(exchange);
+                self.send(Packet::Auth(challenge));
+            }
+            Ok((_, Exchanged::Verified { user, data })) if user == reauth.user => {
+                let confirmed = auth_packet(AuthReason::Success, &reauth.method, data);
+                self.send(Packet::Auth(confirmed));
+            }
+            Ok((_, Exchanged::Verified { user, .. })) => {
+                self.fail(Reason::NotAuthorized, format!("re-authentication failed: verified {user:?}, not the session's user"))
+            }
+            Err(refusal) => self.fail(Reason::NotAuthorized, format!("re-authentication failed: {}", refusal.reason)),
         }
     }
 
@@ -556,30 +596,25 @@ impl Session {
                 codes.push(v5::SubscribeReasonCode::NotAuthorized);
                 continue;
             }
-            if !self.state.subscriptions.contains_key(&f.path) && self.subscription_count_after_actions() >= self.limits.max_subscriptions {
+            let is_new = !self.state.subscriptions.contains_key(&f.path);
+            if is_new && self.state.subscriptions.len() >= self.limits.max_subscriptions {
                 tracing::info!(client_id = %self.client_id, filter = %f.path, limit = self.limits.max_subscriptions, "subscription refused: too many");
                 metrics::client_limit_refusal(metrics::ClientLimit::Subscriptions);
                 codes.push(v5::SubscribeReasonCode::QuotaExceeded);
                 continue;
             }
-            let retain_handling = match (parsed.share_group, f.retain_forward_rule) {
-                (Some(_), _) | (_, v5::RetainForwardRule::Never) => RetainHandling::Never,
-                (None, v5::RetainForwardRule::OnNewSubscribe) => RetainHandling::IfNew,
-                (None, v5::RetainForwardRule::OnEverySubscribe) => RetainHandling::Always,
+            // MQTT 5 Retain Handling; a shared subscription never gets retained messages.
+            let with_retained = match (parsed.share_group, f.retain_forward_rule) {
+                (Some(_), _) | (_, v5::RetainForwardRule::Never) => false,
+                (None, v5::RetainForwardRule::OnNewSubscribe) => is_new,
+                (None, v5::RetainForwardRule::OnEverySubscribe) => true,
             };
             let options = SubscriptionOptions { qos: f.qos, no_local: f.nolocal, retain_as_published: f.preserve_retain, subscription_id };
             codes.push(granted(f.qos));
-            self.actions.push_back(Action::Subscribe { filter: f.path, options, retain_handling });
+            self.state.subscriptions.insert(f.path.clone(), options.clone());
+            self.actions.push_back(Action::Subscribe { filter: f.path, options, is_new, with_retained });
         }
         self.send(Packet::SubAck(v5::SubAck { pkid: subscribe.pkid, return_codes: codes, properties: None }));
-    }
-
-    /// Subscriptions the session will have once the queued actions have run.
-    fn subscription_count_after_actions(&self) -> usize {
-        let added = (self.actions.iter())
-            .filter(|a| matches!(a, Action::Subscribe { filter, .. } if !self.state.subscriptions.contains_key(filter)))
-            .count();
-        self.state.subscriptions.len() + added
     }
 
     fn on_unsubscribe(&mut self, unsubscribe: v5::Unsubscribe) {
@@ -587,7 +622,7 @@ impl Session {
         for filter in unsubscribe.filters {
             let reason = if topic::parse_filter(&filter, self.limits.topics).is_err() {
                 v5::UnsubAckReason::TopicFilterInvalid
-            } else if self.state.subscriptions.contains_key(&filter) {
+            } else if self.state.subscriptions.remove(&filter).is_some() {
                 self.actions.push_back(Action::Unsubscribe { filter });
                 v5::UnsubAckReason::Success
             } else {
@@ -751,11 +786,6 @@ impl Session {
         }
     }
 
-    /// Writes an AUTH packet (re-authentication continues or succeeded).
-    pub fn send_auth(&mut self, auth: Auth) {
-        self.send(Packet::Auth(auth));
-    }
-
     fn send(&mut self, packet: Packet) {
         if let Err(e) = codec::encode(self.version, &packet, &mut self.out, self.client_max_packet_size) {
             tracing::warn!(client_id = %self.client_id, error = %e, packet = packet_name(&packet), "could not encode packet");
@@ -854,6 +884,7 @@ mod tests {
     use super::*;
     use crate::auth::policy::Owner;
     use crate::broker::message::SharedDelivery;
+    use crate::mqtt::auth_exchange::tests::knock_methods;
     use crate::mqtt::connect;
     use bytes::Bytes;
     use std::sync::Arc;
@@ -868,7 +899,7 @@ mod tests {
         connect.keep_alive = 10;
         connect.properties = props;
         let request = connect::validate(version, connect, &SessionLimits::default(), || unreachable!()).unwrap();
-        let mut session = Session::start(request, blank_state(), false, SessionLimits::default(), acl, Instant::now());
+        let mut session = Session::start(request, blank_state(), false, SessionLimits::default(), acl, knock_methods(), Instant::now());
         match read(&mut session, version).as_slice() {
             [Packet::ConnAck(ack)] => assert_eq!(ack.code, v5::ConnectReturnCode::Success),
             other => panic!("expected CONNACK, got {other:?}"),
@@ -881,34 +912,68 @@ mod tests {
     }
 
     fn props(receive_maximum: Option<u16>, topic_alias_max: Option<u16>) -> v5::ConnectProperties {
-        v5::ConnectProperties {
-            session_expiry_interval: None,
-            receive_maximum,
-            max_packet_size: None,
-            topic_alias_max,
-            request_response_info: None,
-            request_problem_info: None,
-            user_properties: Vec::new(),
-            authentication_method: None,
-            authentication_data: None,
-        }
+        v5::ConnectProperties { receive_maximum, topic_alias_max, ..connect::tests::no_properties() }
+    }
+
+    /// A v5 session whose CONNECT verified `user` with an AUTH exchange of the KNOCK method.
+    fn knocked_in(user: &str) -> Session {
+        let mut p = props(None, None);
+        p.authentication_method = Some("KNOCK".into());
+        let mut connect = v5::Connect::new("c1");
+        connect.properties = Some(p);
+        let mut request = connect::validate(ProtocolVersion::V5, connect, &SessionLimits::default(), || unreachable!()).unwrap();
+        request.verified_user = Some(user.into());
+        let mut session =
+            Session::start(request, blank_state(), false, SessionLimits::default(), Acl::allow_all(), knock_methods(), Instant::now());
+        read(&mut session, ProtocolVersion::V5);
+        session
+    }
+
+    fn auth(reason: AuthReason, method: &str, data: &str) -> Packet {
+        Packet::Auth(auth_packet(reason, method, data.as_bytes().to_vec()))
     }
 
     #[test]
-    fn auth_packets_reach_the_driver_only_with_the_connect_method() {
-        let auth = |method: &str| {
-            let reason = codec::AuthReason::ReAuthenticate;
-            Packet::Auth(Auth { reason, method: Some(method.into()), data: None, reason_string: None, user_properties: Vec::new() })
-        };
-        let mut p = props(None, None);
-        p.authentication_method = Some("SCRAM-SHA-256".into());
-        let mut session = start_with(ProtocolVersion::V5, Some(p), Acl::allow_all());
-        feed(&mut session, ProtocolVersion::V5, &[auth("SCRAM-SHA-256")]);
-        assert!(matches!(session.next_action(), Some(Action::Authenticate(_))));
-        feed(&mut session, ProtocolVersion::V5, &[auth("SCRAM-SHA-512")]);
-        assert_eq!(session.close_reason().map(|c| c.reason), Some(Reason::ProtocolError));
+    fn re_authentication_verifies_the_same_user_again() {
+        let mut session = knocked_in("dev");
+        feed(&mut session, ProtocolVersion::V5, &[auth(AuthReason::ReAuthenticate, "KNOCK", "dev:2")]);
+        assert_eq!(read(&mut session, ProtocolVersion::V5), [auth(AuthReason::ContinueAuthentication, "KNOCK", "prove")]);
+        feed(&mut session, ProtocolVersion::V5, &[auth(AuthReason::ContinueAuthentication, "KNOCK", "secret")]);
+        assert_eq!(read(&mut session, ProtocolVersion::V5), [auth(AuthReason::Success, "KNOCK", "welcome")]);
+        assert!(session.close_reason().is_none() && !session.has_actions());
+        feed(&mut session, ProtocolVersion::V5, &[auth(AuthReason::ReAuthenticate, "KNOCK", "dev:3")]);
+        assert_eq!(read(&mut session, ProtocolVersion::V5).len(), 1, "and again, as often as the client likes");
+    }
+
+    #[test]
+    fn re_authentication_as_another_user_or_with_a_wrong_answer_ends_the_session() {
+        let mut other = knocked_in("dev");
+        feed(&mut other, ProtocolVersion::V5, &[auth(AuthReason::ReAuthenticate, "KNOCK", "admin:1")]);
+        feed(&mut other, ProtocolVersion::V5, &[auth(AuthReason::ContinueAuthentication, "KNOCK", "secret")]);
+        let close = other.close_reason().unwrap();
+        assert_eq!(close.reason, Reason::NotAuthorized);
+        assert!(close.detail.contains("verified \"admin\", not the session's user"), "{}", close.detail);
+        let mut wrong = knocked_in("dev");
+        feed(&mut wrong, ProtocolVersion::V5, &[auth(AuthReason::ReAuthenticate, "KNOCK", "dev:1")]);
+        feed(&mut wrong, ProtocolVersion::V5, &[auth(AuthReason::ContinueAuthentication, "KNOCK", "guess")]);
+        assert_eq!(wrong.close_reason().map(|c| c.reason), Some(Reason::NotAuthorized));
+    }
+
+    #[test]
+    fn auth_out_of_sequence_or_with_another_method_is_a_protocol_error() {
+        let cases: [&[Packet]; 4] = [
+            &[auth(AuthReason::ContinueAuthentication, "KNOCK", "secret")],
+            &[auth(AuthReason::ReAuthenticate, "KNOCK", "dev:1"), auth(AuthReason::ReAuthenticate, "KNOCK", "dev:1")],
+            &[auth(AuthReason::Success, "KNOCK", "")],
+            &[auth(AuthReason::ReAuthenticate, "SCRAM-SHA-256", "n,,n=dev,r=x")],
+        ];
+        for packets in cases {
+            let mut session = knocked_in("dev");
+            feed(&mut session, ProtocolVersion::V5, packets);
+            assert_eq!(session.close_reason().map(|c| c.reason), Some(Reason::ProtocolError), "{packets:?}");
+        }
         let mut plain = start(ProtocolVersion::V5, None);
-        feed(&mut plain, ProtocolVersion::V5, &[auth("SCRAM-SHA-256")]);
+        feed(&mut plain, ProtocolVersion::V5, &[auth(AuthReason::ReAuthenticate, "KNOCK", "dev:1")]);
         assert_eq!(plain.close_reason().map(|c| c.reason), Some(Reason::ProtocolError), "no method in CONNECT");
     }
 
@@ -963,10 +1028,11 @@ mod tests {
     #[test]
     fn narrowed_permissions_remove_subscriptions_they_no_longer_allow() {
         let mut session = start(ProtocolVersion::V5, None);
-        for filter in ["devices/a/#", "devices/b/#"] {
-            let options = SubscriptionOptions { qos: QoS::AtMostOnce, no_local: false, retain_as_published: false, subscription_id: None };
-            session.state_mut().subscriptions.insert(filter.into(), options);
-        }
+        let mut subscribe = v5::Subscribe::new("devices/a/#", QoS::AtMostOnce);
+        subscribe.filters.push(v5::SubscribeFilter::new("devices/b/#".into(), QoS::AtMostOnce));
+        subscribe.pkid = 1;
+        feed(&mut session, ProtocolVersion::V5, &[Packet::Subscribe(subscribe)]);
+        assert_eq!(actions(&mut session).len(), 2);
         let rule = crate::auth::state::Rule {
             access: crate::auth::state::Access::Read,
             topic_regex: None,
@@ -978,6 +1044,7 @@ mod tests {
             [Action::Unsubscribe { filter }] => assert_eq!(filter, "devices/b/#"),
             other => panic!("expected one unsubscribe, got {other:?}"),
         }
+        assert_eq!(session.state().subscriptions.keys().collect::<Vec<_>>(), ["devices/a/#"], "the session's own record says so too");
     }
 
     fn disconnect_reason(packets: &[Packet]) -> Option<Reason> {
@@ -1049,7 +1116,7 @@ mod tests {
     fn subscriptions_and_retained_replay_are_bounded() {
         let limits = SessionLimits { max_subscriptions: 2, max_retained_replay_bytes: 10, ..SessionLimits::default() };
         let request = connect::validate(ProtocolVersion::V5, v5::Connect::new("c1"), &limits, || unreachable!()).unwrap();
-        let mut s = Session::start(request, blank_state(), false, limits, Acl::allow_all(), Instant::now());
+        let mut s = Session::start(request, blank_state(), false, limits, Acl::allow_all(), knock_methods(), Instant::now());
         read(&mut s, ProtocolVersion::V5);
         let mut subscribe = v5::Subscribe::new("a", QoS::AtMostOnce);
         subscribe.filters.push(v5::SubscribeFilter::new("b".into(), QoS::AtMostOnce));
@@ -1233,7 +1300,7 @@ mod tests {
             })
             .collect();
         assert_eq!(handed_back, [(QoS::AtLeastOnce, RedispatchReason::Refused), (QoS::ExactlyOnce, RedispatchReason::Refused)]);
-        assert!(s.state_mut().inflight.is_empty(), "refused messages are done here");
+        assert!(s.state().inflight.is_empty(), "refused messages are done here");
     }
 
     #[test]
@@ -1257,7 +1324,7 @@ mod tests {
         assert_eq!(s.deadline(), Some(now + timeout), "the timeout comes before the keep alive");
         s.tick(now + timeout);
         assert!(matches!(actions(&mut s).as_slice(), [Action::Redispatch { reason: RedispatchReason::AckTimeout, .. }]));
-        assert_eq!(s.state_mut().inflight.len(), 2, "the copies in flight stay: the client may still acknowledge them");
+        assert_eq!(s.state().inflight.len(), 2, "the copies in flight stay: the client may still acknowledge them");
         s.tick(now + timeout * 2);
         assert!(actions(&mut s).is_empty(), "handed back once");
         assert!(s.close_reason().is_none());
@@ -1275,7 +1342,7 @@ mod tests {
         let (state, _) = s.finish();
         let request =
             connect::validate(ProtocolVersion::V311, v5::Connect::new("c1"), &SessionLimits::default(), || unreachable!()).unwrap();
-        let mut resumed = Session::start(request, state, true, SessionLimits::default(), Acl::allow_all(), Instant::now());
+        let mut resumed = Session::start(request, state, true, SessionLimits::default(), Acl::allow_all(), knock_methods(), Instant::now());
         let packets = read(&mut resumed, ProtocolVersion::V311);
         assert!(matches!(&packets[0], Packet::ConnAck(a) if a.session_present));
         assert!(matches!(&packets[1], Packet::Publish(p) if p.dup && p.qos == QoS::AtLeastOnce));
