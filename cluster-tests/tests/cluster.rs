@@ -449,7 +449,7 @@ async fn the_admin_cli_reads_as_documented() -> anyhow::Result<()> {
     // Reasons are RFC 5280 names, whatever the case typed; free text is refused.
     let revoke = cluster.cli(1, &["revoke", "--issuer", "CN=Somebody", "--serial", "0A", "--reason", "KEYCOMPROMISE"]);
     assert!(revoke.status.success(), "{}", text(&revoke));
-    assert!(text(&revoke).contains("1 revocations added (revocation ids 1;"), "{}", text(&revoke));
+    assert!(text(&revoke).contains("1 revocation added (revocation id 1;"), "{}", text(&revoke));
     let free_text = cluster.cli(1, &["revoke", "--issuer", "CN=Somebody", "--serial", "0B", "--reason", "lost"]);
     assert_eq!(free_text.status.code(), Some(2));
     assert!(text(&free_text).contains("cessationOfOperation"), "{}", text(&free_text));
@@ -531,6 +531,73 @@ async fn providers_are_set_through_the_admin_cli_and_check_access_verifies_token
     assert_eq!(check(&token, "apps/app-8/x")["allowed"], false);
     let forged = check(&format!("{token}x"), "apps/app-9/x");
     assert!(forged["decided_by"].as_str().unwrap_or_default().contains("CONNECT refused: jwt: token:"), "{forged}");
+    Ok(())
+}
+
+/// Issue 28, bugs 2 and 4: what `get` prints (a table of a state file, or JSON) is what `set`
+/// reads, and `check-access` takes a certificate file or an anonymous client and exits 1 on a deny.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_prints_what_set_reads_and_check_access_exits_1_on_a_deny() -> anyhow::Result<()> {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
+    let cluster = TestCluster::start(Options { nodes: 1, initial_members: 1, ..Options::default() })?;
+    cluster.wait_for_leader(LEADER_TIMEOUT).await?;
+    let path = |name: &str| cluster.dir.path().join(name).to_string_lossy().into_owned();
+    let secret = "round-trip-secret-round-trip-secret";
+    let providers = format!(
+        "[providers]\norder = [\"x509\", \"jwt\"]\n[providers.jwt]\nhmac_secret = \"{secret}\"\nrules = [{{ access = \"write\", pattern = \"apps/%u/#\" }}]\n"
+    );
+    std::fs::write(path("providers.toml"), providers)?;
+    let set = cluster.cli(1, &["--wait", "providers", "set", &path("providers.toml")]);
+    assert!(set.status.success(), "{}", text(&set));
+
+    // `get > FILE; set FILE`, for people and for scripts; the secret is never printed, and kept.
+    let table = cluster.cli(1, &["providers", "get"]);
+    assert!(text(&table).starts_with("[providers]\norder = [\"x509\", \"jwt\"]\n"), "{}", text(&table));
+    for (output, file) in [("table", "providers.txt"), ("json", "providers.json")] {
+        let got = cluster.cli(1, &["--output", output, "providers", "get"]);
+        assert!(got.status.success() && !text(&got).contains(secret), "{}", text(&got));
+        std::fs::write(path(file), &got.stdout)?;
+        let set = cluster.cli(1, &["--wait", "providers", "set", &path(file)]);
+        assert!(set.status.success(), "{output}: {}", text(&set));
+        assert!(text(&set).starts_with("providers set: x509, jwt. Committed"), "{}", text(&set));
+    }
+    assert_eq!(text(&cluster.cli(1, &["providers", "get"])), text(&table), "unchanged by the round trips");
+    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() + 600;
+    let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes());
+    let token = jsonwebtoken::encode(&jsonwebtoken::Header::default(), &serde_json::json!({"sub": "app-9", "exp": exp}), &key)?;
+    let with_token = ["check-access", "--token", &token, "--client-id", "app-9-c1", "--action", "publish", "--topic", "apps/app-9/x"];
+    let granted = cluster.cli(1, &with_token);
+    assert_eq!(granted.status.code(), Some(0), "the secret in force is kept: {}", text(&granted));
+
+    let defaults = cluster.cli(1, &["defaults", "get"]);
+    assert!(text(&defaults).starts_with("[defaults]\n"), "{}", text(&defaults));
+    std::fs::write(path("defaults.txt"), &defaults.stdout)?;
+    let set = cluster.cli(1, &["defaults", "set", &path("defaults.txt")]);
+    assert!(set.status.success(), "{}", text(&set));
+
+    // check-access: 0 when allowed, 1 when denied; the answer is printed either way.
+    let (cert, _) = cluster.issue_device("plc-9")?;
+    let cert = cert.to_string_lossy().into_owned();
+    let check = |args: &[&str]| cluster.cli(1, &[&["check-access"], args].concat());
+    let own = check(&["--certificate", &cert, "--action", "publish", "--topic", "devices/plc-9/t"]);
+    assert_eq!(own.status.code(), Some(0), "{}", text(&own));
+    assert!(text(&own).starts_with("allowed: true\n"), "{}", text(&own));
+    let other = check(&["--certificate", &cert, "--action", "publish", "--topic", "devices/plc-8/t"]);
+    assert_eq!(other.status.code(), Some(1), "{}", text(&other));
+    assert!(text(&other).starts_with("allowed: false\n"), "{}", text(&other));
+    let revoke = cluster.cli(1, &["--wait", "revoke", "--certificate", &cert]);
+    assert!(revoke.status.success(), "{}", text(&revoke));
+    let revoked = check(&["--certificate", &cert, "--action", "connect"]);
+    assert_eq!(revoked.status.code(), Some(1), "{}", text(&revoked));
+    assert!(text(&revoked).contains("is revoked"), "{}", text(&revoked));
+    assert!(!text(&revoked).contains("rampart admin:"), "a deny is an answer, not an error: {}", text(&revoked));
+
+    // An anonymous client gets the anonymous rules (demo/# in the development state).
+    let anonymous = check(&["--anonymous", "--action", "publish", "--topic", "demo/x"]);
+    assert_eq!(anonymous.status.code(), Some(0), "{}", text(&anonymous));
+    assert!(text(&anonymous).contains("anonymous rules"), "{}", text(&anonymous));
+    assert_eq!(check(&["--anonymous", "--action", "publish", "--topic", "devices/plc-9/t"]).status.code(), Some(1));
+    assert_eq!(check(&["--action", "connect"]).status.code(), Some(2), "no client given: a usage error");
     Ok(())
 }
 

@@ -75,6 +75,8 @@ fn main() -> ExitCode {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
             match runtime.block_on(rampart_node::admin::cli::run(*args)) {
                 Ok(()) => ExitCode::SUCCESS,
+                // The answer, printed, says so.
+                Err(e) if e.is::<rampart_node::admin::cli::Denied>() => ExitCode::FAILURE,
                 Err(e) => {
                     eprintln!("rampart admin: {}", rampart_node::admin::cli::describe_error(&e));
                     ExitCode::FAILURE

@@ -148,8 +148,10 @@ async fn start_cluster_services(
     let Some(admin_config) = config.admin.clone() else { return Ok(()) };
     let listener = bind(admin_config.bind, "admin.bind").await?;
     tracing::info!(addr = %listener.local_addr()?, "admin API");
-    // An imported CRL must be signed by a CA this node trusts for some client certificates.
-    let client_cas = config.listener_specs().into_iter().filter_map(|spec| spec.tls?.client_auth.map(|c| c.ca_file));
+    // Listeners that ask for client certificates: an imported CRL must be signed by one of their
+    // CAs (or the admin CA), and `check-access --certificate` reads identities as they do.
+    let client_auth: Vec<_> = config.listener_specs().into_iter().filter_map(|spec| spec.tls?.client_auth).collect();
+    let client_cas = client_auth.iter().map(|c| c.ca_file.clone());
     let ca_files: Vec<_> = client_cas.chain([admin_config.ca_file.clone()]).collect();
     let loaded = ca_files.iter().map(|f| crate::tls::load_certs(f)).collect::<Result<Vec<_>, _>>()?;
     let trusted_cas = loaded.into_iter().flatten().map(|c| c.to_vec()).collect();
@@ -160,6 +162,7 @@ async fn start_cluster_services(
         trusted_cas,
         config.auth_policy(),
         forwarder.clone(),
+        crate::admin::service::certificate_identity(client_auth.into_iter().map(|c| c.identity)),
     );
     let s = shutdown.clone();
     tasks.spawn(async move {

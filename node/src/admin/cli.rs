@@ -1,18 +1,21 @@
 //! `rampart admin …`: every admin API call from the command line, with tables (or
 //! `--output json`), endpoint and admin certificate from flags or the environment, a progress
-//! line for bulk imports, and a non-zero exit with the gRPC error.
+//! line for bulk imports, and a non-zero exit with the gRPC error (or a denied `check-access`).
+//! State documents (`defaults`, `providers`, `client-types`) print as the state-file table their
+//! `set` reads back.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{ArgGroup, Args, Subcommand, ValueEnum};
 use rampart_proto::admin::admin_client::AdminClient;
 use rampart_proto::admin::*;
+use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use super::convert;
-use crate::auth::state::AuthState;
+use crate::auth::state::{self, AuthState};
 
 #[derive(Debug, Args)]
 pub struct AdminArgs {
@@ -56,10 +59,10 @@ pub enum AdminCommand {
     /// Roles: named rule sets.
     #[command(subcommand)]
     Role(RoleCommand),
-    /// Rules for certificates without a credential and for anonymous clients.
+    /// Rules for certificates without a credential and for anonymous clients (`[defaults]`).
     #[command(subcommand)]
     Defaults(StateFileCommand),
-    /// The authentication provider chain: order, enabled providers, JWT settings.
+    /// The authentication provider chain: order, enabled providers, JWT settings (`[providers]`).
     #[command(subcommand)]
     Providers(StateFileCommand),
     /// Offline queue limits per client type.
@@ -104,7 +107,8 @@ pub enum AdminCommand {
         #[arg(long, default_value = "")]
         reason: String,
     },
-    /// Dry run: would this identity be allowed to connect, publish or subscribe?
+    /// Dry run: would this client be allowed to connect, publish or subscribe? Exit status 0
+    /// when allowed, 1 when denied (or on an error).
     CheckAccess(CheckAccessArgs),
     /// Cluster membership and progress.
     #[command(subcommand)]
@@ -261,21 +265,28 @@ pub enum RoleCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum StateFileCommand {
-    /// Show them.
+    /// Print them as the table of a state file that `set` reads back (`--output json`: as JSON,
+    /// which `set` reads too).
     Get,
-    /// Replace them with the table of the same name (`[defaults]`, `[providers]`) of a state file.
+    /// Replace them with the table of that name of a state file (as `get` prints it), or with
+    /// the JSON `get --output json` prints.
     Set {
-        /// The state file (TOML).
+        /// The state file (TOML) or JSON document.
         file: PathBuf,
     },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum ClientTypesCommand {
-    /// Show them.
+    /// Print them as the `[client_types]` table of a state file that `set FILE` reads back
+    /// (`--output json`: as JSON, which `set FILE` reads too).
     Get,
-    /// Set them (an option left out keeps the node's configured limit).
+    /// Set them from FILE, or from the options (an option left out, or a limit the file does not
+    /// give, keeps the node's configured limit).
     Set {
+        /// A state file (TOML) with a `[client_types]` table, or the JSON `get --output json` prints.
+        #[arg(conflicts_with_all = ["device_max_queued", "application_max_queued"])]
+        file: Option<PathBuf>,
         /// Offline queue limit of DEVICE sessions, in messages.
         #[arg(long)]
         device_max_queued: Option<u64>,
@@ -313,33 +324,50 @@ fn parse_reason(text: &str) -> Result<String, String> {
     crate::pki::reason::normalize(text).map(str::to_string)
 }
 
+/// The client is given by exactly one of --identity (with --issuer and --serial, or
+/// --password-user), --certificate, --token (with --identity as its user name, optional) or
+/// --anonymous.
 #[derive(Debug, Args)]
+#[command(group(ArgGroup::new("client").required(true).multiple(true).args(["identity", "certificate", "token", "anonymous"])))]
 pub struct CheckAccessArgs {
-    /// Certificate identity (or, with --password-user or --token, user name) of the client.
-    #[arg(long, default_value = "", required_unless_present = "token")]
-    identity: String,
-    /// Issuer DN of its certificate (for revocations and issuer-bound credentials).
-    #[arg(long, default_value = "")]
-    issuer: String,
-    /// Serial (hex) of its certificate (for revocations).
-    #[arg(long, default_value = "")]
-    serial: String,
-    /// The identity is the user name of a password credential.
+    /// Certificate identity of the client (with --password-user or --token: its user name).
     #[arg(long)]
+    identity: Option<String>,
+    /// Issuer DN of its certificate (for revocations and issuer-bound credentials).
+    #[arg(long, requires = "identity")]
+    issuer: Option<String>,
+    /// Serial (hex) of its certificate (for revocations).
+    #[arg(long, requires = "identity")]
+    serial: Option<String>,
+    /// The identity is the user name of a password credential.
+    #[arg(long, requires = "identity")]
     password_user: bool,
+    /// Its certificate (PEM): identity (as the node's mutual-TLS listeners read it), issuer and
+    /// serial come from it, so its revocations count.
+    #[arg(long, conflicts_with_all = ["identity", "issuer", "serial", "password_user", "token"])]
+    certificate: Option<PathBuf>,
     /// A JSON Web Token sent as the password (checked by the jwt provider as the broker would).
     #[arg(long)]
     token: Option<String>,
-    /// Client id of the CONNECT (default: the identity).
-    #[arg(long, default_value = "")]
-    client_id: String,
+    /// A client without certificate, user name or password: the anonymous rules.
+    #[arg(long, conflicts_with_all = ["identity", "certificate", "token"])]
+    anonymous: bool,
+    /// Client id of the CONNECT (default: the identity; for --anonymous, one the broker assigns).
+    #[arg(long)]
+    client_id: Option<String>,
     /// What to check.
     #[arg(long, value_enum)]
     action: ActionArg,
     /// Topic name (publish) or filter (subscribe).
-    #[arg(long, default_value = "")]
-    topic: String,
+    #[arg(long)]
+    topic: Option<String>,
 }
+
+/// `check-access` answered that the client is denied: the CLI exits with status 1 once the
+/// answer is printed.
+#[derive(Debug, thiserror::Error)]
+#[error("access denied")]
+pub struct Denied;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum ActionArg {
@@ -437,23 +465,34 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
             RoleCommand::Delete { name } => print(out, &client.delete_role(NameRequest { name, options }).await?.into_inner()),
             RoleCommand::List => print(out, &client.list_roles(ListRolesRequest {}).await?.into_inner()),
         },
-        AdminCommand::Defaults(StateFileCommand::Get) => print(out, &client.get_defaults(GetDefaultsRequest {}).await?.into_inner()),
+        AdminCommand::Defaults(StateFileCommand::Get) => {
+            let defaults = convert::defaults_from_pb(client.get_defaults(GetDefaultsRequest {}).await?.into_inner());
+            print_document(out, "defaults", &defaults.map_err(anyhow::Error::msg)?)
+        }
         AdminCommand::Defaults(StateFileCommand::Set { file }) => {
-            let defaults = Some(convert::defaults_to_pb(&read_state(&file)?.defaults));
+            let defaults = Some(convert::defaults_to_pb(&read_document(&file, "defaults", |s| s.defaults)?));
             print(out, &client.set_defaults(SetDefaultsRequest { defaults, options }).await?.into_inner())
         }
         AdminCommand::Providers(StateFileCommand::Get) => {
             let document = client.get_providers(GetProvidersRequest {}).await?.into_inner();
-            print(out, &serde_json::from_str::<serde_json::Value>(&document.json)?)
+            print_document(out, "providers", &serde_json::from_str::<state::Providers>(&document.json)?)
         }
         AdminCommand::Providers(StateFileCommand::Set { file }) => {
-            let providers = Some(ProvidersDocument { json: serde_json::to_string(&read_state(&file)?.providers)? });
-            print(out, &client.set_providers(SetProvidersRequest { providers, options }).await?.into_inner())
+            let json = serde_json::to_string(&read_document(&file, "providers", |s| s.providers)?)?;
+            print(
+                out,
+                &client.set_providers(SetProvidersRequest { providers: Some(ProvidersDocument { json }), options }).await?.into_inner(),
+            )
         }
         AdminCommand::ClientTypes(ClientTypesCommand::Get) => {
-            print(out, &client.get_client_types(GetClientTypesRequest {}).await?.into_inner())
+            let client_types = convert::client_types_from_pb(client.get_client_types(GetClientTypesRequest {}).await?.into_inner());
+            print_document(out, "client_types", &client_types.map_err(anyhow::Error::msg)?)
         }
-        AdminCommand::ClientTypes(ClientTypesCommand::Set { device_max_queued, application_max_queued }) => {
+        AdminCommand::ClientTypes(ClientTypesCommand::Set { file: Some(file), .. }) => {
+            let client_types = Some(convert::client_types_to_pb(&read_document(&file, "client_types", |s| s.client_types)?));
+            print(out, &client.set_client_types(SetClientTypesRequest { client_types, options }).await?.into_inner())
+        }
+        AdminCommand::ClientTypes(ClientTypesCommand::Set { file: None, device_max_queued, application_max_queued }) => {
             let settings = |max| Some(ClientTypeSettings { max_queued_messages: max });
             let client_types = Some(ClientTypes { device: settings(device_max_queued), application: settings(application_max_queued) });
             print(out, &client.set_client_types(SetClientTypesRequest { client_types, options }).await?.into_inner())
@@ -492,7 +531,14 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
             print(out, &client.list_sessions(ListSessionsRequest { node_id: node, contains, limit }).await?.into_inner())
         }
         AdminCommand::Kick { client_id, reason } => {
-            print(out, &client.kick_client(KickClientRequest { client_id, reason }).await?.into_inner())
+            let reply = client.kick_client(KickClientRequest { client_id: client_id.clone(), reason }).await?.into_inner();
+            match out {
+                Output::Json => print(out, &reply),
+                Output::Table => {
+                    print!("{}", kick_text(&client_id, &reply));
+                    Ok(())
+                }
+            }
         }
         AdminCommand::CheckAccess(c) => {
             let action = match c.action {
@@ -500,19 +546,40 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
                 ActionArg::Publish => Action::Publish,
                 ActionArg::Subscribe => Action::Subscribe,
             };
-            let request = CheckAccessRequest {
-                identity: c.identity,
-                issuer: c.issuer,
-                serial: c.serial,
-                password_user: c.password_user,
-                client_id: c.client_id,
-                action: action as i32,
-                topic: c.topic,
-                token: c.token.unwrap_or_default(),
+            let certificate = match &c.certificate {
+                Some(file) => std::fs::read(file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?,
+                None => Vec::new(),
             };
-            print(out, &client.check_access(request).await?.into_inner())
+            let request = CheckAccessRequest {
+                identity: c.identity.unwrap_or_default(),
+                issuer: c.issuer.unwrap_or_default(),
+                serial: c.serial.unwrap_or_default(),
+                password_user: c.password_user,
+                client_id: c.client_id.unwrap_or_default(),
+                action: action as i32,
+                topic: c.topic.unwrap_or_default(),
+                token: c.token.unwrap_or_default(),
+                anonymous: c.anonymous,
+                certificate,
+            };
+            let reply = client.check_access(request).await?.into_inner();
+            print(out, &reply)?;
+            if reply.allowed {
+                Ok(())
+            } else {
+                Err(Denied.into())
+            }
         }
-        AdminCommand::Cluster(ClusterCommand::Status) => print(out, &client.cluster_status(ClusterStatusRequest {}).await?.into_inner()),
+        AdminCommand::Cluster(ClusterCommand::Status) => {
+            let status = client.cluster_status(ClusterStatusRequest {}).await?.into_inner();
+            match out {
+                Output::Json => print(out, &status),
+                Output::Table => {
+                    print!("{}", cluster_status_text(&status));
+                    Ok(())
+                }
+            }
+        }
         AdminCommand::Cluster(ClusterCommand::AddNode { id, raft_addr, quic_addr, learner_only }) => {
             print(out, &client.add_node(AddNodeRequest { id, raft_addr, quic_addr, learner_only, options }).await?.into_inner())
         }
@@ -596,6 +663,35 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 fn read_state(file: &Path) -> anyhow::Result<AuthState> {
     crate::auth::store::read_state(file)
+}
+
+/// The `section` table for a `set`: from a state file (TOML, as `get` prints it; its other tables
+/// are ignored), or from the JSON object `get --output json` prints (a file starting with `{`).
+fn read_document<T: DeserializeOwned>(file: &Path, section: &str, pick: impl FnOnce(AuthState) -> T) -> anyhow::Result<T> {
+    let text = std::fs::read_to_string(file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    if text.trim_start().starts_with('{') {
+        return serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(&text))
+            .map_err(|e| anyhow::anyhow!("{}: {section}.{}: {}", file.display(), e.path(), e.inner()));
+    }
+    // A file that is not TOML at all is reported by `read_state`, with the line.
+    if let Ok(table) = text.parse::<toml::Table>() {
+        anyhow::ensure!(table.contains_key(section), "{}: no [{section}] table (the output of `get` has one)", file.display());
+    }
+    Ok(pick(read_state(file)?))
+}
+
+/// Prints a state document: for people, as the `section` table of a state file; as JSON, the
+/// document alone. `set` reads back either.
+fn print_document(output: Output, section: &str, document: &impl Serialize) -> anyhow::Result<()> {
+    print!("{}", document_text(output, section, document)?);
+    Ok(())
+}
+
+fn document_text(output: Output, section: &str, document: &impl Serialize) -> anyhow::Result<String> {
+    Ok(match output {
+        Output::Json => format!("{}\n", serde_json::to_string_pretty(document)?),
+        Output::Table => toml::to_string(&std::collections::BTreeMap::from([(section, document)]))?,
+    })
 }
 
 fn proto_client_type(t: ClientTypeArg) -> ClientType {
@@ -710,8 +806,7 @@ async fn import(client: &mut AdminClient<Channel>, file: &Path) -> anyhow::Resul
     Ok(reply?.into_inner())
 }
 
-/// Prints a reply as JSON, or for people: a write as a sentence, lists as tables (key columns
-/// first, times in RFC 3339), everything else as `key: value`. A write that `--wait` could not
+/// Prints a reply as JSON, or for people as [`reply_text`]. A write that `--wait` could not
 /// confirm on every reachable node is an error after printing.
 fn print(output: Output, reply: &impl Serialize) -> anyhow::Result<()> {
     let value = readable(serde_json::to_value(reply)?);
@@ -720,12 +815,18 @@ fn print(output: Output, reply: &impl Serialize) -> anyhow::Result<()> {
         node_ids(&write["not_applied_on"]).map(|nodes| anyhow::anyhow!("committed, but not yet applied on {nodes} when the wait ended"));
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&value)?),
-        Output::Table => match write_summary(&value) {
-            Some(sentence) => println!("{sentence}"),
-            None => print_value(value),
-        },
+        Output::Table => print!("{}", reply_text(&value)),
     }
     unconfirmed.map_or(Ok(()), Err)
+}
+
+/// A reply for people: a write as a sentence, lists as tables (key columns first, times in RFC
+/// 3339), an empty list as a sentence, everything else as `name: value` lines; secrets hidden.
+fn reply_text(value: &serde_json::Value) -> String {
+    match write_summary(value) {
+        Some(sentence) => format!("{sentence}\n"),
+        None => fields_text(value),
+    }
 }
 
 /// "node 3" or "nodes 1, 2", or `None` for an empty (or absent) list of node ids.
@@ -746,7 +847,8 @@ fn write_summary(value: &serde_json::Value) -> Option<String> {
     let mut text = write["detail"].as_str().filter(|d| !d.is_empty()).unwrap_or("done").to_string();
     if let Some(ids) = value["revocation_ids"].as_array().filter(|ids| !ids.is_empty()) {
         let ids: Vec<String> = ids.iter().map(cell).collect();
-        text.push_str(&format!(" (revocation ids {}; undo with `rampart admin unrevoke {}`)", ids.join(", "), ids.join(" ")));
+        let label = if ids.len() == 1 { "revocation id" } else { "revocation ids" };
+        text.push_str(&format!(" ({label} {}; undo with `rampart admin unrevoke {}`)", ids.join(", "), ids.join(" ")));
     }
     text.push_str(&format!(". Committed at log index {log_index}"));
     if let Some(nodes) = node_ids(&write["applied_on"]) {
@@ -766,51 +868,182 @@ fn write_summary(value: &serde_json::Value) -> Option<String> {
 const TIME_FIELDS: [&str; 5] = ["time", "revoked_at", "issued_before", "connected_at", "cert_not_after"];
 /// Columns shown first, in this order; the others follow alphabetically.
 const KEY_COLUMNS: [&str; 9] = ["log_index", "id", "name", "node_id", "client_id", "identity", "time", "caller", "action"];
+/// Fields holding a password hash or SCRAM verifier: shown as [`state::REDACTED`] (`--output json`
+/// shows them).
+const SECRET_FIELDS: [&str; 3] = ["hash", "scram_sha256", "scram_sha512"];
+/// Fields of a list reply that hold its rows: an empty one reads as a sentence (a record's own
+/// lists, such as a credential's roles, are cells).
+const ROW_LISTS: [&str; 6] = ["credentials", "roles", "revocations", "sessions", "entries", "members"];
 
-fn print_value(value: serde_json::Value) {
-    let serde_json::Value::Object(fields) = value else {
-        println!("{}", cell(&value));
-        return;
-    };
-    for (key, field) in &fields {
-        match field {
-            serde_json::Value::Array(rows) if rows.iter().all(|r| r.is_object()) && !rows.is_empty() => print_table(key, rows),
-            // A cursor that points nowhere: there is no next page.
-            serde_json::Value::Number(n) if key.starts_with("next_page") && n.as_u64() == Some(0) => {}
-            serde_json::Value::String(s) if key.starts_with("next_page") && s.is_empty() => {}
-            other => println!("{key}: {}", field_cell(key, other)),
-        }
+/// A field name in words: `total_matching` → `total matching`; `entries` → `audit entries`.
+fn words(key: &str) -> String {
+    match key {
+        "entries" => "audit entries".into(),
+        key => key.replace('_', " "),
     }
 }
 
-fn print_table(title: &str, rows: &[serde_json::Value]) {
+fn fields_text(value: &serde_json::Value) -> String {
+    use serde_json::Value;
+    let Value::Object(fields) = value else { return format!("{}\n", cell(value)) };
+    let record = fields.contains_key("name");
+    let mut text = String::new();
+    for (key, field) in fields {
+        match field {
+            Value::Null => {}
+            Value::Array(rows) if rows.is_empty() && !record && ROW_LISTS.contains(&key.as_str()) => {
+                text.push_str(&format!("No {}.\n", words(key)))
+            }
+            Value::Array(_) if key == "unreachable_nodes" => {
+                node_ids(field).into_iter().for_each(|nodes| text.push_str(&format!("{nodes} did not answer.\n")))
+            }
+            Value::Array(rows) if !rows.is_empty() && rows.iter().all(Value::is_object) && !key.ends_with("rules") => {
+                text.push_str(&rows_text(key, rows))
+            }
+            // A cursor that points nowhere: there is no next page.
+            Value::Number(n) if key.starts_with("next_page") && n.as_u64() == Some(0) => {}
+            Value::String(s) if key.starts_with("next_page") && s.is_empty() => {}
+            Value::Object(nested) => {
+                for (name, v) in set_fields(nested) {
+                    text.push_str(&format!("{} {}: {}\n", words(key), words(name), field_cell(name, v)));
+                }
+            }
+            other => text.push_str(&format!("{}: {}\n", words(key), field_cell(key, other))),
+        }
+    }
+    text
+}
+
+/// Rows (JSON objects) as a table titled `key`, key columns first.
+fn rows_text(key: &str, rows: &[serde_json::Value]) -> String {
     let mut columns: Vec<String> = rows[0].as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default();
     columns.sort_by_key(|c| (KEY_COLUMNS.iter().position(|k| k == c).unwrap_or(KEY_COLUMNS.len()), c.clone()));
     let cells: Vec<Vec<String>> = rows.iter().map(|r| columns.iter().map(|c| field_cell(c, &r[c])).collect()).collect();
+    let headers: Vec<String> = columns.iter().map(|c| words(c)).collect();
+    table(&words(key), &headers, &cells)
+}
+
+/// `title (N):`, the column names in upper case, then one line per row, columns two spaces apart.
+fn table(title: &str, columns: &[String], rows: &[Vec<String>]) -> String {
     let widths: Vec<usize> =
-        columns.iter().enumerate().map(|(i, c)| cells.iter().map(|row| row[i].len()).chain([c.len()]).max().unwrap_or(0)).collect();
-    println!("{title} ({}):", rows.len());
-    let line = |values: Vec<&str>| {
-        values.iter().zip(&widths).map(|(v, w)| format!("{v:<w$}")).collect::<Vec<_>>().join("  ").trim_end().to_string()
+        columns.iter().enumerate().map(|(i, c)| rows.iter().map(|row| row[i].len()).chain([c.len()]).max().unwrap_or(0)).collect();
+    let line = |values: &[String]| {
+        let padded: Vec<String> = values.iter().zip(&widths).map(|(v, w)| format!("{v:<w$}")).collect();
+        format!("{}\n", padded.join("  ").trim_end())
     };
-    println!(
-        "{}",
-        line(columns.iter().map(String::as_str).map(str::to_uppercase).collect::<Vec<_>>().iter().map(String::as_str).collect())
-    );
-    for row in &cells {
-        println!("{}", line(row.iter().map(String::as_str).collect()));
-    }
+    let mut text = format!("{title} ({}):\n", rows.len());
+    text.push_str(&line(&columns.iter().map(|c| c.to_uppercase()).collect::<Vec<_>>()));
+    rows.iter().for_each(|row| text.push_str(&line(row)));
+    text
 }
 
-/// A field as table text: times in RFC 3339 (UTC), the rest as [`cell`].
+/// `kick` for people: where the client was disconnected, and which nodes did not answer.
+fn kick_text(client_id: &str, reply: &KickClientReply) -> String {
+    let nodes = |ids: &[u64]| node_ids(&serde_json::json!(ids));
+    let mut text = match nodes(&reply.kicked_on) {
+        Some(nodes) => format!("client {client_id:?} disconnected on {nodes}"),
+        None => format!("client {client_id:?} is not connected to any node that answered"),
+    };
+    if let Some(nodes) = nodes(&reply.unreachable_nodes) {
+        text.push_str(&format!("; {nodes} did not answer"));
+    }
+    text + ".\n"
+}
+
+/// `cluster status` for people: the answering node's view, then one row per member with the key
+/// columns first (node, reachable, the leader it follows, term, lag), then the answering node's
+/// link to it (`-` on its own row).
+fn cluster_status_text(status: &ClusterStatusReply) -> String {
+    let node = |id: u64| if id == 0 { "-".to_string() } else { id.to_string() };
+    let address = |addr: &str| cell(&addr.into());
+    let columns = [
+        "node",
+        "reachable",
+        "leader",
+        "term",
+        "lag",
+        "link up",
+        "link queued",
+        "link forwarded",
+        "link dropped",
+        "link routes",
+        "applied index",
+        "voter",
+        "raft addr",
+        "quic addr",
+    ];
+    let rows: Vec<Vec<String>> = (status.members.iter())
+        .map(|m| {
+            let own = m.id == status.answered_by;
+            let link = |value: String| if own { "-".to_string() } else { value };
+            vec![
+                m.id.to_string(),
+                m.reachable.to_string(),
+                node(m.leader_id),
+                m.term.to_string(),
+                m.lag.to_string(),
+                link(m.link_up.to_string()),
+                link(m.link_queued.to_string()),
+                link(m.link_forwarded.to_string()),
+                link(m.link_dropped.to_string()),
+                link(m.link_routes.to_string()),
+                m.applied_index.to_string(),
+                m.voter.to_string(),
+                address(&m.raft_addr),
+                address(&m.quic_addr),
+            ]
+        })
+        .collect();
+    let columns: Vec<String> = columns.iter().map(|c| c.to_string()).collect();
+    format!(
+        "answered by: node {}\nleader: {}\nterm: {}\ncommitted index: {}\n{}",
+        status.answered_by,
+        node(status.leader_id),
+        status.term,
+        status.committed_index,
+        table("members", &columns, &rows)
+    )
+}
+
+/// A field as table text: times in RFC 3339 (UTC), secrets hidden, rules as their flags spell
+/// them (`allow readWrite:plants/%u/#`), lists joined with commas, nested objects as
+/// `name: value` pairs of their set fields, the rest as [`cell`].
 fn field_cell(key: &str, value: &serde_json::Value) -> String {
+    use serde_json::Value;
     let time = value.as_i64().filter(|_| TIME_FIELDS.contains(&key)).and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok());
-    match time.and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok()) {
-        Some(text) => text,
-        None => cell(value),
+    if let Some(text) = time.and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok()) {
+        return text;
+    }
+    match value {
+        Value::String(s) if SECRET_FIELDS.contains(&key) && !s.is_empty() => state::REDACTED.into(),
+        Value::Array(items) if items.is_empty() => "-".into(),
+        Value::Array(items) => {
+            items.iter().map(|item| if item.is_object() { rule_text(item) } else { cell(item) }).collect::<Vec<_>>().join(", ")
+        }
+        Value::Object(fields) => {
+            set_fields(fields).map(|(name, v)| format!("{}: {}", words(name), field_cell(name, v))).collect::<Vec<_>>().join("; ")
+        }
+        other => cell(other),
     }
 }
 
+/// The fields of a nested object that say something: not null, empty, zero or false.
+fn set_fields(fields: &serde_json::Map<String, serde_json::Value>) -> impl Iterator<Item = (&String, &serde_json::Value)> {
+    use serde_json::Value;
+    fields.iter().filter(|(_, v)| !matches!(v, Value::Null | Value::Bool(false)) && *v != "" && *v != 0)
+}
+
+/// A rule as the `--allow`/`--deny`(`-regex`) flag that makes it: `deny-regex read:secrets/.*`.
+fn rule_text(rule: &serde_json::Value) -> String {
+    let verdict = if rule["deny"] == true { "deny" } else { "allow" };
+    let (kind, topic) = match rule["topic_regex"].as_str() {
+        Some(regex) => ("-regex", regex),
+        None => ("", rule["pattern"].as_str().unwrap_or_default()),
+    };
+    format!("{verdict}{kind} {}:{topic}", cell(&rule["access"]))
+}
+
+/// A scalar as text; nothing (null, an empty string) reads as `-`.
 fn cell(value: &serde_json::Value) -> String {
     match value {
         serde_json::Value::Null => "-".into(),
@@ -820,25 +1053,30 @@ fn cell(value: &serde_json::Value) -> String {
     }
 }
 
-/// Replaces enum numbers with their names.
+/// Replaces enum numbers with the spelling of state files and flags: access `read`, `write`,
+/// `readWrite`; client type `DEVICE`, `APPLICATION` (none: null); unknown certificate `reject`,
+/// `default_rules`.
 fn readable(value: serde_json::Value) -> serde_json::Value {
     use serde_json::Value;
+    let name = |key: &str, n: i32| -> Option<Value> {
+        let spelled = match key {
+            "access" => serde_json::to_value(convert::access_from_pb(Access::try_from(n).ok()?)?),
+            "client_type" => match ClientType::try_from(n).ok()? {
+                ClientType::Unspecified => Ok(Value::Null),
+                known => serde_json::to_value(convert::client_type(known as i32)),
+            },
+            "unknown_certificate" => serde_json::to_value(convert::unknown_certificate(n)),
+            _ => return None,
+        };
+        spelled.ok()
+    };
     match value {
         Value::Object(fields) => Value::Object(
             fields
                 .into_iter()
                 .map(|(key, v)| {
-                    let named = match (key.as_str(), &v) {
-                        ("client_type", Value::Number(n)) => {
-                            n.as_i64().and_then(|n| ClientType::try_from(n as i32).ok()).map(|t| t.as_str_name())
-                        }
-                        ("access", Value::Number(n)) => n.as_i64().and_then(|n| Access::try_from(n as i32).ok()).map(|a| a.as_str_name()),
-                        ("unknown_certificate", Value::Number(n)) => {
-                            n.as_i64().and_then(|n| UnknownCertificate::try_from(n as i32).ok()).map(|u| u.as_str_name())
-                        }
-                        _ => None,
-                    };
-                    (key, named.map_or_else(|| readable(v), |name| Value::String(name.to_string())))
+                    let named = v.as_i64().and_then(|n| name(&key, n as i32));
+                    (key, named.unwrap_or_else(|| readable(v)))
                 })
                 .collect(),
         ),
@@ -877,8 +1115,180 @@ mod tests {
             "2 revocations added (revocation ids 4, 5; undo with `rampart admin unrevoke 4 5`). Committed at log index 7, applied on \
              nodes 1, 2; node 3 did not answer and will catch up when reachable."
         );
+        let one = serde_json::json!({"write": {"log_index": 8, "applied_on": [1], "detail": "1 revocation added"}, "revocation_ids": [6]});
+        assert_eq!(
+            write_summary(&one).unwrap(),
+            "1 revocation added (revocation id 6; undo with `rampart admin unrevoke 6`). Committed at log index 8, applied on node 1."
+        );
         assert_eq!(field_cell("revoked_at", &serde_json::json!(0)), "1970-01-01T00:00:00Z");
         assert_eq!(field_cell("applied_index", &serde_json::json!(0)), "0");
         assert_eq!(node_ids(&serde_json::json!([3])).as_deref(), Some("node 3"));
+    }
+
+    /// The providers `get` prints (TOML for people, JSON for scripts) are what `set` reads back.
+    #[test]
+    fn providers_get_prints_what_set_reads() {
+        let providers: state::Providers = toml::from_str(
+            r#"
+            order = ["x509", "jwt"]
+            [jwt]
+            hmac_secret = "******"
+            public_keys = ["-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEA\n-----END PUBLIC KEY-----\n"]
+            rules = [{ access = "readWrite", pattern = "apps/%u/#" }]
+            "#,
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        for output in [Output::Table, Output::Json] {
+            let text = document_text(output, "providers", &providers).unwrap();
+            let file = dir.path().join("p.txt");
+            std::fs::write(&file, &text).unwrap();
+            assert_eq!(read_document(&file, "providers", |s| s.providers).unwrap(), providers, "{output:?}:\n{text}");
+        }
+        let table = document_text(Output::Table, "providers", &providers).unwrap();
+        assert!(table.starts_with("[providers]\norder = [\"x509\", \"jwt\"]\n"), "{table}");
+        assert!(table.contains("access = \"readWrite\""), "{table}");
+        // A file without the table is refused rather than read as the defaults.
+        let other = dir.path().join("other.toml");
+        std::fs::write(&other, "[defaults]\nanonymous = true\n").unwrap();
+        let refused = read_document(&other, "providers", |s| s.providers).unwrap_err().to_string();
+        assert!(refused.ends_with("no [providers] table (the output of `get` has one)"), "{refused}");
+    }
+
+    #[test]
+    fn defaults_and_client_types_get_print_what_set_reads() {
+        let defaults = state::Defaults {
+            unknown_certificate: state::UnknownCertificate::DefaultRules,
+            anonymous: true,
+            anonymous_rules: vec![state::Rule {
+                access: state::Access::Read,
+                topic_regex: None,
+                pattern: Some("demo/#".into()),
+                deny: false,
+            }],
+            ..Default::default()
+        };
+        let client_types =
+            state::ClientTypes { application: state::ClientTypeSettings { max_queued_messages: Some(5000) }, ..Default::default() };
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("d.txt");
+        for output in [Output::Table, Output::Json] {
+            std::fs::write(&file, document_text(output, "defaults", &defaults).unwrap()).unwrap();
+            assert_eq!(read_document(&file, "defaults", |s| s.defaults).unwrap(), defaults);
+            std::fs::write(&file, document_text(output, "client_types", &client_types).unwrap()).unwrap();
+            assert_eq!(read_document(&file, "client_types", |s| s.client_types).unwrap(), client_types);
+        }
+        let table = document_text(Output::Table, "defaults", &defaults).unwrap();
+        assert!(table.starts_with("[defaults]\nunknown_certificate = \"default_rules\"\n"), "{table}");
+    }
+
+    fn check_access(args: &[&str]) -> Result<AdminArgs, clap::Error> {
+        let admin = <AdminArgs as clap::Args>::augment_args(clap::Command::new("admin"));
+        let matches = admin.try_get_matches_from(["admin", "check-access", "--action", "connect"].iter().chain(args))?;
+        <AdminArgs as clap::FromArgMatches>::from_arg_matches(&matches)
+    }
+
+    #[test]
+    fn check_access_takes_one_client_identity_certificate_token_or_anonymous() {
+        for args in [&["--identity", "plc-2"][..], &["--certificate", "plc-2.pem"], &["--token", "t"], &["--anonymous"]] {
+            assert!(check_access(args).is_ok(), "{args:?}");
+        }
+        assert!(check_access(&["--token", "t", "--identity", "user"]).is_ok());
+        assert!(check_access(&["--identity", "u", "--password-user"]).is_ok());
+        for args in [
+            &[][..],
+            &["--anonymous", "--identity", "plc-2"],
+            &["--certificate", "plc-2.pem", "--identity", "plc-2"],
+            &["--certificate", "plc-2.pem", "--serial", "0A"],
+            &["--anonymous", "--token", "t"],
+        ] {
+            assert!(check_access(args).is_err(), "{args:?}");
+        }
+        let help = check_access(&["--help"]).unwrap_err().to_string();
+        assert!(!help.contains("[default: ]"), "{help}");
+        let admin = <AdminArgs as clap::Args>::augment_args(clap::Command::new("admin"));
+        let about = admin.find_subcommand("check-access").and_then(|c| c.get_about()).map(ToString::to_string).unwrap_or_default();
+        assert!(about.contains("Exit status 0 when allowed, 1 when denied"), "{about}");
+    }
+
+    #[test]
+    fn tables_spell_access_as_flags_do_hide_hashes_and_say_when_a_list_is_empty() {
+        let listed = ListCredentialsReply {
+            credentials: vec![Credential {
+                name: "alice".into(),
+                enabled: true,
+                client_type: ClientType::Application as i32,
+                rules: vec![
+                    Rule { access: Access::ReadWrite as i32, pattern: Some("apps/%u/#".into()), topic_regex: None, deny: false },
+                    Rule { access: Access::Read as i32, topic_regex: Some("secret/.*".into()), pattern: None, deny: true },
+                ],
+                password: Some(PasswordMatch { username: "alice".into(), hash: "$argon2id$v=19$secret".into(), ..Default::default() }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let text = reply_text(&readable(serde_json::to_value(&listed).unwrap()));
+        assert!(text.starts_with("credentials (1):\nNAME   CLIENT TYPE  ENABLED  PASSWORD"), "{text}");
+        assert!(text.contains("hash: ******; username: alice"), "{text}");
+        assert!(text.contains("allow readWrite:apps/%u/#, deny-regex read:secret/.*"), "{text}");
+        assert!(text.contains("total matching: 0"), "{text}");
+        for raw in ["argon2id", "READ_WRITE", "APPLICATION_", "{", "\""] {
+            assert!(!text.contains(raw), "{raw} in {text}");
+        }
+        let json = readable(serde_json::to_value(&listed).unwrap());
+        assert_eq!(json["credentials"][0]["rules"][0]["access"], "readWrite");
+        assert_eq!(json["credentials"][0]["password"]["hash"], "$argon2id$v=19$secret", "JSON is the API's reply");
+
+        let empty = reply_text(&readable(serde_json::to_value(ListRevocationsReply::default()).unwrap()));
+        assert_eq!(empty, "No revocations.\ntotal: 0\n");
+        let sessions = ListSessionsReply { sessions: vec![], unreachable_nodes: vec![3] };
+        assert_eq!(reply_text(&readable(serde_json::to_value(&sessions).unwrap())), "No sessions.\nnode 3 did not answer.\n");
+        let record = Credential {
+            name: "plc-2".into(),
+            client_type: ClientType::Device as i32,
+            x509: Some(X509Match { identity: Some("plc-2".into()), ..Default::default() }),
+            ..Default::default()
+        };
+        let text = reply_text(&readable(serde_json::to_value(&record).unwrap()));
+        assert_eq!(text, "client type: DEVICE\nenabled: false\nname: plc-2\nroles: -\nrules: -\nx509 identity: plc-2\n");
+        let kicked = KickClientReply { kicked_on: vec![2], unreachable_nodes: vec![] };
+        assert_eq!(kick_text("plc-2", &kicked), "client \"plc-2\" disconnected on node 2.\n");
+        let nowhere = KickClientReply { kicked_on: vec![], unreachable_nodes: vec![3] };
+        assert_eq!(kick_text("x", &nowhere), "client \"x\" is not connected to any node that answered; node 3 did not answer.\n");
+        let denied = CheckAccessReply { allowed: false, decided_by: "CONNECT refused: revoked".into(), ..Default::default() };
+        let text = reply_text(&readable(serde_json::to_value(&denied).unwrap()));
+        assert_eq!(text, "allowed: false\ncredential: -\ndecided by: CONNECT refused: revoked\n");
+    }
+
+    #[test]
+    fn cluster_status_puts_node_reachable_leader_term_lag_first_and_no_own_link() {
+        let member = |id, link_up| ClusterMember {
+            id,
+            raft_addr: format!("127.0.0.1:707{id}"),
+            reachable: true,
+            leader_id: 1,
+            term: 3,
+            applied_index: 40,
+            voter: true,
+            link_up,
+            link_forwarded: 12,
+            ..Default::default()
+        };
+        let status = ClusterStatusReply {
+            leader_id: 1,
+            term: 3,
+            committed_index: 40,
+            answered_by: 1,
+            members: vec![member(1, false), member(2, true)],
+        };
+        let text = cluster_status_text(&status);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[..5], ["answered by: node 1", "leader: 1", "term: 3", "committed index: 40", "members (2):"], "{text}");
+        let columns: Vec<&str> = lines[5].split("  ").map(str::trim).filter(|c| !c.is_empty()).collect();
+        assert_eq!(columns[..7], ["NODE", "REACHABLE", "LEADER", "TERM", "LAG", "LINK UP", "LINK QUEUED"], "{text}");
+        let own: Vec<&str> = lines[6].split_whitespace().collect();
+        assert_eq!(own[..10], ["1", "true", "1", "3", "0", "-", "-", "-", "-", "-"], "{text}");
+        let peer: Vec<&str> = lines[7].split_whitespace().collect();
+        assert_eq!(peer[..10], ["2", "true", "1", "3", "0", "true", "0", "12", "0", "0"], "{text}");
     }
 }

@@ -8,7 +8,8 @@ use crate::auth::state::{
 };
 use crate::cluster::command::AuditEntry;
 
-fn client_type(value: i32) -> ClientType {
+/// A client type; unspecified is DEVICE.
+pub fn client_type(value: i32) -> ClientType {
     match pb::ClientType::try_from(value) {
         Ok(pb::ClientType::Application) => ClientType::Application,
         _ => ClientType::Device,
@@ -29,13 +30,19 @@ fn rule_to_pb(r: &Rule) -> pb::Rule {
     pb::Rule { access: access as i32, topic_regex: r.topic_regex.clone(), pattern: r.pattern.clone(), deny: r.deny }
 }
 
+/// An access; `None` when unspecified.
+pub fn access_from_pb(access: pb::Access) -> Option<Access> {
+    match access {
+        pb::Access::Read => Some(Access::Read),
+        pb::Access::Write => Some(Access::Write),
+        pb::Access::ReadWrite => Some(Access::ReadWrite),
+        pb::Access::Unspecified => None,
+    }
+}
+
 fn rule_from_pb(r: pb::Rule, field: &str) -> Result<Rule, String> {
-    let access = match pb::Access::try_from(r.access) {
-        Ok(pb::Access::Read) => Access::Read,
-        Ok(pb::Access::Write) => Access::Write,
-        Ok(pb::Access::ReadWrite) => Access::ReadWrite,
-        _ => return Err(format!("{field}.access: must be READ, WRITE or READ_WRITE")),
-    };
+    let access = pb::Access::try_from(r.access).ok().and_then(access_from_pb);
+    let access = access.ok_or_else(|| format!("{field}.access: must be READ, WRITE or READ_WRITE"))?;
     Ok(Rule { access, topic_regex: r.topic_regex, pattern: r.pattern, deny: r.deny })
 }
 
@@ -107,13 +114,17 @@ pub fn defaults_to_pb(d: &Defaults) -> pb::Defaults {
     }
 }
 
-pub fn defaults_from_pb(d: pb::Defaults) -> Result<Defaults, String> {
-    let unknown_certificate = match pb::UnknownCertificate::try_from(d.unknown_certificate) {
+/// What applies to an unknown certificate; unspecified is reject.
+pub fn unknown_certificate(value: i32) -> UnknownCertificate {
+    match pb::UnknownCertificate::try_from(value) {
         Ok(pb::UnknownCertificate::DefaultRules) => UnknownCertificate::DefaultRules,
         _ => UnknownCertificate::Reject,
-    };
+    }
+}
+
+pub fn defaults_from_pb(d: pb::Defaults) -> Result<Defaults, String> {
     Ok(Defaults {
-        unknown_certificate,
+        unknown_certificate: unknown_certificate(d.unknown_certificate),
         rules: rules_from_pb(d.rules, "defaults.rules")?,
         client_type: client_type(d.client_type),
         anonymous: d.anonymous,

@@ -17,7 +17,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::convert;
 use crate::auth::acl::AclAction;
 use crate::auth::chain::{self, Presented};
-use crate::auth::identity::PeerCertificate;
+use crate::auth::identity::{IdentityRule, PeerCertificate};
 use crate::auth::index::{compile_revocation, validate_credential, AuthIndex, Grant, PasswordCheck};
 use crate::auth::policy::{AuthPolicy, PeerAuth};
 use crate::auth::state::{AuthState, Revocation as StateRevocation};
@@ -44,6 +44,8 @@ pub struct AdminService {
     policy: AuthPolicy,
     /// This node's forwarding links, for the cluster status.
     forwarder: Arc<Forwarder>,
+    /// How `check-access --certificate` reads an identity (see [`certificate_identity`]).
+    certificate_identity: Result<IdentityRule, String>,
 }
 
 fn invalid(e: String) -> Status {
@@ -76,8 +78,9 @@ impl AdminService {
         trusted_cas: Vec<Vec<u8>>,
         policy: AuthPolicy,
         forwarder: Arc<Forwarder>,
+        certificate_identity: Result<IdentityRule, String>,
     ) -> AdminService {
-        AdminService { cluster, auth, clients, trusted_cas, policy, forwarder }
+        AdminService { cluster, auth, clients, trusted_cas, policy, forwarder, certificate_identity }
     }
 
     fn caller<T>(&self, request: &Request<T>) -> Result<String, Status> {
@@ -170,11 +173,24 @@ impl AdminService {
     /// policy) and the provider chain, then CRL revocations and the applied state. A password
     /// user is taken as having given the right password; a token is verified; the HTTP endpoint,
     /// when enabled, is asked (without a password). Blocking: runs on a blocking thread.
-    async fn dry_run_connect(&self, r: CheckAccessRequest, client_id: String) -> Result<Result<Grant, Refusal>, Status> {
+    async fn dry_run_connect(
+        &self,
+        r: CheckAccessRequest,
+        certificate: Option<PeerCertificate>,
+        client_id: String,
+    ) -> Result<Result<Grant, Refusal>, Status> {
         let (auth, policy, runtime) = (self.auth.clone(), self.policy, tokio::runtime::Handle::current());
-        tokio::task::spawn_blocking(move || dry_run_connect(&auth, policy, &runtime, &r, client_id))
+        tokio::task::spawn_blocking(move || dry_run_connect(&auth, policy, &runtime, &r, certificate, client_id))
             .await
             .map_err(|e| Status::internal(format!("check-access: {e}")))?
+    }
+
+    /// The identity, serial, issuer and validity of a client certificate (PEM or DER), read as
+    /// this node's mutual-TLS listeners read them.
+    fn peer_certificate(&self, bytes: &[u8]) -> Result<PeerCertificate, Status> {
+        let rule = self.certificate_identity.as_ref().map_err(|e| invalid(e.clone()))?;
+        let der = crate::pki::pem_to_der(bytes).unwrap_or_else(|_| bytes.to_vec());
+        rule.extract(&der).map_err(|e| invalid(format!("certificate: {e}")))
     }
 
     /// Verifies a CRL's signature against a trusted CA and turns its entries into revocations.
@@ -460,8 +476,15 @@ impl Admin for AdminService {
     async fn check_access(&self, request: Request<CheckAccessRequest>) -> Result<Response<CheckAccessReply>, Status> {
         self.caller(&request)?;
         let r = request.into_inner();
-        if r.identity.is_empty() && r.token.is_empty() {
-            return Err(invalid("identity: required (or a token)".into()));
+        let typed = !r.identity.is_empty() || !r.issuer.is_empty() || !r.serial.is_empty() || r.password_user;
+        if r.anonymous && (typed || !r.token.is_empty() || !r.certificate.is_empty()) {
+            return Err(invalid("anonymous: give no identity, issuer, serial, password_user, token or certificate with it".into()));
+        }
+        if !r.certificate.is_empty() && (typed || !r.token.is_empty()) {
+            return Err(invalid("certificate: give no identity, issuer, serial, password_user or token with it".into()));
+        }
+        if !r.anonymous && r.certificate.is_empty() && r.identity.is_empty() && r.token.is_empty() {
+            return Err(invalid("identity: required (or a token, a certificate, or anonymous)".into()));
         }
         let action = Action::try_from(r.action).unwrap_or(Action::Unspecified);
         if action == Action::Unspecified {
@@ -470,9 +493,11 @@ impl Admin for AdminService {
         if action != Action::Connect && r.topic.is_empty() {
             return Err(invalid("topic: required for PUBLISH and SUBSCRIBE".into()));
         }
-        let client_id = if r.client_id.is_empty() { r.identity.clone() } else { r.client_id.clone() };
+        let certificate = (!r.certificate.is_empty()).then(|| self.peer_certificate(&r.certificate)).transpose()?;
+        let identity = certificate.as_ref().map_or(&r.identity, |c| &c.identity);
+        let client_id = if r.client_id.is_empty() { identity.clone() } else { r.client_id.clone() };
         let topic = r.topic.clone();
-        let reply = match self.dry_run_connect(r, client_id).await? {
+        let reply = match self.dry_run_connect(r, certificate, client_id).await? {
             Err(refusal) => {
                 CheckAccessReply { allowed: false, decided_by: format!("CONNECT refused: {}", refusal.reason), ..Default::default() }
             }
@@ -580,12 +605,25 @@ impl Admin for AdminService {
     }
 }
 
+/// How `check-access --certificate` reads an identity: as this node's listeners that ask for
+/// client certificates do (`rules`, one per listener), when they agree.
+pub fn certificate_identity(rules: impl IntoIterator<Item = IdentityRule>) -> Result<IdentityRule, String> {
+    let mut rules = rules.into_iter();
+    let first = rules.next().ok_or("certificate: this node has no listener that asks for client certificates")?;
+    let reading = |rule: &IdentityRule| (rule.source, rule.pattern.as_ref().map(|p| p.as_str().to_string()));
+    if rules.any(|rule| reading(&rule) != reading(&first)) {
+        return Err("certificate: this node's listeners read identities differently; give identity, issuer and serial instead".into());
+    }
+    Ok(first)
+}
+
 /// The blocking part of [`AdminService::dry_run_connect`].
 fn dry_run_connect(
     auth: &AuthStore,
     policy: AuthPolicy,
     runtime: &tokio::runtime::Handle,
     r: &CheckAccessRequest,
+    certificate: Option<PeerCertificate>,
     client_id: String,
 ) -> Result<Result<Grant, Refusal>, Status> {
     let mut connect = mqttbytes::v5::Connect::new(client_id);
@@ -593,6 +631,10 @@ fn dry_run_connect(
     let peer = if r.password_user || token.is_some() {
         connect.set_login(&r.identity, &token.clone().unwrap_or_default());
         PeerAuth::Anonymous
+    } else if r.anonymous {
+        PeerAuth::Anonymous
+    } else if let Some(certificate) = certificate {
+        PeerAuth::Certificate(certificate)
     } else {
         let serial = if r.serial.is_empty() {
             String::new()
@@ -629,4 +671,21 @@ fn dry_run_connect(
 
 fn pb_client_type(t: crate::auth::state::ClientType) -> i32 {
     ClientType::from(t) as i32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::identity::IdentitySource;
+
+    #[test]
+    fn a_certificate_is_read_as_the_listeners_read_it_when_they_agree() {
+        let rule = |source, pattern| IdentityRule::new(source, pattern).unwrap();
+        let cn = certificate_identity([rule(IdentitySource::Cn, None), rule(IdentitySource::Cn, None)]).unwrap();
+        assert_eq!((cn.source, cn.pattern.is_none()), (IdentitySource::Cn, true));
+        let none = certificate_identity([]).unwrap_err();
+        assert!(none.contains("no listener that asks for client certificates"), "{none}");
+        let differ = [rule(IdentitySource::Cn, None), rule(IdentitySource::SanUri, Some("^spiffe://f/(?P<id>.+)$"))];
+        assert!(certificate_identity(differ).unwrap_err().contains("read identities differently"));
+    }
 }

@@ -210,7 +210,7 @@ impl Replicated {
                         None => list.push(c.clone()),
                     }
                 }
-                Ok((format!("{} credentials imported ({replaced} replaced)", credentials.len()), vec![]))
+                Ok((format!("{} imported ({replaced} replaced)", count(credentials.len(), "credential")), vec![]))
             }
             Op::DeleteCredential { name } => {
                 let i = credential_position(auth, name)?;
@@ -259,14 +259,14 @@ impl Replicated {
             }
             Op::Revoke(revocations) => {
                 let ids = self.add_revocations(revocations, cmd, "api")?;
-                Ok((format!("{} revocations added", ids.len()), ids))
+                Ok((format!("{} added", count(ids.len(), "revocation")), ids))
             }
             Op::ImportCrl { issuer, revocations } => {
                 let before = self.auth.revocations.len();
                 self.auth.revocations.retain(|r| !(r.source == "crl" && r.issuer.as_deref() == Some(issuer)));
                 let dropped = before - self.auth.revocations.len();
                 let ids = self.add_revocations(revocations, cmd, "crl")?;
-                Ok((format!("CRL of {issuer}: {} entries (replacing {dropped})", ids.len()), ids))
+                Ok((format!("CRL of {issuer}: {} (replacing {dropped})", count(ids.len(), "entry")), ids))
             }
             Op::RecordMembership { change } => Ok((change.clone(), vec![])),
             Op::SetProviders(providers) => {
@@ -282,7 +282,7 @@ impl Replicated {
                     return Err((Refused::NotFound, format!("no revocation with id {missing}")));
                 }
                 auth.revocations.retain(|r| !wanted.contains(&r.id));
-                Ok((format!("{} revocations removed", wanted.len()), vec![]))
+                Ok((format!("{} removed", count(wanted.len(), "revocation")), vec![]))
             }
         }
     }
@@ -341,15 +341,24 @@ fn check_new_credentials(auth: &AuthState, new: &[Credential]) -> Result<(), (Re
     Ok(())
 }
 
+/// `1 revocation`, `2 revocations`, `3 entries`.
+fn count(n: usize, noun: &str) -> String {
+    match (n, noun.strip_suffix('y')) {
+        (1, _) => format!("1 {noun}"),
+        (_, Some(stem)) => format!("{n} {stem}ies"),
+        _ => format!("{n} {noun}s"),
+    }
+}
+
 /// A short description of a refused request, for the audit trail.
 fn describe_request(op: &Op) -> String {
     match op {
         Op::PutCredential { credential, .. } => format!("credential {:?}", credential.name),
         Op::DeleteCredential { name } | Op::SetCredentialEnabled { name, .. } => format!("credential {name:?}"),
-        Op::ImportCredentials(c) => format!("{} credentials", c.len()),
+        Op::ImportCredentials(c) => count(c.len(), "credential"),
         Op::PutRole(role) => format!("role {:?}", role.name),
         Op::DeleteRole { name } => format!("role {name:?}"),
-        Op::Revoke(r) => format!("{} revocations", r.len()),
+        Op::Revoke(r) => count(r.len(), "revocation"),
         Op::ImportCrl { issuer, .. } => format!("CRL of {issuer}"),
         Op::Unrevoke { ids } => format!("revocations {ids:?}"),
         Op::RecordMembership { change } => change.clone(),
@@ -438,12 +447,14 @@ mod tests {
         let entry = |serial: &str| Revocation { issuer: Some("CN=CA".into()), serial: Some(serial.into()), ..Default::default() };
         state.apply(1, &cmd(1, Op::ImportCrl { issuer: "CN=CA".into(), revocations: vec![entry("01"), entry("02")] }));
         state.apply(2, &cmd(2, Op::Revoke(vec![entry("03")])));
-        state.apply(3, &cmd(3, Op::ImportCrl { issuer: "CN=CA".into(), revocations: vec![entry("02")] }));
+        let (resp, _) = state.apply(3, &cmd(3, Op::ImportCrl { issuer: "CN=CA".into(), revocations: vec![entry("02")] }));
+        assert_eq!(resp.detail, "CRL of CN=CA: 1 entry (replacing 2)");
         let serials: Vec<_> = state.auth.revocations.iter().map(|r| r.serial.clone().unwrap()).collect();
         assert_eq!(serials, ["03", "02"]);
         let (resp, _) = state.apply(4, &cmd(4, Op::Unrevoke { ids: vec![3, 99] }));
         assert_eq!(resp.error.unwrap().0, Refused::NotFound);
-        state.apply(5, &cmd(5, Op::Unrevoke { ids: vec![3] }));
+        let (resp, _) = state.apply(5, &cmd(5, Op::Unrevoke { ids: vec![3] }));
+        assert_eq!(resp.detail, "1 revocation removed");
         assert_eq!(state.auth.revocations.len(), 1);
     }
 
