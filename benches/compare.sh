@@ -18,7 +18,7 @@ root=$(pwd)
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 transports="tcp,tls"
-scenarios="fan-in-qos0,fan-in-qos1,fan-in-qos1-offline,fan-out-qos0,latency,connect-storm"
+scenarios="fan-in-qos0,fan-in-devices,fan-in-qos1,fan-in-qos1-offline,fan-out-qos0,latency,connect-storm"
 quick=0
 connections=5000
 marker=compare
@@ -142,6 +142,8 @@ scenario_args() {
   [ "$quick" = 1 ] && { n_fast=10000; n_fanout=5000; n_lat=5000; conns=100; }
   case "$1" in
     fan-in-qos0) echo "--scenario fan-in --qos 0 --publishers 4 --messages $((n_fast / 4))" ;;
+    # Devices: ten publishers, each PUBLISH in its own TLS record (no client-side batching).
+    fan-in-devices) echo "--scenario fan-in --qos 0 --publishers 10 --messages $((n_fast / 10)) --publish-each" ;;
     fan-in-qos1) echo "--scenario fan-in --qos 1 --publishers 4 --messages $((n_fast / 4))" ;;
     fan-in-qos1-offline) echo "--scenario fan-in --qos 1 --publishers 4 --messages $((n_fast / 4)) --offline-subscriber" ;;
     fan-out-qos0) echo "--scenario fan-out --qos 0 --subscribers 8 --messages $n_fanout" ;;

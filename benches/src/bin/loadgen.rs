@@ -82,6 +82,10 @@ struct Args {
     /// an offline (durable) session costs the publishers.
     #[arg(long)]
     offline_subscriber: bool,
+    /// Each publisher writes every PUBLISH on its own (one TLS record per message, as a device
+    /// sends) instead of batching up to 32 KiB per write.
+    #[arg(long)]
+    publish_each: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -332,7 +336,15 @@ async fn messaging(args: &Args, subscriber_connectors: &[Connector], connectors:
             _ => format!("bench/{run_id}/fanout"),
         };
         let job =
-            PublishJob { topic, qos, messages: args.messages, rate, payload_size: args.payload_size as usize, inflight: args.inflight };
+            PublishJob {
+            topic,
+            qos,
+            messages: args.messages,
+            rate,
+            payload_size: args.payload_size as usize,
+            inflight: args.inflight,
+            each: args.publish_each,
+        };
         pubs.push(tokio::spawn(publish_loop(conn, job, base, start.clone())));
     }
     let mut report = Report { expected: per_subscriber * subscribers as u64, ..Report::default() };
@@ -438,6 +450,8 @@ struct PublishJob {
     rate: f64,
     payload_size: usize,
     inflight: usize,
+    /// One write per PUBLISH.
+    each: bool,
 }
 
 /// Publishes `job.messages` messages, paced by `job.rate`, keeping at most `job.inflight`
@@ -494,7 +508,7 @@ async fn publish_loop(conn: Conn, job: PublishJob, base: Instant, start: Arc<Bar
         sent += 1;
         let batch_full = out.len() >= 32 * 1024 || sent == job.messages;
         let window_empty = job.qos == QoS::AtLeastOnce && window.available_permits() == 0;
-        if batch_full || window_empty || job.rate > 0.0 {
+        if batch_full || window_empty || job.rate > 0.0 || job.each {
             writer.write_all(&out).await?;
             out.clear();
         }
