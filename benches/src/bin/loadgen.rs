@@ -335,8 +335,7 @@ async fn messaging(args: &Args, subscriber_connectors: &[Connector], connectors:
             Scenario::FanIn => format!("bench/{run_id}/{i}/data"),
             _ => format!("bench/{run_id}/fanout"),
         };
-        let job =
-            PublishJob {
+        let job = PublishJob {
             topic,
             qos,
             messages: args.messages,

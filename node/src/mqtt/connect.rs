@@ -70,7 +70,7 @@ impl Handshake {
                     self.exchanged(request, exchange, exchanged)
                 }
                 Ok(Some(other)) => {
-                    let reason = format!("expected AUTH during authentication, got {}", super::session::packet_name(&other));
+                    let reason = format!("expected AUTH during authentication, got {}", other.name());
                     refused(request.version, Refusal { code: ConnectReturnCode::ProtocolError, reason })
                 }
                 Err(e) => {

@@ -341,7 +341,7 @@ impl Session {
             Packet::Disconnect(disconnect) => self.on_disconnect(disconnect),
             Packet::Connect(_) => self.fail(Reason::ProtocolError, "second CONNECT on one connection".into()),
             Packet::Auth(auth) => self.on_auth(auth),
-            other => self.fail(Reason::ProtocolError, format!("a client must not send {}", packet_name(&other))),
+            other => self.fail(Reason::ProtocolError, format!("a client must not send {}", other.name())),
         }
     }
 
@@ -788,7 +788,7 @@ impl Session {
 
     fn send(&mut self, packet: Packet) {
         if let Err(e) = codec::encode(self.version, &packet, &mut self.out, self.client_max_packet_size) {
-            tracing::warn!(client_id = %self.client_id, error = %e, packet = packet_name(&packet), "could not encode packet");
+            tracing::warn!(client_id = %self.client_id, error = %e, packet = packet.name(), "could not encode packet");
         }
     }
 
@@ -855,27 +855,6 @@ fn pubrec_reason(code: u8) -> v5::PubRecReason {
         0x97 => v5::PubRecReason::QuotaExceeded,
         0x99 => v5::PubRecReason::PayloadFormatInvalid,
         _ => v5::PubRecReason::UnspecifiedError,
-    }
-}
-
-/// The packet's name, for logs and errors.
-pub fn packet_name(packet: &Packet) -> &'static str {
-    match packet {
-        Packet::Connect(_) => "CONNECT",
-        Packet::ConnAck(_) => "CONNACK",
-        Packet::Publish(_) => "PUBLISH",
-        Packet::PubAck(_) => "PUBACK",
-        Packet::PubRec(_) => "PUBREC",
-        Packet::PubRel(_) => "PUBREL",
-        Packet::PubComp(_) => "PUBCOMP",
-        Packet::Subscribe(_) => "SUBSCRIBE",
-        Packet::SubAck(_) => "SUBACK",
-        Packet::Unsubscribe(_) => "UNSUBSCRIBE",
-        Packet::UnsubAck(_) => "UNSUBACK",
-        Packet::PingReq => "PINGREQ",
-        Packet::PingResp => "PINGRESP",
-        Packet::Disconnect(_) => "DISCONNECT",
-        Packet::Auth(_) => "AUTH",
     }
 }
 
