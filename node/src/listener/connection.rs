@@ -228,7 +228,7 @@ where
     let mut request = match read_connect(&mut handshake, (reader, writer, input), broker, start_exchange).await {
         Ok(request) => request,
         Err((reply, reason)) => {
-            refuse(writer, &reply, (peer, None), &reason).await;
+            refuse(writer, &reply, (peer, handshake.client_id()), &reason).await;
             return None;
         }
     };

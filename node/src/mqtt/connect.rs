@@ -39,12 +39,19 @@ pub struct Handshake {
     deadline: Instant,
     /// The CONNECT whose AUTH exchange is in progress.
     exchange: Option<(Box<ConnectRequest>, AuthExchange)>,
+    /// The client id of the CONNECT read, once it passed validation (for refusal logs).
+    client_id: Option<String>,
 }
 
 impl Handshake {
     /// A connection accepted at `now` that must complete its CONNECT within `timeout`.
     pub fn new(limits: SessionLimits, timeout: Duration, now: Instant) -> Handshake {
-        Handshake { limits, timeout, deadline: now + timeout, exchange: None }
+        Handshake { limits, timeout, deadline: now + timeout, exchange: None, client_id: None }
+    }
+
+    /// The client id the CONNECT asked for (or was assigned), once a valid CONNECT was read.
+    pub fn client_id(&self) -> Option<&str> {
+        self.client_id.as_deref()
     }
 
     /// When the connection is dropped if the CONNECT phase is not over.
@@ -81,16 +88,19 @@ impl Handshake {
         match codec::decode_connect(input, self.limits.max_packet_size) {
             Ok(None) => Handshaked::Pending,
             Ok(Some((version, connect))) => match validate(version, connect, &self.limits, generate_id) {
-                Ok(mut request) => match request.auth_method.clone() {
-                    None => Handshaked::Connect(Box::new(request)),
-                    Some(method) => {
-                        let first = request.auth_data.take().unwrap_or_default();
-                        match start_exchange(&method).and_then(|server| AuthExchange::start(&method, server, &first)) {
-                            Ok((exchange, exchanged)) => self.exchanged(Box::new(request), exchange, Ok(exchanged)),
-                            Err(refusal) => refused(version, refusal),
+                Ok(mut request) => {
+                    self.client_id = Some(request.client_id.clone());
+                    match request.auth_method.clone() {
+                        None => Handshaked::Connect(Box::new(request)),
+                        Some(method) => {
+                            let first = request.auth_data.take().unwrap_or_default();
+                            match start_exchange(&method).and_then(|server| AuthExchange::start(&method, server, &first)) {
+                                Ok((exchange, exchanged)) => self.exchanged(Box::new(request), exchange, Ok(exchanged)),
+                                Err(refusal) => refused(version, refusal),
+                            }
                         }
                     }
-                },
+                }
                 Err(refusal) => refused(version, refusal),
             },
             Err(DecodeError::UnsupportedVersion(level)) => Handshaked::Refused {
