@@ -283,6 +283,12 @@ mod tests {
             assert!(refusal.reason.starts_with(&format!("certificate {} of CN=Fleet CA is revoked", cert.serial)), "{}", refusal.reason);
         }
         assert!(store.revocation(&certificate("plc-1", "0A:0B", 0)).unwrap().to_string().contains("revoked (keyCompromise) by"));
+        let replicated = |source: &str| {
+            let r = Revocation { id: 7, serial: Some("0A".into()), source: source.into(), ..Revocation::default() };
+            RevokedBy::Revocation(r).to_string()
+        };
+        assert_eq!(replicated("api"), "revocation 7 (serial \"0A\")", "as `rampart admin revocations` lists it");
+        assert_eq!(replicated("crl"), "imported CRL entry 7 (serial \"0A\")");
         for cert in [certificate("plant-7-a", "01", 1000), certificate("plant-8-a", "01", 0), certificate("plc-1", "0D", 0)] {
             assert_eq!(store.revocation(&cert), None, "{cert:?}");
             assert!(store.authorize(&principal(cert.clone()), &cert.identity).is_ok(), "{cert:?}");
