@@ -212,32 +212,45 @@ fn handshake_failed(peer: SocketAddr, kind: ListenerKind, reason: &str) {
     tracing::info!(%peer, listener = kind.name(), reason, "handshake failed");
 }
 
+/// A log line budget: at most `per_second` lines a second.
+struct LineBudget {
+    per_second: u32,
+    /// (start of the current second, lines logged in it, lines left out since the last one logged).
+    state: std::sync::Mutex<Option<(std::time::Instant, u32, u64)>>,
+}
+
+impl LineBudget {
+    const fn new(per_second: u32) -> LineBudget {
+        LineBudget { per_second, state: std::sync::Mutex::new(None) }
+    }
+
+    /// Whether a line may be logged at `now`: the number of lines left out since the last one
+    /// logged, or `None` (this one is left out and counted).
+    fn admit(&self, now: std::time::Instant) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (second, lines, left_out) = state.get_or_insert((now, 0, 0));
+        if now.duration_since(*second) >= std::time::Duration::from_secs(1) {
+            (*second, *lines) = (now, 0);
+        }
+        if *lines >= self.per_second {
+            *left_out += 1;
+            return None;
+        }
+        *lines += 1;
+        Some(std::mem::take(left_out))
+    }
+}
+
 /// Refused-as-revoked handshakes logged per second at most: a fleet revoked at once keeps
 /// reconnecting. The others are counted (`rampart_tls_handshakes_revoked_total`) and their
 /// number is given on the next line logged (`suppressed=N`).
-const REVOKED_LINES_PER_SECOND: u32 = 10;
-
-/// (start of the current second, lines logged in it, refusals not logged since the last line).
-static REVOKED_LOG: std::sync::Mutex<Option<(std::time::Instant, u32, u64)>> = std::sync::Mutex::new(None);
+static REVOKED_LINES: LineBudget = LineBudget::new(10);
 
 /// Logs a handshake refused because the client certificate is revoked: the peer, the
 /// certificate and the revocation rule, in one line.
 fn handshake_revoked(peer: SocketAddr, kind: ListenerKind, reason: &str, refused: RefusedRevoked) {
     metrics::connection_refused();
-    let suppressed = {
-        let mut log = REVOKED_LOG.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let now = std::time::Instant::now();
-        let (second, lines, suppressed) = log.get_or_insert((now, 0, 0));
-        if now.duration_since(*second) >= std::time::Duration::from_secs(1) {
-            (*second, *lines) = (now, 0);
-        }
-        if *lines >= REVOKED_LINES_PER_SECOND {
-            *suppressed += 1;
-            return;
-        }
-        *lines += 1;
-        std::mem::take(suppressed)
-    };
+    let Some(suppressed) = REVOKED_LINES.admit(std::time::Instant::now()) else { return };
     let RefusedRevoked { identity, revoked } = refused;
     tracing::warn!(
         %peer,
@@ -255,6 +268,18 @@ fn handshake_revoked(peer: SocketAddr, kind: ListenerKind, reason: &str, refused
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_revoked_handshake_lines_are_limited_per_second_and_count_what_they_leave_out() {
+        let budget = LineBudget::new(3);
+        let start = std::time::Instant::now();
+        let admitted: Vec<_> = (0..5).map(|_| budget.admit(start)).collect();
+        assert_eq!(admitted, [Some(0), Some(0), Some(0), None, None]);
+        assert_eq!(budget.admit(start + std::time::Duration::from_millis(999)), None);
+        let next_second = start + std::time::Duration::from_secs(1);
+        assert_eq!(budget.admit(next_second), Some(3), "the first line of the next second says how many were left out");
+        assert_eq!(budget.admit(next_second), Some(0));
+    }
 
     /// What an idle connection's task keeps: the dispatch (a pointer to its connection) and the
     /// pump's state; the handshakes, the CONNECT exchange and the closing live in their own
