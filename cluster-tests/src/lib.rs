@@ -514,6 +514,17 @@ pub async fn mqtt_connect(port: u16, ca: &Path, cert: &Path, key: &Path, client_
     Ok((connack.code as u8, client))
 }
 
+/// Connects with a revoked certificate: `Ok` when the TLS handshake is refused with the alert
+/// `certificate_revoked` (under TLS 1.3 the client reads it after sending CONNECT), else what
+/// happened instead.
+pub async fn mqtt_connect_revoked(port: u16, ca: &Path, cert: &Path, key: &Path, client_id: &str) -> Result<(), String> {
+    match mqtt_connect(port, ca, cert, key, client_id).await {
+        Ok((code, _)) => Err(format!("CONNACK {code:#04x}")),
+        Err(e) if format!("{e:#}").contains("CertificateRevoked") => Ok(()),
+        Err(e) => Err(format!("{e:#}")),
+    }
+}
+
 /// Sends `connect` over mutual TLS and returns the CONNACK (whatever its code) and the connection.
 pub async fn mqtt_connect_with(
     port: u16,

@@ -70,7 +70,7 @@ impl Server {
             write_timeout: Duration::from_secs(config.limits.write_timeout_secs),
             shutdown: shutdown_rx.clone(),
         });
-        let bound = listener::bind(&config.listener_specs()).await?;
+        let bound = listener::bind(&config.listener_specs(), &auth).await?;
         let ready = Arc::new(AtomicBool::new(false));
         let http = if config.http.enabled {
             let socket = telemetry::http::bind(config.http.bind).await?;
@@ -96,7 +96,7 @@ impl Server {
     /// Re-reads the TLS files (certificates, CA bundles, CRLs) and the authorization state. New
     /// handshakes use them at once; live connections re-check themselves. On error nothing changes.
     pub fn reload(&self) -> anyhow::Result<()> {
-        let configs = self.tls.iter().map(|(files, _)| crate::tls::server_config(files)).collect::<Result<Vec<_>, _>>()?;
+        let configs = self.tls.iter().map(|(files, _)| crate::tls::server_config(files, &self.auth)).collect::<Result<Vec<_>, _>>()?;
         let revoked = crl_revocations(&self.tls)?;
         self.auth.reload()?;
         for ((_, current), config) in self.tls.iter().zip(configs) {

@@ -115,7 +115,7 @@ impl Fleet {
     }
 
     /// Checks the row with `key`: the broker log spans (column `log_column`) are in the log line
-    /// that starts with `log_start`, and the client column's spans marked as mosquitto output
+    /// that starts with `log_start`, and the other columns' spans marked as mosquitto output
     /// are in `client_output`.
     fn check(&self, key: &str, log_column: usize, log_start: &str, client_output: &str) {
         let cells = row(key);
@@ -127,7 +127,8 @@ impl Fleet {
         for span in spans {
             assert!(contains_in_order(&line, &span), "{key}: the doc quotes `{span}`, the log says:\n{line}");
         }
-        for span in cells[0].split("mosquitto: ").skip(1).filter_map(|s| quoted(s).into_iter().next()) {
+        let client_cells = cells.iter().enumerate().filter(|(column, _)| *column != log_column).map(|(_, cell)| cell);
+        for span in client_cells.flat_map(|cell| cell.split("mosquitto: ").skip(1).filter_map(|s| quoted(s).into_iter().next())) {
             assert!(client_output.contains(&span), "{key}: the doc says mosquitto prints `{span}`, it printed:\n{client_output}");
         }
     }
@@ -155,7 +156,7 @@ fn the_tls_handshake_table_matches_the_log() {
 
     let (cert, key) = f.store.paths(Kind::Device, "plc-2");
     let out = f.publish(Some((&cert, &key)), None, "plc-2");
-    f.check("Revoked", 1, "handshake failed", &out);
+    f.check("listed in one of the `crl_files`", 1, "handshake failed", &out);
 
     let (cert, key) = f.odd_certificate("server-only", (-1, 10), ExtendedKeyUsagePurpose::ServerAuth);
     let out = f.publish(Some((&cert, &key)), None, "plc-1");
@@ -177,4 +178,35 @@ fn the_connack_table_matches_the_log() {
     let (cert, key) = f.store.paths(Kind::Device, "plc-1");
     let out = f.publish(Some((&cert, &key)), None, "plc-1");
     f.check("field to take the identity from", 2, "connection refused", &out);
+}
+
+#[test]
+fn the_revocation_table_matches_the_log() {
+    let f = fleet("");
+    // Revoked by the listener's CRL file, and in the state: both refused in the handshake.
+    let (cert, key) = f.store.paths(Kind::Device, "plc-2");
+    let out = f.publish(Some((&cert, &key)), None, "plc-2");
+    f.check("at the TLS handshake", 2, "handshake failed", &out);
+
+    // Certificates without a credential get default rules: plc-1 connects, then is revoked.
+    let add_to_state = |toml: &str| {
+        let state = f.store.dir().parent().unwrap().join("auth.toml");
+        let text = std::fs::read_to_string(&state).unwrap();
+        std::fs::write(&state, format!("{text}{toml}")).unwrap();
+        let status = Command::new("kill").args(["-HUP", &f.broker.pid().to_string()]).status().unwrap();
+        assert!(status.success());
+    };
+    add_to_state("[defaults]\nunknown_certificate = \"default_rules\"\n");
+    assert!(f.broker.wait_for_log("reloaded", Duration::from_secs(5)).is_some());
+    let (cert, key) = f.store.paths(Kind::Device, "plc-1");
+    let mut live =
+        common::Raw::tls(f.broker.tls.unwrap(), rampart_node::mqtt::codec::ProtocolVersion::V5, &f.store.ca_cert(), (&cert, &key));
+    live.handshake("plc-1");
+    let serial = rampart_node::pki::serial_of(&rampart_node::pki::pem_to_der(&std::fs::read(&cert).unwrap()).unwrap()).unwrap();
+    add_to_state(&format!("[[revocations]]\nissuer = \"O=Rampart, CN=Test Fleet CA\"\nserial = {serial:?}\n"));
+    live.expect_close(Some(mqttbytes::v5::DisconnectReasonCode::AdministrativeAction));
+    f.check("while connected", 2, "closing connection", "");
+
+    let out = f.publish(Some((&cert, &key)), None, "plc-1");
+    f.check("at the TLS handshake", 2, "handshake failed", &out);
 }

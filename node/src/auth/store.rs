@@ -12,9 +12,10 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
+use super::identity::PeerCertificate;
 use super::index::{AuthIndex, Grant};
 use super::policy::Principal;
-use super::state::AuthState;
+use super::state::{AuthState, Revocation};
 use crate::auth::Refusal;
 
 /// Why a cluster node refuses clients before it has seen itself in the membership.
@@ -30,6 +31,66 @@ pub struct AuthStore {
     changed: watch::Sender<u64>,
     /// The `http` provider's client and decision cache (node settings from `[auth.http]`).
     http: std::sync::OnceLock<super::http::HttpDelegate>,
+}
+
+/// A revoked certificate and the rule that revokes it. Displayed as the refusal's reason:
+/// `certificate 0A:1B of O=Rampart, CN=Fleet CA is revoked (keyCompromise) by revocation 7 (serial "0A:1B", issuer "…")`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Revoked {
+    pub serial: String,
+    pub issuer: String,
+    pub by: RevokedBy,
+}
+
+/// What revokes a certificate.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RevokedBy {
+    /// A CRL in a listener's `crl_files`.
+    CrlFile,
+    /// A revocation of the state: the state file, the admin API, or an entry of an imported CRL.
+    Revocation(Revocation),
+}
+
+impl std::fmt::Display for Revoked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "certificate {} of {} is revoked", self.serial, self.issuer)?;
+        if let RevokedBy::Revocation(r) = &self.by {
+            if !r.reason.is_empty() {
+                write!(f, " ({})", r.reason)?;
+            }
+        }
+        write!(f, " by {}", self.by)
+    }
+}
+
+impl std::fmt::Display for RevokedBy {
+    /// The rule as an operator finds it: `rampart admin revocations list` shows the id, the
+    /// state file the fields.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let r = match self {
+            RevokedBy::CrlFile => return f.write_str("a CRL in the listener's crl_files"),
+            RevokedBy::Revocation(r) => r,
+        };
+        f.write_str(match r.source.as_str() {
+            "crl" => "imported CRL entry",
+            "" if r.id == 0 => "state file revocation",
+            _ => "revocation",
+        })?;
+        if r.id != 0 {
+            write!(f, " {}", r.id)?;
+        }
+        let fields = [
+            r.serial.as_ref().map(|s| format!("serial {s:?}")),
+            r.issuer.as_ref().map(|i| format!("issuer {i:?}")),
+            r.identity_regex.as_ref().map(|p| format!("identity_regex {p:?}")),
+            r.issued_before.map(|t| {
+                let at = time::OffsetDateTime::from_unix_timestamp(t).ok();
+                let text = at.and_then(|at| at.format(&time::format_description::well_known::Rfc3339).ok());
+                format!("issued_before {}", text.unwrap_or_else(|| t.to_string()))
+            }),
+        ];
+        write!(f, " ({})", fields.into_iter().flatten().collect::<Vec<_>>().join(", "))
+    }
 }
 
 /// Reads a state file; errors name the file and the key. A `jwks_file` in `[providers.jwt]`
@@ -78,24 +139,36 @@ impl AuthStore {
         })
     }
 
-    /// The CONNECT decision (and the re-check of a live connection): CRL revocations first, then
-    /// the index in force.
+    /// The CONNECT decision (and the re-check of a live connection): revocations first (see
+    /// [`AuthStore::revocation`]), then the credentials of the index in force.
     pub fn authorize(&self, principal: &Principal, client_id: &str) -> Result<Grant, Refusal> {
         if let Some(reason) = self.out_of_service().as_ref() {
             return Err(Refusal { code: mqttbytes::v5::ConnectReturnCode::ServerUnavailable, reason: reason.clone() });
         }
+        let index = self.current();
         if let Some(cert) = &principal.certificate {
-            if self.crl_revoked.load().contains(&(cert.issuer.clone(), cert.serial.clone())) {
-                let reason = format!("certificate {} of {} is revoked by a CRL", cert.serial, cert.issuer);
-                return Err(Refusal { code: mqttbytes::v5::ConnectReturnCode::NotAuthorized, reason });
+            if let Some(revoked) = self.revocation_in(&index, cert) {
+                return Err(Refusal { code: mqttbytes::v5::ConnectReturnCode::NotAuthorized, reason: revoked.to_string() });
             }
         }
-        self.current().authorize(principal, client_id)
+        index.authorize(principal, client_id)
     }
 
-    /// Whether a certificate is revoked, by a CRL file in force or in the state.
-    pub fn is_revoked(&self, cert: &crate::auth::identity::PeerCertificate) -> bool {
-        self.crl_revoked.load().contains(&(cert.issuer.clone(), cert.serial.clone())) || self.current().revocation_of(cert).is_some()
+    /// Whether a certificate is revoked, and by what: a listener's CRL file in force, else a
+    /// revocation of the state (issuer, serial, identity regex, issued before; see
+    /// [`AuthIndex::revocation_of`]). The one decision the TLS handshake, CONNECT, live
+    /// connections and the gRPC callers share.
+    pub fn revocation(&self, cert: &PeerCertificate) -> Option<Revoked> {
+        self.revocation_in(&self.current(), cert)
+    }
+
+    fn revocation_in(&self, index: &AuthIndex, cert: &PeerCertificate) -> Option<Revoked> {
+        let by = if self.crl_revoked.load().contains(&(cert.issuer.clone(), cert.serial.clone())) {
+            RevokedBy::CrlFile
+        } else {
+            RevokedBy::Revocation(index.revocation_of(cert)?.clone())
+        };
+        Some(Revoked { serial: cert.serial.clone(), issuer: cert.issuer.clone(), by })
     }
 
     /// For a cluster node: nothing is allowed until the replicated state is applied, and no
@@ -175,6 +248,51 @@ mod tests {
         let file = dir.join("auth.toml");
         std::fs::write(&file, format!("[providers]\norder = [\"jwt\"]\n[providers.jwt]\n{jwt}\n")).unwrap();
         file
+    }
+
+    fn certificate(identity: &str, serial: &str, not_before: i64) -> PeerCertificate {
+        PeerCertificate { identity: identity.into(), serial: serial.into(), issuer: "CN=Fleet CA".into(), not_before, not_after: 0 }
+    }
+
+    #[test]
+    fn revocations_by_serial_rule_and_crl_file_decide_connect_and_name_their_rule() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("auth.toml");
+        std::fs::write(
+            &file,
+            "[defaults]\nunknown_certificate = \"default_rules\"\n\
+             [[revocations]]\nissuer = \"CN=Fleet CA\"\nserial = \"0a:0b\"\nreason = \"keyCompromise\"\n\
+             [[revocations]]\nissuer = \"CN=Fleet CA\"\nidentity_regex = \"plant-7-.*\"\nissued_before = 1000\n",
+        )
+        .unwrap();
+        let store = AuthStore::open(Some(file)).unwrap();
+        store.set_crl_revocations(HashSet::from([("CN=Fleet CA".to_string(), "0C".to_string())]));
+        let principal = |cert: PeerCertificate| Principal { certificate: Some(cert), ..Principal::default() };
+        for (cert, rule) in [
+            (certificate("plc-1", "0A:0B", 0), "state file revocation (serial \"0a:0b\", issuer \"CN=Fleet CA\")"),
+            (
+                certificate("plant-7-a", "01", 999),
+                "state file revocation (issuer \"CN=Fleet CA\", identity_regex \"plant-7-.*\", issued_before 1970-01-01T00:16:40Z)",
+            ),
+            (certificate("plc-2", "0C", 0), "a CRL in the listener's crl_files"),
+        ] {
+            let revoked = store.revocation(&cert).unwrap_or_else(|| panic!("{cert:?} is not revoked"));
+            assert_eq!(revoked.by.to_string(), rule);
+            let refusal = store.authorize(&principal(cert.clone()), &cert.identity).unwrap_err();
+            assert_eq!(refusal.reason, revoked.to_string(), "CONNECT refuses with the same decision");
+            assert!(refusal.reason.starts_with(&format!("certificate {} of CN=Fleet CA is revoked", cert.serial)), "{}", refusal.reason);
+        }
+        assert!(store.revocation(&certificate("plc-1", "0A:0B", 0)).unwrap().to_string().contains("revoked (keyCompromise) by"));
+        let replicated = |source: &str| {
+            let r = Revocation { id: 7, serial: Some("0A".into()), source: source.into(), ..Revocation::default() };
+            RevokedBy::Revocation(r).to_string()
+        };
+        assert_eq!(replicated("api"), "revocation 7 (serial \"0A\")", "as `rampart admin revocations` lists it");
+        assert_eq!(replicated("crl"), "imported CRL entry 7 (serial \"0A\")");
+        for cert in [certificate("plant-7-a", "01", 1000), certificate("plant-8-a", "01", 0), certificate("plc-1", "0D", 0)] {
+            assert_eq!(store.revocation(&cert), None, "{cert:?}");
+            assert!(store.authorize(&principal(cert.clone()), &cert.identity).is_ok(), "{cert:?}");
+        }
     }
 
     #[test]

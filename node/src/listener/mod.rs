@@ -18,8 +18,10 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::auth::identity::IdentityRule;
 use crate::auth::policy::PeerAuth;
+use crate::auth::store::AuthStore;
 use crate::config::{ListenerKind, ListenerSpec, TlsFiles};
 use crate::telemetry::metrics;
+use crate::tls::revocation::{self, RefusedRevoked};
 use connection::ConnectionContext;
 
 /// A listener bound to its address, not yet accepting.
@@ -37,12 +39,13 @@ pub struct BoundListener {
     tcp_keepalive: Option<TcpKeepalive>,
 }
 
-/// Binds every listener; fails naming the listener and address, or the TLS file at fault.
-pub async fn bind(specs: &[ListenerSpec]) -> anyhow::Result<Vec<BoundListener>> {
+/// Binds every listener; fails naming the listener and address, or the TLS file at fault. TLS
+/// handshakes refuse certificates that `auth` holds revoked.
+pub async fn bind(specs: &[ListenerSpec], auth: &Arc<AuthStore>) -> anyhow::Result<Vec<BoundListener>> {
     let mut bound = Vec::with_capacity(specs.len());
     for spec in specs {
         let tls = match &spec.tls {
-            Some(files) => Some(Arc::new(ArcSwap::new(crate::tls::server_config(files)?))),
+            Some(files) => Some(Arc::new(ArcSwap::new(crate::tls::server_config(files, auth)?))),
             None => None,
         };
         let identity = spec.tls.as_ref().and_then(|t| t.client_auth.as_ref()).map(|c| Arc::new(c.identity.clone()));
@@ -158,9 +161,13 @@ async fn transport(Accepted { kind, tcp, peer, tls, identity, ctx, busy }: Accep
             Err(_) => failed("WebSocket handshake timed out"),
         },
         (ListenerKind::Tls | ListenerKind::Wss, Some(acceptor)) => {
-            let tls_stream = match tokio::time::timeout(deadline, acceptor.accept(tcp)).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => return failed(&e.to_string()),
+            let tls_stream = match tokio::time::timeout(deadline, revocation::watch(acceptor.accept(tcp))).await {
+                Ok((Ok(stream), _)) => stream,
+                Ok((Err(e), Some(refused))) => {
+                    handshake_revoked(peer, kind, &e.to_string(), refused);
+                    return None;
+                }
+                Ok((Err(e), None)) => return failed(&e.to_string()),
                 Err(_) => return failed("TLS handshake timed out"),
             };
             let peer_auth = identity.map_or(PeerAuth::Anonymous, |rule| peer_auth(tls_stream.get_ref().1, &rule));
@@ -205,9 +212,74 @@ fn handshake_failed(peer: SocketAddr, kind: ListenerKind, reason: &str) {
     tracing::info!(%peer, listener = kind.name(), reason, "handshake failed");
 }
 
+/// A log line budget: at most `per_second` lines a second.
+struct LineBudget {
+    per_second: u32,
+    /// (start of the current second, lines logged in it, lines left out since the last one logged).
+    state: std::sync::Mutex<Option<(std::time::Instant, u32, u64)>>,
+}
+
+impl LineBudget {
+    const fn new(per_second: u32) -> LineBudget {
+        LineBudget { per_second, state: std::sync::Mutex::new(None) }
+    }
+
+    /// Whether a line may be logged at `now`: the number of lines left out since the last one
+    /// logged, or `None` (this one is left out and counted).
+    fn admit(&self, now: std::time::Instant) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (second, lines, left_out) = state.get_or_insert((now, 0, 0));
+        if now.duration_since(*second) >= std::time::Duration::from_secs(1) {
+            (*second, *lines) = (now, 0);
+        }
+        if *lines >= self.per_second {
+            *left_out += 1;
+            return None;
+        }
+        *lines += 1;
+        Some(std::mem::take(left_out))
+    }
+}
+
+/// Refused-as-revoked handshakes logged per second at most: a fleet revoked at once keeps
+/// reconnecting. The others are counted (`rampart_tls_handshakes_revoked_total`) and their
+/// number is given on the next line logged (`suppressed=N`).
+static REVOKED_LINES: LineBudget = LineBudget::new(10);
+
+/// Logs a handshake refused because the client certificate is revoked: the peer, the
+/// certificate and the revocation rule, in one line.
+fn handshake_revoked(peer: SocketAddr, kind: ListenerKind, reason: &str, refused: RefusedRevoked) {
+    metrics::connection_refused();
+    let Some(suppressed) = REVOKED_LINES.admit(std::time::Instant::now()) else { return };
+    let RefusedRevoked { identity, revoked } = refused;
+    tracing::warn!(
+        %peer,
+        listener = kind.name(),
+        reason,
+        identity,
+        serial = revoked.serial,
+        issuer = revoked.issuer,
+        revoked_by = %revoked.by,
+        suppressed,
+        "handshake failed"
+    );
+}
+
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_revoked_handshake_lines_are_limited_per_second_and_count_what_they_leave_out() {
+        let budget = LineBudget::new(3);
+        let start = std::time::Instant::now();
+        let admitted: Vec<_> = (0..5).map(|_| budget.admit(start)).collect();
+        assert_eq!(admitted, [Some(0), Some(0), Some(0), None, None]);
+        assert_eq!(budget.admit(start + std::time::Duration::from_millis(999)), None);
+        let next_second = start + std::time::Duration::from_secs(1);
+        assert_eq!(budget.admit(next_second), Some(3), "the first line of the next second says how many were left out");
+        assert_eq!(budget.admit(next_second), Some(0));
+    }
 
     /// What an idle connection's task keeps: the dispatch (a pointer to its connection) and the
     /// pump's state; the handshakes, the CONNECT exchange and the closing live in their own

@@ -124,6 +124,7 @@ struct Metrics {
     connections: AtomicI64,
     connections_total: AtomicU64,
     connections_refused: AtomicU64,
+    tls_handshakes_revoked: AtomicU64,
     messages_in: [AtomicU64; 3],
     messages_out: [AtomicU64; 3],
     dropped: [AtomicU64; DropReason::ALL.len()],
@@ -145,6 +146,7 @@ static METRICS: Metrics = Metrics {
     connections: AtomicI64::new(0),
     connections_total: AtomicU64::new(0),
     connections_refused: AtomicU64::new(0),
+    tls_handshakes_revoked: AtomicU64::new(0),
     messages_in: [const { AtomicU64::new(0) }; 3],
     messages_out: [const { AtomicU64::new(0) }; 3],
     dropped: [const { AtomicU64::new(0) }; DropReason::ALL.len()],
@@ -200,6 +202,12 @@ pub fn connection_closed() {
 /// A connection refused before MQTT started (limit reached, TLS failure, CONNECT refused or timed out).
 pub fn connection_refused() {
     METRICS.connections_refused.fetch_add(1, Ordering::Relaxed);
+}
+
+/// A TLS handshake refused because the client certificate is revoked (a CRL file or a
+/// revocation of the state); also counted as a refused connection.
+pub fn tls_handshake_revoked() {
+    METRICS.tls_handshakes_revoked.fetch_add(1, Ordering::Relaxed);
 }
 
 pub fn message_in(qos: QoS) {
@@ -296,6 +304,12 @@ pub fn render(gauges: Gauges) -> String {
         "counter",
         "Connections refused before or at CONNECT.",
         &[("", load(&METRICS.connections_refused))],
+    );
+    metric(
+        "rampart_tls_handshakes_revoked_total",
+        "counter",
+        "TLS handshakes refused because the client certificate is revoked (alert certificate_revoked).",
+        &[("", load(&METRICS.tls_handshakes_revoked))],
     );
     // Counters indexed by an enum, with their labels in the order of its variants.
     let labelled = |labels: &[&'static str], counters: &[AtomicU64]| -> Vec<(&'static str, i64)> {

@@ -17,8 +17,8 @@ pub enum CertificateRefused {
     Unparsable,
     #[error("certificate {name:?} ({subject}) is not a {role_ou} certificate")]
     WrongRole { name: String, subject: String, role_ou: String },
-    #[error("certificate {serial} of {issuer} is revoked")]
-    Revoked { serial: String, issuer: String },
+    #[error("{0}")]
+    Revoked(Box<crate::auth::store::Revoked>),
     #[error("node certificate {name:?} is bound to no node id (one URI name urn:rampart:node:<id>; reissue it with `rampart pki issue-node --node-id`)")]
     NoNodeId { name: String },
 }
@@ -65,8 +65,8 @@ fn check_parsed(
         not_before: cert.validity().not_before.timestamp(),
         not_after: cert.validity().not_after.timestamp(),
     };
-    if auth.is_revoked(&peer) {
-        return Err(CertificateRefused::Revoked { serial: peer.serial, issuer: peer.issuer });
+    if let Some(revoked) = auth.revocation(&peer) {
+        return Err(CertificateRefused::Revoked(Box::new(revoked)));
     }
     Ok(name)
 }

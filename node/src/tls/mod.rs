@@ -1,8 +1,9 @@
 //! rustls server configuration for the TLS and WSS listeners, built from PEM files: the server
-//! certificate, and for mutual TLS a client verifier with the CA bundle and CRLs; and the
-//! caller check of the gRPC services.
+//! certificate, and for mutual TLS a client verifier with the CA bundle and CRLs that also
+//! refuses revoked certificates; and the caller check of the gRPC services.
 
 pub mod caller;
+pub mod revocation;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use rustls::{RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 
+use crate::auth::store::AuthStore;
 use crate::config::{ClientAuth, TlsFiles};
 
 /// A TLS setup problem, naming the file involved.
@@ -72,15 +74,16 @@ pub fn crl_revocations<'a>(
 }
 
 /// TLS 1.2 and 1.3 with the listener's certificate; with `client_auth`, clients are verified
-/// against its CA bundle and CRLs.
-pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
+/// against its CA bundle and CRLs, and refused in the handshake when `auth` holds them revoked.
+pub fn server_config(files: &TlsFiles, auth: &Arc<AuthStore>) -> Result<Arc<ServerConfig>, TlsError> {
     let certs = load_certs(&files.cert_file)?;
     let key = load_key(&files.key_file)?;
     let builder = ServerConfig::builder();
     let config = match &files.client_auth {
         None => builder.with_no_client_auth().with_single_cert(certs, key)?,
-        Some(auth) => {
-            let mut config = builder.with_client_cert_verifier(client_verifier(auth)?).with_single_cert(certs, key)?;
+        Some(client_auth) => {
+            let verifier = revocation::RevocationVerifier::new(webpki_verifier(client_auth)?, auth.clone(), client_auth.identity.clone());
+            let mut config = builder.with_client_cert_verifier(Arc::new(verifier)).with_single_cert(certs, key)?;
             // A resumed session is not verified again: a certificate revoked since would get back in.
             config.session_storage = Arc::new(NoServerSessionStorage {});
             config.send_tls13_tickets = 0;
@@ -90,7 +93,7 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
     Ok(Arc::new(config))
 }
 
-fn client_verifier(auth: &ClientAuth) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+fn webpki_verifier(auth: &ClientAuth) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
     let mut roots = RootCertStore::empty();
     for cert in load_certs(&auth.ca_file)? {
         roots.add(cert).map_err(|e| file_error(&auth.ca_file, e))?;
