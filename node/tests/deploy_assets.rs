@@ -8,7 +8,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-use rampart_node::config::{ClientCertificate, Config, ConfigError, ListenerKind};
+use rampart_node::config::{ClientCertificate, Config, ConfigErrors, ListenerKind};
 use yaml_rust2::{Yaml, YamlLoader};
 
 fn repo_path(relative: &str) -> PathBuf {
@@ -36,7 +36,7 @@ fn rebase(value: &mut toml::Value, root: &Path) {
 
 /// Loads config text with the broker's loader as a node on host `hostname` with environment
 /// `env` would, its absolute paths (in the text and in `RAMPART__` variables) moved under `root`.
-fn load_under(text: &str, root: &Path, env: &[(String, String)], hostname: &str) -> Result<Config, ConfigError> {
+fn load_under(text: &str, root: &Path, env: &[(String, String)], hostname: &str) -> Result<Config, ConfigErrors> {
     let mut config: toml::Table = text.parse().expect("the config is TOML");
     config.iter_mut().for_each(|(_, v)| rebase(v, root));
     let env = env.iter().map(|(k, v)| (k.clone(), if v.starts_with('/') { under(root, v).display().to_string() } else { v.clone() }));
