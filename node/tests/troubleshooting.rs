@@ -160,6 +160,117 @@ fn the_tls_handshake_table_matches_the_log() {
     let (cert, key) = f.odd_certificate("server-only", (-1, 10), ExtendedKeyUsagePurpose::ServerAuth);
     let out = f.publish(Some((&cert, &key)), None, "plc-1");
     f.check("extended key usage", 1, "handshake failed", &out);
+
+    // The other direction: the client does not trust the broker (its --cafile is another CA).
+    let (cert, key) = f.store.paths(Kind::Device, "plc-1");
+    let mut command = Command::new("mosquitto_pub");
+    command.args(["-h", "localhost", "-p", &f.broker.tls.unwrap().port().to_string(), "--cafile"]).arg(other.ca_cert());
+    command.arg("--cert").arg(&cert).arg("--key").arg(&key).args(["-i", "plc-1", "-t", "devices/plc-1/x", "-m", "hello"]);
+    let out = common::run_with_timeout(command, Duration::from_secs(20));
+    assert!(!out.status.success());
+    f.check("the client rejects the server", 1, "handshake failed", &String::from_utf8_lossy(&out.stderr));
+}
+
+/// The exit status and everything printed of a client that must end by itself within 10 s.
+fn exited(child: std::process::Child) -> (Option<i32>, String) {
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = rx.recv_timeout(Duration::from_secs(10)).unwrap_or_else(|_| {
+        // SAFETY: kill(2) on a client this test started.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        panic!("the client did not end by itself")
+    });
+    let out = out.unwrap();
+    (out.status.code(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+/// The text and exit status the revocation table gives for `client` (a row key).
+fn revocation_row(client: &str) -> (Vec<String>, i32) {
+    let cells = row(client);
+    (quoted(&cells[1]), cells[2].parse().unwrap_or_else(|_| panic!("{client}: exit status {:?}", cells[2])))
+}
+
+/// "A revocation, as a connected client sees it": mosquitto_sub v5 and v3 connected when their
+/// certificate is revoked, and mosquitto_pub v5 and v3 connecting afterwards, print and exit
+/// as the table says.
+#[test]
+fn the_revocation_table_matches_what_mosquitto_shows() {
+    let f = fleet("");
+    // Every certificate of the fleet CA may use devices/<its name>/#; then plc-1 is revoked.
+    let state = f.store.dir().parent().unwrap().join("auth.toml");
+    let reload = |append: &str| {
+        let text = std::fs::read_to_string(&state).unwrap() + append;
+        std::fs::write(&state, text).unwrap();
+        // SAFETY: kill(2) on the broker this test started.
+        unsafe { libc::kill(f.broker.pid() as libc::pid_t, libc::SIGHUP) };
+    };
+    reload("\n[defaults]\nunknown_certificate = \"default_rules\"\nrules = [{ access = \"readWrite\", pattern = \"devices/%u/#\" }]\n");
+    assert!(f.broker.wait_for_log("reloaded", Duration::from_secs(10)).is_some());
+    let (cert, key) = f.store.paths(Kind::Device, "plc-1");
+    let tls = |tool: &str, client_id: &str, v5: bool| {
+        let mut command = Command::new(tool);
+        command.args(["-h", "localhost", "-p", &f.broker.tls.unwrap().port().to_string(), "--cafile"]).arg(f.store.ca_cert());
+        command.arg("--cert").arg(&cert).arg("--key").arg(&key).args(["-i", client_id]);
+        if v5 {
+            command.args(["-V", "mqttv5"]);
+        }
+        command
+    };
+    let subscribers: Vec<(&str, std::process::Child)> =
+        [("`mosquitto_sub -V mqttv5`", "plc-1", true), ("`mosquitto_sub` (MQTT 3.1.1", "plc-1-b", false)]
+            .into_iter()
+            .map(|(row_key, client_id, v5)| {
+                let child = tls("mosquitto_sub", client_id, v5)
+                    .args(["-t", "devices/plc-1/#"])
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap();
+                (row_key, child)
+            })
+            .collect();
+    for _ in 0..2 {
+        if f.broker.wait_for_log("client connected", Duration::from_secs(10)).is_none() {
+            let outputs: Vec<String> = subscribers
+                .into_iter()
+                .map(|(_, mut c)| {
+                    let _ = c.kill();
+                    exited(c).1
+                })
+                .collect();
+            panic!("a subscriber did not connect: {outputs:?}");
+        }
+    }
+    reload("\n[[revocations]]\nidentity_regex = \"plc-1\"\nreason = \"keyCompromise\"\n");
+    let doc = DOC.lines().find(|l| l.contains("node closes the client's live connections")).expect("the revocation paragraph");
+    let logged = quoted(doc).into_iter().find(|q| q.starts_with("closing connection")).expect("the log line the paragraph quotes");
+    let line = f.broker.wait_for_log("closing connection", Duration::from_secs(10)).expect("no closing connection line");
+    assert!(contains_in_order(&line, &logged), "the doc quotes `{logged}`, the log says:\n{line}");
+    for (row_key, child) in subscribers {
+        let out = exited(child);
+        let (printed, status) = revocation_row(row_key);
+        assert_eq!(out.0, Some(status), "{row_key}: {}", out.1);
+        for span in printed {
+            assert!(out.1.contains(&span), "{row_key}: the doc says it prints `{span}`, it printed:\n{}", out.1);
+        }
+        if row_key.contains("mqttv5") {
+            assert!(out.1.trim().is_empty(), "{row_key} prints nothing: {}", out.1);
+        }
+    }
+    for (row_key, v5) in [("`mosquitto_pub -V mqttv5`", true), ("`mosquitto_pub`, connecting", false)] {
+        let mut command = tls("mosquitto_pub", "plc-1", v5);
+        command.args(["-t", "devices/plc-1/x", "-m", "revoked"]);
+        let out = common::run_with_timeout(command, Duration::from_secs(20));
+        let printed = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let (spans, status) = revocation_row(row_key);
+        assert_eq!(out.status.code(), Some(status), "{row_key}: {printed}");
+        for span in spans {
+            assert!(printed.contains(&span), "{row_key}: the doc says it prints `{span}`, it printed:\n{printed}");
+        }
+    }
 }
 
 #[test]
