@@ -996,6 +996,15 @@ mod tests {
         Config::parse_with_env(text, "test.toml", Path::new("."), env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
     }
 
+    /// A temporary folder holding these (empty) files.
+    fn dir_with(files: &[&str]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for file in files {
+            std::fs::write(dir.path().join(file), "").unwrap();
+        }
+        dir
+    }
+
     fn keys(errors: &ConfigErrors) -> Vec<&str> {
         errors.0.iter().map(|e| e.key.as_str()).collect()
     }
@@ -1052,10 +1061,7 @@ state_file = "missing-auth.toml"
 
     #[test]
     fn a_bad_identity_pattern_is_reported_not_a_panic() {
-        let dir = tempfile::tempdir().unwrap();
-        for file in ["s.pem", "s.key", "ca.pem"] {
-            std::fs::write(dir.path().join(file), "").unwrap();
-        }
+        let dir = dir_with(&["s.pem", "s.key", "ca.pem"]);
         let text = "[listeners.tls]\ncert_file = \"s.pem\"\nkey_file = \"s.key\"\nca_file = \"ca.pem\"\nclient_certificate = \"required\"\nidentity_pattern = \"(\"\n";
         let errors = Config::parse_with_env(text, "test.toml", dir.path(), []).unwrap_err();
         assert_eq!(keys(&errors), ["listeners.tls.identity_pattern"], "{errors}");
@@ -1158,10 +1164,7 @@ state_file = "missing-auth.toml"
 
     #[test]
     fn cluster_node_id_comes_from_the_hostname_when_asked() {
-        let dir = tempfile::tempdir().unwrap();
-        for file in ["node.pem", "node.key", "ca.pem"] {
-            std::fs::write(dir.path().join(file), "").unwrap();
-        }
+        let dir = dir_with(&["node.pem", "node.key", "ca.pem"]);
         let cluster = "[cluster]\ncert_file = \"node.pem\"\nkey_file = \"node.key\"\nca_file = \"ca.pem\"\n";
         let load = |text: &str, env: &[(&str, &str)], host: &str| {
             let host = host.to_string();
