@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# CI-only: the docker-compose cluster end to end. Builds the node image from this checkout's
-# debug binary (deploy/Dockerfile.prebuilt: nothing is pulled), starts deploy/docker-compose.yml,
-# waits for a leader, connects device-1 with mosquitto_sub to node 2, revokes its certificate
-# through node 1's admin API, and checks that node 2 drops it and node 3 refuses it while
-# device-2 still gets in. Always removes the containers and volumes it made.
+# CI-only: the docker-compose cluster end to end, following the walkthrough at the top of
+# deploy/docker-compose.yml. Builds the image with the documented offline command
+# (scripts/build-image: the release binary and deploy/Dockerfile.prebuilt, nothing pulled),
+# starts the compose file, checks that no node container holds the CA key, waits for a leader,
+# connects device-1 with mosquitto_sub to node 2, revokes its certificate through node 1's admin
+# API, checks that node 2 drops it and node 3 refuses it while device-2 still gets in, and that
+# `admin revocations` lists it and `admin unrevoke 1` lets it back in.
+# Works with `docker compose` and `docker-compose` v1. Always removes the containers and volumes
+# it made.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 project=rampart-ci
@@ -22,23 +26,20 @@ cleanup() {
 trap cleanup EXIT
 fail() { echo "compose-test: FAIL: $*" >&2; "${compose[@]}" logs --tail 40 >&2 || true; exit 1; }
 
-echo "==> compose-test: building the node image from target/debug/rampart"
-cargo build --locked -p rampart-node --bin rampart
-rampart=target/debug/rampart
-mkdir -p "$work/image/rootfs"
-cp "$rampart" "$work/image/rampart"
-command -v strip >/dev/null && strip --strip-debug "$work/image/rampart"
-for lib in $(ldd "$rampart" | grep -o '/[^ ]*'); do
-  mkdir -p "$work/image/rootfs$(dirname "$lib")"
-  cp -L "$lib" "$work/image/rootfs$lib"
-done
-docker build -q -f deploy/Dockerfile.prebuilt -t rampart:latest "$work/image" >/dev/null 2>&1
+echo "==> compose-test: scripts/build-image"
+scripts/build-image
+rampart=${CARGO_TARGET_DIR:-target}/release/rampart
 
 echo "==> compose-test: starting three nodes"
 "${compose[@]}" up -d --no-build >/dev/null 2>&1 || fail "docker compose up failed"
 pki_container=$(docker ps -aq --filter "label=com.docker.compose.project=$project" --filter label=com.docker.compose.service=pki | head -1)
 docker cp "$pki_container:/pki" "$work/pki"
 pki=$work/pki
+node1_container=$(docker ps -aq --filter "label=com.docker.compose.project=$project" --filter label=com.docker.compose.service=node1 | head -1)
+docker cp "$node1_container:/pki" "$work/node1-pki"
+node1_files=$(cd "$work/node1-pki" && ls | tr '\n' ' ')
+[ "$node1_files" = "ca.pem node.key node.pem server.key server.pem " ] || fail "node 1 sees /pki: $node1_files"
+echo "    node 1 holds only its bundle: $node1_files"
 admin() {
   "$rampart" admin --endpoint "https://localhost:$1" --ca-file "$pki/ca.pem" \
     --cert-file "$pki/admins/admin.pem" --key-file "$pki/admins/admin.key" "${@:2}"
@@ -87,4 +88,16 @@ echo "    node 3 refuses device-1: $(tr '\n' ' ' <"$work/pub.log")"
 # shellcheck disable=SC2046
 mosquitto_pub $(tls 8885 device-2) -i device-2 -t devices/device-2/x -m still-allowed || fail "node 3 refused device-2"
 echo "    node 3 still accepts device-2"
+echo "==> compose-test: rampart admin revocations; rampart admin unrevoke 1"
+serial=$(openssl x509 -in "$pki/devices/device-1.pem" -noout -serial | cut -d= -f2 | sed 's/../&:/g; s/:$//')
+admin 9443 revocations | grep -q "$serial" || fail "admin revocations does not list device-1 ($serial): $(admin 9443 revocations)"
+admin 9443 unrevoke 1 >/dev/null || fail "admin unrevoke 1 failed"
+readmitted=""
+for _ in $(seq 1 20); do
+  # shellcheck disable=SC2046
+  if mosquitto_pub $(tls 8885 device-1) -i device-1 -t devices/device-1/x -m back >/dev/null 2>&1; then readmitted=yes; break; fi
+  sleep 0.5
+done
+[ -n "$readmitted" ] || fail "node 3 still refuses device-1 after unrevoke 1"
+echo "    node 3 accepts device-1 again"
 echo "==> compose-test: ok"

@@ -119,7 +119,8 @@ pub async fn run(dir: &Path, nodes: u16) -> anyhow::Result<()> {
     };
     let result = match started {
         Ok(leader) => {
-            print_help(&pki, &children, leader);
+            let logs: Vec<(u16, &Path)> = children.iter().map(|node| (node.n, node.log.as_path())).collect();
+            print!("{}", help(&pki, &logs, leader, &exe));
             use tokio::signal::unix::{signal, SignalKind};
             let mut terminate = signal(SignalKind::terminate())?;
             tokio::select! {
@@ -190,11 +191,26 @@ async fn wait_for_leader(pki: &DevPki) -> anyhow::Result<u64> {
     }
 }
 
-fn print_help(pki: &DevPki, children: &[DevNode], leader: u64) {
-    println!("\nRampart development cluster: {} nodes, leader is node {leader}.", children.len());
-    for DevNode { n, log, .. } in children {
+/// `word` as one shell word: as it is when it is plain, else in single quotes.
+fn shell_word(word: &str) -> String {
+    if !word.is_empty() && word.chars().all(|c| c.is_ascii_alphanumeric() || "/._-+:@%,=".contains(c)) {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', "'\\''"))
+    }
+}
+
+/// How to use the running cluster; `rampart` commands name `exe`, the binary running now, so
+/// they can be pasted as they are (it need not be on the PATH).
+fn help(pki: &DevPki, logs: &[(u16, &Path)], leader: u64, exe: &Path) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let exe = shell_word(&exe.display().to_string());
+    let _ = writeln!(out, "\nRampart development cluster: {} nodes, leader is node {leader}.", logs.len());
+    for (n, log) in logs {
         let p = ports(*n);
-        println!(
+        let _ = writeln!(
+            out,
             "  node {n}: MQTT 127.0.0.1:{}  mTLS localhost:{}  admin https://localhost:{}  QUIC udp/{}  metrics http://127.0.0.1:{}/metrics  log {}",
             p.mqtt,
             p.mtls,
@@ -205,16 +221,17 @@ fn print_help(pki: &DevPki, children: &[DevNode], leader: u64) {
         );
     }
     let (admin_cert, admin_key) = &pki.admin;
-    println!("\nAdmin CLI (any node's admin port works; writes are forwarded to the leader):");
-    println!(
+    let _ = writeln!(out, "\nAdmin CLI (any node's admin port works; writes are forwarded to the leader):");
+    let _ = writeln!(
+        out,
         "  export RAMPART_ADMIN_ENDPOINT=https://localhost:{} RAMPART_ADMIN_CA={} RAMPART_ADMIN_CERT={} RAMPART_ADMIN_KEY={}",
         ports(1).admin,
         pki.ca_cert.display(),
         admin_cert.display(),
         admin_key.display()
     );
-    println!("  rampart admin cluster status");
-    println!("  rampart admin sessions");
+    let _ = writeln!(out, "  {exe} admin cluster status");
+    let _ = writeln!(out, "  {exe} admin sessions");
     if let [(id, cert, key), ..] = pki.devices.as_slice() {
         let tls = |n: u16| {
             format!(
@@ -225,11 +242,38 @@ fn print_help(pki: &DevPki, children: &[DevNode], leader: u64) {
                 key.display()
             )
         };
-        println!("\nDevice {id}, subscribed on node 2 and publishing on node 1 (one broker across the nodes):");
-        println!("  mosquitto_sub {} -i {id} -t 'devices/{id}/#' -v &", tls(2));
-        println!("  mosquitto_pub {} -i {id}-pub -t devices/{id}/hello -m 'hello from node 1'", tls(1));
-        println!("Revoke it everywhere at once (its connections drop on every node):");
-        println!("  rampart admin revoke --certificate {} --reason keyCompromise --wait", cert.display());
+        let _ = writeln!(out, "\nDevice {id}, subscribed on node 2 and publishing on node 1 (one broker across the nodes):");
+        let _ = writeln!(out, "  mosquitto_sub {} -i {id} -t 'devices/{id}/#' -v &", tls(2));
+        let _ = writeln!(out, "  mosquitto_pub {} -i {id}-pub -t devices/{id}/hello -m 'hello from node 1'", tls(1));
+        let _ = writeln!(out, "Revoke it everywhere at once (its connections drop on every node):");
+        let _ = writeln!(out, "  {exe} admin revoke --certificate {} --reason keyCompromise --wait", cert.display());
     }
-    println!("\nStop with Ctrl-C.\n");
+    let _ = writeln!(out, "\nStop with Ctrl-C.\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_printed_admin_commands_name_the_running_binary() {
+        crate::tls::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let pki = crate::pki::ensure_dev_pki(dir.path(), 2).unwrap();
+        let log = dir.path().join("node-1.log");
+        let exe = Path::new("/opt/rampart 0.1/bin/rampart");
+        let text = help(&pki, &[(1, &log), (2, &log)], 2, exe);
+        assert!(text.contains("2 nodes, leader is node 2."), "{text}");
+        let commands: Vec<&str> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| ["admin cluster status", "admin sessions", "admin revoke "].iter().any(|c| l.contains(c)))
+            .collect();
+        assert_eq!(commands.len(), 3, "{text}");
+        assert!(commands.iter().all(|c| c.starts_with("'/opt/rampart 0.1/bin/rampart' admin ")), "{text}");
+        let plain = help(&pki, &[(1, &log)], 1, Path::new("/work/target/release/rampart"));
+        assert!(plain.contains("\n  /work/target/release/rampart admin cluster status\n"), "{plain}");
+        assert!(!text.contains("\n  rampart "), "{text}");
+    }
 }

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use rampart_node::config::{Config, ListenerKind};
+use rampart_node::config::{Config, ConfigErrors, ListenerKind};
 use rampart_node::server::Server;
 
 #[derive(Parser)]
@@ -33,6 +33,10 @@ enum Command {
         /// With --dev: run a local cluster of this many node processes (e.g. 3) instead of one node.
         #[arg(long, requires = "dev", value_name = "NODES")]
         cluster: Option<u16>,
+        /// Only check the configuration: print every problem (file, key, reason), one a line, and
+        /// exit 2, or print one line saying it is OK and exit 0. Starts nothing.
+        #[arg(long, conflicts_with = "dev")]
+        check_config: bool,
     },
     /// Call the admin API of a cluster (see `rampart admin --help`).
     Admin(Box<rampart_node::admin::cli::AdminArgs>),
@@ -94,14 +98,22 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Serve { config, dev, dev_dir, .. } => {
-            let config = match load(config, dev, &dev_dir) {
+        Command::Serve { config: path, dev, dev_dir, check_config, .. } => {
+            let config = match load(path.as_deref(), dev, &dev_dir) {
                 Ok(config) => config,
                 Err(e) => {
-                    eprintln!("rampart: {e:#}");
+                    match e.downcast_ref::<ConfigErrors>() {
+                        Some(problems) => problems.0.iter().for_each(|p| eprintln!("rampart: {p}")),
+                        None => eprintln!("rampart: {e:#}"),
+                    }
                     return ExitCode::from(2);
                 }
             };
+            if check_config {
+                let file = path.map_or_else(|| "the configuration".to_string(), |p| p.display().to_string());
+                println!("{file}: OK ({})", summary(&config));
+                return ExitCode::SUCCESS;
+            }
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
             match runtime.block_on(serve(config, dev.then_some(dev_dir))) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -138,14 +150,21 @@ fn read_password() -> anyhow::Result<String> {
     Ok(password)
 }
 
-fn load(path: Option<PathBuf>, dev: bool, dev_dir: &std::path::Path) -> anyhow::Result<Config> {
+/// What a checked configuration runs: its listeners and, if clustered, the node id.
+fn summary(config: &Config) -> String {
+    let listeners: Vec<String> = config.listener_specs().iter().map(|l| format!("{} on {}", l.kind.name(), l.bind)).collect();
+    let cluster = config.cluster.as_ref().map_or("standalone".to_string(), |c| format!("cluster node {}", c.node_id));
+    format!("{}; {cluster}", listeners.join(", "))
+}
+
+fn load(path: Option<&std::path::Path>, dev: bool, dev_dir: &std::path::Path) -> anyhow::Result<Config> {
     rampart_node::tls::install_crypto_provider();
     if dev {
         let pki = rampart_node::pki::ensure_dev_pki(dev_dir, 0)?;
         return Ok(Config::parse(&dev_config(&pki), "(built-in --dev configuration)", std::path::Path::new("."))?);
     }
     match path {
-        Some(path) => Ok(Config::load(&path)?),
+        Some(path) => Ok(Config::load(path)?),
         None => anyhow::bail!("no configuration: pass --config FILE, or --dev for a local development node"),
     }
 }

@@ -43,6 +43,39 @@ fn bad_configuration_names_the_file_and_key_and_exits_2() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--dev"));
 }
 
+/// Issue 28: `serve --check-config` reports every problem of a config at once, each naming the
+/// file and key, and exits 2; a good config gets one OK line and exit 0. Nothing is started.
+#[test]
+fn check_config_reports_every_problem_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("node.toml");
+    let text = "[limits]\nmax_conections = 5\nmax_packet_size = \"big\"\npassword_checks_concurrent = 0\n\
+                [listeners.tls]\ncert_file = \"nope.pem\"\nkey_file = \"nope.key\"\n";
+    std::fs::write(&path, text).unwrap();
+    let out = common::rampart().args(["serve", "--check-config", "--config"]).arg(&path).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let file = path.display().to_string();
+    let keys = [
+        "limits.max_conections: unknown field",
+        "limits.max_packet_size: invalid type",
+        "limits.password_checks_concurrent: must be at least 1",
+        "listeners.tls.cert_file: ",
+        "listeners.tls.key_file: ",
+    ];
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), keys.len(), "{stderr}");
+    for (line, key) in lines.iter().zip(keys) {
+        assert!(line.starts_with(&format!("rampart: {file}: {key}")), "{key}: {stderr}");
+    }
+    assert!(out.stdout.is_empty());
+
+    std::fs::write(&path, "[listeners.tcp]\nbind = \"127.0.0.1:0\"\n[http]\nenabled = false\n").unwrap();
+    let out = common::rampart().args(["serve", "--check-config", "--config"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{file}: OK (tcp on 127.0.0.1:0; standalone)\n"));
+}
+
 #[test]
 fn dev_mode_with_the_readme_environment_creates_its_pki_and_prints_how_to_connect() {
     let dir = tempfile::tempdir().unwrap();

@@ -3,12 +3,15 @@
 //! a file the pod does not mount fails here); the manifests in `deploy/k8s/` keep their invariants
 //! (three replicas, probes on the config's HTTP port, a PodDisruptionBudget, a volume claim for
 //! `node.data_dir`, Service and container ports equal to the config's ports, node ids from pod
-//! ordinals); `deploy/systemd/rampart.service` keeps its hardening and starts the installed config.
+//! ordinals); `deploy/systemd/rampart.service` keeps its hardening and starts the installed config;
+//! the compose nodes of `deploy/docker-compose.yml` load their configs from their own certificate
+//! bundle, without the CA key; the README's `deploy/rampart.toml` checks OK and keeps its data out
+//! of the checkout.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-use rampart_node::config::{ClientCertificate, Config, ConfigError, ListenerKind};
+use rampart_node::config::{ClientCertificate, Config, ConfigErrors, ListenerKind};
 use yaml_rust2::{Yaml, YamlLoader};
 
 fn repo_path(relative: &str) -> PathBuf {
@@ -36,7 +39,7 @@ fn rebase(value: &mut toml::Value, root: &Path) {
 
 /// Loads config text with the broker's loader as a node on host `hostname` with environment
 /// `env` would, its absolute paths (in the text and in `RAMPART__` variables) moved under `root`.
-fn load_under(text: &str, root: &Path, env: &[(String, String)], hostname: &str) -> Result<Config, ConfigError> {
+fn load_under(text: &str, root: &Path, env: &[(String, String)], hostname: &str) -> Result<Config, ConfigErrors> {
     let mut config: toml::Table = text.parse().expect("the config is TOML");
     config.iter_mut().for_each(|(_, v)| rebase(v, root));
     let env = env.iter().map(|(k, v)| (k.clone(), if v.starts_with('/') { under(root, v).display().to_string() } else { v.clone() }));
@@ -369,4 +372,68 @@ fn systemd_unit_is_hardened_and_runs_the_production_config() {
     let cluster = config.cluster.as_ref().expect("[cluster]");
     assert_eq!(cluster.members.len(), 3);
     assert!(cluster.members.iter().any(|m| m.id == cluster.node_id), "the node is one of the members");
+}
+
+// ---------------------------------------------------------------- Docker Compose
+
+/// The mounts (`source:target[:ro]`) of one service of `deploy/docker-compose.yml`: target → source.
+fn compose_mounts(service: &Yaml) -> HashMap<String, String> {
+    let volumes = service["volumes"].as_vec().expect("volumes");
+    volumes
+        .iter()
+        .map(|v| {
+            let parts: Vec<&str> = v.as_str().expect("short volume syntax").split(':').collect();
+            (parts[1].to_string(), parts[0].to_string())
+        })
+        .collect()
+}
+
+/// Issue 28: no node container mounts the CA key. The `pki` service alone mounts the `pki`
+/// volume; each node mounts its own bundle volume at /pki, which `pki ensure --bundles` fills,
+/// and its config (`deploy/cluster/nodeN.toml`) loads with only the bundle's files, its
+/// `auth.toml` and its data volume.
+#[test]
+fn compose_nodes_see_their_own_bundle_and_not_the_ca_key() {
+    let compose = &YamlLoader::load_from_str(&read("deploy/docker-compose.yml")).unwrap()[0];
+    let services = &compose["services"];
+    let pki = compose_mounts(&services["pki"]);
+    assert_eq!(pki.get("/pki").map(String::as_str), Some("pki"), "the pki service keeps the CA in the pki volume");
+    let command: Vec<&str> = services["pki"]["command"].as_vec().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
+    let after = |flag: &str| command.iter().position(|c| *c == flag).map(|i| command[i + 1]).unwrap_or_else(|| panic!("pki {flag}"));
+    let bundles = after("--bundles");
+    for (n, node) in after("--nodes").split(',').enumerate() {
+        let mounts = compose_mounts(&services[node]);
+        assert!(!mounts.values().any(|source| source == "pki"), "{node} must not mount the pki volume (it holds ca.key)");
+        let bundle = &mounts["/pki"];
+        assert_eq!(pki.get(&format!("{bundles}/{node}")), Some(bundle), "{node}'s /pki is the bundle pki ensure writes for it");
+        let config_source = mounts["/etc/rampart/rampart.toml"].trim_start_matches("./");
+        let text = read(&format!("deploy/{config_source}"));
+        let root = tempfile::tempdir().unwrap();
+        for file in ["ca.pem", "node.pem", "node.key", "server.pem", "server.key"] {
+            create_file(&under(root.path(), &format!("/pki/{file}")), "");
+        }
+        create_file(&under(root.path(), "/etc/rampart/auth.toml"), "");
+        let config = load_under(&text, root.path(), &[], node).unwrap_or_else(|e| panic!("{node}: {e}"));
+        assert_eq!(config.cluster.as_ref().map(|c| c.node_id), Some(n as u64 + 1), "{node}");
+        assert_eq!(config.node.data_dir, under(root.path(), "/data"));
+        assert!(mounts.contains_key("/data"), "{node}: a volume for node.data_dir");
+    }
+}
+
+/// Issue 28: the README's example config passes `--check-config` and keeps its data out of the
+/// source tree.
+#[test]
+fn the_example_config_checks_ok_and_writes_nothing_into_the_checkout() {
+    let path = repo_path("deploy/rampart.toml");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args(["serve", "--check-config", "--config"])
+        .arg(&path)
+        .env_remove("RAMPART_CONFIG")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(": OK ("), "{}", String::from_utf8_lossy(&out.stdout));
+    let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let checkout = std::fs::canonicalize(repo_path("")).unwrap();
+    assert!(config.node.data_dir.is_absolute() && !config.node.data_dir.starts_with(&checkout), "{}", config.node.data_dir.display());
 }

@@ -154,3 +154,28 @@ fn zero_days_of_validity_are_refused_and_new_certificates_start_minutes_ago() {
     let (start, end) = (parse(field("notBefore=")), parse(field("notAfter=")));
     assert_eq!(end - start, 86_400 + 300, "{text}");
 }
+
+/// Issue 28, the compose cluster: `ensure --bundles DIR` gives each node a folder with its own
+/// node key, the server certificate and the CA certificate — never the CA key or another
+/// node's key — and the copies verify like the originals.
+#[test]
+fn node_bundles_hold_only_what_that_node_needs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, bundles) = (tmp.path().join("pki"), tmp.path().join("bundles"));
+    let args = ["ensure", "--server", "localhost", "--nodes", "node1,node2", "--bundles"];
+    let out = ok(pki(&dir, &[&args[..], &[bundles.to_str().unwrap()]].concat()));
+    assert!(out.contains(&format!("wrote {}", bundles.join("node2").display())), "{out}");
+    for node in ["node1", "node2"] {
+        let folder = bundles.join(node);
+        let mut files: Vec<String> = std::fs::read_dir(&folder).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        files.sort();
+        assert_eq!(files, ["ca.pem", "node.key", "node.pem", "server.key", "server.pem"], "{node}");
+        assert_eq!(std::fs::read(folder.join("node.key")).unwrap(), std::fs::read(dir.join(format!("nodes/{node}.key"))).unwrap());
+        assert_eq!(std::fs::read(folder.join("server.pem")).unwrap(), std::fs::read(dir.join("servers/localhost.pem")).unwrap());
+        for key in ["node.key", "server.key"] {
+            let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(folder.join(key)).unwrap().permissions());
+            assert_eq!(mode & 0o777, 0o600, "{node}/{key}");
+        }
+        assert!(openssl_verify(&folder, "node.pem", false) && openssl_verify(&folder, "server.pem", false), "{node}");
+    }
+}

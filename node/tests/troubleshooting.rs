@@ -161,6 +161,15 @@ fn the_tls_handshake_table_matches_the_log() {
     let (cert, key) = f.odd_certificate("server-only", (-1, 10), ExtendedKeyUsagePurpose::ServerAuth);
     let out = f.publish(Some((&cert, &key)), None, "plc-1");
     f.check("extended key usage", 1, "handshake failed", &out);
+
+    // The other direction: the client does not trust the broker (its --cafile is another CA).
+    let (cert, key) = f.store.paths(Kind::Device, "plc-1");
+    let mut command = Command::new("mosquitto_pub");
+    command.args(["-h", "localhost", "-p", &f.broker.tls.unwrap().port().to_string(), "--cafile"]).arg(other.ca_cert());
+    command.arg("--cert").arg(&cert).arg("--key").arg(&key).args(["-i", "plc-1", "-t", "devices/plc-1/x", "-m", "hello"]);
+    let out = common::run_with_timeout(command, Duration::from_secs(20));
+    assert!(!out.status.success());
+    f.check("the client rejects the server", 1, "handshake failed", &String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]

@@ -149,7 +149,7 @@ impl Cluster {
         }
         .validate()?;
         let tls = client_tls(config)?;
-        let network = network::Network { tls: tls.clone() };
+        let network = network::Network { tls: tls.clone(), unreachable: Default::default() };
         let raft = Raft::new(config.node_id, Arc::new(raft_config), network, log_store, state_machine).await?;
         let cluster =
             Arc::new(Cluster { id: config.node_id, raft, replica, tls, write_timeout: Duration::from_millis(config.write_timeout_ms) });

@@ -568,19 +568,86 @@ pub struct ConfigError {
     pub reason: String,
 }
 
+/// Every problem found in a configuration, in the order found; never empty.
+#[derive(Debug)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl ConfigErrors {
+    /// The first problem found.
+    pub fn first(&self) -> &ConfigError {
+        &self.0[0]
+    }
+}
+
+impl std::fmt::Display for ConfigErrors {
+    /// One problem a line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let lines: Vec<String> = self.0.iter().map(ToString::to_string).collect();
+        f.write_str(&lines.join("\n"))
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Collects the problems of one file.
+struct Problems<'a> {
+    file: &'a str,
+    found: Vec<ConfigError>,
+}
+
+impl Problems<'_> {
+    fn add(&mut self, key: &str, reason: String) {
+        self.found.push(ConfigError { file: self.file.into(), key: key.into(), reason });
+    }
+
+    fn into_result<T>(self, value: T) -> Result<T, ConfigErrors> {
+        if self.found.is_empty() {
+            Ok(value)
+        } else {
+            Err(ConfigErrors(self.found))
+        }
+    }
+}
+
+/// Removes the value at `path` (as serde_path_to_error reports it) from `table`, so that
+/// deserializing again can find the next problem; false when there is nothing to remove.
+fn remove_at(table: &mut toml::Table, path: &serde_path_to_error::Path) -> bool {
+    let segments: Vec<&serde_path_to_error::Segment> = path.iter().collect();
+    let mut root = toml::Value::Table(std::mem::take(table));
+    let removed = remove_in(&mut root, &segments);
+    if let toml::Value::Table(t) = root {
+        *table = t;
+    }
+    removed
+}
+
+fn remove_in(value: &mut toml::Value, segments: &[&serde_path_to_error::Segment]) -> bool {
+    use serde_path_to_error::Segment;
+    match (segments, value) {
+        ([Segment::Map { key }], toml::Value::Table(t)) => t.remove(key.as_str()).is_some(),
+        ([Segment::Seq { index }], toml::Value::Array(a)) if *index < a.len() => {
+            a.remove(*index);
+            true
+        }
+        ([Segment::Map { key }, rest @ ..], toml::Value::Table(t)) => t.get_mut(key.as_str()).is_some_and(|v| remove_in(v, rest)),
+        ([Segment::Seq { index }, rest @ ..], toml::Value::Array(a)) => a.get_mut(*index).is_some_and(|v| remove_in(v, rest)),
+        _ => false,
+    }
+}
+
 impl Config {
-    /// Reads and validates a config file. Relative paths inside it are resolved against the
-    /// file's directory.
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    /// Reads and validates a config file, reporting every problem found. Relative paths inside
+    /// it are resolved against the file's directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         let file = path.display().to_string();
-        let text =
-            std::fs::read_to_string(path).map_err(|e| ConfigError { file: file.clone(), key: "(file)".into(), reason: e.to_string() })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigErrors(vec![ConfigError { file: file.clone(), key: "(file)".into(), reason: e.to_string() }]))?;
         Config::parse(&text, &file, path.parent().unwrap_or(Path::new(".")))
     }
 
     /// Parses and validates config text with the process environment's overrides applied;
     /// `file` names it in errors, `base` resolves relative paths.
-    pub fn parse(text: &str, file: &str, base: &Path) -> Result<Config, ConfigError> {
+    pub fn parse(text: &str, file: &str, base: &Path) -> Result<Config, ConfigErrors> {
         Config::parse_with_env(text, file, base, std::env::vars())
     }
 
@@ -590,45 +657,62 @@ impl Config {
         file: &str,
         base: &Path,
         env: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<Config, ConfigError> {
+    ) -> Result<Config, ConfigErrors> {
         Config::parse_with_env_and_hostname(text, file, base, env, system_hostname)
     }
 
     /// [`Config::parse_with_env`] with the host name (read only for
     /// `cluster.node_id_from_hostname = true`) given explicitly.
+    ///
+    /// Every problem is reported, not only the first: a syntax error stops the reading (nothing
+    /// after it can be trusted), an unknown key or a bad value is reported and left out so the
+    /// rest is still read, and the checks of values and files then run on what remains (those
+    /// about a key already reported are left out).
     pub fn parse_with_env_and_hostname(
         text: &str,
         file: &str,
         base: &Path,
         env: impl IntoIterator<Item = (String, String)>,
         hostname: impl FnOnce() -> std::io::Result<String>,
-    ) -> Result<Config, ConfigError> {
-        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError {
-            file: file.into(),
-            key: "(syntax)".into(),
-            reason: e.message().to_string() + &e.span().map(|s| format!(" (at byte {})", s.start)).unwrap_or_default(),
+    ) -> Result<Config, ConfigErrors> {
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            ConfigErrors(vec![ConfigError {
+                file: file.into(),
+                key: "(syntax)".into(),
+                reason: e.message().to_string() + &e.span().map(|s| format!(" (at byte {})", s.start)).unwrap_or_default(),
+            }])
         })?;
+        let mut found = Vec::new();
         for (name, value) in env {
             if let Some(path) = name.strip_prefix(ENV_PREFIX).filter(|p| !p.is_empty()) {
-                apply_override(&mut table, path, &value).map_err(|reason| ConfigError {
-                    file: format!("environment {name}"),
-                    key: path.to_lowercase().replace("__", "."),
-                    reason,
-                })?;
+                if let Err(reason) = apply_override(&mut table, path, &value) {
+                    found.push(ConfigError { file: format!("environment {name}"), key: path.to_lowercase().replace("__", "."), reason });
+                }
             }
         }
-        let mut config: Config = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
-            let key = e.path().to_string();
-            let reason = e.into_inner().message().to_string();
-            ConfigError { file: file.into(), key: if key == "." { "(top level)".into() } else { key }, reason }
-        })?;
-        if let Some(cluster) = config.cluster.as_mut().filter(|c| c.node_id_from_hostname) {
-            let err = |key: &str, reason: String| ConfigError { file: file.into(), key: key.into(), reason };
-            if cluster.node_id != 0 {
-                return Err(err("cluster.node_id", "set either cluster.node_id or cluster.node_id_from_hostname = true, not both".into()));
+        let mut p = Problems { file, found };
+        let mut config: Config = loop {
+            match serde_path_to_error::deserialize(toml::Value::Table(table.clone())) {
+                Ok(config) => break config,
+                Err(e) => {
+                    let path = e.path().clone();
+                    let key = path.to_string();
+                    p.add(if key == "." { "(top level)" } else { &key }, e.into_inner().message().to_string());
+                    if !remove_at(&mut table, &path) {
+                        return Err(ConfigErrors(p.found));
+                    }
+                }
             }
-            let name = hostname().map_err(|e| err("cluster.node_id_from_hostname", format!("cannot read the host name: {e}")))?;
-            cluster.node_id = node_id_from_hostname(&name).map_err(|reason| err("cluster.node_id_from_hostname", reason))?;
+        };
+        if let Some(cluster) = config.cluster.as_mut().filter(|c| c.node_id_from_hostname) {
+            if cluster.node_id != 0 {
+                p.add("cluster.node_id", "set either cluster.node_id or cluster.node_id_from_hostname = true, not both".into());
+            } else {
+                match hostname().map_err(|e| format!("cannot read the host name: {e}")).and_then(|name| node_id_from_hostname(&name)) {
+                    Ok(id) => cluster.node_id = id,
+                    Err(reason) => p.add("cluster.node_id_from_hostname", reason),
+                }
+            }
         }
         if config.node.data_dir.is_relative() {
             config.node.data_dir = base.join(&config.node.data_dir);
@@ -657,73 +741,80 @@ impl Config {
                 *path = base.join(&*path);
             }
         }
-        config.validate(file)?;
-        Ok(config)
+        let mut checks = Problems { file, found: Vec::new() };
+        config.validate(&mut checks);
+        let within =
+            |inner: &str, outer: &str| inner.strip_prefix(outer).is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']));
+        let related = |a: &str, b: &str| within(a, b) || within(b, a);
+        let new: Vec<ConfigError> =
+            checks.found.into_iter().filter(|c| !p.found.iter().any(|reported| related(&c.key, &reported.key))).collect();
+        p.found.extend(new);
+        p.into_result(config)
     }
 
-    fn validate_cluster(&self, file: &str) -> Result<(), ConfigError> {
-        let err = |key: &str, reason: String| Err(ConfigError { file: file.into(), key: key.into(), reason });
+    fn validate_cluster(&self, p: &mut Problems) {
         if let (Some(_), None) = (&self.admin, &self.cluster) {
-            return err("admin", "the admin API needs a [cluster] section (a one-member cluster is fine)".into());
+            p.add("admin", "the admin API needs a [cluster] section (a one-member cluster is fine)".into());
         }
-        let Some(c) = &self.cluster else { return Ok(()) };
+        let Some(c) = &self.cluster else { return };
         let files =
             [("cert_file", &c.cert_file), ("key_file", &c.key_file), ("ca_file", &c.ca_file)].map(|(k, p)| (format!("cluster.{k}"), p));
         let admin = self.admin.iter().flat_map(|a| [("cert_file", &a.cert_file), ("key_file", &a.key_file), ("ca_file", &a.ca_file)]);
         for (key, path) in files.into_iter().chain(admin.map(|(k, p)| (format!("admin.{k}"), p))) {
             if !path.is_file() {
-                return err(&key, format!("{} is not a readable file", path.display()));
+                p.add(&key, format!("{} is not a readable file", path.display()));
             }
         }
-        if c.node_id == 0 {
-            return err("cluster.node_id", "required, at least 1 (or set cluster.node_id_from_hostname = true)".into());
+        // With node_id_from_hostname, a host name without an ordinal is reported as such.
+        if c.node_id == 0 && !c.node_id_from_hostname {
+            p.add("cluster.node_id", "required, at least 1 (or set cluster.node_id_from_hostname = true)".into());
         }
         let mut ids = std::collections::HashSet::new();
         for (i, m) in c.members.iter().enumerate() {
             if m.id == 0 || !ids.insert(m.id) {
-                return err(&format!("cluster.members[{i}].id"), format!("{} is zero or listed twice", m.id));
+                p.add(&format!("cluster.members[{i}].id"), format!("{} is zero or listed twice", m.id));
             }
             let not_host_port =
                 |addr: &str| addr.rsplit_once(':').is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err());
             if not_host_port(&m.raft_addr) {
-                return err(&format!("cluster.members[{i}].raft_addr"), format!("{:?} is not host:port", m.raft_addr));
+                p.add(&format!("cluster.members[{i}].raft_addr"), format!("{:?} is not host:port", m.raft_addr));
             }
             if !m.quic_addr.is_empty() && not_host_port(&m.quic_addr) {
-                return err(&format!("cluster.members[{i}].quic_addr"), format!("{:?} is not host:port", m.quic_addr));
+                p.add(&format!("cluster.members[{i}].quic_addr"), format!("{:?} is not host:port", m.quic_addr));
             }
         }
         if c.forward_streams == 0 || c.forward_queue_messages == 0 || c.forward_replay_messages == 0 || c.link_idle_timeout_ms < 100 {
-            return err(
+            p.add(
                 "cluster.forward_streams / forward_queue_messages / forward_replay_messages / link_idle_timeout_ms",
                 "need at least 1 stream, 1 queued and 1 replayed message, and an idle timeout of at least 100 ms".into(),
             );
         }
         if c.heartbeat_ms == 0 || c.election_timeout_min_ms <= c.heartbeat_ms || c.election_timeout_max_ms <= c.election_timeout_min_ms {
-            return err(
+            p.add(
                 "cluster.heartbeat_ms / election_timeout_min_ms / election_timeout_max_ms",
                 "need 0 < heartbeat < election_timeout_min < election_timeout_max".into(),
             );
         }
         if c.snapshot_every == 0 || c.write_timeout_ms == 0 {
-            return err("cluster.snapshot_every / cluster.write_timeout_ms", "must be at least 1".into());
+            p.add("cluster.snapshot_every / cluster.write_timeout_ms", "must be at least 1".into());
         }
-        Ok(())
     }
 
-    fn validate(&self, file: &str) -> Result<(), ConfigError> {
-        let err = |key: &str, reason: String| Err(ConfigError { file: file.into(), key: key.into(), reason });
+    /// Checks the values against each other and the files named against the disk, reporting
+    /// every problem (not only the first).
+    fn validate(&self, p: &mut Problems) {
         let l = &self.limits;
         if l.max_connections == 0 {
-            return err("limits.max_connections", "must be at least 1".into());
+            p.add("limits.max_connections", "must be at least 1".into());
         }
         if l.connect_timeout_secs == 0 || l.write_timeout_secs == 0 {
-            return err("limits.connect_timeout_secs / limits.write_timeout_secs", "must be at least 1 second".into());
+            p.add("limits.connect_timeout_secs / limits.write_timeout_secs", "must be at least 1 second".into());
         }
         if !(64..=268_435_455).contains(&l.max_packet_size) {
-            return err("limits.max_packet_size", format!("{} is outside 64..=268435455 bytes", l.max_packet_size));
+            p.add("limits.max_packet_size", format!("{} is outside 64..=268435455 bytes", l.max_packet_size));
         }
         if self.cluster.is_some() && l.max_packet_size > MAX_CLUSTERED_PACKET_SIZE {
-            return err(
+            p.add(
                 "limits.max_packet_size",
                 format!(
                     "{} is over {MAX_CLUSTERED_PACKET_SIZE} bytes, the largest message a cluster's forwarding links carry",
@@ -732,59 +823,56 @@ impl Config {
             );
         }
         if l.receive_maximum == 0 {
-            return err("limits.receive_maximum", "must be at least 1".into());
+            p.add("limits.receive_maximum", "must be at least 1".into());
         }
         if l.max_inflight == 0 {
-            return err("limits.max_inflight", "must be at least 1".into());
+            p.add("limits.max_inflight", "must be at least 1".into());
         }
         if l.max_queued_messages == 0 || l.application_max_queued_messages == 0 {
-            return err("limits.max_queued_messages / limits.application_max_queued_messages", "must be at least 1".into());
+            p.add("limits.max_queued_messages / limits.application_max_queued_messages", "must be at least 1".into());
         }
         if !(1..=65_535).contains(&l.max_topic_length) {
-            return err("limits.max_topic_length", format!("{} is outside 1..=65535", l.max_topic_length));
+            p.add("limits.max_topic_length", format!("{} is outside 1..=65535", l.max_topic_length));
         }
         if l.max_topic_levels == 0 {
-            return err("limits.max_topic_levels", "must be at least 1".into());
+            p.add("limits.max_topic_levels", "must be at least 1".into());
         }
         if l.tcp_keepalive_secs > MAX_TCP_KEEPALIVE_SECS {
-            return err("limits.tcp_keepalive_secs", format!("{} is above {MAX_TCP_KEEPALIVE_SECS} seconds", l.tcp_keepalive_secs));
+            p.add("limits.tcp_keepalive_secs", format!("{} is above {MAX_TCP_KEEPALIVE_SECS} seconds", l.tcp_keepalive_secs));
         }
         if l.tcp_keepalive_secs > 0 && !(1..=MAX_TCP_KEEPALIVE_SECS).contains(&l.tcp_keepalive_interval_secs) {
-            return err(
+            p.add(
                 "limits.tcp_keepalive_interval_secs",
                 format!("{} is outside 1..={MAX_TCP_KEEPALIVE_SECS} seconds", l.tcp_keepalive_interval_secs),
             );
         }
         if l.password_checks_concurrent == 0 {
-            return err("limits.password_checks_concurrent", "must be at least 1".into());
+            p.add("limits.password_checks_concurrent", "must be at least 1".into());
         }
         if l.password_checks_per_source_per_minute > 0 && l.password_checks_burst == 0 {
-            return err(
-                "limits.password_checks_burst",
-                "must be at least 1 while limits.password_checks_per_source_per_minute is not 0".into(),
-            );
+            p.add("limits.password_checks_burst", "must be at least 1 while limits.password_checks_per_source_per_minute is not 0".into());
         }
         if l.max_retained_messages == 0 {
-            return err("limits.max_retained_messages", "must be at least 1".into());
+            p.add("limits.max_retained_messages", "must be at least 1".into());
         }
         if l.max_retained_bytes == 0 {
-            return err("limits.max_retained_bytes", "must be at least 1".into());
+            p.add("limits.max_retained_bytes", "must be at least 1".into());
         }
         if l.max_retained_per_client == 0 {
-            return err("limits.max_retained_per_client", "must be at least 1".into());
+            p.add("limits.max_retained_per_client", "must be at least 1".into());
         }
         if l.max_retained_bytes_per_client == 0 {
-            return err("limits.max_retained_bytes_per_client", "must be at least 1".into());
+            p.add("limits.max_retained_bytes_per_client", "must be at least 1".into());
         }
         if let Some(path) = self.auth.state_file.as_ref().filter(|p| !p.is_file()) {
-            return err("auth.state_file", format!("{} is not a readable file", path.display()));
+            p.add("auth.state_file", format!("{} is not a readable file", path.display()));
         }
         if let Some(path) = self.auth.http.ca_file.as_ref().filter(|p| !p.is_file()) {
-            return err("auth.http.ca_file", format!("{} is not a readable file", path.display()));
+            p.add("auth.http.ca_file", format!("{} is not a readable file", path.display()));
         }
-        self.validate_cluster(file)?;
-        if self.listener_specs().is_empty() {
-            return err("listeners", "no listener is enabled; enable at least one of tcp, tls, ws, wss".into());
+        self.validate_cluster(p);
+        if !self.any_listener_enabled() {
+            p.add("listeners", "no listener is enabled; enable at least one of tcp, tls, ws, wss".into());
         }
         for (name, listener) in [("tls", &self.listeners.tls), ("wss", &self.listeners.wss)] {
             let Some(listener) = listener.as_ref().filter(|l| l.enabled) else { continue };
@@ -794,20 +882,24 @@ impl Config {
                 .chain(listener.crl_files.iter().map(|f| ("crl_files", f)));
             for (key, path) in files {
                 if !path.is_file() {
-                    return err(&format!("listeners.{name}.{key}"), format!("{} is not a readable file", path.display()));
+                    p.add(&format!("listeners.{name}.{key}"), format!("{} is not a readable file", path.display()));
                 }
             }
             if listener.client_certificate != ClientCertificate::None && listener.ca_file.is_none() {
-                return err(
-                    &format!("listeners.{name}.ca_file"),
-                    "required when client_certificate is \"optional\" or \"required\"".into(),
-                );
+                p.add(&format!("listeners.{name}.ca_file"), "required when client_certificate is \"optional\" or \"required\"".into());
             }
             if let Err(reason) = IdentityRule::new(listener.identity_source, listener.identity_pattern.as_deref()) {
-                return err(&format!("listeners.{name}.identity_pattern"), reason);
+                p.add(&format!("listeners.{name}.identity_pattern"), reason);
             }
         }
-        Ok(())
+    }
+
+    /// Whether any MQTT listener is on (plain TCP is, unless its section turns it off).
+    fn any_listener_enabled(&self) -> bool {
+        let l = &self.listeners;
+        let plain = [l.tcp.as_ref().is_none_or(|t| t.enabled), l.ws.as_ref().is_some_and(|w| w.enabled)];
+        let secure = [&l.tls, &l.wss].map(|t| t.as_ref().is_some_and(|t| t.enabled));
+        plain.into_iter().chain(secure).any(|on| on)
     }
 
     /// The enabled listeners with their addresses.
@@ -895,8 +987,84 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// The config, or the first problem.
     fn parse(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        parse_all(text, env).map_err(|e| e.0.into_iter().next().expect("never empty"))
+    }
+
+    fn parse_all(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigErrors> {
         Config::parse_with_env(text, "test.toml", Path::new("."), env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    /// A temporary folder holding these (empty) files.
+    fn dir_with(files: &[&str]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for file in files {
+            std::fs::write(dir.path().join(file), "").unwrap();
+        }
+        dir
+    }
+
+    fn keys(errors: &ConfigErrors) -> Vec<&str> {
+        errors.0.iter().map(|e| e.key.as_str()).collect()
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = r#"
+[log]
+format = "xml"
+[limits]
+max_conections = 5
+max_packet_size = "big"
+password_checks_concurrent = 0
+[listeners.tls]
+cert_file = "missing.pem"
+key_file = "missing.key"
+[listeners.wss]
+bind = "127.0.0.1:8084"
+[auth]
+state_file = "missing-auth.toml"
+"#;
+        let errors = parse_all(text, &[("RAMPART__LIMITS__MAX_CONNECTIONS", "0")]).unwrap_err();
+        assert_eq!(
+            keys(&errors),
+            [
+                "limits.max_conections",
+                "limits.max_packet_size",
+                "listeners.wss",
+                "log.format",
+                "limits.max_connections",
+                "limits.password_checks_concurrent",
+                "auth.state_file",
+                "listeners.tls.cert_file",
+                "listeners.tls.key_file",
+            ],
+            "{errors}"
+        );
+        assert!(errors.0.iter().all(|e| e.file == "test.toml"), "{errors}");
+        assert!(errors.0[2].reason.contains("missing field `cert_file`"), "{errors}");
+        assert_eq!(errors.to_string().lines().count(), 9, "one problem a line: {errors}");
+        assert_eq!(errors.first().key, "limits.max_conections");
+    }
+
+    #[test]
+    fn a_problem_already_reported_does_not_come_back_as_a_consequence() {
+        // The tls section is unusable (no key_file) and tcp is off: "no listener" would only
+        // repeat the tls problem.
+        let errors = parse_all("[listeners.tcp]\nenabled = false\n[listeners.tls]\ncert_file = \"c.pem\"\n", &[]).unwrap_err();
+        assert_eq!(keys(&errors), ["listeners.tls"], "{errors}");
+        // Nothing left after a problem at the top level.
+        let errors = parse_all("cluster = 5\nlimits = 3\n", &[]).unwrap_err();
+        assert_eq!(keys(&errors), ["cluster", "limits"], "{errors}");
+    }
+
+    #[test]
+    fn a_bad_identity_pattern_is_reported_not_a_panic() {
+        let dir = dir_with(&["s.pem", "s.key", "ca.pem"]);
+        let text = "[listeners.tls]\ncert_file = \"s.pem\"\nkey_file = \"s.key\"\nca_file = \"ca.pem\"\nclient_certificate = \"required\"\nidentity_pattern = \"(\"\n";
+        let errors = Config::parse_with_env(text, "test.toml", dir.path(), []).unwrap_err();
+        assert_eq!(keys(&errors), ["listeners.tls.identity_pattern"], "{errors}");
     }
 
     #[test]
@@ -996,10 +1164,7 @@ mod tests {
 
     #[test]
     fn cluster_node_id_comes_from_the_hostname_when_asked() {
-        let dir = tempfile::tempdir().unwrap();
-        for file in ["node.pem", "node.key", "ca.pem"] {
-            std::fs::write(dir.path().join(file), "").unwrap();
-        }
+        let dir = dir_with(&["node.pem", "node.key", "ca.pem"]);
         let cluster = "[cluster]\ncert_file = \"node.pem\"\nkey_file = \"node.key\"\nca_file = \"ca.pem\"\n";
         let load = |text: &str, env: &[(&str, &str)], host: &str| {
             let host = host.to_string();
@@ -1017,22 +1182,23 @@ mod tests {
         assert_eq!(load(cluster, &env, "rampart-0").unwrap().cluster.unwrap().node_id, 1);
         assert_eq!(load(&format!("{cluster}node_id = 5\n"), &[], "rampart-0").unwrap().cluster.unwrap().node_id, 5);
 
-        let err = load(&from_host, &[], "buildhost").unwrap_err();
+        let first = |result: Result<Config, ConfigErrors>| result.unwrap_err().0.remove(0);
+        let err = first(load(&from_host, &[], "buildhost"));
         assert_eq!(err.key, "cluster.node_id_from_hostname");
         assert!(err.reason.contains("\"buildhost\" does not end in -<ordinal>"), "{err}");
-        let err = load(&format!("{from_host}node_id = 2\n"), &[], "rampart-0").unwrap_err();
+        let err = first(load(&format!("{from_host}node_id = 2\n"), &[], "rampart-0"));
         assert_eq!(err.key, "cluster.node_id");
-        let err = load(cluster, &[], "rampart-0").unwrap_err();
+        let err = first(load(cluster, &[], "rampart-0"));
         assert_eq!(err.key, "cluster.node_id");
         assert!(err.reason.contains("node_id_from_hostname"), "{err}");
         let failing =
             Config::parse_with_env_and_hostname(&from_host, "test.toml", dir.path(), [], || Err(std::io::Error::other("no uts namespace")));
-        assert_eq!(failing.unwrap_err().key, "cluster.node_id_from_hostname");
+        assert_eq!(keys(&failing.unwrap_err()), ["cluster.node_id_from_hostname"], "reported once, not again as a missing node_id");
 
         // A clustered node's packets must fit in one frame of a forwarding link.
         let clustered = |size: usize| load(&format!("[limits]\nmax_packet_size = {size}\n{cluster}node_id = 1\n"), &[], "h");
         assert!(clustered(MAX_CLUSTERED_PACKET_SIZE).is_ok());
-        let err = clustered(MAX_CLUSTERED_PACKET_SIZE + 1).unwrap_err();
+        let err = first(clustered(MAX_CLUSTERED_PACKET_SIZE + 1));
         assert_eq!(err.key, "limits.max_packet_size");
         assert!(err.reason.contains("forwarding links"), "{err}");
         assert!(parse(&format!("[limits]\nmax_packet_size = {}\n", MAX_CLUSTERED_PACKET_SIZE + 1), &[]).is_ok(), "standalone");

@@ -64,7 +64,14 @@ async fn serve(forwarder: &Arc<Forwarder>, cluster: &Cluster, incoming: quinn::I
     }
     let member = cluster.members().iter().any(|(id, _, _)| *id == node_id) && node_id != forwarder.node_id;
     let Some(peer) = forwarder.peer(node_id).filter(|_| member) else {
-        return Err(refuse(format!("node {node_id} is not a member of this cluster")));
+        let reason = refuse(format!("node {node_id} is not a member of this cluster"));
+        if cluster.members().is_empty() {
+            // This node has not received the membership yet (the cluster is forming): the peer
+            // retries, and "inbound forwarding link up" follows.
+            tracing::debug!(peer = node_id, "inbound forwarding link refused until this node knows the membership");
+            return Ok(());
+        }
+        return Err(reason);
     };
     peer.opened(&connection);
     if peer.incarnation.swap(incarnation, Ordering::Relaxed) != incarnation {

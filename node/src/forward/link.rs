@@ -103,7 +103,7 @@ pub async fn run(forwarder: Arc<Forwarder>, peer: Arc<Peer>) {
             Ok(connection) => {
                 let connected = Instant::now();
                 let ended = serve(&forwarder, &peer, &connection, &mut outbox, &mut stop).await;
-                peer.up.store(false, Ordering::Relaxed);
+                let was_up = peer.up.swap(false, Ordering::Relaxed);
                 // Publishers waiting for room with this peer wait no longer.
                 peer.queue.release_waiting();
                 if connected.elapsed() >= STABLE_LINK {
@@ -112,7 +112,13 @@ pub async fn run(forwarder: Arc<Forwarder>, peer: Arc<Peer>) {
                 // Claims waiting for an answer on this link get none: their senders learn it now.
                 peer.pending.lock().unwrap_or_else(|p| p.into_inner()).clear();
                 connection.close(0u32.into(), b"link closed");
-                tracing::info!(peer = peer.node_id, reason = %ended, unacknowledged = outbox.len(), "forwarding link down");
+                if was_up {
+                    tracing::info!(peer = peer.node_id, reason = %ended, unacknowledged = outbox.len(), "forwarding link down");
+                } else {
+                    // Refused before it was up: while a cluster forms, the peer does not know the
+                    // membership yet; it is retried, and "forwarding link up" follows.
+                    tracing::debug!(peer = peer.node_id, reason = %ended, "forwarding link not accepted yet");
+                }
             }
             Err(e) => tracing::debug!(peer = peer.node_id, addr = %peer.quic_addr, error = %e, "forwarding link not connected"),
         }

@@ -109,6 +109,11 @@ pub enum PkiCommand {
         /// Device certificates (comma-separated ids).
         #[arg(long, value_delimiter = ',')]
         devices: Vec<String>,
+        /// Also write each node's own files to DIR/<node name>/: ca.pem (the CA certificate, not
+        /// its key), node.pem and node.key, and server.pem and server.key (--server's), so a node
+        /// can be given its folder alone (as deploy/docker-compose.yml does).
+        #[arg(long, value_name = "DIR")]
+        bundles: Option<PathBuf>,
     },
 }
 
@@ -142,7 +147,7 @@ pub fn run(args: PkiArgs) -> anyhow::Result<()> {
             let path = store.write_crl(days)?;
             println!("wrote {} with {} revoked certificate(s), valid {days} days", path.display(), store.revocations()?.revoked.len());
         }
-        PkiCommand::Ensure { server, san, nodes, admins, devices } => {
+        PkiCommand::Ensure { server, san, nodes, admins, devices, bundles } => {
             if !store.has_ca() {
                 print_issued("CA", &store.init_ca("Rampart Fleet CA", 3650, CaKey::EcdsaP256)?);
             }
@@ -171,6 +176,13 @@ pub fn run(args: PkiArgs) -> anyhow::Result<()> {
                 }
                 let days = if kind == Kind::Server { 825 } else { 365 };
                 print_issued(&format!("{kind:?}").to_lowercase(), &store.issue(kind, name, &sans, days)?);
+            }
+            if let Some(bundles) = bundles {
+                for entry in &nodes {
+                    let name = entry.split_once('=').map_or(entry.as_str(), |(name, _)| name);
+                    let folder = store.write_node_bundle(&bundles, name, server.as_deref())?;
+                    println!("wrote {}", folder.display());
+                }
             }
         }
     }

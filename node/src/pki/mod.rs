@@ -181,6 +181,23 @@ impl Store {
         (folder.join(format!("{name}.pem")), folder.join(format!("{name}.key")))
     }
 
+    /// Copies what node `name` needs, and nothing else, to `<dir>/<name>/`: `ca.pem` (the CA
+    /// certificate, not its key), `node.pem`/`node.key` and, with `server`, that server
+    /// certificate as `server.pem`/`server.key`. Keys keep mode 0600. Returns the folder.
+    pub fn write_node_bundle(&self, dir: &Path, name: &str, server: Option<&str>) -> anyhow::Result<PathBuf> {
+        let folder = dir.join(name);
+        fs::create_dir_all(&folder).with_context(|| format!("creating {}", folder.display()))?;
+        let copies = std::iter::once((Kind::Node, name, "node")).chain(server.map(|s| (Kind::Server, s, "server")));
+        fs::copy(self.ca_cert(), folder.join("ca.pem")).with_context(|| format!("copying {}", self.ca_cert().display()))?;
+        for (kind, source, as_name) in copies {
+            let (cert, key) = self.paths(kind, source);
+            fs::copy(&cert, folder.join(format!("{as_name}.pem"))).with_context(|| format!("copying {}", cert.display()))?;
+            let key_pem = fs::read_to_string(&key).with_context(|| format!("reading {}", key.display()))?;
+            write_private(&folder.join(format!("{as_name}.key")), &key_pem)?;
+        }
+        Ok(folder)
+    }
+
     pub fn has_ca(&self) -> bool {
         self.ca_cert().is_file() && self.ca_key().is_file()
     }

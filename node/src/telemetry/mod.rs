@@ -2,6 +2,7 @@
 
 pub mod http;
 pub mod metrics;
+mod quiet;
 
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -39,22 +40,9 @@ pub fn init_logging(config: &LogConfig) -> anyhow::Result<()> {
     };
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
-    let routine = tracing_subscriber::filter::filter_fn(|metadata| !is_routine_openraft_warning(metadata));
     let result = match config.format {
-        LogFormat::Text => builder.finish().with(routine).try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).finish().with(routine).try_init(),
+        LogFormat::Text => builder.finish().with(quiet::Routine).try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).finish().with(quiet::Routine).try_init(),
     };
     result.map_err(|e| anyhow::anyhow!("cannot start logging: {e}"))
-}
-
-/// openraft 0.9.25 warns "A message will be ignored because vote changed" for every vote
-/// response that arrives after the election is already won (its own comment: "If it finished
-/// voting, Candidate's vote is None") — on every clean start of a cluster of three or more.
-/// That one call site is dropped; every other openraft message stays. openraft is pinned, and
-/// the cluster test `a_clean_start_logs_no_warnings` notices if the call site moves.
-fn is_routine_openraft_warning(metadata: &tracing::Metadata<'_>) -> bool {
-    metadata.level() == &tracing::Level::WARN
-        && metadata.target() == "openraft::core::raft_core"
-        && metadata.file().is_some_and(|f| f.ends_with("core/raft_core.rs"))
-        && metadata.line() == Some(1553)
 }
