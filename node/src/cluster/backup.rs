@@ -165,8 +165,17 @@ impl Backup {
                 path.display()
             );
         }
+        let installed = self.install(&path, node_id, node).await;
+        if installed.is_err() {
+            // Created here, where there was none: nothing else is removed.
+            let _ = std::fs::remove_dir_all(&path);
+        }
+        installed
+    }
+
+    async fn install(&self, path: &Path, node_id: NodeId, node: NodeInfo) -> anyhow::Result<()> {
         let db =
-            sled::Config::new().path(&path).open().map_err(|e| anyhow::anyhow!("{}: cannot create the Raft store: {e}", path.display()))?;
+            sled::Config::new().path(path).open().map_err(|e| anyhow::anyhow!("{}: cannot create the Raft store: {e}", path.display()))?;
         let log_id = LogId::new(CommittedLeaderId::new(RESTORED_TERM, node_id), self.header.log_index);
         let membership = Membership::new(vec![BTreeSet::from([node_id])], BTreeMap::from([(node_id, node)]));
         let meta = SnapshotMeta {
