@@ -1,5 +1,6 @@
 //! The `rampart` command: `serve` runs a broker node (or a local development cluster); `pki`
-//! manages the fleet's certificates; `admin` calls a cluster's admin API.
+//! manages the fleet's certificates; `admin` calls a cluster's admin API; `cluster` restores a
+//! backup into a stopped node's data directory.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -40,6 +41,9 @@ enum Command {
     },
     /// Call the admin API of a cluster (see `rampart admin --help`).
     Admin(Box<rampart_node::admin::cli::AdminArgs>),
+    /// Offline work on a stopped node's data: restore a backup, check a backup file.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Manage a certificate authority for the fleet: CA, server, node, admin and device certificates, CRLs.
     Pki(rampart_node::pki::cli::PkiArgs),
     /// Print the argon2id hash (or, with --scram, the SCRAM verifier) of a password read from
@@ -51,6 +55,34 @@ enum Command {
         /// PBKDF2 iterations of the SCRAM verifier (at least 4096).
         #[arg(long, default_value_t = 4096, requires = "scram")]
         iterations: u32,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Seed the first node of a new cluster from a backup (`rampart admin snapshot save`). Run it
+    /// with the node stopped, on its data directory without a Raft store; then start the node and
+    /// add the others with `rampart admin cluster add-node`.
+    Restore {
+        /// The backup file.
+        file: PathBuf,
+        /// The node's `node.data_dir`.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The node's `cluster.node_id`.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        node_id: u64,
+        /// host:port of its cluster port, as the other nodes reach it.
+        #[arg(long)]
+        raft_addr: String,
+        /// host:port of its QUIC forwarding port, as the other nodes reach it.
+        #[arg(long)]
+        quic_addr: String,
+    },
+    /// Check a backup file (format, checksum, state) and print what it holds.
+    Verify {
+        /// The backup file.
+        file: PathBuf,
     },
 }
 
@@ -71,6 +103,13 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("rampart pki: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Cluster(command) => match cluster(command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("rampart cluster: {e:#}");
                 ExitCode::FAILURE
             }
         },
@@ -124,6 +163,28 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn cluster(command: ClusterCommand) -> anyhow::Result<()> {
+    use rampart_node::cluster::backup::Backup;
+    match command {
+        ClusterCommand::Verify { file } => {
+            let backup = Backup::read(&file)?;
+            println!("{}: a usable backup (format {}): {}", file.display(), backup.header.format, backup.summary());
+        }
+        ClusterCommand::Restore { file, data_dir, node_id, raft_addr, quic_addr } => {
+            let backup = Backup::read(&file)?;
+            let node = rampart_node::cluster::NodeInfo { raft_addr, quic_addr };
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+            runtime.block_on(backup.restore(&data_dir, node_id, node))?;
+            println!("restored {} into {}: {}", file.display(), data_dir.display(), backup.summary());
+            println!(
+                "Start node {node_id} on it: it forms a new cluster with itself as the only member. Then add each other node \
+                 (with an empty data directory) with `rampart admin cluster add-node`."
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The argon2id hash of a password, or its SCRAM verifier for `sha-256` / `sha-512`.

@@ -16,6 +16,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 
 use super::convert;
 use crate::auth::state::{self, AuthState};
+use crate::cluster::backup::Backup;
 
 #[derive(Debug, Args)]
 pub struct AdminArgs {
@@ -116,6 +117,19 @@ pub enum AdminCommand {
     /// The audit trail of admin changes.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Backups of the replicated state (restore one with `rampart cluster restore`).
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Save the state the answering node has applied (credentials, roles, defaults, client
+    /// types, revocations and CRL entries, providers, audit) to FILE, with a checksummed header.
+    Save {
+        /// The file to write (created with mode 0600: it holds password hashes).
+        file: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -589,6 +603,14 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
         AdminCommand::Audit(AuditCommand::List { after, limit }) => {
             print(out, &client.list_audit(ListAuditRequest { after_index: after, limit }).await?.into_inner())
         }
+        AdminCommand::Snapshot(SnapshotCommand::Save { file }) => {
+            let backup = save_snapshot(&mut client, &file).await?;
+            match out {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&backup.header)?),
+                Output::Table => println!("saved {}: {}", file.display(), backup.summary()),
+            }
+            Ok(())
+        }
         AdminCommand::Audit(AuditCommand::Follow { after }) => {
             let mut stream = client.stream_audit(StreamAuditRequest { after_index: after }).await?.into_inner();
             while let Some(entry) = stream.message().await? {
@@ -804,6 +826,30 @@ async fn import(client: &mut AdminClient<Channel>, file: &Path) -> anyhow::Resul
     let reply = client.import_credentials(messages).await;
     eprintln!();
     Ok(reply?.into_inner())
+}
+
+/// Streams a snapshot into `file` (through `file.partial`, renamed once the whole file is
+/// checked), with progress on standard error.
+async fn save_snapshot(client: &mut AdminClient<Channel>, file: &Path) -> anyhow::Result<Backup> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let partial = file.with_extension(file.extension().map_or("partial".into(), |e| format!("{}.partial", e.to_string_lossy())));
+    let mut stream = client.save_snapshot(SaveSnapshotRequest {}).await?.into_inner();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream.message().await? {
+        bytes.extend_from_slice(&chunk.data);
+        eprint!("\rreceived {} of {} KiB", bytes.len() / 1024, chunk.total_bytes / 1024);
+    }
+    eprintln!();
+    let backup = Backup::decode(&bytes).map_err(|e| anyhow::anyhow!("the snapshot received is not usable: {e}"))?;
+    let write = || -> std::io::Result<()> {
+        let mut out = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&partial)?;
+        out.write_all(&bytes)?;
+        out.sync_all()?;
+        std::fs::rename(&partial, file)
+    };
+    write().map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    Ok(backup)
 }
 
 /// Prints a reply as JSON, or for people as [`reply_text`]. A write that `--wait` could not

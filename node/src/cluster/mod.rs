@@ -5,6 +5,7 @@
 // openraft's error types are large and its traits prescribe them.
 #![allow(clippy::result_large_err)]
 
+pub mod backup;
 pub mod command;
 pub mod log_store;
 pub mod network;

@@ -65,6 +65,14 @@ impl Replica {
         &self.auth
     }
 
+    /// The state applied here, serialized as in a Raft snapshot, and the log index it was
+    /// applied up to (a committed index: the two are read together, under the state's lock).
+    pub fn export(&self) -> (u64, Vec<u8>) {
+        let state = self.lock();
+        let index = *self.applied.borrow();
+        (index, serde_json::to_vec(&*state).expect("plain data with string keys always serializes"))
+    }
+
     /// Puts the authorization state in force on this node.
     fn install(&self, state: &Replicated) {
         match AuthIndex::rebuild(state.auth.clone(), &self.auth.current()) {
@@ -125,7 +133,9 @@ impl StateMachine {
         self.applied = snapshot.meta.last_log_id;
         self.membership = snapshot.meta.last_membership.clone();
         self.replica.install(&state);
-        *self.replica.lock() = state;
+        let mut held = self.replica.lock();
+        *held = state;
+        // Under the lock, so `Replica::export` reads a state with its own index.
         self.replica.applied.send_replace(self.applied.map_or(0, |l| l.index));
         Ok(())
     }
@@ -192,11 +202,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if auth_changed {
             self.replica.install(&state);
         }
+        // Under the lock, so `Replica::export` reads a state with its own index.
+        self.replica.applied.send_replace(self.applied.map_or(0, |l| l.index));
         drop(state);
         for entry in audited {
             let _ = self.replica.audit_feed.send(entry);
         }
-        self.replica.applied.send_replace(self.applied.map_or(0, |l| l.index));
         Ok(responses)
     }
 
