@@ -1,6 +1,7 @@
 //! Client connections for the load generator: plain TCP, TLS, or TLS with a client certificate
 //! picked from a directory, all with TCP_NODELAY.
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -8,7 +9,7 @@ use anyhow::{bail, Context};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::TlsConnector;
 
 /// A byte stream to a broker.
@@ -70,7 +71,20 @@ impl Connector {
     }
 
     pub async fn connect(&self) -> anyhow::Result<Box<dyn Stream>> {
-        let tcp = TcpStream::connect(&self.addr).await.with_context(|| format!("connecting to {}", self.addr))?;
+        self.connect_from(None).await
+    }
+
+    /// Connects from `source` (any port of it), or from wherever the system picks: many source
+    /// addresses (127.0.0.x) give a loopback run more than one address's ephemeral ports.
+    pub async fn connect_from(&self, source: Option<IpAddr>) -> anyhow::Result<Box<dyn Stream>> {
+        let connecting = async {
+            let Some(source) = source else { return TcpStream::connect(&self.addr).await };
+            let to = tokio::net::lookup_host(&self.addr).await?.next().ok_or(std::io::ErrorKind::NotFound)?;
+            let socket = if to.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+            socket.bind(SocketAddr::new(source, 0))?;
+            socket.connect(to).await
+        };
+        let tcp = connecting.await.with_context(|| format!("connecting to {}", self.addr))?;
         tcp.set_nodelay(true)?;
         match &self.tls {
             None => Ok(Box::new(tcp)),

@@ -3,6 +3,7 @@
 //! TCP, TLS or mutual TLS. Reports delivered messages per second, loss, one-way latency
 //! percentiles from timestamps in the payload, connects per second and the broker's RSS.
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,7 +18,7 @@ use rampart_benches::transport::{self, Connector, Stream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{watch, Barrier, Semaphore};
 
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone)]
 #[command(about = "Load generator for MQTT brokers")]
 struct Args {
     #[arg(long, default_value = "127.0.0.1")]
@@ -67,6 +68,10 @@ struct Args {
     /// Connections opened concurrently (connect-storm).
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
+    /// Loopback source addresses the connect-storm's connections come from, 127.0.0.1 up to
+    /// 127.0.0.N in turn (one address has about 28 000 ephemeral ports); 0: the system picks.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=254))]
+    source_ips: u16,
     /// The whole run is abandoned after this long.
     #[arg(long, default_value_t = 120)]
     timeout_secs: u64,
@@ -200,7 +205,12 @@ impl Conn {
 
     /// Connects with clean session `clean` (false: a persistent session).
     async fn open_session(connector: &Connector, client_id: &str, clean: bool) -> anyhow::Result<Conn> {
-        let (reader, writer) = tokio::io::split(connector.connect().await?);
+        Conn::open_from(connector, client_id, clean, None).await
+    }
+
+    /// As [`Conn::open_session`], from the source address `source`.
+    async fn open_from(connector: &Connector, client_id: &str, clean: bool, source: Option<IpAddr>) -> anyhow::Result<Conn> {
+        let (reader, writer) = tokio::io::split(connector.connect_from(source).await?);
         let mut conn = Conn { reader, writer, input: BytesMut::with_capacity(64 * 1024) };
         let mut connect = v4::Connect::new(client_id);
         connect.keep_alive = 120;
@@ -524,11 +534,13 @@ async fn connect_storm(args: &Args, connectors: &[Connector]) -> anyhow::Result<
     let mut tasks = Vec::with_capacity(args.connections);
     for i in 0..args.connections {
         let connector = connectors[i % connectors.len()].clone();
+        let source = (args.source_ips > 0).then(|| IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + (i % usize::from(args.source_ips)) as u8)));
         let permit = slots.clone().acquire_owned().await?;
         tasks.push(tokio::spawn(async move {
-            let conn = Conn::open(&connector, &format!("lg-{run_id}-storm-{i}")).await;
+            let conn = Conn::open_from(&connector, &format!("lg-{run_id}-storm-{i}"), true, source).await;
             drop(permit);
-            conn
+            // A held connection only waits: it keeps no read buffer.
+            conn.map(|conn| Conn { input: BytesMut::new(), ..conn })
         }));
     }
     let mut open = Vec::with_capacity(args.connections);
@@ -547,6 +559,10 @@ async fn connect_storm(args: &Args, connectors: &[Connector]) -> anyhow::Result<
     report.connects_per_sec = open.len() as f64 / began.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_millis(500)).await;
     report.rss_after_kib = args.broker_pid.and_then(rss_kib);
+    // While they are all held: the latency of messages to one more subscriber, 500 at 500/s.
+    let probe = Args { scenario: Scenario::FanIn, qos: 0, publishers: 1, subscribers: 1, messages: 500, rate: 500, ..args.clone() };
+    let probed = messaging(&probe, connectors, connectors).await?;
+    (report.latency_us, report.expected, report.received) = (probed.latency_us, probed.expected, probed.received);
     for mut conn in open {
         let _ = conn.writer.write_all(&[0xE0, 0x00]).await;
     }
