@@ -82,11 +82,12 @@ impl Server {
             None
         };
         let slots = Arc::new(Semaphore::new(config.limits.max_connections));
+        let pacer = listener::pacing::AcceptPacer::new(config.limits.accept_rate, config.limits.accept_burst, Instant::now()).map(Arc::new);
         let listeners = bound.iter().map(|l| (l.kind, l.local_addr)).collect();
         let tls: Vec<_> = bound.iter().filter_map(|l| Some((l.tls_files.clone()?, l.tls.clone()?))).collect();
         auth.set_crl_revocations(crl_revocations(&tls)?);
         for listener in bound {
-            tasks.spawn(listener::run(listener, ctx.clone(), slots.clone()));
+            tasks.spawn(listener::run(listener, ctx.clone(), slots.clone(), pacer.clone()));
         }
         tasks.spawn(reap_sessions(broker.clone(), shutdown_rx));
         ready.store(true, Ordering::Relaxed);

@@ -438,6 +438,36 @@ fn connections_beyond_max_connections_are_refused_and_a_freed_slot_is_reused() {
     expect_busy(addr, V311);
 }
 
+/// A storm of 30 connections under `accept_rate = 20`, `accept_burst = 5`: all get in, the last
+/// about 25 / 20 s after the first, and those that waited (25 when all come at once) are counted.
+#[test]
+fn a_connection_storm_is_let_in_at_the_accept_rate() {
+    let b = broker("accept_rate = 20\naccept_burst = 5");
+    let addr = b.tcp.unwrap();
+    let started = Instant::now();
+    let storm: Vec<_> = (0..30)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let mut c = Raw::socket(addr, V5);
+                c.send_packet(&connect_packet(&format!("storm-{i}"), true, None));
+                match c.recv() {
+                    Some(Packet::ConnAck(a)) if a.code == v5::ConnectReturnCode::Success => (Instant::now(), c),
+                    other => panic!("storm-{i} got {other:?}"),
+                }
+            })
+        })
+        .collect();
+    let mut connected: Vec<(Instant, Raw)> = storm.into_iter().map(|t| t.join().unwrap()).collect();
+    let last = connected.iter().map(|(at, _)| *at).max().unwrap() - started;
+    assert!(last >= Duration::from_millis(1100), "30 connections at 20/s after a burst of 5 take about 1.25 s, not {last:?}");
+    assert!(last < Duration::from_secs(5), "the storm was let in too slowly: {last:?}");
+    let deferred = b.metric("rampart_connections_deferred_total");
+    assert!((20..=25).contains(&deferred), "all but the burst waited (fewer if some came late): {deferred}");
+    for (i, (_, c)) in connected.iter_mut().enumerate() {
+        expect_alive(c, &format!("storm connection {i}"));
+    }
+}
+
 #[test]
 fn a_subscriber_that_never_reads_does_not_stall_the_others() {
     const MESSAGES: usize = 400;

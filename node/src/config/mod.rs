@@ -288,6 +288,11 @@ impl Default for HttpConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     pub max_connections: usize,
+    /// New connections let in per second across all listeners (0: no pacing); past it they
+    /// wait for their turn.
+    pub accept_rate: u32,
+    /// New connections let in at once before `accept_rate` paces them.
+    pub accept_burst: u32,
     pub connect_timeout_secs: u64,
     pub write_timeout_secs: u64,
     pub max_packet_size: usize,
@@ -340,6 +345,8 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             max_connections: 100_000,
+            accept_rate: 0,
+            accept_burst: 100,
             connect_timeout_secs: 10,
             write_timeout_secs: 30,
             max_packet_size: 1024 * 1024,
@@ -806,6 +813,9 @@ impl Config {
         let l = &self.limits;
         if l.max_connections == 0 {
             p.add("limits.max_connections", "must be at least 1".into());
+        }
+        if l.accept_rate > 0 && l.accept_burst == 0 {
+            p.add("limits.accept_burst", "must be at least 1 when accept_rate paces connections".into());
         }
         if l.connect_timeout_secs == 0 || l.write_timeout_secs == 0 {
             p.add("limits.connect_timeout_secs / limits.write_timeout_secs", "must be at least 1 second".into());

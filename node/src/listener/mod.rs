@@ -2,6 +2,7 @@
 //! TCP_NODELAY and TCP keepalive, TLS and WebSocket handshakes with a deadline, then hand-off to the connection driver.
 
 pub mod connection;
+pub mod pacing;
 pub mod websocket;
 
 use std::future::Future;
@@ -23,6 +24,7 @@ use crate::config::{ListenerKind, ListenerSpec, TlsFiles};
 use crate::telemetry::metrics;
 use crate::tls::revocation::{self, RefusedRevoked};
 use connection::ConnectionContext;
+use pacing::AcceptPacer;
 
 /// A listener bound to its address, not yet accepting.
 pub struct BoundListener {
@@ -71,8 +73,10 @@ const MAX_BUSY_REPLIES: usize = 64;
 
 /// Accepts connections until the node shuts down. `slots` bounds open connections across all
 /// listeners; a client past the limit gets CONNACK "server unavailable" (3.1.1) / "server busy"
-/// (5), or, when too many such replies are pending already, an immediate close.
-pub async fn run(listener: BoundListener, ctx: Arc<ConnectionContext>, slots: Arc<Semaphore>) {
+/// (5), or, when too many such replies are pending already, an immediate close. With a `pacer`,
+/// a connection past its rate waits for its turn before its handshake starts, and the next one
+/// is not accepted meanwhile (it waits in the kernel's accept queue).
+pub async fn run(listener: BoundListener, ctx: Arc<ConnectionContext>, slots: Arc<Semaphore>, pacer: Option<Arc<AcceptPacer>>) {
     let busy_replies = Arc::new(Semaphore::new(MAX_BUSY_REPLIES));
     let mut shutdown = ctx.shutdown.clone();
     loop {
@@ -88,6 +92,13 @@ pub async fn run(listener: BoundListener, ctx: Arc<ConnectionContext>, slots: Ar
                 continue;
             }
         };
+        if let Some(wait) = pacer.as_ref().map(|p| p.turn(std::time::Instant::now())).filter(|w| !w.is_zero()) {
+            metrics::connection_deferred();
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
         tune(&tcp, listener.tcp_keepalive.as_ref(), peer, listener.kind);
         let ctx = ctx.clone();
         let kind = listener.kind;

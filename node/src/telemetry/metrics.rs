@@ -124,6 +124,7 @@ struct Metrics {
     connections: AtomicI64,
     connections_total: AtomicU64,
     connections_refused: AtomicU64,
+    connections_deferred: AtomicU64,
     tls_handshakes_revoked: AtomicU64,
     messages_in: [AtomicU64; 3],
     messages_out: [AtomicU64; 3],
@@ -146,6 +147,7 @@ static METRICS: Metrics = Metrics {
     connections: AtomicI64::new(0),
     connections_total: AtomicU64::new(0),
     connections_refused: AtomicU64::new(0),
+    connections_deferred: AtomicU64::new(0),
     tls_handshakes_revoked: AtomicU64::new(0),
     messages_in: [const { AtomicU64::new(0) }; 3],
     messages_out: [const { AtomicU64::new(0) }; 3],
@@ -197,6 +199,11 @@ pub fn connection_opened() {
 
 pub fn connection_closed() {
     METRICS.connections.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// An accepted connection that waited for its turn (`limits.accept_rate`) before its handshake.
+pub fn connection_deferred() {
+    METRICS.connections_deferred.fetch_add(1, Ordering::Relaxed);
 }
 
 /// A connection refused before MQTT started (limit reached, TLS failure, CONNECT refused or timed out).
@@ -304,6 +311,12 @@ pub fn render(gauges: Gauges) -> String {
         "counter",
         "Connections refused before or at CONNECT.",
         &[("", load(&METRICS.connections_refused))],
+    );
+    metric(
+        "rampart_connections_deferred_total",
+        "counter",
+        "Accepted connections that waited for their turn (limits.accept_rate) before their handshake.",
+        &[("", load(&METRICS.connections_deferred))],
     );
     metric(
         "rampart_tls_handshakes_revoked_total",
