@@ -6,15 +6,21 @@
 //!   to each DISCONNECT is recorded, over `--revocations` devices — once on an empty state and
 //!   once with the imported credentials loaded;
 //! - bulk import: `--import` x509 credentials streamed through `ImportCredentials`, then the time
-//!   until every node has applied them.
+//!   until every node has applied them;
+//! - mass revocation: `--mass` live mTLS sessions of 100 devices spread over the three nodes,
+//!   revoked by one identity-regex rule through node 1: the time from the RPC's start to each
+//!   DISCONNECT, while a publisher on node 1 sends to a subscriber on node 2 (its latency during
+//!   the revocation) and the admin API is asked for the revocation list (its latency).
 //!
 //! Run with `bash benches/revocation.sh` (builds the release binaries first).
 
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use mqttbytes::v5;
 use rampart_benches::stats::percentiles;
 use rampart_cluster_tests::{mqtt_connect, Options, TestCluster};
+use rampart_node::mqtt::codec::Packet;
 use rampart_proto::admin::*;
 
 #[derive(Parser)]
@@ -25,6 +31,116 @@ struct Args {
     /// Credentials imported.
     #[arg(long, default_value_t = 100_000)]
     import: usize,
+    /// Live sessions revoked at once by one rule (0: no mass revocation round).
+    #[arg(long, default_value_t = 10_000)]
+    mass: usize,
+}
+
+/// Devices whose sessions the mass revocation ends (each holds `--mass / MASS_DEVICES`).
+const MASS_DEVICES: usize = 100;
+
+/// Opens `count` sessions of the devices `mass-000`… round robin over nodes 1-3, 32 handshakes
+/// at a time, and revokes them all with one identity-regex rule through node 1; prints the
+/// disconnect times and what a publisher and the admin API saw meanwhile.
+async fn mass_round(cluster: &TestCluster, count: usize) -> anyhow::Result<()> {
+    let devices: Vec<(std::path::PathBuf, std::path::PathBuf)> =
+        (0..MASS_DEVICES).map(|i| cluster.issue_device(&format!("mass-{i:03}"))).collect::<anyhow::Result<_>>()?;
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(32));
+    let opened = Instant::now();
+    let mut connecting = Vec::with_capacity(count);
+    for i in 0..count {
+        let (cert, key) = devices[i % MASS_DEVICES].clone();
+        let (port, ca) = (cluster.node(1 + (i % 3) as u64).ports.mtls, cluster.pki.ca_cert.clone());
+        let slot = slots.clone().acquire_owned().await?;
+        connecting.push(tokio::spawn(async move {
+            let connected = mqtt_connect(port, &ca, &cert, &key, &format!("mass-{:03}-{i}", i % MASS_DEVICES)).await;
+            drop(slot);
+            connected
+        }));
+    }
+    let mut clients = Vec::with_capacity(count);
+    for c in connecting {
+        let (code, client) = c.await??;
+        anyhow::ensure!(code == 0, "a mass session was refused: {code:#x}");
+        clients.push(client);
+    }
+    println!(
+        "
+Mass revocation: {count} sessions of {MASS_DEVICES} devices over nodes 1-3 (opened in {:.1} s)
+",
+        opened.elapsed().as_secs_f64()
+    );
+    let waiters: Vec<_> = clients.into_iter().map(|c| tokio::spawn(c.wait_disconnect(Duration::from_secs(60)))).collect();
+    let (probe_cert, probe_key) = cluster.issue_device("probe-dev")?;
+    let ca = &cluster.pki.ca_cert;
+    let (_, mut subscriber) = mqtt_connect(cluster.node(2).ports.mtls, ca, &probe_cert, &probe_key, "probe-dev-sub").await?;
+    subscriber.subscribe("devices/probe-dev/t").await?;
+    let (_, mut publisher) = mqtt_connect(cluster.node(1).ports.mtls, ca, &probe_cert, &probe_key, "probe-dev-pub").await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let base = Instant::now();
+    let running = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let publishing = {
+        let running = running.clone();
+        tokio::spawn(async move {
+            while running.load(std::sync::atomic::Ordering::Relaxed) {
+                let sent = (base.elapsed().as_micros() as u64).to_string();
+                publisher.send(&Packet::Publish(v5::Publish::new("devices/probe-dev/t", mqttbytes::QoS::AtMostOnce, sent))).await?;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            anyhow::Ok(())
+        })
+    };
+    let receiving = {
+        let running = running.clone();
+        tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            while running.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some(Packet::Publish(p)) = subscriber.next_packet(Duration::from_millis(200)).await? {
+                    let sent: u64 = std::str::from_utf8(&p.payload)?.parse()?;
+                    latencies.push((base.elapsed().as_micros() as u64).saturating_sub(sent));
+                }
+            }
+            anyhow::Ok(latencies)
+        })
+    };
+    let asking = {
+        let (running, mut admin) = (running.clone(), cluster.admin(3).await?);
+        tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            while running.load(std::sync::atomic::Ordering::Relaxed) {
+                let asked = Instant::now();
+                admin.list_revocations(ListRevocationsRequest { page_size: 100, ..Default::default() }).await?;
+                latencies.push(ms(asked.elapsed()));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            anyhow::Ok(latencies)
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut admin = cluster.admin(1).await?;
+    let request =
+        RevokeCertificatesRequest { identity_regex: Some("mass-.*".into()), reason: "keyCompromise".into(), ..Default::default() };
+    let start = Instant::now();
+    admin.revoke_certificates(request).await?;
+    let rpc = ms(start.elapsed());
+    let mut from_start = Vec::with_capacity(count);
+    for waiter in waiters {
+        let (at, reason) = waiter.await??;
+        anyhow::ensure!(reason == Some(0x98), "a mass session ended without DISCONNECT 0x98 ({reason:?})");
+        from_start.push(ms(at - start));
+    }
+    let all_gone = start.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    running.store(false, std::sync::atomic::Ordering::Relaxed);
+    publishing.await??;
+    let (delivered, admin_answers) = (receiving.await??, asking.await??);
+    println!("| measure | samples | p50 ms | p99 ms | max ms |\n|---|---|---|---|---|");
+    println!("{}", row("RPC duration (node 1)", vec![rpc]));
+    println!("{}", row("RPC start → DISCONNECT 0x98 (nodes 1-3)", from_start));
+    println!("{}", row("publish node 1 → subscriber node 2, 200 msg/s, during", delivered));
+    println!("{}", row("ListRevocations on node 3, during", admin_answers));
+    println!("\nEvery session was gone {:.0} ms after the RPC started.", all_gone.as_secs_f64() * 1000.0);
+    Ok(())
 }
 
 /// Microseconds from the RPC's start and from its return to each disconnect.
@@ -135,7 +251,8 @@ async fn import(cluster: &TestCluster, count: usize) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let cluster = TestCluster::start(Options::default())?;
+    // The mass revocation's devices hold up to --mass / 100 sessions each.
+    let cluster = TestCluster::start(Options { limits: "max_sessions_per_identity = 100000", ..Options::default() })?;
     let leader = cluster.wait_for_leader(Duration::from_secs(30)).await?;
     println!("Three release nodes on loopback; leader is node {leader}; revocations are sent to node 1.");
     print_round(
@@ -147,5 +264,8 @@ async fn main() -> anyhow::Result<()> {
         &format!("Revocation propagation, {} devices, {} credentials loaded:", args.revocations, args.import),
         revocation_round(&cluster, args.revocations, "loaded").await?,
     );
+    if args.mass > 0 {
+        mass_round(&cluster, args.mass).await?;
+    }
     Ok(())
 }
