@@ -205,6 +205,10 @@ async fn revoking_a_certificate_disconnects_it_on_every_node_and_refuses_it_ever
     let seen: Vec<_> = sessions.sessions.iter().map(|s| (s.node_id, s.client_id.as_str(), s.identity.as_str())).collect();
     assert_eq!(seen, [(2, "sensor-7-2", "sensor-7"), (3, "sensor-7-3", "sensor-7")]);
     assert_eq!(sessions.sessions[0].cert_serial, rampart_node::auth::serial::format_serial(parsed.raw_serial()));
+    let expiring = |within: u64| ListSessionsRequest { contains: "sensor-7".into(), expiring_within_secs: within, ..Default::default() };
+    let within_31_days = admin.list_sessions(expiring(31 * 86_400)).await?.into_inner().sessions;
+    assert_eq!(within_31_days.len(), 2, "its 30-day certificate expires within 31 days, seen on both nodes");
+    assert!(admin.list_sessions(expiring(86_400)).await?.into_inner().sessions.is_empty(), "not within a day");
     admin.revoke_certificates(request).await?;
     let returned = Instant::now();
     for (node, waiter) in live {

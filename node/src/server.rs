@@ -75,7 +75,13 @@ impl Server {
         let http = if config.http.enabled {
             let socket = telemetry::http::bind(config.http.bind).await?;
             let addr = socket.local_addr()?;
-            let status = Arc::new(Status { broker: broker.clone(), forwarder, listening: ready.clone(), auth: auth.clone() });
+            let status = Arc::new(Status {
+                broker: broker.clone(),
+                clients: clients.clone(),
+                forwarder,
+                listening: ready.clone(),
+                auth: auth.clone(),
+            });
             tasks.spawn(telemetry::http::serve(socket, status, shutdown_rx.clone()));
             Some(addr)
         } else {
@@ -196,6 +202,7 @@ async fn reap_sessions(broker: Broker, mut shutdown: watch::Receiver<bool>) {
 /// a cluster, while this node is a member that serves clients.
 struct Status {
     broker: Broker,
+    clients: Arc<ConnectedClients>,
     forwarder: Option<Arc<Forwarder>>,
     listening: Arc<AtomicBool>,
     auth: Arc<AuthStore>,
@@ -205,6 +212,7 @@ impl telemetry::http::NodeStatus for Status {
     fn gauges(&self) -> telemetry::metrics::Gauges {
         let mut gauges = self.broker.gauges();
         gauges.links = self.forwarder.as_ref().map(|f| f.link_gauges()).unwrap_or_default();
+        gauges.cert_expiry = self.clients.cert_expiry(crate::clock::unix_now());
         gauges
     }
 

@@ -205,6 +205,11 @@ fn reloading_a_new_crl_disconnects_the_revoked_live_client_and_refuses_its_hands
     let mut live =
         common::Raw::tls(f.broker.tls.unwrap(), rampart_node::mqtt::codec::ProtocolVersion::V5, &f.store.ca_cert(), (&cert, &key));
     live.handshake("plc-1");
+    // While it is connected, its certificate (30 days, from `rampart pki`) is in the expiry
+    // histogram's 30-day bucket.
+    assert_eq!(f.broker.metric("rampart_client_certificate_expiry_seconds_count"), 1);
+    assert_eq!(f.broker.metric("rampart_client_certificate_expiry_seconds_bucket{le=\"1209600\"}"), 0);
+    assert_eq!(f.broker.metric("rampart_client_certificate_expiry_seconds_bucket{le=\"2592000\"}"), 1);
     f.store.revoke(&cert, "keyCompromise").unwrap();
     f.store.write_crl(7).unwrap();
     let status = Command::new("kill").args(["-HUP", &f.broker.pid().to_string()]).status().unwrap();

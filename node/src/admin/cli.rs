@@ -99,6 +99,10 @@ pub enum AdminCommand {
         /// At most this many rows (0: all).
         #[arg(long, default_value_t = 0)]
         limit: u32,
+        /// Only clients whose certificate expires within this time: a number with a unit, `d`
+        /// (days), `h`, `m` or `s`, e.g. `30d`.
+        #[arg(long, value_parser = parse_duration)]
+        expiring_within: Option<u64>,
     },
     /// Disconnect a client wherever it is connected.
     Kick {
@@ -541,8 +545,9 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
         AdminCommand::Unrevoke { ids } => {
             print(out, &client.unrevoke(UnrevokeRequest { revocation_ids: ids, options }).await?.into_inner())
         }
-        AdminCommand::Sessions { node, contains, limit } => {
-            print(out, &client.list_sessions(ListSessionsRequest { node_id: node, contains, limit }).await?.into_inner())
+        AdminCommand::Sessions { node, contains, limit, expiring_within } => {
+            let request = ListSessionsRequest { node_id: node, contains, limit, expiring_within_secs: expiring_within.unwrap_or(0) };
+            print(out, &client.list_sessions(request).await?.into_inner())
         }
         AdminCommand::Kick { client_id, reason } => {
             let reply = client.kick_client(KickClientRequest { client_id: client_id.clone(), reason }).await?.into_inner();
@@ -801,6 +806,14 @@ fn revoke_requests(r: RevokeArgs, options: Option<WriteOptions>) -> anyhow::Resu
         by_issuer.entry(cert.issuer().to_string()).or_default().push(crate::auth::serial::format_serial(cert.raw_serial()));
     }
     Ok(by_issuer.into_iter().map(|(issuer, serials)| RevokeCertificatesRequest { issuer: Some(issuer), serials, ..base.clone() }).collect())
+}
+
+/// Seconds in `30d`, `12h`, `90m` or `3600s`.
+fn parse_duration(text: &str) -> Result<u64, String> {
+    let unit = |suffix: char| text.strip_suffix(suffix).and_then(|n| n.parse::<u64>().ok());
+    let seconds =
+        [('d', 86_400), ('h', 3_600), ('m', 60), ('s', 1)].into_iter().find_map(|(suffix, seconds)| unit(suffix).map(|n| n * seconds));
+    seconds.filter(|&s| s > 0).ok_or_else(|| format!("{text:?} is not a positive number of d, h, m or s (e.g. 30d)"))
 }
 
 fn parse_time(text: &str) -> anyhow::Result<i64> {
@@ -1140,6 +1153,17 @@ mod tests {
         let here = command.get_arguments().filter(|a| a.get_help().is_none() && !a.is_hide_set()).map(|a| format!("{path} {}", a.get_id()));
         let below = command.get_subcommands().flat_map(|sub| undocumented(sub, &format!("{path} {}", sub.get_name())));
         here.chain(below).collect()
+    }
+
+    #[test]
+    fn expiring_within_takes_a_number_and_a_unit() {
+        assert_eq!(parse_duration("30d"), Ok(30 * 86_400));
+        assert_eq!(parse_duration("12h"), Ok(12 * 3_600));
+        assert_eq!(parse_duration("90m"), Ok(5_400));
+        assert_eq!(parse_duration("3600s"), Ok(3_600));
+        for bad in ["30", "0d", "d", "-1d", "1w"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::sync::Mutex;
 use tokio::sync::watch;
 
 use crate::auth::state::ClientType;
+use crate::telemetry::metrics::CertExpiry;
 
 /// What the admin API shows of a connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,16 +60,28 @@ impl ConnectedClients {
         Registration { clients: self, key, kicked }
     }
 
-    /// Connected clients whose client id or identity contains `contains`, at most `limit`,
-    /// ordered by client id.
-    pub fn list(&self, contains: &str, limit: usize) -> Vec<ClientInfo> {
+    /// Connected clients whose client id or identity contains `contains` and, with
+    /// `expiring_before` (seconds since the epoch), whose certificate expires before it; at most
+    /// `limit`, ordered by client id.
+    pub fn list(&self, contains: &str, expiring_before: Option<i64>, limit: usize) -> Vec<ClientInfo> {
+        let expiring = |info: &ClientInfo| expiring_before.is_none_or(|before| info.cert_not_after != 0 && info.cert_not_after < before);
         let mut found: Vec<ClientInfo> = (self.lock().values())
-            .filter(|(info, _)| info.client_id.contains(contains) || info.identity.contains(contains))
+            .filter(|(info, _)| (info.client_id.contains(contains) || info.identity.contains(contains)) && expiring(info))
             .map(|(info, _)| info.clone())
             .collect();
         found.sort_by(|a, b| a.client_id.cmp(&b.client_id));
         found.truncate(limit);
         found
+    }
+
+    /// The time to expiry at `now` (seconds since the epoch) of the certificates of the
+    /// connected clients that presented one.
+    pub fn cert_expiry(&self, now: i64) -> CertExpiry {
+        let mut expiry = CertExpiry::default();
+        for (info, _) in self.lock().values().filter(|(info, _)| info.cert_not_after != 0) {
+            expiry.observe(info.cert_not_after - now);
+        }
+        expiry
     }
 
     /// Disconnects every connection of `client_id`; returns how many there were.
@@ -106,13 +119,30 @@ mod tests {
         let clients = ConnectedClients::default();
         let mut a = clients.register(info("a"));
         let b = clients.register(info("b"));
-        assert_eq!(clients.list("", 10).len(), 2);
-        assert_eq!(clients.list("id-b", 10), vec![info("b")]);
+        assert_eq!(clients.list("", None, 10).len(), 2);
+        assert_eq!(clients.list("id-b", None, 10), vec![info("b")]);
         assert_eq!(clients.kick("a", "revoked"), 1);
         assert!(a.kicked.has_changed().unwrap());
         assert_eq!(a.kicked.borrow_and_update().as_deref(), Some("revoked"));
         drop(b);
-        assert_eq!(clients.list("", 10).len(), 1);
+        assert_eq!(clients.list("", None, 10).len(), 1);
         assert_eq!(clients.kick("b", "x"), 0);
+    }
+
+    #[test]
+    fn clients_are_found_by_certificate_expiry_and_counted_in_the_histogram() {
+        let clients = ConnectedClients::default();
+        let day = 86_400;
+        let with_expiry = |id: &str, not_after: i64| ClientInfo { cert_not_after: not_after, ..info(id) };
+        let _kept = [
+            clients.register(with_expiry("soon", 10 * day)),
+            clients.register(with_expiry("later", 100 * day)),
+            clients.register(info("password-client")),
+        ];
+        let soon: Vec<String> = clients.list("", Some(30 * day), 10).into_iter().map(|c| c.client_id).collect();
+        assert_eq!(soon, ["soon"], "a client without a certificate never expires");
+        let expiry = clients.cert_expiry(0);
+        assert_eq!((expiry.count, expiry.sum_secs), (2, 110 * day));
+        assert_eq!(expiry.buckets, [0, 0, 1, 0, 0, 1, 0], "10 days in the 14-day bucket, 100 in the 365-day one");
     }
 }

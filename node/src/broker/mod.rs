@@ -746,7 +746,7 @@ impl Broker {
             subscriptions: self.inner.index.len(),
             retained: self.inner.retained.len(),
             retained_bytes: self.inner.retained.bytes(),
-            links: Vec::new(),
+            ..Gauges::default()
         }
     }
 }

@@ -128,7 +128,9 @@ impl Node for NodeService {
 /// The clients connected to this node that a listing asks for.
 pub fn local_sessions(node_id: u64, clients: &ConnectedClients, request: &ListSessionsRequest) -> ListSessionsReply {
     let limit = if request.limit == 0 { MAX_SESSIONS_LISTED } else { (request.limit as usize).min(MAX_SESSIONS_LISTED) };
-    let sessions = clients.list(&request.contains, limit).iter().map(|info| client_session(node_id, info)).collect();
+    let expiring_before = (request.expiring_within_secs > 0)
+        .then(|| crate::clock::unix_now().saturating_add(i64::try_from(request.expiring_within_secs).unwrap_or(i64::MAX)));
+    let sessions = clients.list(&request.contains, expiring_before, limit).iter().map(|info| client_session(node_id, info)).collect();
     ListSessionsReply { sessions, unreachable_nodes: vec![] }
 }
 

@@ -268,6 +268,30 @@ pub fn open_connections() -> i64 {
     METRICS.connections.load(Ordering::Relaxed)
 }
 
+/// Upper bounds of the certificate-expiry histogram's buckets: 1, 7, 14, 30, 90 and 365 days.
+pub const CERT_EXPIRY_BUCKETS_SECS: [i64; 6] = [86_400, 604_800, 1_209_600, 2_592_000, 7_776_000, 31_536_000];
+
+/// The time to expiry of the certificates of connected clients, as a Prometheus histogram
+/// (an expired one counts as 0).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CertExpiry {
+    /// Certificates per bucket of [`CERT_EXPIRY_BUCKETS_SECS`] (not cumulative); the last entry
+    /// counts those past the largest bound.
+    pub buckets: [u64; CERT_EXPIRY_BUCKETS_SECS.len() + 1],
+    pub sum_secs: i64,
+    pub count: u64,
+}
+
+impl CertExpiry {
+    pub fn observe(&mut self, secs_left: i64) {
+        let secs_left = secs_left.max(0);
+        let bucket = CERT_EXPIRY_BUCKETS_SECS.iter().position(|&bound| secs_left <= bound).unwrap_or(CERT_EXPIRY_BUCKETS_SECS.len());
+        self.buckets[bucket] += 1;
+        self.sum_secs += secs_left;
+        self.count += 1;
+    }
+}
+
 /// Broker-wide gauges sampled at scrape time.
 #[derive(Debug, Clone, Default)]
 pub struct Gauges {
@@ -278,6 +302,8 @@ pub struct Gauges {
     pub retained_bytes: usize,
     /// The forwarding links to the other members (empty outside a cluster).
     pub links: Vec<LinkGauge>,
+    /// Time to expiry of connected clients' certificates.
+    pub cert_expiry: CertExpiry,
 }
 
 /// One forwarding link, as the metrics show it.
@@ -431,7 +457,20 @@ pub fn render(gauges: Gauges) -> String {
         &[("", load(&METRICS.password_check_waits))],
     );
     metric("rampart_queued_messages", "gauge", "Messages waiting in session queues.", &[("", METRICS.queued.load(Ordering::Relaxed))]);
+    render_cert_expiry(&mut out, &gauges.cert_expiry);
     out
+}
+
+/// `rampart_client_certificate_expiry_seconds`: a histogram with cumulative buckets.
+fn render_cert_expiry(out: &mut String, expiry: &CertExpiry) {
+    let name = "rampart_client_certificate_expiry_seconds";
+    let _ = writeln!(out, "# HELP {name} Time to expiry of connected clients' certificates (0 once expired).\n# TYPE {name} histogram");
+    let mut cumulative = 0;
+    for (bound, count) in CERT_EXPIRY_BUCKETS_SECS.iter().map(|b| b.to_string()).chain(["+Inf".to_string()]).zip(expiry.buckets) {
+        cumulative += count;
+        let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+    }
+    let _ = writeln!(out, "{name}_sum {}\n{name}_count {}", expiry.sum_secs, expiry.count);
 }
 
 #[cfg(test)]
@@ -447,7 +486,21 @@ mod tests {
 
     #[test]
     fn limit_metrics_are_rendered() {
-        let text = render(Gauges { retained_bytes: 1234, ..Gauges::default() });
+        let mut cert_expiry = CertExpiry::default();
+        for days in [-3, 0, 5, 5, 29, 400] {
+            cert_expiry.observe(days * 86_400);
+        }
+        let text = render(Gauges { retained_bytes: 1234, cert_expiry, ..Gauges::default() });
+        for line in [
+            "rampart_client_certificate_expiry_seconds_bucket{le=\"86400\"} 2",
+            "rampart_client_certificate_expiry_seconds_bucket{le=\"604800\"} 4",
+            "rampart_client_certificate_expiry_seconds_bucket{le=\"2592000\"} 5",
+            "rampart_client_certificate_expiry_seconds_bucket{le=\"31536000\"} 5",
+            "rampart_client_certificate_expiry_seconds_bucket{le=\"+Inf\"} 6",
+            "rampart_client_certificate_expiry_seconds_count 6",
+        ] {
+            assert!(text.contains(&format!("\n{line}\n")), "{line} missing:\n{text}");
+        }
         assert!(text.contains("\nrampart_retained_bytes 1234\n"), "{text}");
         for name in [
             "rampart_retained_refused_total{limit=\"messages\"}",
