@@ -263,7 +263,7 @@ mod tests {
         };
         Credential {
             name: name.into(),
-            enabled: variant % 5 != 0,
+            enabled: !variant.is_multiple_of(5),
             client_type: ClientType::Device,
             roles: vec![],
             rules: vec![],
@@ -272,22 +272,34 @@ mod tests {
         }
     }
 
-    /// Keys to credential names, sorted.
-    type Pairs = Vec<(String, String)>;
-
     /// Every lookup of a list, by name, in a comparable form (sequence numbers left out: a
-    /// rebuild numbers from one): the list, identities, user names, client ids, and the regexes
-    /// (priority, pattern, name) in the order they are tried.
-    fn lookups(list: &CredentialList) -> (Vec<Credential>, Pairs, Pairs, Pairs, Vec<(i32, String, String)>) {
-        let names = |map: &HashMap<Arc<str>, Arc<Credential>>| -> Pairs {
+    /// rebuild numbers from one).
+    #[derive(Debug, PartialEq)]
+    struct Lookups {
+        list: Vec<Credential>,
+        /// Keys to credential names, sorted.
+        identities: Vec<(String, String)>,
+        usernames: Vec<(String, String)>,
+        client_ids: Vec<(String, String)>,
+        /// (priority, pattern, name) in the order they are tried.
+        regexes: Vec<(i32, String, String)>,
+    }
+
+    fn lookups(list: &CredentialList) -> Lookups {
+        let names = |map: &HashMap<Arc<str>, Arc<Credential>>| {
             let mut pairs: Vec<_> = map.iter().map(|(k, c)| (k.to_string(), c.name.clone())).collect();
             pairs.sort();
             pairs
         };
         let by_name: Vec<_> = list.by_name.iter().map(|(name, seq)| (name.to_string(), list.order[seq].name.clone())).collect();
         assert!(by_name.iter().all(|(name, found)| name == found) && by_name.len() == list.len(), "by_name matches the order");
-        let regexes = list.regexes.iter().map(|((Reverse(p), _), (r, c))| (*p, r.as_str().to_string(), c.name.clone())).collect();
-        (list.iter().cloned().collect(), names(&list.identities), names(&list.usernames), names(&list.client_ids), regexes)
+        Lookups {
+            list: list.iter().cloned().collect(),
+            identities: names(&list.identities),
+            usernames: names(&list.usernames),
+            client_ids: names(&list.client_ids),
+            regexes: list.regexes.iter().map(|((Reverse(p), _), (r, c))| (*p, r.as_str().to_string(), c.name.clone())).collect(),
+        }
     }
 
     /// Random batches of puts (new names, replacements, key changes, collisions) and deletes,

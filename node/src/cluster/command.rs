@@ -31,7 +31,8 @@ pub struct AuthCmd {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Op {
     /// The first state of a new cluster, from a node's `auth.state_file`; applies only once.
-    Seed(AuthState),
+    /// Boxed: a state (its credential list's maps) is far larger than the other changes.
+    Seed(Box<AuthState>),
     PutCredential {
         credential: Credential,
         create_only: bool,
@@ -177,8 +178,8 @@ impl Replicated {
                 if self.seeded {
                     return Err((Refused::AlreadyExists, "the cluster already has its initial state".into()));
                 }
-                crate::auth::index::AuthIndex::build(state.clone()).or_else(invalid)?;
-                *auth = state.clone();
+                crate::auth::index::AuthIndex::build((**state).clone()).or_else(invalid)?;
+                *auth = (**state).clone();
                 self.seeded = true;
                 Ok((format!("initial state: {} credentials, {} roles", auth.credentials.len(), auth.roles.len()), vec![]))
             }
@@ -461,8 +462,8 @@ mod tests {
     fn the_seed_applies_once() {
         let mut state = Replicated::default();
         let seed = AuthState { credentials: vec![device("a", "a")].try_into().unwrap(), ..Default::default() };
-        assert!(state.apply(1, &cmd(1, Op::Seed(seed.clone()))).1);
-        assert!(!state.apply(2, &cmd(2, Op::Seed(AuthState::default()))).1);
+        assert!(state.apply(1, &cmd(1, Op::Seed(Box::new(seed.clone())))).1);
+        assert!(!state.apply(2, &cmd(2, Op::Seed(Box::default()))).1);
         assert_eq!(state.auth, seed);
     }
 }
