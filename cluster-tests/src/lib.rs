@@ -302,6 +302,14 @@ ca_file = {ca:?}
         self.node(id).child.is_some()
     }
 
+    /// A running node's resident memory in bytes (`VmRSS` of its process).
+    pub fn rss(&self, id: u64) -> Option<u64> {
+        let pid = self.node(id).child.as_ref()?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let kib = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches("kB").trim().parse::<u64>().ok()?;
+        Some(kib * 1024)
+    }
+
     /// An admin client of a node, with the admin certificate.
     pub async fn admin(&self, id: u64) -> anyhow::Result<AdminClient<Channel>> {
         let (cert, key) = &self.pki.admin;

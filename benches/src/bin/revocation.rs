@@ -6,7 +6,8 @@
 //!   to each DISCONNECT is recorded, over `--revocations` devices — once on an empty state and
 //!   once with the imported credentials loaded;
 //! - bulk import: `--import` x509 credentials streamed through `ImportCredentials`, then the time
-//!   until every node has applied them;
+//!   until every node has applied them, each node's resident memory before and after, and the
+//!   latency of an admin read (`GetDefaults` on node 2, every 20 ms) while it runs;
 //! - mass revocation: `--mass` live mTLS sessions of 100 devices spread over the three nodes,
 //!   revoked by one identity-regex rule through node 1: the time from the RPC's start to each
 //!   DISCONNECT, while a publisher on node 1 sends to a subscriber on node 2 (its latency during
@@ -224,6 +225,19 @@ async fn import(cluster: &TestCluster, count: usize) -> anyhow::Result<()> {
         .collect();
     let messages: Vec<ImportCredentialsRequest> =
         credentials.chunks(1000).map(|c| ImportCredentialsRequest { credentials: c.to_vec() }).collect();
+    let rss_before: Vec<Option<u64>> = (1..=3).map(|node| cluster.rss(node)).collect();
+    let mut reader = cluster.admin(2).await?;
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let probing = tokio::spawn(async move {
+        let mut samples = Vec::new();
+        while !*stopped.borrow() {
+            let asked = Instant::now();
+            reader.get_defaults(GetDefaultsRequest::default()).await?;
+            samples.push(ms(asked.elapsed()));
+            let _ = tokio::time::timeout(Duration::from_millis(20), stopped.changed()).await;
+        }
+        anyhow::Ok(samples)
+    });
     let mut admin = cluster.admin(1).await?;
     let start = Instant::now();
     let reply = admin.import_credentials(tokio_stream::iter(messages)).await?.into_inner();
@@ -241,10 +255,21 @@ async fn import(cluster: &TestCluster, count: usize) -> anyhow::Result<()> {
     let everywhere = admin.put_credential(probe).await?.into_inner();
     anyhow::ensure!(everywhere.not_applied_on.is_empty(), "not applied on {:?}", everywhere.not_applied_on);
     let applied = start.elapsed();
+    stop.send_replace(true);
+    let reads = probing.await??;
     println!("\nBulk import through node 1: {} credentials in {} batches\n", reply.imported, reply.batches);
     println!("| measure | seconds | credentials/s |\n|---|---|---|");
     println!("| committed (RPC returned) | {:.2} | {:.0} |", committed.as_secs_f64(), count as f64 / committed.as_secs_f64());
     println!("| applied on all 3 nodes | {:.2} | {:.0} |", applied.as_secs_f64(), count as f64 / applied.as_secs_f64());
+    println!("\nAdmin reads during the import (GetDefaults on node 2, every 20 ms):\n");
+    println!("| measure | samples | p50 ms | p99 ms | max ms |\n|---|---|---|---|---|");
+    println!("{}", row("GetDefaults", reads));
+    println!("\n| node | RSS before MiB | RSS after MiB | bytes per credential |\n|---|---|---|---|");
+    for (node, before) in (1..=3).zip(rss_before) {
+        let (Some(before), Some(after)) = (before, cluster.rss(node)) else { continue };
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        println!("| {node} | {:.0} | {:.0} | {:.0} |", mib(before), mib(after), after.saturating_sub(before) as f64 / count as f64);
+    }
     Ok(())
 }
 

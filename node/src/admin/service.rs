@@ -257,7 +257,7 @@ impl Admin for AdminService {
     async fn get_credential(&self, request: Request<NameRequest>) -> Result<Response<Credential>, Status> {
         self.caller(&request)?;
         let name = request.into_inner().name;
-        self.with_state(|s| s.credentials.iter().find(|c| c.name == name).map(convert::credential_to_pb))
+        self.with_state(|s| s.credentials.get(&name).map(convert::credential_to_pb))
             .map(Response::new)
             .ok_or_else(|| Status::not_found(format!("no credential {name:?}")))
     }

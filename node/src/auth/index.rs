@@ -1,7 +1,7 @@
 //! `AuthIndex`: the `AuthState` compiled for the hot path — credentials by exact identity and by
 //! regex, roles by name, the revocation set — and the CONNECT-time decision built on it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use mqttbytes::v5::ConnectReturnCode;
@@ -13,9 +13,7 @@ use super::jwt::{JwtVerifier, VerifiedToken};
 use super::password;
 use super::policy::{PasswordKey, Principal, Verified};
 use super::scram;
-use super::state::{
-    AuthState, ClientType, Credential, PasswordMatch, ProviderKind, Providers, Revocation, Rule, UnknownCertificate, X509Match,
-};
+use super::state::{AuthState, ClientType, Credential, ProviderKind, Providers, Revocation, Rule, UnknownCertificate};
 use crate::auth::Refusal;
 
 /// What a client was granted at CONNECT.
@@ -86,66 +84,10 @@ pub enum PasswordCheck {
     Assume(bool),
 }
 
-/// The credential list compiled for lookups. Shared by successive indexes while the list itself
-/// (an `Arc` in the state) does not change, so a change elsewhere costs nothing per credential.
-#[derive(Debug, Default)]
-struct CredentialIndex {
-    list: Arc<Vec<Credential>>,
-    exact: HashMap<String, usize>,
-    /// (regex, priority, credential index), highest priority first, then in file order.
-    regexes: Vec<(Regex, i32, usize)>,
-    /// Password credentials by user name.
-    passwords: HashMap<String, usize>,
-    /// Password credentials without user name, by the client id they are bound to.
-    password_client_ids: HashMap<String, usize>,
-}
-
-impl CredentialIndex {
-    /// With `validate`, every credential is checked too (a state file); without, it was checked
-    /// when it was put (the replicated state).
-    fn build(list: &Arc<Vec<Credential>>, roles: &HashMap<String, usize>, validate: bool) -> Result<CredentialIndex, String> {
-        let mut index = CredentialIndex { list: list.clone(), ..Default::default() };
-        let mut names = HashSet::new();
-        for (i, c) in list.iter().enumerate() {
-            let at = |e: String| format!("credentials.{}: {e}", c.name);
-            if !names.insert(c.name.as_str()) {
-                return Err(at("duplicate credential name".into()));
-            }
-            let regex = match (validate, c.x509.as_ref().and_then(|x| x.identity_regex.as_ref())) {
-                (true, _) => validate_credential(c, |role| roles.contains_key(role)).map_err(at)?,
-                (false, Some(pattern)) => Some(Regex::new(&format!("^(?:{pattern})$")).map_err(|e| at(format!("identity_regex: {e}")))?),
-                (false, None) => None,
-            };
-            match (&c.x509, &c.password, regex) {
-                (_, _, Some(regex)) => index.regexes.push((regex, c.x509.as_ref().map_or(0, |x| x.priority), i)),
-                (Some(X509Match { identity: Some(identity), .. }), _, None) => {
-                    if index.exact.insert(identity.clone(), i).is_some() {
-                        return Err(at(format!("identity {identity:?} is already used by another credential")));
-                    }
-                }
-                (_, Some(PasswordMatch { username: Some(username), .. }), None) => {
-                    if index.passwords.insert(username.clone(), i).is_some() {
-                        return Err(at(format!("user name {username:?} is already used by another credential")));
-                    }
-                }
-                (_, Some(PasswordMatch { username: None, client_id: Some(client_id), .. }), None) => {
-                    if index.password_client_ids.insert(client_id.clone(), i).is_some() {
-                        return Err(at(format!("client id {client_id:?} is already used by another credential")));
-                    }
-                }
-                _ => return Err(at("a credential needs exactly one of x509 and password".into())),
-            }
-        }
-        index.regexes.sort_by_key(|(_, priority, i)| (-priority, *i));
-        Ok(index)
-    }
-}
-
 #[derive(Debug, Default)]
 pub struct AuthIndex {
     /// `None` when no authorization is configured: every authenticated client may do anything.
     state: Option<AuthState>,
-    credentials: Arc<CredentialIndex>,
     roles: HashMap<String, usize>,
     /// Serial revocations by (issuer, serial) → revocation index.
     revoked_serials: HashMap<(String, String), usize>,
@@ -164,17 +106,17 @@ impl AuthIndex {
     /// Compiles and checks a state: unique names, one identity form per credential, regexes that
     /// compile, roles that exist, rules that are valid.
     pub fn build(state: AuthState) -> Result<AuthIndex, String> {
-        AuthIndex::compile(state, None)
+        AuthIndex::compile(state, true)
     }
 
-    /// Compiles a replicated state, whose parts were each checked when they were changed;
-    /// reuses `previous`'s credential lookups when the credential list is the same.
-    pub fn rebuild(state: AuthState, previous: &AuthIndex) -> Result<AuthIndex, String> {
-        AuthIndex::compile(state, Some(previous))
+    /// Compiles a replicated state, whose parts were each checked when they were changed. The
+    /// credentials come with their lookups (a [`CredentialList`](super::credentials::CredentialList)
+    /// shared with the state), so this costs nothing per credential.
+    pub fn rebuild(state: AuthState) -> Result<AuthIndex, String> {
+        AuthIndex::compile(state, false)
     }
 
-    fn compile(state: AuthState, previous: Option<&AuthIndex>) -> Result<AuthIndex, String> {
-        let validate = previous.is_none();
+    fn compile(state: AuthState, validate: bool) -> Result<AuthIndex, String> {
         let mut index = AuthIndex::default();
         for (i, role) in state.roles.iter().enumerate() {
             if index.roles.insert(role.name.clone(), i).is_some() {
@@ -182,10 +124,11 @@ impl AuthIndex {
             }
             check_rules(&role.rules).map_err(|e| format!("roles.{}: {e}", role.name))?;
         }
-        index.credentials = match previous.filter(|p| Arc::ptr_eq(&p.credentials.list, &state.credentials)) {
-            Some(unchanged) => unchanged.credentials.clone(),
-            None => Arc::new(CredentialIndex::build(&state.credentials, &index.roles, validate)?),
-        };
+        if validate {
+            for c in state.credentials.iter() {
+                validate_credential(c, |role| index.roles.contains_key(role)).map_err(|e| format!("credentials.{}: {e}", c.name))?;
+            }
+        }
         check_rules(&state.defaults.rules).map_err(|e| format!("defaults: {e}"))?;
         check_rules(&state.defaults.anonymous_rules).map_err(|e| format!("defaults.anonymous_rules: {e}"))?;
         for (i, revocation) in state.revocations.iter().enumerate() {
@@ -212,7 +155,7 @@ impl AuthIndex {
     /// The `scram` provider's stored verifier of a user name for a mechanism, if any.
     pub fn scram_verifier(&self, username: &str, mechanism: scram::Mechanism) -> Option<scram::Verifier> {
         let state = self.state.as_ref()?;
-        let p = self.credentials.passwords.get(username).and_then(|&i| state.credentials[i].password.as_ref())?;
+        let p = state.credentials.by_username(username)?.password.as_ref()?;
         let text = match mechanism {
             scram::Mechanism::Sha256 => p.scram_sha256.as_ref(),
             scram::Mechanism::Sha512 => p.scram_sha512.as_ref(),
@@ -255,14 +198,10 @@ impl AuthIndex {
         self.state.as_ref()
     }
 
-    fn credential(&self, identity: &str, issuer: &str) -> Option<&Credential> {
-        let c = &self.credentials;
+    fn credential<'a>(state: &'a AuthState, identity: &'a str, issuer: &str) -> Option<&'a Credential> {
+        let c = &state.credentials;
         let issuer_ok = |c: &&Credential| c.x509.as_ref().and_then(|x| x.issuer.as_deref()).is_none_or(|i| i == issuer);
-        c.exact
-            .get(identity)
-            .map(|&i| &c.list[i])
-            .filter(issuer_ok)
-            .or_else(|| c.regexes.iter().filter(|(r, _, _)| r.is_match(identity)).map(|(_, _, i)| &c.list[*i]).find(issuer_ok))
+        c.by_identity(identity).filter(issuer_ok).or_else(|| c.regex_matches(identity).find(issuer_ok))
     }
 
     /// The `basic` provider: checks a password against the password credentials — the one of
@@ -279,16 +218,16 @@ impl AuthIndex {
         let Some(state) = &self.state else { return Ok(None) };
         // An MQTT 5 CONNECT may carry a password without a user name (decoded as empty).
         let username = username.filter(|u| !u.is_empty());
-        let c = &self.credentials;
-        let (key, at) = match (username.and_then(|u| c.passwords.get(u).map(|&i| (u, i))), c.password_client_ids.get(client_id)) {
-            (Some((u, i)), _) => (PasswordKey::Username(u.to_string()), Some(i)),
-            (None, Some(&i)) => (PasswordKey::ClientId(client_id.to_string()), Some(i)),
+        let c = &state.credentials;
+        let (key, at) = match (username.and_then(|u| c.by_username(u).map(|c| (u, c))), c.by_client_id(client_id)) {
+            (Some((u, c)), _) => (PasswordKey::Username(u.to_string()), Some(c)),
+            (None, Some(c)) => (PasswordKey::ClientId(client_id.to_string()), Some(c)),
             (None, None) => match username {
                 Some(u) => (PasswordKey::Username(u.to_string()), None),
                 None => return Ok(None),
             },
         };
-        let hash = at.and_then(|i| state.credentials[i].password.as_ref()).map(|p| p.hash.as_str()).filter(|h| !h.is_empty());
+        let hash = at.and_then(|c| c.password.as_ref()).map(|p| p.hash.as_str()).filter(|h| !h.is_empty());
         let right = match check {
             // Without a credential, verify against a fixed hash anyway, so timing does not tell which user names exist.
             PasswordCheck::Verify => password::verify(password.unwrap_or_default(), hash.unwrap_or(&TIMING_HASH)),
@@ -330,7 +269,7 @@ impl AuthIndex {
                 return Ok(self.grant_for(state, source, grant.client_type.unwrap_or(settings.client_type), acl));
             }
             if let Some(Verified::Scram(username)) = &principal.verified {
-                let credential = self.credentials.passwords.get(username).map(|&i| &state.credentials[i]);
+                let credential = state.credentials.by_username(username);
                 let has_scram = |c: &Credential| c.password.as_ref().is_some_and(|p| p.scram_sha256.is_some() || p.scram_sha512.is_some());
                 return match credential {
                     _ if !self.provider_order().contains(&ProviderKind::Scram) => Err(refuse("the scram provider is disabled".into())),
@@ -340,10 +279,9 @@ impl AuthIndex {
             }
             if let Some(Verified::Password(key)) = &principal.verified {
                 let credential = match key {
-                    PasswordKey::Username(u) => self.credentials.passwords.get(u),
-                    PasswordKey::ClientId(id) => self.credentials.password_client_ids.get(id).filter(|_| id == client_id),
+                    PasswordKey::Username(u) => state.credentials.by_username(u),
+                    PasswordKey::ClientId(id) => state.credentials.by_client_id(id).filter(|_| id == client_id),
                 };
-                let credential = credential.map(|&i| &state.credentials[i]);
                 return match credential {
                     _ if !self.provider_order().contains(&ProviderKind::Basic) => Err(refuse("the basic provider is disabled".into())),
                     None => Err(refuse(format!("the password credential of {key:?} no longer exists"))),
@@ -365,7 +303,7 @@ impl AuthIndex {
         // A certificate client's `%u` is always its identity, whatever user name it sent.
         let username = cert.identity.as_str();
         let compile = |rules: Vec<&Rule>| Acl::compile(rules, username, client_id).map_err(|e| refuse(format!("permissions: {e}")));
-        match self.credential(&cert.identity, &cert.issuer) {
+        match AuthIndex::credential(state, &cert.identity, &cert.issuer) {
             Some(c) if !c.enabled => Err(refuse(format!("credential {:?} is disabled", c.name))),
             Some(c) => self.grant(state, c, username, client_id),
             None if state.defaults.unknown_certificate == UnknownCertificate::DefaultRules => {
@@ -590,18 +528,17 @@ mod tests {
     }
 
     #[test]
-    fn a_rebuild_with_the_same_credential_list_shares_its_lookups() {
+    fn a_rebuild_takes_the_credentials_and_revocations_of_its_state() {
         let first = index(STATE);
         let mut state = first.state().unwrap().clone();
         state.revocations.clear();
-        let second = AuthIndex::rebuild(state.clone(), &first).unwrap();
-        assert!(Arc::ptr_eq(&first.credentials, &second.credentials));
+        let second = AuthIndex::rebuild(state.clone()).unwrap();
         let revoked = principal("plc-1", "0A:0B").certificate.unwrap();
         assert!(first.revocation_of(&revoked).is_some());
         assert!(second.revocation_of(&revoked).is_none(), "no longer revoked");
-        Arc::make_mut(&mut state.credentials).retain(|c| c.name != "plc-1");
-        let third = AuthIndex::rebuild(state, &second).unwrap();
-        assert!(!Arc::ptr_eq(&second.credentials, &third.credentials));
+        assert!(state.credentials.remove("plc-1").is_some());
+        let third = AuthIndex::rebuild(state).unwrap();
+        assert!(second.authorize(&principal("plc-1", "01"), "plc-1").is_ok());
         assert!(third.authorize(&principal("plc-1", "01"), "plc-1").is_err(), "deleted");
     }
 
@@ -743,10 +680,15 @@ mod tests {
             ),
             (
                 "[[credentials]]\nname = \"a\"\nx509 = { identity = \"a\" }\n[[credentials]]\nname = \"b\"\nx509 = { identity = \"a\" }\n",
-                "already used",
+                "credentials.b: identity \"a\" is already used by credential \"a\"",
+            ),
+            (
+                "[[credentials]]\nname = \"a\"\nx509 = { identity = \"a\" }\n[[credentials]]\nname = \"a\"\nx509 = { identity = \"b\" }\n",
+                "credentials.a: duplicate credential name",
             ),
         ] {
-            let err = AuthIndex::build(toml::from_str(text).unwrap()).unwrap_err();
+            // Names and identities are unique as the credential list is read; the rest is the build's.
+            let err = toml::from_str::<AuthState>(text).map_err(|e| e.to_string()).and_then(AuthIndex::build).unwrap_err();
             assert!(err.contains(needle), "{err}");
         }
     }

@@ -5,6 +5,7 @@
 pub mod acl;
 pub mod authenticator;
 pub mod chain;
+pub mod credentials;
 pub mod http;
 pub mod identity;
 pub mod index;

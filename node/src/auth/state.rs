@@ -2,9 +2,9 @@
 //! credentials, roles, default rules, client-type settings and revocations. A standalone node
 //! reads it from a TOML file; a cluster replicates it through Raft (see `cluster::command`).
 
-use std::sync::Arc;
-
 use serde::{Deserialize, Serialize};
+
+pub use super::credentials::CredentialList;
 
 fn yes() -> bool {
     true
@@ -13,9 +13,10 @@ fn yes() -> bool {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthState {
-    /// Shared with the compiled index, so changes elsewhere do not copy it.
+    /// Persistent, with its lookups: shared with the compiled index, and a change costs what
+    /// it changes (see [`CredentialList`]).
     #[serde(default)]
-    pub credentials: Arc<Vec<Credential>>,
+    pub credentials: CredentialList,
     #[serde(default)]
     pub roles: Vec<Role>,
     #[serde(default)]

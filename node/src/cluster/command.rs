@@ -3,13 +3,13 @@
 //! already applied (so a retried command applies once). Pure: no IO, no clock, no randomness;
 //! every node applying the same log reaches the same state.
 
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::Arc;
+use std::collections::{HashSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
+use crate::auth::credentials::PutError;
 use crate::auth::index::{check_rules, compile_providers, compile_revocation, validate_credential};
-use crate::auth::state::{AuthState, ClientTypes, Credential, Defaults, PasswordMatch, Providers, Revocation, Role};
+use crate::auth::state::{AuthState, ClientTypes, Credential, Defaults, Providers, Revocation, Role};
 
 /// Audit entries kept in the replicated state (older ones are dropped).
 pub const AUDIT_KEEP: usize = 10_000;
@@ -31,7 +31,8 @@ pub struct AuthCmd {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Op {
     /// The first state of a new cluster, from a node's `auth.state_file`; applies only once.
-    Seed(AuthState),
+    /// Boxed: a state (its credential list's maps) is far larger than the other changes.
+    Seed(Box<AuthState>),
     PutCredential {
         credential: Credential,
         create_only: bool,
@@ -177,49 +178,34 @@ impl Replicated {
                 if self.seeded {
                     return Err((Refused::AlreadyExists, "the cluster already has its initial state".into()));
                 }
-                crate::auth::index::AuthIndex::build(state.clone()).or_else(invalid)?;
-                *auth = state.clone();
+                crate::auth::index::AuthIndex::build((**state).clone()).or_else(invalid)?;
+                *auth = (**state).clone();
                 self.seeded = true;
                 Ok((format!("initial state: {} credentials, {} roles", auth.credentials.len(), auth.roles.len()), vec![]))
             }
             Op::PutCredential { credential, create_only } => {
-                let existing = auth.credentials.iter().position(|c| c.name == credential.name);
-                if existing.is_some() && *create_only {
+                let existing = auth.credentials.get(&credential.name).is_some();
+                if existing && *create_only {
                     return Err((Refused::AlreadyExists, format!("credential {:?} already exists", credential.name)));
                 }
                 check_new_credentials(auth, std::slice::from_ref(credential))?;
-                let list = Arc::make_mut(&mut auth.credentials);
-                match existing {
-                    Some(i) => list[i] = credential.clone(),
-                    None => list.push(credential.clone()),
-                }
-                let verb = if existing.is_some() { "replaced" } else { "created" };
+                auth.credentials.put_all([credential.clone()]).map_err(put_refused)?;
+                let verb = if existing { "replaced" } else { "created" };
                 Ok((format!("credential {:?} {verb}", credential.name), vec![]))
             }
             Op::ImportCredentials(credentials) => {
                 check_new_credentials(auth, credentials)?;
-                let positions: HashMap<String, usize> = auth.credentials.iter().enumerate().map(|(i, c)| (c.name.clone(), i)).collect();
-                let mut replaced = 0;
-                let list = Arc::make_mut(&mut auth.credentials);
-                for c in credentials {
-                    match positions.get(&c.name) {
-                        Some(&i) => {
-                            list[i] = c.clone();
-                            replaced += 1;
-                        }
-                        None => list.push(c.clone()),
-                    }
-                }
+                let replaced = auth.credentials.put_all(credentials.iter().cloned()).map_err(put_refused)?;
                 Ok((format!("{} imported ({replaced} replaced)", count(credentials.len(), "credential")), vec![]))
             }
             Op::DeleteCredential { name } => {
-                let i = credential_position(auth, name)?;
-                Arc::make_mut(&mut auth.credentials).remove(i);
+                auth.credentials.remove(name).ok_or_else(|| not_found(name))?;
                 Ok((format!("credential {name:?} deleted"), vec![]))
             }
             Op::SetCredentialEnabled { name, enabled } => {
-                let i = credential_position(auth, name)?;
-                Arc::make_mut(&mut auth.credentials)[i].enabled = *enabled;
+                let mut credential = auth.credentials.get(name).cloned().ok_or_else(|| not_found(name))?;
+                credential.enabled = *enabled;
+                auth.credentials.put_all([credential]).map_err(put_refused)?;
                 Ok((format!("credential {name:?} {}", if *enabled { "enabled" } else { "disabled" }), vec![]))
             }
             Op::PutRole(role) => {
@@ -308,35 +294,23 @@ impl Replicated {
     }
 }
 
-fn credential_position(auth: &AuthState, name: &str) -> Result<usize, (Refused, String)> {
-    auth.credentials.iter().position(|c| c.name == name).ok_or((Refused::NotFound, format!("no credential {name:?}")))
+fn not_found(name: &str) -> (Refused, String) {
+    (Refused::NotFound, format!("no credential {name:?}"))
 }
 
-/// Checks credentials about to be created or replaced: each valid, and no exact identity or user
-/// name used twice — among them, or by another existing credential.
+/// A credential the list refused: its identity, user name or client id is another's, or it is
+/// listed twice.
+fn put_refused(e: PutError) -> (Refused, String) {
+    let kind = if e.taken { Refused::AlreadyExists } else { Refused::Invalid };
+    (kind, format!("credential {:?}: {}", e.credential, e.reason))
+}
+
+/// Checks each credential about to be created or replaced on its own; their uniqueness is the
+/// list's to check as it takes them (`CredentialList::put_all`).
 fn check_new_credentials(auth: &AuthState, new: &[Credential]) -> Result<(), (Refused, String)> {
     let roles: HashSet<&str> = auth.roles.iter().map(|r| r.name.as_str()).collect();
-    let replaced: HashSet<&str> = new.iter().map(|c| c.name.as_str()).collect();
-    let key = |c: &Credential| match (&c.x509, &c.password) {
-        (Some(x), _) => x.identity.as_ref().map(|i| format!("identity {i:?}")),
-        (_, Some(PasswordMatch { username: Some(u), .. })) => Some(format!("user name {u:?}")),
-        (_, Some(PasswordMatch { client_id: Some(id), .. })) => Some(format!("client id {id:?}")),
-        _ => None,
-    };
-    let mut taken: HashMap<String, String> =
-        auth.credentials.iter().filter(|c| !replaced.contains(c.name.as_str())).filter_map(|c| Some((key(c)?, c.name.clone()))).collect();
-    let mut names = HashSet::new();
     for c in new {
-        let at = |e: String| (Refused::Invalid, format!("credential {:?}: {e}", c.name));
-        validate_credential(c, |r| roles.contains(r)).map_err(at)?;
-        if !names.insert(c.name.as_str()) {
-            return Err(at("listed twice".into()));
-        }
-        if let Some(k) = key(c) {
-            if let Some(owner) = taken.insert(k.clone(), c.name.clone()) {
-                return Err((Refused::AlreadyExists, format!("credential {:?}: {k} is already used by credential {owner:?}", c.name)));
-            }
-        }
+        validate_credential(c, |r| roles.contains(r)).map_err(|e| (Refused::Invalid, format!("credential {:?}: {e}", c.name)))?;
     }
     Ok(())
 }
@@ -487,9 +461,9 @@ mod tests {
     #[test]
     fn the_seed_applies_once() {
         let mut state = Replicated::default();
-        let seed = AuthState { credentials: Arc::new(vec![device("a", "a")]), ..Default::default() };
-        assert!(state.apply(1, &cmd(1, Op::Seed(seed.clone()))).1);
-        assert!(!state.apply(2, &cmd(2, Op::Seed(AuthState::default()))).1);
+        let seed = AuthState { credentials: vec![device("a", "a")].try_into().unwrap(), ..Default::default() };
+        assert!(state.apply(1, &cmd(1, Op::Seed(Box::new(seed.clone())))).1);
+        assert!(!state.apply(2, &cmd(2, Op::Seed(Box::default()))).1);
         assert_eq!(state.auth, seed);
     }
 }

@@ -352,7 +352,7 @@ async fn initialize_when_reachable(cluster: Arc<Cluster>, members: BTreeMap<Node
 /// Proposes the state file as the cluster's first state once this node leads, unless the
 /// cluster already has one.
 async fn propose_seed(cluster: Arc<Cluster>, seed: AuthState) {
-    let cmd = AuthCmd::new("bootstrap", Op::Seed(seed));
+    let cmd = AuthCmd::new("bootstrap", Op::Seed(Box::new(seed)));
     let mut metrics = cluster.raft.metrics();
     loop {
         if cluster.replica.is_seeded() {

@@ -75,7 +75,7 @@ impl Replica {
 
     /// Puts the authorization state in force on this node.
     fn install(&self, state: &Replicated) {
-        match AuthIndex::rebuild(state.auth.clone(), &self.auth.current()) {
+        match AuthIndex::rebuild(state.auth.clone()) {
             Ok(index) => self.auth.install(index),
             // Apply validates every command, so this means a bug; keep the last good index.
             Err(e) => tracing::error!(error = %e, "replicated authorization state does not compile; previous state stays in force"),
