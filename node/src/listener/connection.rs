@@ -448,16 +448,16 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-/// Writes a refusing CONNACK (if any), closes and logs the refusal.
-/// Answers a refused CONNECT with `reply` and logs the refusal with the client id it asked for
-/// (when its CONNECT was read) and why.
+/// Logs a refused CONNECT with the client id it asked for (when its CONNECT was read) and why,
+/// then answers it with `reply` and closes: the line is written before the client can see the
+/// refusal.
 async fn refuse<W: AsyncWrite + Unpin>(writer: &mut W, reply: &[u8], (peer, client_id): (SocketAddr, Option<&str>), why: &str) {
+    metrics::connection_refused();
+    tracing::info!(%peer, client_id = client_id.unwrap_or("-"), reason = why, "connection refused");
     if !reply.is_empty() {
         let _ = tokio::time::timeout(CLOSE_WRITE, write_flush(writer, reply)).await;
         let _ = tokio::time::timeout(CLOSE_WRITE, writer.shutdown()).await;
     }
-    metrics::connection_refused();
-    tracing::info!(%peer, client_id = client_id.unwrap_or("-"), reason = why, "connection refused");
 }
 
 #[cfg(test)]
